@@ -1,0 +1,421 @@
+"""Typed, frozen configuration: ``load_config(toml_bytes, environ) -> GatewayConfig``.
+
+Loading is pure: the caller reads the file and passes the environment. Environment variables
+named ``CASCADEGW__SECTION__KEY`` (nested with ``__``, case-insensitive) override the file;
+their values are parsed as TOML values when they parse (``10``, ``true``, ``["a", "b"]``) and
+taken as strings otherwise. Secrets (provider API keys and tokens) come only from the
+environment: a secret in the file is an error, and ``Secret`` never shows its value in a repr.
+
+Unknown keys are errors (hypercorn's ``from_mapping`` silently drops them; we don't), and so are
+impossible values. Every error names the key, e.g.
+``tenants.acme.providers.email[1]: unknown provider 'sendgrid-2'``.
+"""
+
+from __future__ import annotations
+
+import enum
+import tomllib
+from collections.abc import Mapping
+from datetime import time
+from typing import Annotated, Final, Literal
+
+import msgspec
+
+from gateway.core.caps import CapAction, CapRule
+from gateway.core.consent import ConsentDefaults
+from gateway.core.control_group import ControlGroup
+from gateway.core.errors import ConfigError
+from gateway.core.model import DEFAULT_CASCADE, Category, Channel, Lane
+from gateway.core.policy import PolicyRules, QuietAction, QuietRule
+from gateway.core.quiet_hours import QuietWindow
+from gateway.core.retry import RetryPolicy
+
+ENV_PREFIX: Final = "CASCADEGW__"
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+Name = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_]{0,63}$")]
+
+
+class Secret:
+    """A string that never appears in ``repr``, ``str`` or logs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+class _Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+# ---------------------------------------------------------------- sections
+class IngestConfig(_Config):
+    bind: str = "tcp://127.0.0.1:5555"
+    """ZeroMQ ROUTER endpoint CRMs connect their DEALER sockets to."""
+    status_bind: str = "tcp://127.0.0.1:5556"
+    """ZeroMQ PUB endpoint for status events (topic = tenant)."""
+    events_bind: str = "ipc://cascadegw-events"
+    """ZeroMQ PULL endpoint where webhook server processes and workers push events."""
+    max_frame_bytes: PositiveInt = 4 * 1024 * 1024
+    max_batch: PositiveInt = 1000
+    max_frames_per_wakeup: PositiveInt = 64
+    """Frames handled per wake-up before yielding to other tasks (fairness)."""
+
+
+class HttpConfig(_Config):
+    bind: str = "127.0.0.1:8080"
+    public_url: str = "http://127.0.0.1:8080"
+    """Base URL providers and recipients reach the gateway at (webhooks, links, pixel)."""
+    webhook_processes: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """0 serves webhooks in the router process; N runs N hypercorn worker processes."""
+
+
+class Synchronous(enum.StrEnum):
+    NORMAL = "normal"  # survives a process crash; the last commits may be lost on power loss
+    FULL = "full"  # survives power loss too
+
+
+class StoreConfig(_Config):
+    backend: Literal["sqlite"] = "sqlite"
+    path: str = "var/cascadegw.db"
+    synchronous: Synchronous = Synchronous.FULL
+    idempotency_retention_seconds: Positive = 7 * 86400.0
+    max_pending_rows: PositiveInt = 200_000
+    """Staged-but-uncommitted journal rows beyond which ingest answers ``overloaded``."""
+
+
+class LaneLimits(_Config):
+    critical: PositiveInt = 100_000
+    normal: PositiveInt = 500_000
+    bulk: PositiveInt = 1_000_000
+
+    def limit(self, lane: Lane) -> int:
+        limit: int = getattr(self, lane.value)
+        return limit
+
+
+class DispatchConfig(_Config):
+    workers: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """0 dispatches in the router process; N uses N worker processes over ipc sockets."""
+    max_queued: LaneLimits = LaneLimits()
+    """Queued provider sends per lane beyond which ingest answers ``overloaded``."""
+    retry: RetryPolicy = RetryPolicy()
+
+
+class ChannelConfig(_Config):
+    unread_timeout_seconds: Positive
+    """How long a step waits for read (SMS: for delivery) before the cascade moves on."""
+
+
+def _default_channels() -> dict[Channel, ChannelConfig]:
+    return {
+        Channel.PUSH: ChannelConfig(unread_timeout_seconds=300.0),
+        Channel.EMAIL: ChannelConfig(unread_timeout_seconds=3600.0),
+        Channel.VIBER: ChannelConfig(unread_timeout_seconds=1800.0),
+        Channel.SMS: ChannelConfig(unread_timeout_seconds=86400.0),
+    }
+
+
+class QuietHoursConfig(_Config):
+    start: time
+    end: time
+    action: QuietAction = QuietAction.DEFER
+    channels: frozenset[Channel] = frozenset()
+    categories: frozenset[Category] = frozenset()
+
+
+class CapConfig(_Config):
+    name: Name
+    max_count: PositiveInt
+    window_seconds: Positive
+    categories: frozenset[Category] = frozenset()
+    channels: frozenset[Channel] = frozenset()
+    action: CapAction = CapAction.REJECT
+
+
+class ControlGroupConfig(_Config):
+    percent: Annotated[float, msgspec.Meta(ge=0, le=100)] = 0.0
+    period_days: Positive = 90.0
+    salt: str = "cascadegw"
+
+
+class ConsentConfig(_Config):
+    unknown_personal_data: Literal["grant", "deny"] = "grant"
+    unknown_advertising: Literal["grant", "deny"] = "deny"
+
+
+class PolicyConfig(_Config):
+    """Policy rules; the top-level ones are the defaults every tenant may override."""
+
+    quiet_hours: tuple[QuietHoursConfig, ...] = ()
+    caps: tuple[CapConfig, ...] = ()
+    control_group: ControlGroupConfig = ControlGroupConfig()
+    consent: ConsentConfig = ConsentConfig()
+    critical_service_bypasses_quiet_hours: bool = True
+
+
+ProviderKind = Literal["fcm", "sendgrid", "viber", "twilio"]
+PROVIDER_CHANNEL: Final[Mapping[str, Channel]] = {
+    "fcm": Channel.PUSH,
+    "sendgrid": Channel.EMAIL,
+    "viber": Channel.VIBER,
+    "twilio": Channel.SMS,
+}
+SECRET_KEYS: Final = frozenset({"api_key", "auth_token", "service_account_json"})
+
+
+class ProviderConfig(_Config):
+    kind: ProviderKind
+    url: str = ""
+    """Base URL of the provider API; empty with ``simulated`` (the simulator's address is used)."""
+    simulated: bool = False
+    """Run this provider's simulator in-process and point the adapter at it (demo, tests)."""
+    price: NonNegative = 0.0
+    """Price per message, in ``currency`` units."""
+    rate_per_second: Positive = 100.0
+    burst: PositiveInt = 10
+    concurrency: PositiveInt = 32
+    timeout_seconds: Positive = 10.0
+    project_id: str | None = None  # fcm
+    account_sid: str | None = None  # twilio
+    webhook_public_key: str | None = None  # sendgrid: the ECDSA key of the signed event webhook
+    webhook_tolerance_seconds: Positive = 600.0
+    """Receipts signed longer ago than this are replays and get rejected."""
+    api_key: Secret | None = None  # sendgrid
+    auth_token: Secret | None = None  # viber, twilio
+    service_account_json: Secret | None = None  # fcm
+
+    @property
+    def channel(self) -> Channel:
+        return PROVIDER_CHANNEL[self.kind]
+
+
+class SenderConfig(_Config):
+    """The brand's identity per channel (DOMAIN.md: a brand's name as sender)."""
+
+    email_from: str = "noreply@example.com"
+    email_name: str = ""
+    sms_from: str = "CASCADEGW"
+    viber_name: str = "cascadegw"
+
+
+class TenantConfig(_Config):
+    brand: str
+    """Advertiser name; every advertising message must name it (38-FZ)."""
+    sender: SenderConfig = SenderConfig()
+    cascade: tuple[Channel, ...] = DEFAULT_CASCADE
+    providers: dict[Channel, tuple[Name, ...]] = {}
+    """Provider names per channel, in failover order."""
+    policy: PolicyConfig | None = None
+    """Overrides the top-level policy for this tenant (whole sections, not merged)."""
+
+
+class SimulatorConfig(_Config):
+    """Behaviour of the built-in provider simulators (``simulated = true`` providers)."""
+
+    latency_seconds: NonNegative = 0.005
+    error_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    rate_limit_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    deliver_probability: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.95
+    read_probability: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.3
+    click_probability: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.1
+    bounce_probability: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.01
+    unsubscribe_probability: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.005
+    receipt_delay_seconds: NonNegative = 0.5
+    read_delay_seconds: NonNegative = 2.0
+    seed: int | None = None
+
+
+class GatewayConfig(_Config):
+    currency: str = "RUB"
+    ingest: IngestConfig = IngestConfig()
+    http: HttpConfig = HttpConfig()
+    store: StoreConfig = StoreConfig()
+    dispatch: DispatchConfig = DispatchConfig()
+    channels: dict[Channel, ChannelConfig] = msgspec.field(default_factory=_default_channels)
+    policy: PolicyConfig = PolicyConfig()
+    providers: dict[Name, ProviderConfig] = {}
+    tenants: dict[Name, TenantConfig] = {}
+    simulator: SimulatorConfig = SimulatorConfig()
+    tracking_secret: Secret | None = None
+    """Signs click/unsubscribe/pixel links; generated per start when unset (links then die
+    with the process, so production sets CASCADEGW__TRACKING_SECRET)."""
+
+    def tenant_policy(self, tenant: str) -> PolicyConfig:
+        return self.tenants[tenant].policy or self.policy
+
+    def policy_rules(self, tenant: str) -> PolicyRules:
+        return policy_rules(self.tenant_policy(tenant))
+
+    def step_timeouts(self) -> dict[Channel, float]:
+        return {channel: c.unread_timeout_seconds for channel, c in self.channels.items()}
+
+
+def policy_rules(policy: PolicyConfig) -> PolicyRules:
+    """The core's view of one policy section."""
+    consent = policy.consent
+    return PolicyRules(
+        consent_defaults=ConsentDefaults(
+            personal_data=consent.unknown_personal_data == "grant",
+            advertising=consent.unknown_advertising == "grant",
+        ),
+        control_group=ControlGroup(
+            percent=policy.control_group.percent,
+            period_seconds=policy.control_group.period_days * 86400.0,
+            salt=policy.control_group.salt,
+        ),
+        caps=tuple(
+            CapRule(
+                name=c.name,
+                max_count=c.max_count,
+                window_seconds=c.window_seconds,
+                categories=c.categories,
+                channels=c.channels,
+                action=c.action,
+            )
+            for c in policy.caps
+        ),
+        quiet_hours=tuple(
+            QuietRule(
+                window=QuietWindow(q.start, q.end),
+                action=q.action,
+                channels=q.channels,
+                categories=q.categories,
+            )
+            for q in policy.quiet_hours
+        ),
+        critical_service_bypasses_quiet_hours=policy.critical_service_bypasses_quiet_hours,
+    )
+
+
+# ---------------------------------------------------------------- loading
+def load_config(toml_bytes: bytes, environ: Mapping[str, str]) -> GatewayConfig:
+    """Parse, overlay the environment, validate.
+
+    Raises:
+        ConfigError: naming the key and what is wrong with it.
+    """
+    try:
+        data = tomllib.loads(toml_bytes.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config is not valid TOML: {exc}") from exc
+    _refuse_file_secrets(data, ())
+    for name, value in sorted(environ.items()):
+        if name.upper().startswith(ENV_PREFIX):
+            path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+            if not all(path):
+                raise ConfigError(f"{name}: empty path segment")
+            _set_path(data, path, _env_value(value, secret=path[-1] in SECRET_KEYS))
+    try:
+        config = msgspec.convert(data, GatewayConfig, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"config: {_dotted(str(exc))}") from exc
+    _validate(config)
+    return config
+
+
+def _refuse_file_secrets(node: object, path: tuple[str, ...]) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in SECRET_KEYS or key == "tracking_secret":
+                dotted = ".".join((*path, key))
+                env = ENV_PREFIX + "__".join((*path, key)).upper()
+                raise ConfigError(f"{dotted}: secrets come only from the environment; set {env}")
+            _refuse_file_secrets(value, (*path, key))
+    elif isinstance(node, list):
+        for item in node:
+            _refuse_file_secrets(item, path)
+
+
+def _env_value(raw: str, *, secret: bool) -> object:
+    if secret:
+        return raw
+    try:
+        return tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _set_path(data: dict[str, object], path: list[str], value: object) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(path)}: {part!r} is not a table")
+        node = child
+    node[path[-1]] = value
+
+
+def _dec_hook(type_: type, value: object) -> object:
+    if type_ is Secret and isinstance(value, str):
+        return Secret(value)
+    raise NotImplementedError
+
+
+def _dotted(message: str) -> str:
+    """msgspec says ``... - at `$.tenants.acme`;`` we say ``tenants.acme: ...``."""
+    text, sep, where = message.rpartition(" - at `")
+    if not sep:
+        return message
+    return f"{where.rstrip('`').removeprefix('$').lstrip('.')}: {text}"
+
+
+def _validate(config: GatewayConfig) -> None:
+    for channel in Channel:
+        if channel not in config.channels:
+            raise ConfigError(f"channels.{channel}: missing (every channel needs a timeout)")
+    policies = [("policy", config.policy)] + [
+        (f"tenants.{name}.policy", t.policy) for name, t in config.tenants.items() if t.policy
+    ]
+    for where, policy in policies:
+        for index, quiet in enumerate(policy.quiet_hours):
+            if quiet.start == quiet.end:
+                raise ConfigError(f"{where}.quiet_hours[{index}]: start and end must differ")
+        names = [cap.name for cap in policy.caps]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}.caps: cap names must be unique")
+    for name, provider in config.providers.items():
+        if not provider.simulated and not provider.url:
+            raise ConfigError(f"providers.{name}.url: required unless simulated = true")
+    for tenant_name, tenant in config.tenants.items():
+        where = f"tenants.{tenant_name}"
+        if not tenant.cascade:
+            raise ConfigError(f"{where}.cascade: needs at least one channel")
+        if len(set(tenant.cascade)) != len(tenant.cascade):
+            raise ConfigError(f"{where}.cascade: a channel is listed twice")
+        for channel, names in tenant.providers.items():
+            for index, provider_name in enumerate(names):
+                provider = config.providers.get(provider_name)
+                if provider is None:
+                    raise ConfigError(
+                        f"{where}.providers.{channel}[{index}]: unknown provider {provider_name!r}"
+                    )
+                if provider.channel is not channel:
+                    raise ConfigError(
+                        f"{where}.providers.{channel}[{index}]: {provider_name!r} is a "
+                        f"{provider.kind} provider, which serves {provider.channel}, not {channel}"
+                    )
+        for channel in tenant.cascade:
+            if not tenant.providers.get(channel):
+                raise ConfigError(f"{where}.providers.{channel}: the cascade uses {channel} but no provider serves it")
+
+
+def default_config_path() -> str:
+    return "config/gateway.toml"

@@ -1,0 +1,293 @@
+"""The policy engine: may this message go out at all, when, and through which channels.
+
+Rule 1: two pure functions. ``decide`` runs once, when a message arrives; ``gate`` runs before
+every cascade step is handed to a provider, because consent, caps and quiet hours may have
+changed since (a withdrawal takes effect at once, DOMAIN.md). A refusal is a value carrying a
+``RejectReason``, never an exception.
+Rule 2: everything the decision depends on arrives as an argument: the envelope, the
+recipient's consents and send history, the tenant's rules, ``now`` and the recipient's zone.
+The same inputs always give the same decision.
+
+Order of checks in ``decide`` (cheapest and most final first): expired, no address, no
+personal-data consent, control group (marketing only), no channel with advertising consent,
+then the first step's timing through ``gate``: message-wide caps, quiet hours, ``send_at``.
+A deferral that would pass the message's TTL expires it instead (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import tzinfo
+
+import msgspec
+
+from gateway.core import caps, quiet_hours
+from gateway.core.caps import CapAction, CapHistory, CapRule
+from gateway.core.consent import ConsentDefaults, ConsentState, allowed_mask
+from gateway.core.control_group import ControlGroup
+from gateway.core.model import (
+    Category,
+    Channel,
+    DeferReason,
+    Envelope,
+    Lane,
+    RejectReason,
+)
+from gateway.core.quiet_hours import QuietWindow
+
+# Holds can chain (quiet hours end, then a cap is still full, then quiet hours begin again);
+# a handful of rounds settles every realistic configuration, and the edge re-checks anyway.
+_MAX_HOLD_ROUNDS = 8
+
+
+class QuietAction(enum.StrEnum):
+    DEFER = "defer"  # hold until the window opens (the default: defer, never drop)
+    DROP = "drop"
+    BYPASS = "bypass"
+
+
+class QuietRule(msgspec.Struct, frozen=True):
+    """A quiet window for some channels and categories (empty sets mean all)."""
+
+    window: QuietWindow
+    action: QuietAction = QuietAction.DEFER
+    channels: frozenset[Channel] = frozenset()
+    categories: frozenset[Category] = frozenset()
+
+    def applies(self, channel: Channel, category: Category) -> bool:
+        return (not self.channels or channel in self.channels) and (
+            not self.categories or category in self.categories
+        )
+
+
+class PolicyRules(msgspec.Struct, frozen=True):
+    """One tenant's rules, as the core needs them (built from the config at start)."""
+
+    consent_defaults: ConsentDefaults = ConsentDefaults()
+    control_group: ControlGroup = ControlGroup()
+    caps: tuple[CapRule, ...] = ()
+    quiet_hours: tuple[QuietRule, ...] = ()
+    critical_service_bypasses_quiet_hours: bool = True
+
+    def quiet_rule(self, channel: Channel, category: Category) -> QuietRule | None:
+        """The first rule that covers this channel and category; order in the config matters."""
+        for rule in self.quiet_hours:
+            if rule.applies(channel, category):
+                return rule
+        return None
+
+
+class RecipientState(msgspec.Struct, frozen=True, gc=False):
+    consents: ConsentState = ConsentState()
+    history: CapHistory = CapHistory()
+
+
+# ---------------------------------------------------------------- admission decisions
+class Admit(msgspec.Struct, frozen=True):
+    """Send the first step now. ``allowed`` is the consent mask over ``plan``."""
+
+    plan: tuple[Channel, ...]
+    allowed: int
+
+    @property
+    def channels(self) -> tuple[Channel, ...]:
+        return tuple(c for c in self.plan if self.allowed & c.bit)
+
+
+class Defer(msgspec.Struct, frozen=True):
+    """Accept now, send the first step at ``until``."""
+
+    plan: tuple[Channel, ...]
+    allowed: int
+    until: float
+    why: DeferReason
+
+    @property
+    def channels(self) -> tuple[Channel, ...]:
+        return tuple(c for c in self.plan if self.allowed & c.bit)
+
+
+class Reject(msgspec.Struct, frozen=True):
+    reason: RejectReason
+    detail: str
+
+
+Decision = Admit | Defer | Reject
+
+
+# ---------------------------------------------------------------- pre-send gate verdicts
+class Go(msgspec.Struct, frozen=True):
+    pass
+
+
+class Hold(msgspec.Struct, frozen=True):
+    until: float
+    why: DeferReason
+
+
+class Skip(msgspec.Struct, frozen=True):
+    """Not on this channel; the cascade may try the next one."""
+
+    reason: RejectReason
+
+
+class Stop(msgspec.Struct, frozen=True):
+    """Not at all; the cascade ends."""
+
+    reason: RejectReason
+
+
+Verdict = Go | Hold | Skip | Stop
+
+GO = Go()
+
+
+def decide(
+    envelope: Envelope,
+    recipient: RecipientState,
+    rules: PolicyRules,
+    *,
+    message: str,
+    now: float,
+    tz: tzinfo,
+) -> Decision:
+    """Decide what happens to a newly arrived message.
+
+    Args:
+        envelope: the policy-relevant facts of the message; ``channels`` has addresses only.
+        recipient: the recipient's consents and recent sends.
+        rules: the tenant's policy rules.
+        message: the message key (caps count messages, not steps).
+        now: POSIX seconds.
+        tz: the recipient's time zone, resolved by the caller.
+
+    Returns:
+        ``Admit`` (send the first step now), ``Defer`` (accepted, first step later) or
+        ``Reject`` with the reason.
+    """
+    if envelope.expires_at is not None and envelope.expires_at <= now:
+        return Reject(RejectReason.EXPIRED, "expires_at is not in the future")
+    if not envelope.channels:
+        return Reject(
+            RejectReason.NO_CHANNEL,
+            "the recipient has no address for any channel of the cascade order",
+        )
+    defaults = rules.consent_defaults
+    consents = recipient.consents
+    if not consents.personal_data(defaults):
+        return Reject(RejectReason.NO_CONSENT, "the recipient withdrew personal-data consent")
+    marketing = envelope.category.is_marketing
+    if marketing and rules.control_group.holds_out(
+        envelope.tenant, envelope.recipient_id, now=now
+    ):
+        return Reject(RejectReason.HOLDOUT, "the recipient is in this period's control group")
+    allowed = allowed_mask(consents, marketing=marketing, topic=envelope.topic, defaults=defaults)
+    plan = envelope.channels
+    first = next((channel for channel in plan if allowed & channel.bit), None)
+    if first is None:
+        names = ", ".join(plan)
+        return Reject(
+            RejectReason.NO_CONSENT,
+            f"no advertising consent on {names} for topic {envelope.topic!r}",
+        )
+
+    at = now if envelope.send_at is None else max(now, envelope.send_at)
+    why = DeferReason.SEND_AT
+    for _ in range(_MAX_HOLD_ROUNDS):
+        verdict = gate(envelope, recipient, rules, message=message, channel=first, now=at, tz=tz)
+        match verdict:
+            case Go() | Skip(reason=RejectReason.CAPPED):
+                # a per-channel cap skips only this channel: the edge's gate will move the
+                # cascade to the next one, so the message itself is admitted
+                break
+            case Hold(until=until, why=hold_why):
+                at, why = until, hold_why
+            case Skip(reason=RejectReason.QUIET_HOURS):
+                return Reject(
+                    RejectReason.QUIET_HOURS,
+                    f"quiet hours on {first} drop {envelope.category} messages",
+                )
+            case Skip(reason=reason) | Stop(reason=reason):
+                return Reject(reason, _STOP_DETAILS.get(reason, str(reason)))
+    if at > now:
+        return Defer(plan, allowed, at, why)
+    return Admit(plan, allowed)
+
+
+_STOP_DETAILS = {
+    RejectReason.EXPIRED: "the first send would fall after expires_at",
+    RejectReason.CAPPED: "a frequency cap for this recipient is full",
+    RejectReason.NO_CONSENT: "no consent for this channel",
+}
+
+
+def gate(
+    envelope: Envelope,
+    recipient: RecipientState,
+    rules: PolicyRules,
+    *,
+    message: str,
+    channel: Channel,
+    now: float,
+    tz: tzinfo,
+) -> Verdict:
+    """Check one cascade step just before it goes to a provider.
+
+    Returns:
+        ``Go``; ``Hold(until)`` for quiet hours or a deferring cap; ``Skip`` when this channel
+        may not be used (consent, a per-channel cap, a dropping quiet rule); ``Stop`` when the
+        message may not go at all (expired, personal-data consent gone, a full message cap).
+    """
+    expires_at = envelope.expires_at
+    if expires_at is not None and now >= expires_at:
+        return Stop(RejectReason.EXPIRED)
+    defaults = rules.consent_defaults
+    consents = recipient.consents
+    if not consents.personal_data(defaults):
+        return Stop(RejectReason.NO_CONSENT)
+    category = envelope.category
+    if category.is_marketing and not consents.advertising(channel, envelope.topic, defaults):
+        return Skip(RejectReason.NO_CONSENT)
+
+    capped = caps.check(
+        recipient.history,
+        rules.caps,
+        message=message,
+        category=category,
+        channel=channel,
+        now=now,
+    )
+    if capped is not None:
+        if capped.action is CapAction.REJECT:
+            return Skip(RejectReason.CAPPED) if capped.rule.channels else Stop(RejectReason.CAPPED)
+        return _within_ttl(Hold(capped.until, DeferReason.CAPPED), expires_at)
+    quiet = _quiet_verdict(envelope, rules, channel=channel, now=now, tz=tz)
+    if isinstance(quiet, Hold):
+        return _within_ttl(quiet, expires_at)
+    return quiet
+
+
+def _within_ttl(hold: Hold, expires_at: float | None) -> Hold | Stop:
+    """A deferral that would pass the message's TTL expires it instead (DESIGN.md)."""
+    if expires_at is not None and hold.until >= expires_at:
+        return Stop(RejectReason.EXPIRED)
+    return hold
+
+
+def _quiet_verdict(
+    envelope: Envelope, rules: PolicyRules, *, channel: Channel, now: float, tz: tzinfo
+) -> Verdict:
+    if (
+        rules.critical_service_bypasses_quiet_hours
+        and envelope.lane is Lane.CRITICAL
+        and envelope.category is Category.SERVICE
+    ):
+        return GO
+    rule = rules.quiet_rule(channel, envelope.category)
+    if rule is None or rule.action is QuietAction.BYPASS:
+        return GO
+    if not quiet_hours.is_quiet(rule.window, now, tz):
+        return GO
+    if rule.action is QuietAction.DROP:
+        return Skip(RejectReason.QUIET_HOURS)
+    return Hold(quiet_hours.next_open(rule.window, now, tz), DeferReason.QUIET_HOURS)

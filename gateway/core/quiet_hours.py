@@ -1,0 +1,108 @@
+"""Quiet hours: wall-clock windows in the recipient's time zone when a channel stays silent.
+
+Rule 1: quietness is a property of the recipient's *wall clock*: an instant is quiet iff its
+local time of day lies in ``[start, end)`` (wrapping midnight when ``start > end``). Nothing
+else: no dates, no offsets. That definition is what "nobody is woken at 3 a.m." means, and it
+stays well defined through DST gaps (a local time that never happens is never quiet) and folds
+(a local time that happens twice is quiet both times).
+Rule 2: this module reads no clock and no tz database; the caller passes a ``tzinfo``.
+
+``next_open`` returns the earliest instant at or after ``now`` that is not quiet. The wall
+clock only leaves the window in two ways: it reaches ``end``, or a UTC-offset transition jumps
+it out. Both kinds of instant are collected for the days around ``now`` and the earliest one
+that is not quiet wins, so the answer is exact, not a scan.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
+
+import msgspec
+
+
+class QuietWindow(msgspec.Struct, frozen=True):
+    """Local times ``[start, end)``; wraps midnight when ``start > end``; ``start != end``."""
+
+    start: time
+    end: time
+
+    def __post_init__(self) -> None:
+        if self.start == self.end:
+            raise ValueError("quiet window start and end must differ")
+        if self.start.tzinfo is not None or self.end.tzinfo is not None:
+            raise ValueError("quiet window times are local wall-clock times, without a zone")
+
+    def contains(self, local: time) -> bool:
+        if self.start < self.end:
+            return self.start <= local < self.end
+        return local >= self.start or local < self.end
+
+
+def local_time(now: float, tz: tzinfo) -> datetime:
+    return datetime.fromtimestamp(now, tz)
+
+
+def is_quiet(window: QuietWindow, now: float, tz: tzinfo) -> bool:
+    return window.contains(local_time(now, tz).time().replace(tzinfo=None))
+
+
+def next_open(window: QuietWindow, now: float, tz: tzinfo) -> float:
+    """The earliest instant ``>= now`` (POSIX seconds) whose local time is outside the window."""
+    if not is_quiet(window, now, tz):
+        return now
+    today = local_time(now, tz).date()
+    candidates: list[float] = []
+    # A window is shorter than a day, so the opening lies within two local days of `now`;
+    # a day either side more covers the zone's offset and any fold around midnight.
+    for offset_days in range(-1, 3):
+        day = today + timedelta(days=offset_days)
+        candidates.extend(_wall_clock_instants(day, window.end, tz))
+        transition = _offset_transition(day, tz)
+        if transition is not None:
+            candidates.append(transition)
+    for candidate in sorted(c for c in candidates if c > now):
+        if not is_quiet(window, candidate, tz):
+            return candidate
+    raise AssertionError(f"no opening found for {window!r} after {now!r} in {tz!r}")
+
+
+def _wall_clock_instants(day: date, at: time, tz: tzinfo) -> list[float]:
+    """Instants when the local wall clock shows ``at`` on ``day``, or, if a DST gap skips it,
+    the first instant after the gap (when the clock has just passed it)."""
+    instants: list[float] = []
+    for fold in (0, 1):
+        local = datetime.combine(day, at, tzinfo=tz).replace(fold=fold)
+        instant = local.timestamp()
+        back = datetime.fromtimestamp(instant, tz)
+        if back.replace(tzinfo=None, fold=0) == local.replace(tzinfo=None, fold=0):
+            instants.append(instant)
+    if not instants:
+        # `at` falls in a gap: the wall clock jumps over it at the transition
+        transition = _offset_transition(day, tz)
+        if transition is not None:
+            instants.append(transition)
+    return instants
+
+
+def _offset_transition(day: date, tz: tzinfo) -> float | None:
+    """The instant the zone's UTC offset changes during ``day`` (local), if it does.
+
+    Zones change offset at most once a day; bisection over whole seconds finds the instant.
+    """
+    start = datetime.combine(day, time(0), tzinfo=tz).astimezone(UTC)
+    end = start + timedelta(days=1, hours=2)
+    low, high = int(start.timestamp()), int(end.timestamp())
+    low_offset = _offset(low, tz)
+    if _offset(high, tz) == low_offset:
+        return None
+    while high - low > 1:
+        middle = (low + high) // 2
+        if _offset(middle, tz) == low_offset:
+            low = middle
+        else:
+            high = middle
+    return float(high)
+
+
+def _offset(instant: float, tz: tzinfo) -> timedelta | None:
+    return datetime.fromtimestamp(instant, tz).utcoffset()
