@@ -1,0 +1,98 @@
+"""Provider adapters: one module per provider API, each small.
+
+An adapter turns an ``Outgoing`` (one message, one channel, one address, content ready to send)
+into one provider request and raises a ``ProviderError`` subclass (``gateway.core.errors``) when
+it fails, so the dispatcher can retry, fail over, or move the cascade on. Its pure functions
+(``build_request``, ``parse_response``, ``parse_webhook``, ``verify_signature``) are testable
+without a server; ``send`` is the only coroutine.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Protocol
+
+import msgspec
+
+from gateway.config import SenderConfig
+from gateway.core.model import Category, Channel
+from gateway.protocol import EmailContent, PushContent, SmsContent, ViberContent
+
+
+class Outgoing(msgspec.Struct, frozen=True):
+    """Everything one provider request needs; built by the dispatcher from the journalled request.
+
+    ``content`` already has ``{link}`` replaced by the tracked click URL.
+    """
+
+    message_key: str
+    tenant: str
+    channel: Channel
+    category: Category
+    address: str
+    content: PushContent | EmailContent | ViberContent | SmsContent
+    brand: str
+    sender: SenderConfig
+    status_callback_url: str
+    link_url: str | None = None
+    unsubscribe_url: str | None = None
+    open_pixel_url: str | None = None
+    campaign: str | None = None
+
+    @property
+    def marketing(self) -> bool:
+        return self.category.is_marketing
+
+
+class SendReceipt(msgspec.Struct, frozen=True):
+    provider_message_id: str | None = None
+
+
+class ReceiptKind(enum.StrEnum):
+    """What a provider webhook (or the simulated app) reports about a sent message."""
+
+    DELIVERED = "delivered"
+    READ = "read"  # email open, Viber "seen", push opened
+    CLICKED = "clicked"
+    FAILED = "failed"  # undelivered, rejected after acceptance
+    BOUNCED = "bounced"
+    UNSUBSCRIBED = "unsubscribed"  # the recipient opted out with the provider
+    SPAM_REPORT = "spam_report"  # treated as an unsubscribe: never mail them promos again
+
+
+class ProviderReceipt(msgspec.Struct, frozen=True):
+    """One fact parsed from a verified webhook.
+
+    ``message_key`` is the gateway's key when the provider carries it back (SendGrid
+    custom_args, the Twilio StatusCallback URL, FCM data); otherwise ``provider_message_id``
+    (Viber's message_token) and the router resolves it from the ids its sends returned.
+    """
+
+    kind: ReceiptKind
+    at: float
+    message_key: str | None = None
+    provider_message_id: str | None = None
+    detail: str | None = None
+
+
+class WebhookRejected(Exception):
+    """A webhook failed verification; ``verdict`` is the bounded metric label."""
+
+    def __init__(self, verdict: str, detail: str) -> None:
+        super().__init__(detail)
+        self.verdict = verdict  # "bad_signature" | "stale" | "malformed"
+
+
+class Adapter(Protocol):
+    name: str
+    channel: Channel
+
+    async def send(self, outgoing: Outgoing) -> SendReceipt:
+        """Make the provider request.
+
+        Raises:
+            gateway.core.errors.ProviderError: a subclass saying whether retrying can help.
+        """
+        ...
+
+    async def aclose(self) -> None: ...

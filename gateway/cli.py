@@ -24,7 +24,9 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     tenants = ", ".join(sorted(config.tenants)) or "none"
     providers = ", ".join(f"{n} ({p.kind})" for n, p in sorted(config.providers.items()))
     print(f"{args.config}: ok")
-    print(f"  store: {config.store.backend} at {config.store.path} (synchronous={config.store.synchronous})")
+    print(
+        f"  store: {config.store.backend} at {config.store.path} (synchronous={config.store.synchronous})"
+    )
     print(f"  tenants: {tenants}")
     print(f"  providers: {providers or 'none'}")
     return 0

@@ -66,7 +66,7 @@ class _Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
 
 
 # ---------------------------------------------------------------- sections
-class IngestConfig(_Config):
+class IngestConfig(_Config, frozen=True):
     bind: str = "tcp://127.0.0.1:5555"
     """ZeroMQ ROUTER endpoint CRMs connect their DEALER sockets to."""
     status_bind: str = "tcp://127.0.0.1:5556"
@@ -79,7 +79,7 @@ class IngestConfig(_Config):
     """Frames handled per wake-up before yielding to other tasks (fairness)."""
 
 
-class HttpConfig(_Config):
+class HttpConfig(_Config, frozen=True):
     bind: str = "127.0.0.1:8080"
     public_url: str = "http://127.0.0.1:8080"
     """Base URL providers and recipients reach the gateway at (webhooks, links, pixel)."""
@@ -92,7 +92,7 @@ class Synchronous(enum.StrEnum):
     FULL = "full"  # survives power loss too
 
 
-class StoreConfig(_Config):
+class StoreConfig(_Config, frozen=True):
     backend: Literal["sqlite"] = "sqlite"
     path: str = "var/cascadegw.db"
     synchronous: Synchronous = Synchronous.FULL
@@ -101,7 +101,7 @@ class StoreConfig(_Config):
     """Staged-but-uncommitted journal rows beyond which ingest answers ``overloaded``."""
 
 
-class LaneLimits(_Config):
+class LaneLimits(_Config, frozen=True):
     critical: PositiveInt = 100_000
     normal: PositiveInt = 500_000
     bulk: PositiveInt = 1_000_000
@@ -111,7 +111,7 @@ class LaneLimits(_Config):
         return limit
 
 
-class DispatchConfig(_Config):
+class DispatchConfig(_Config, frozen=True):
     workers: Annotated[int, msgspec.Meta(ge=0)] = 0
     """0 dispatches in the router process; N uses N worker processes over ipc sockets."""
     max_queued: LaneLimits = LaneLimits()
@@ -119,7 +119,7 @@ class DispatchConfig(_Config):
     retry: RetryPolicy = RetryPolicy()
 
 
-class ChannelConfig(_Config):
+class ChannelConfig(_Config, frozen=True):
     unread_timeout_seconds: Positive
     """How long a step waits for read (SMS: for delivery) before the cascade moves on."""
 
@@ -133,7 +133,7 @@ def _default_channels() -> dict[Channel, ChannelConfig]:
     }
 
 
-class QuietHoursConfig(_Config):
+class QuietHoursConfig(_Config, frozen=True):
     start: time
     end: time
     action: QuietAction = QuietAction.DEFER
@@ -141,7 +141,7 @@ class QuietHoursConfig(_Config):
     categories: frozenset[Category] = frozenset()
 
 
-class CapConfig(_Config):
+class CapConfig(_Config, frozen=True):
     name: Name
     max_count: PositiveInt
     window_seconds: Positive
@@ -150,18 +150,18 @@ class CapConfig(_Config):
     action: CapAction = CapAction.REJECT
 
 
-class ControlGroupConfig(_Config):
+class ControlGroupConfig(_Config, frozen=True):
     percent: Annotated[float, msgspec.Meta(ge=0, le=100)] = 0.0
     period_days: Positive = 90.0
     salt: str = "cascadegw"
 
 
-class ConsentConfig(_Config):
+class ConsentConfig(_Config, frozen=True):
     unknown_personal_data: Literal["grant", "deny"] = "grant"
     unknown_advertising: Literal["grant", "deny"] = "deny"
 
 
-class PolicyConfig(_Config):
+class PolicyConfig(_Config, frozen=True):
     """Policy rules; the top-level ones are the defaults every tenant may override."""
 
     quiet_hours: tuple[QuietHoursConfig, ...] = ()
@@ -181,7 +181,7 @@ PROVIDER_CHANNEL: Final[Mapping[str, Channel]] = {
 SECRET_KEYS: Final = frozenset({"api_key", "auth_token", "service_account_json"})
 
 
-class ProviderConfig(_Config):
+class ProviderConfig(_Config, frozen=True):
     kind: ProviderKind
     url: str = ""
     """Base URL of the provider API; empty with ``simulated`` (the simulator's address is used)."""
@@ -207,7 +207,7 @@ class ProviderConfig(_Config):
         return PROVIDER_CHANNEL[self.kind]
 
 
-class SenderConfig(_Config):
+class SenderConfig(_Config, frozen=True):
     """The brand's identity per channel (DOMAIN.md: a brand's name as sender)."""
 
     email_from: str = "noreply@example.com"
@@ -216,7 +216,7 @@ class SenderConfig(_Config):
     viber_name: str = "cascadegw"
 
 
-class TenantConfig(_Config):
+class TenantConfig(_Config, frozen=True):
     brand: str
     """Advertiser name; every advertising message must name it (38-FZ)."""
     sender: SenderConfig = SenderConfig()
@@ -227,7 +227,7 @@ class TenantConfig(_Config):
     """Overrides the top-level policy for this tenant (whole sections, not merged)."""
 
 
-class SimulatorConfig(_Config):
+class SimulatorConfig(_Config, frozen=True):
     """Behaviour of the built-in provider simulators (``simulated = true`` providers)."""
 
     latency_seconds: NonNegative = 0.005
@@ -243,7 +243,7 @@ class SimulatorConfig(_Config):
     seed: int | None = None
 
 
-class GatewayConfig(_Config):
+class GatewayConfig(_Config, frozen=True):
     currency: str = "RUB"
     ingest: IngestConfig = IngestConfig()
     http: HttpConfig = HttpConfig()
@@ -388,8 +388,8 @@ def _validate(config: GatewayConfig) -> None:
         for index, quiet in enumerate(policy.quiet_hours):
             if quiet.start == quiet.end:
                 raise ConfigError(f"{where}.quiet_hours[{index}]: start and end must differ")
-        names = [cap.name for cap in policy.caps]
-        if len(set(names)) != len(names):
+        cap_names = [cap.name for cap in policy.caps]
+        if len(set(cap_names)) != len(cap_names):
             raise ConfigError(f"{where}.caps: cap names must be unique")
     for name, provider in config.providers.items():
         if not provider.simulated and not provider.url:
@@ -402,19 +402,21 @@ def _validate(config: GatewayConfig) -> None:
             raise ConfigError(f"{where}.cascade: a channel is listed twice")
         for channel, names in tenant.providers.items():
             for index, provider_name in enumerate(names):
-                provider = config.providers.get(provider_name)
-                if provider is None:
+                serving = config.providers.get(provider_name)
+                if serving is None:
                     raise ConfigError(
                         f"{where}.providers.{channel}[{index}]: unknown provider {provider_name!r}"
                     )
-                if provider.channel is not channel:
+                if serving.channel is not channel:
                     raise ConfigError(
                         f"{where}.providers.{channel}[{index}]: {provider_name!r} is a "
-                        f"{provider.kind} provider, which serves {provider.channel}, not {channel}"
+                        f"{serving.kind} provider, which serves {serving.channel}, not {channel}"
                     )
         for channel in tenant.cascade:
             if not tenant.providers.get(channel):
-                raise ConfigError(f"{where}.providers.{channel}: the cascade uses {channel} but no provider serves it")
+                raise ConfigError(
+                    f"{where}.providers.{channel}: the cascade uses {channel} but no provider serves it"
+                )
 
 
 def default_config_path() -> str:

@@ -40,7 +40,8 @@ TenantName = Annotated[
 RecipientId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Label = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Email = Annotated[
-    str, msgspec.Meta(max_length=254, pattern=r"^[^@\s\x00-\x1f]+@[^@\s\x00-\x1f]+\.[^@\s\x00-\x1f]+$")
+    str,
+    msgspec.Meta(max_length=254, pattern=r"^[^@\s\x00-\x1f]+@[^@\s\x00-\x1f]+\.[^@\s\x00-\x1f]+$"),
 ]
 Phone = Annotated[
     str, msgspec.Meta(pattern=r"^\+[1-9][0-9]{6,14}$", description="E.164, e.g. +79161234567")
@@ -61,7 +62,7 @@ def _time_zones() -> frozenset[str]:
 
 
 # ---------------------------------------------------------------- send
-class Recipient(_Struct):
+class Recipient(_Struct, frozen=True):
     id: RecipientId
     tz: str = "UTC"
     """IANA time zone of the recipient, for quiet hours (e.g. ``Europe/Moscow``)."""
@@ -82,29 +83,29 @@ class Recipient(_Struct):
                 return self.phone is not None
 
 
-class PushContent(_Struct):
+class PushContent(_Struct, frozen=True):
     title: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
     body: Annotated[str, msgspec.Meta(min_length=1, max_length=4000)]
     data: dict[str, str] = {}
 
 
-class EmailContent(_Struct):
+class EmailContent(_Struct, frozen=True):
     subject: Annotated[str, msgspec.Meta(min_length=1, max_length=998)]
     html: Annotated[str, msgspec.Meta(max_length=1024 * 1024)] | None = None
     text: Annotated[str, msgspec.Meta(max_length=1024 * 1024)] | None = None
 
 
-class ViberContent(_Struct):
+class ViberContent(_Struct, frozen=True):
     text: Annotated[str, msgspec.Meta(min_length=1, max_length=7000)]
     image_url: Url | None = None
     button_text: Annotated[str, msgspec.Meta(min_length=1, max_length=30)] | None = None
 
 
-class SmsContent(_Struct):
+class SmsContent(_Struct, frozen=True):
     text: Annotated[str, msgspec.Meta(min_length=1, max_length=1600)]
 
 
-class Content(_Struct):
+class Content(_Struct, frozen=True):
     """Content per channel. ``{link}`` in any text is replaced by the tracked ``link_url``."""
 
     push: PushContent | None = None
@@ -117,7 +118,7 @@ class Content(_Struct):
         return getattr(self, channel.value) is not None
 
 
-class SendRequest(_Struct, tag_field="op", tag="send"):
+class SendRequest(_Struct, frozen=True, tag_field="op", tag="send"):
     v: int
     id: MessageId
     """The CRM's message id; the idempotency key within the tenant."""
@@ -144,7 +145,7 @@ class SendRequest(_Struct, tag_field="op", tag="send"):
 
 
 # ---------------------------------------------------------------- other requests
-class CancelRequest(_Struct, tag_field="op", tag="cancel"):
+class CancelRequest(_Struct, frozen=True, tag_field="op", tag="cancel"):
     v: int
     id: MessageId
     tenant: TenantName
@@ -159,7 +160,7 @@ class EventKind(enum.StrEnum):
     CONVERTED = "converted"
 
 
-class EventRequest(_Struct, tag_field="op", tag="event"):
+class EventRequest(_Struct, frozen=True, tag_field="op", tag="event"):
     v: int
     id: MessageId
     tenant: TenantName
@@ -169,7 +170,7 @@ class EventRequest(_Struct, tag_field="op", tag="event"):
     at: AwareDatetime | None = None
 
 
-class ConsentRequest(_Struct, tag_field="op", tag="consent"):
+class ConsentRequest(_Struct, frozen=True, tag_field="op", tag="consent"):
     v: int
     tenant: TenantName
     recipient_id: RecipientId
@@ -185,8 +186,7 @@ class ConsentRequest(_Struct, tag_field="op", tag="consent"):
     """When the customer acted; defaults to when the gateway received it."""
 
 
-
-class StatusRequest(_Struct, tag_field="op", tag="status"):
+class StatusRequest(_Struct, frozen=True, tag_field="op", tag="status"):
     v: int
     id: MessageId
     tenant: TenantName
@@ -236,7 +236,6 @@ class StatusEvent(msgspec.Struct, frozen=True, omit_defaults=True):
 
     tenant: str
     id: str
-    seq: int
     kind: StatusKind
     at: datetime
     final: bool = False
@@ -299,10 +298,15 @@ _ARRAY_MARKERS: Final = frozenset({*range(0x90, 0xA0), 0xDC, 0xDD})
 
 
 class Frame(msgspec.Struct):
-    """A decoded request frame: one entry per request, each a Request or its invalid Result."""
+    """A decoded request frame: one entry per request, each a Request or its invalid Result.
+
+    ``raws`` holds each request's own msgpack bytes (same positions), so the journal stores the
+    request as the client sent it without encoding it again.
+    """
 
     batch: bool
     items: list[Request | Result]
+    raws: list[bytes] = []
 
 
 def decode_frame(
@@ -316,21 +320,25 @@ def decode_frame(
     if size == 0:
         return Frame(False, [invalid("empty frame")])
     if size > max_frame_bytes:
-        return Frame(False, [invalid(f"frame of {size} bytes exceeds the {max_frame_bytes}-byte limit")])
+        return Frame(
+            False, [invalid(f"frame of {size} bytes exceeds the {max_frame_bytes}-byte limit")]
+        )
     if data[0] not in _ARRAY_MARKERS:
-        return Frame(False, [_decode_one(data)])
+        return Frame(False, [_decode_one(data)], [bytes(data)])
     try:
         raws = _raw_list_decoder.decode(data)
     except msgspec.DecodeError as exc:
         return Frame(False, [invalid(f"malformed msgpack: {exc}")])
     if len(raws) > max_batch:
-        return Frame(False, [invalid(f"batch of {len(raws)} requests exceeds the limit of {max_batch}")])
-    return Frame(True, [_decode_one(raw) for raw in raws])
+        return Frame(
+            False, [invalid(f"batch of {len(raws)} requests exceeds the limit of {max_batch}")]
+        )
+    return Frame(True, [_decode_one(raw) for raw in raws], [bytes(raw) for raw in raws])
 
 
 def _decode_one(data: bytes | memoryview | msgspec.Raw) -> Request | Result:
     try:
-        request = _request_decoder.decode(data)
+        request: Request = _request_decoder.decode(data)
     except msgspec.ValidationError as exc:
         return invalid(str(exc), _salvage_id(data))
     except msgspec.DecodeError as exc:
@@ -361,7 +369,7 @@ def validate(request: Request) -> str | None:
                 for channel in channels:
                     if not content.has(channel):
                         return f"no content for requested channel {channel.value} - at `$.content`"
-            elif not (content.push or content.email or content.viber or content.sms):
+            elif not any(content.has(channel) for channel in Channel):
                 return "no content for any channel - at `$.content`"
         case ConsentRequest(kind=ConsentKind.PERSONAL_DATA, channel=channel, topic=topic):
             if channel is not None or topic is not None:

@@ -99,7 +99,8 @@ def check(
 
     A message already counted by a rule inside its window passes that rule: the later steps of
     one cascade are the same message. When several rules are full, a rejecting rule wins over a
-    deferring one, and among deferring rules the one that frees up last decides.
+    deferring one, a message-wide rejecting rule over one narrowed to channels, and otherwise
+    the one that frees up last decides.
 
     Returns:
         ``None`` when the send fits, else the rule that is full and when it frees up.
@@ -128,6 +129,11 @@ def check(
 def _worse(candidate: Capped, current: Capped) -> bool:
     if candidate.action is not current.action:
         return candidate.action is CapAction.REJECT
+    if candidate.action is CapAction.REJECT and bool(candidate.rule.channels) != bool(
+        current.rule.channels
+    ):
+        # a full message-wide rule refuses the message; a per-channel one only this channel
+        return not candidate.rule.channels
     return candidate.until > current.until
 
 

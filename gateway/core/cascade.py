@@ -220,7 +220,7 @@ class Cascade(msgspec.Struct, frozen=True, gc=False, array_like=True):
         match event:
             case SendSucceeded(channel=channel):
                 if status is Status.SENDING and channel is current:
-                    deadline = now + self.timeouts[self.step]
+                    deadline = now + self.timeouts[0]
                     return (
                         msgspec.structs.replace(
                             self, status=Status.AWAITING, sent=self.sent | channel.bit

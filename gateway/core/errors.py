@@ -41,6 +41,8 @@ class ProviderError(GatewayError):
 
     permanent: bool = False
     kind: str = "error"
+    duration_seconds: float | None = None
+    """How long the failed request took; set by whoever timed it."""
 
     def __init__(
         self,
@@ -49,11 +51,14 @@ class ProviderError(GatewayError):
         provider: str,
         status_code: int | None = None,
         code: str | None = None,
+        retry_after_seconds: float | None = None,
     ) -> None:
         super().__init__(message)
         self.provider = provider
         self.status_code = status_code
         self.code = code
+        self.retry_after_seconds = retry_after_seconds
+        """The provider's Retry-After (429, and 503 for FCM), honoured by the retry policy."""
 
 
 class TransientProviderError(ProviderError):
@@ -70,18 +75,6 @@ class ProviderUnavailable(TransientProviderError):
 
 class RateLimited(TransientProviderError):
     kind = "rate_limited"
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        provider: str,
-        status_code: int | None = 429,
-        code: str | None = None,
-        retry_after_seconds: float | None = None,
-    ) -> None:
-        super().__init__(message, provider=provider, status_code=status_code, code=code)
-        self.retry_after_seconds = retry_after_seconds
 
 
 class PermanentProviderError(ProviderError):

@@ -177,9 +177,7 @@ def decide(
     if not consents.personal_data(defaults):
         return Reject(RejectReason.NO_CONSENT, "the recipient withdrew personal-data consent")
     marketing = envelope.category.is_marketing
-    if marketing and rules.control_group.holds_out(
-        envelope.tenant, envelope.recipient_id, now=now
-    ):
+    if marketing and rules.control_group.holds_out(envelope.tenant, envelope.recipient_id, now=now):
         return Reject(RejectReason.HOLDOUT, "the recipient is in this period's control group")
     allowed = allowed_mask(consents, marketing=marketing, topic=envelope.topic, defaults=defaults)
     plan = envelope.channels

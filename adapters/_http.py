@@ -1,0 +1,98 @@
+"""Shared HTTP plumbing for adapters: one client factory, one place that maps errors.
+
+Foreign exceptions are translated once, here (httpx's ``map_httpcore_exceptions`` idea): the
+rest of the gateway only ever sees ``gateway.core.errors`` types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from email.utils import parsedate_to_datetime
+
+import httpx
+
+from gateway.core.errors import (
+    AuthRejected,
+    InvalidRequest,
+    ProviderError,
+    ProviderTimeout,
+    ProviderUnavailable,
+    RateLimited,
+)
+
+
+def make_client(*, timeout_seconds: float, max_connections: int = 64) -> httpx.AsyncClient:
+    """An httpx client for one provider account.
+
+    HTTP/1.1 only: httpx's HTTP/2 POST fails with StreamClosedError when a server answers before
+    reading the body (NOTES.md), and a small keep-alive pool is what gives throughput here.
+    """
+    return httpx.AsyncClient(
+        http2=False,
+        timeout=httpx.Timeout(timeout_seconds),
+        limits=httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        ),
+        headers={"User-Agent": "cascadegw/0.1"},
+    )
+
+
+@contextmanager
+def map_httpx_errors(provider: str) -> Iterator[None]:
+    """Turn httpx transport exceptions into transient provider errors."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise ProviderTimeout(
+            f"{provider}: timed out ({type(exc).__name__})", provider=provider
+        ) from exc
+    except httpx.TransportError as exc:
+        raise ProviderUnavailable(f"{provider}: {type(exc).__name__}", provider=provider) from exc
+
+
+def retry_after_seconds(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """Parse ``Retry-After`` (delta-seconds or an HTTP date; RFC 9110 section 10.2.3)."""
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if now is None:
+        return None
+    return max(0.0, moment.timestamp() - now)
+
+
+def error_for_status(
+    provider: str, response: httpx.Response, *, code: str | None = None, detail: str = ""
+) -> ProviderError:
+    """The generic mapping of an unsuccessful HTTP status; adapters refine it with body codes."""
+    status = response.status_code
+    message = f"{provider}: HTTP {status}" + (f" ({detail})" if detail else "")
+    retry_after = retry_after_seconds(response.headers)
+    if status == 429:
+        return RateLimited(
+            message,
+            provider=provider,
+            status_code=status,
+            code=code,
+            retry_after_seconds=retry_after,
+        )
+    if status >= 500 or status == 408:
+        return ProviderUnavailable(
+            message,
+            provider=provider,
+            status_code=status,
+            code=code,
+            retry_after_seconds=retry_after,
+        )
+    if status in (401, 403):
+        return AuthRejected(message, provider=provider, status_code=status, code=code)
+    return InvalidRequest(message, provider=provider, status_code=status, code=code)

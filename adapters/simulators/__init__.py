@@ -1,0 +1,1 @@
+"""Provider simulators: real HTTP servers speaking each provider's API, with signed receipts."""

@@ -1,0 +1,280 @@
+"""What every provider simulator shares: fates, failure injection, recording, signed receipts.
+
+A simulator is a real HTTP server (Starlette on hypercorn's trio worker) that accepts exactly its
+provider's API, then, like the provider, calls the gateway's webhook URL later with receipts
+signed the provider's way. Each subclass supplies the routes and the receipt bodies; this module
+decides what happens to a message and when.
+
+What happens to a message (its *fate*) is decided per address, so tests are deterministic:
+a tag in the address forces a fate, and untagged addresses draw from the configured
+probabilities (``[simulator]`` in the config) with a seeded RNG.
+
+| tag in the address (case-insensitive) | fate |
+|---|---|
+| ``read`` (email ``x+read@``, token ``tok-read-1``, viber ``vb-read-1``) | delivered, then read |
+| ``click`` | delivered, read, then the tracked link is clicked |
+| ``ignore`` | delivered, never read |
+| ``bounce`` | accepted, then a bounce / undelivered / failed receipt |
+| ``unsub`` | delivered, then the recipient unsubscribes with the provider |
+| ``invalid`` | the API rejects the request as a permanent error (bad token, bad number) |
+| ``fail`` | the API answers 5xx (transient) every time |
+| ``throttle`` | the API answers 429 with ``Retry-After: 1`` the first time, then accepts |
+
+Phones carry no letters, so a phone's last four digits select the same fates:
+``...0001`` read (clicked link), ``...0002`` ignore, ``...0003`` bounce (undelivered),
+``...0004`` invalid, ``...0005`` fail, ``...0006`` throttle. Others are delivered.
+
+Tests can also queue exact answers: ``script.append(Scripted(status=503, ...))`` makes the next
+API request get that answer, whatever the address.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import httpx
+import hypercorn.config
+import hypercorn.trio
+import msgspec
+import trio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from gateway.config import SimulatorConfig
+from gateway.core.timers import Deadlines
+
+
+class Fate(enum.Enum):
+    READ = "read"
+    CLICK = "click"
+    IGNORE = "ignore"
+    BOUNCE = "bounce"
+    UNSUBSCRIBE = "unsub"
+    INVALID = "invalid"
+    FAIL = "fail"
+    THROTTLE = "throttle"
+    DELIVER = "deliver"  # delivered; read/click drawn from probabilities
+
+
+_TAGS = (
+    Fate.READ,
+    Fate.CLICK,
+    Fate.IGNORE,
+    Fate.BOUNCE,
+    Fate.UNSUBSCRIBE,
+    Fate.INVALID,
+    Fate.FAIL,
+    Fate.THROTTLE,
+)
+_PHONE_SUFFIXES = {
+    "0001": Fate.CLICK,
+    "0002": Fate.IGNORE,
+    "0003": Fate.BOUNCE,
+    "0004": Fate.INVALID,
+    "0005": Fate.FAIL,
+    "0006": Fate.THROTTLE,
+}
+
+
+class Scripted(msgspec.Struct):
+    """An exact answer for the next API request."""
+
+    status: int
+    body: dict[str, Any] = {}
+    headers: dict[str, str] = {}
+
+
+class Recorded(msgspec.Struct):
+    """An API request as the simulator received it (for assertions, and ``GET /_sim/requests``)."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+
+class Simulator:
+    """Base of the four simulators. Subclasses set ``kind`` and implement ``routes``."""
+
+    kind = ""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        behaviour: SimulatorConfig,
+        webhook_url: str = "",
+        seed: int | None = None,
+    ) -> None:
+        self.name = name
+        self.behaviour = behaviour
+        self.webhook_url = webhook_url
+        self.random = random.Random(seed if seed is not None else behaviour.seed)
+        self.requests: list[Recorded] = []
+        self.script: deque[Scripted] = deque()
+        self.webhook_statuses: list[int] = []
+        """HTTP status of every receipt the gateway answered (200 expected)."""
+        self._throttled: set[str] = set()
+        self._due: Deadlines[int] = Deadlines()
+        self._receipts: dict[int, Callable[[], Awaitable[None]]] = {}
+        self._receipt_ids = 0
+        self._wake = trio.Event()
+        self.url = ""
+        self._client: httpx.AsyncClient | None = None
+
+    # ------------------------------------------------------------ subclass API
+    def routes(self) -> list[BaseRoute]:
+        raise NotImplementedError
+
+    def credentials(self) -> dict[str, object]:
+        """ProviderConfig fields the gateway needs to talk to this simulator (keys, secrets)."""
+        return {}
+
+    # ------------------------------------------------------------ fates
+    def fate(self, address: str) -> Fate:
+        lowered = address.lower()
+        if lowered.startswith("+") and lowered[1:].isdigit():
+            return _PHONE_SUFFIXES.get(lowered[-4:], Fate.DELIVER)
+        for fate in _TAGS:
+            if fate.value in lowered:
+                return fate
+        return Fate.DELIVER
+
+    def api_failure(self, address: str) -> Scripted | None:
+        """The failure the API should answer for this request, if any (before success)."""
+        if self.script:
+            return self.script.popleft()
+        fate = self.fate(address)
+        if fate is Fate.FAIL:
+            return Scripted(status=503)
+        if fate is Fate.THROTTLE and address not in self._throttled:
+            self._throttled.add(address)
+            return Scripted(status=429, headers={"Retry-After": "1"})
+        roll = self.random.random()
+        if roll < self.behaviour.error_rate:
+            return Scripted(status=503)
+        if roll < self.behaviour.error_rate + self.behaviour.rate_limit_rate:
+            return Scripted(status=429, headers={"Retry-After": "1"})
+        return None
+
+    def engagement(self, address: str) -> tuple[bool, bool, bool, bool, bool]:
+        """(delivered, read, clicked, bounced, unsubscribed) for an accepted message."""
+        fate = self.fate(address)
+        b = self.behaviour
+        r = self.random.random
+        match fate:
+            case Fate.READ:
+                return True, True, False, False, False
+            case Fate.CLICK:
+                return True, True, True, False, False
+            case Fate.IGNORE:
+                return True, False, False, False, False
+            case Fate.BOUNCE:
+                return False, False, False, True, False
+            case Fate.UNSUBSCRIBE:
+                return True, False, False, False, True
+            case _:
+                if r() < b.bounce_probability:
+                    return False, False, False, True, False
+                delivered = r() < b.deliver_probability
+                read = delivered and r() < b.read_probability
+                clicked = read and r() < b.click_probability
+                unsubscribed = delivered and not read and r() < b.unsubscribe_probability
+                return delivered, read, clicked, False, unsubscribed
+
+    async def delay(self) -> None:
+        """The configured API latency."""
+        if self.behaviour.latency_seconds:
+            await trio.sleep(self.behaviour.latency_seconds)
+
+    # ------------------------------------------------------------ recording
+    async def record(self, request: Request) -> bytes:
+        body = await request.body()
+        self.requests.append(
+            Recorded(
+                request.method, request.url.path, dict(request.headers), body, trio.current_time()
+            )
+        )
+        return body
+
+    # ------------------------------------------------------------ receipts
+    def later(self, delay_seconds: float, send: Callable[[], Awaitable[None]]) -> None:
+        """Run ``send`` (which posts a receipt) after ``delay_seconds``."""
+        self._receipt_ids += 1
+        self._receipts[self._receipt_ids] = send
+        self._due.schedule(self._receipt_ids, trio.current_time() + delay_seconds)
+        self._wake.set()
+
+    def jitter(self, base_seconds: float) -> float:
+        return base_seconds * (0.5 + self.random.random())
+
+    async def post_webhook(self, url: str, *, content: bytes, headers: Mapping[str, str]) -> int:
+        client = self._client
+        assert client is not None, "the simulator is not serving"
+        try:
+            response = await client.post(url, content=content, headers=dict(headers))
+        except httpx.HTTPError:
+            self.webhook_statuses.append(0)
+            return 0
+        self.webhook_statuses.append(response.status_code)
+        return response.status_code
+
+    async def _deliver_receipts(self, nursery: trio.Nursery) -> None:
+        while True:
+            for receipt_id, _ in self._due.pop_due(trio.current_time()):
+                nursery.start_soon(self._receipts.pop(receipt_id))
+            deadline = self._due.next_deadline()
+            self._wake = trio.Event()
+            with trio.move_on_at(deadline if deadline is not None else float("inf")):
+                await self._wake.wait()
+
+    # ------------------------------------------------------------ serving
+    def app(self) -> Starlette:
+        async def recorded(_: Request) -> Response:
+            return JSONResponse(
+                [
+                    {
+                        "method": r.method,
+                        "path": r.path,
+                        "headers": r.headers,
+                        "body": r.body.decode(errors="replace"),
+                    }
+                    for r in self.requests
+                ]
+            )
+
+        async def script(request: Request) -> Response:
+            self.script.append(msgspec.convert(await request.json(), Scripted))
+            return JSONResponse({"queued": len(self.script)})
+
+        return Starlette(
+            routes=[
+                *self.routes(),
+                Route("/_sim/requests", recorded, methods=["GET"]),
+                Route("/_sim/script", script, methods=["POST"]),
+            ]
+        )
+
+    async def serve(
+        self,
+        bind: str = "127.0.0.1:0",
+        *,
+        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        config = hypercorn.config.Config()
+        config.bind = [bind]
+        config.accesslog = None
+        config.errorlog = None
+        async with httpx.AsyncClient(timeout=10.0) as client, trio.open_nursery() as nursery:
+            self._client = client
+            nursery.start_soon(self._deliver_receipts, nursery)
+            binds = await nursery.start(hypercorn.trio.serve, self.app(), config)
+            self.url = binds[0]
+            task_status.started(self.url)

@@ -1,0 +1,1 @@
+"""The gateway's HTTP surface (Starlette on hypercorn's trio worker)."""

@@ -1,0 +1,1 @@
+"""The trio edge: ZeroMQ ingest, the journal committer, timers, dispatch, status publishing."""

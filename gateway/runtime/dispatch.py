@@ -1,0 +1,401 @@
+"""Dispatch: per-provider lanes, token buckets, concurrency limits, retries and failover.
+
+Each provider account has a ``LaneQueue`` (critical > normal > bulk), a GCRA rate limiter and a
+concurrency limit, drained by one task. Right before a request goes out the router's ``claim``
+re-checks the step (still wanted? consent, quiet hours, caps at the real send time). Transient
+errors are retried with backoff and jitter, honouring Retry-After, then failed over to the
+channel's next provider (``gateway.core.retry``); only when every provider gave up does the
+cascade hear ``SendFailed`` and move on.
+
+The request itself is made by an ``Executor``: in-process adapters by default, or worker
+processes over ipc sockets (``gateway.runtime.workers``) with ``--workers N``. The queues,
+limits and retries stay here in the router either way, so priority and rate limits are global.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from typing import Protocol
+
+import msgspec
+import structlog
+import trio
+
+from adapters import Adapter, Outgoing, SendReceipt
+from gateway.config import GatewayConfig
+from gateway.core.errors import ProviderError, ProviderUnavailable
+from gateway.core.model import Channel, Lane
+from gateway.core.ratelimit import LaneQueue, RateLimiter
+from gateway.core.retry import GiveUp, Retry, after_failure
+from gateway.core.timers import Deadlines
+from gateway.protocol import (
+    Content,
+    EmailContent,
+    PushContent,
+    SendRequest,
+    SmsContent,
+    ViberContent,
+)
+from gateway.runtime.clock import Clock, perf_seconds
+from gateway.runtime.metrics import Metrics
+from gateway.store.base import Journal, MessageRecord
+from gateway.tracking import LinkSigner
+
+log = structlog.get_logger("gateway.dispatch")
+
+_request_decoder = msgspec.msgpack.Decoder(SendRequest)
+
+
+class Job(msgspec.Struct, gc=False):
+    """One cascade step waiting for (or on its way to) a provider."""
+
+    key: str
+    tenant: str
+    channel: Channel
+    step: int
+    lane: Lane
+    enqueued_at: float
+    request: bytes | None = None
+    """The journalled send request, when at hand (first steps); loaded otherwise."""
+    provider_index: int = 0
+    attempt: int = 1
+
+
+class Executor(Protocol):
+    async def send(self, provider: str, outgoing: Outgoing) -> tuple[SendReceipt, float]:
+        """Make the request; returns the receipt and the request's duration in seconds."""
+        ...
+
+
+class InProcessExecutor:
+    def __init__(self, adapters: Mapping[str, Adapter]) -> None:
+        self.adapters = adapters
+
+    async def send(self, provider: str, outgoing: Outgoing) -> tuple[SendReceipt, float]:
+        started = perf_seconds()
+        try:
+            receipt = await self.adapters[provider].send(outgoing)
+        except ProviderError as exc:
+            exc.duration_seconds = perf_seconds() - started
+            raise
+        return receipt, perf_seconds() - started
+
+
+class ClaimingRouter(Protocol):
+    """The part of the router the dispatcher talks to."""
+
+    def claim(self, job: Job, now: float) -> MessageRecord | None: ...
+
+    def send_succeeded(self, job: Job, *, provider: str, price: float, now: float) -> None: ...
+
+    def send_failed(self, job: Job, *, permanent: bool, detail: str, now: float) -> None: ...
+
+    def send_retrying(self, job: Job, *, detail: str, now: float) -> None: ...
+
+
+class _ProviderQueue:
+    __slots__ = ("channel", "concurrency", "inflight", "limiter", "name", "price", "queue", "wake")
+
+    def __init__(
+        self,
+        name: str,
+        channel: Channel,
+        *,
+        rate: float,
+        burst: int,
+        concurrency: int,
+        price: float,
+    ) -> None:
+        self.name = name
+        self.channel = channel
+        self.limiter = RateLimiter(rate, burst)
+        self.queue: LaneQueue[Job] = LaneQueue()
+        self.concurrency = concurrency
+        self.inflight = 0
+        self.price = price
+        self.wake = trio.Event()
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        *,
+        config: GatewayConfig,
+        router: ClaimingRouter,
+        executor: Executor,
+        journal: Journal,
+        clock: Clock,
+        metrics: Metrics,
+        links: LinkSigner,
+        seed: int | None = None,
+    ) -> None:
+        self.config = config
+        self.router = router
+        self.executor = executor
+        self.journal = journal
+        self.clock = clock
+        self.metrics = metrics
+        self.links = links
+        self._random = random.Random(seed)
+        self._queues = {
+            name: _ProviderQueue(
+                name,
+                provider.channel,
+                rate=provider.rate_per_second,
+                burst=provider.burst,
+                concurrency=provider.concurrency,
+                price=provider.price,
+            )
+            for name, provider in config.providers.items()
+        }
+        self._providers = {tenant: dict(t.providers) for tenant, t in config.tenants.items()}
+        self._idle = trio.Event()
+        self._retry_due: Deadlines[int] = Deadlines()
+        self._retry_jobs: dict[int, Job] = {}
+        self._retry_ids = 0
+        self._retry_wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self.delivered_jobs = 0
+
+    # ------------------------------------------------------------ queueing
+    def submit(self, job: Job) -> None:
+        names = self._providers[job.tenant][job.channel]
+        queue = self._queues[names[job.provider_index]]
+        queue.queue.push(job.lane, job)
+        queue.wake.set()
+
+    def depth(self, lane: Lane) -> int:
+        return sum(q.queue.depth(lane) for q in self._queues.values()) + sum(
+            1 for job in self._retry_jobs.values() if job.lane is lane
+        )
+
+    def inflight(self) -> int:
+        return sum(q.inflight for q in self._queues.values())
+
+    async def wait_idle(self) -> None:
+        """Return once no provider request is in flight."""
+        while self.inflight():
+            self._idle = trio.Event()
+            await self._idle.wait()
+
+    # ------------------------------------------------------------ serving
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for queue in self._queues.values():
+                nursery.start_soon(self._drain, queue, nursery)
+            nursery.start_soon(self._serve_retries)
+            task_status.started()
+
+    async def _drain(self, queue: _ProviderQueue, nursery: trio.Nursery) -> None:
+        clock = self.clock
+        while True:
+            if not len(queue.queue) or queue.inflight >= queue.concurrency:
+                queue.wake = trio.Event()
+                await queue.wake.wait()
+                continue
+            now = clock.now()
+            wait = queue.limiter.wait_seconds(now)
+            if wait > 0:
+                await trio.sleep(wait)
+                continue
+            popped = queue.queue.pop()
+            assert popped is not None
+            _, job = popped
+            record = self.router.claim(job, now)
+            if record is None:
+                await trio.lowlevel.checkpoint()
+                continue
+            queue.limiter.try_acquire(now)
+            queue.inflight += 1
+            nursery.start_soon(self._execute, queue, job, record)
+            await trio.lowlevel.checkpoint()
+
+    async def _execute(self, queue: _ProviderQueue, job: Job, record: MessageRecord) -> None:
+        try:
+            await self._attempt(queue, job, record)
+        finally:
+            queue.inflight -= 1
+            queue.wake.set()
+            self._idle.set()
+
+    async def _attempt(self, queue: _ProviderQueue, job: Job, record: MessageRecord) -> None:
+        request = job.request
+        if request is None:
+            request = (await self.journal.requests([job.key])).get(job.key)
+            if request is None:
+                log.error("dispatch_request_missing", message=job.key)
+                self.router.send_failed(
+                    job, permanent=True, detail="request_missing", now=self.clock.now()
+                )
+                return
+        outgoing = self.prepare(job, record, request, provider=queue.name)
+        metrics = self.metrics
+        try:
+            receipt, duration = await self.executor.send(queue.name, outgoing)
+        except ProviderError as exc:
+            self._failed(queue, job, request, exc)
+            return
+        except (
+            Exception
+        ) as exc:  # an adapter bug must not kill the dispatcher: retry it as transient
+            log.exception("provider_adapter_crashed", provider=queue.name)
+            self._failed(
+                queue,
+                job,
+                request,
+                ProviderUnavailable(f"adapter error: {type(exc).__name__}", provider=queue.name),
+            )
+            return
+        del receipt
+        metrics.provider_duration.labels(queue.name, queue.channel.value).observe(duration)
+        self.delivered_jobs += 1
+        self.router.send_succeeded(
+            job, provider=queue.name, price=queue.price, now=self.clock.now()
+        )
+
+    def _failed(self, queue: _ProviderQueue, job: Job, request: bytes, exc: ProviderError) -> None:
+        metrics = self.metrics
+        now = self.clock.now()
+        duration = exc.duration_seconds
+        if duration is not None:
+            metrics.provider_duration.labels(queue.name, queue.channel.value).observe(duration)
+        result = "permanent_error" if exc.permanent else "transient_error"
+        metrics.sends.labels(queue.channel.value, queue.name, result).inc()
+        metrics.provider_errors.labels(queue.name, exc.kind).inc()
+        log.warning(
+            "provider_request_failed",
+            provider=queue.name,
+            channel=queue.channel.value,
+            kind=exc.kind,
+            status_code=exc.status_code,
+            code=exc.code,
+            attempt=job.attempt,
+        )
+        names = self._providers[job.tenant][job.channel]
+        decision = after_failure(
+            self.config.dispatch.retry,
+            permanent=exc.permanent,
+            attempt=job.attempt,
+            provider_index=job.provider_index,
+            provider_count=len(names),
+            retry_after_seconds=exc.retry_after_seconds,
+            random_unit=self._random.random(),
+        )
+        match decision:
+            case Retry(delay_seconds=delay, provider_index=index, attempt=attempt):
+                failover = index != job.provider_index
+                metrics.retries.labels(job.channel.value, "failover" if failover else "retry").inc()
+                target = names[index]
+                self.router.send_retrying(
+                    job,
+                    detail=f"{exc.kind}: {'failover to ' + target if failover else 'retry'} in {delay:.1f}s",
+                    now=now,
+                )
+                retry = msgspec.structs.replace(
+                    job, provider_index=index, attempt=attempt, request=request
+                )
+                if delay <= 0:
+                    self.submit(retry)
+                else:
+                    self._schedule_retry(retry, now + delay)
+            case GiveUp(permanent=permanent):
+                self.router.send_failed(job, permanent=permanent, detail=exc.kind, now=now)
+
+    # ------------------------------------------------------------ retries
+    def _schedule_retry(self, job: Job, at: float) -> None:
+        self._retry_ids += 1
+        self._retry_jobs[self._retry_ids] = job
+        self._retry_due.schedule(self._retry_ids, at)
+        self._retry_wake.set()
+
+    async def _serve_retries(self) -> None:
+        clock = self.clock
+        while True:
+            now = clock.now()
+            for retry_id, _ in self._retry_due.pop_due(now):
+                self.submit(self._retry_jobs.pop(retry_id))
+            deadline = self._retry_due.next_deadline()
+            self._retry_wake = trio.Event()
+            with trio.move_on_at(
+                clock.trio_deadline(deadline) if deadline is not None else float("inf")
+            ):
+                await self._retry_wake.wait()
+
+    # ------------------------------------------------------------ building the request
+    def prepare(
+        self, job: Job, record: MessageRecord, request_bytes: bytes, *, provider: str
+    ) -> Outgoing:
+        """Turn the journalled request into one provider request for ``job.channel``."""
+        request = _request_decoder.decode(request_bytes)
+        tenant = self.config.tenants[job.tenant]
+        channel = job.channel
+        links = self.links
+        key = job.key
+        content = request.content
+        link_url = (
+            links.click_url(key, channel, content.link_url)
+            if content.link_url is not None
+            else None
+        )
+        unsubscribe_url = (
+            links.unsubscribe_url(key, channel) if request.category.is_marketing else None
+        )
+        return Outgoing(
+            message_key=key,
+            tenant=job.tenant,
+            channel=channel,
+            category=request.category,
+            address=_address(request, channel),
+            content=_with_link(content, channel, link_url),
+            brand=tenant.brand,
+            sender=tenant.sender,
+            status_callback_url=links.webhook_url(provider, key),
+            link_url=link_url,
+            unsubscribe_url=unsubscribe_url,
+            open_pixel_url=links.open_pixel_url(key, channel) if channel is Channel.EMAIL else None,
+            campaign=request.campaign,
+        )
+
+
+def _address(request: SendRequest, channel: Channel) -> str:
+    recipient = request.recipient
+    match channel:
+        case Channel.PUSH:
+            return recipient.push_tokens[0]
+        case Channel.EMAIL:
+            assert recipient.email is not None
+            return recipient.email
+        case Channel.VIBER:
+            assert recipient.viber_id is not None
+            return recipient.viber_id
+        case Channel.SMS:
+            assert recipient.phone is not None
+            return recipient.phone
+
+
+ChannelContent = PushContent | EmailContent | ViberContent | SmsContent
+
+
+def _with_link(content: Content, channel: Channel, link_url: str | None) -> ChannelContent:
+    """The channel's content with ``{link}`` replaced by the tracked click URL."""
+    item: ChannelContent | None
+    match channel:
+        case Channel.PUSH:
+            item = content.push
+        case Channel.EMAIL:
+            item = content.email
+        case Channel.VIBER:
+            item = content.viber
+        case Channel.SMS:
+            item = content.sms
+    assert item is not None, f"no {channel} content"  # plans only hold channels with content
+    if link_url is None:
+        return item
+    changes: dict[str, str] = {}
+    for field in item.__struct_fields__:
+        value = getattr(item, field)
+        if isinstance(value, str) and "{link}" in value:
+            changes[field] = value.replace("{link}", link_url)
+    return msgspec.structs.replace(item, **changes) if changes else item

@@ -1,0 +1,811 @@
+"""The router: turns requests, timers, send results and receipts into cascade transitions.
+
+Every handler here is synchronous up to the point where it stages its writes into the
+committer's current batch; nothing it changes is visible to a client or a provider before that
+batch is durable (replies, dispatches and status publications are after-commit actions). Trio
+is cooperative, so a handler that does not await runs atomically with respect to every other
+task: no locks.
+
+The loop in the middle is the one from STYLE.md: feed an event to ``Cascade.handle``, run the
+commands it returns (``Send`` -> dispatch queue, ``StartTimer``/``CancelTimer`` -> timer heaps,
+``Finish`` -> final status event), and feed the policy's verdict at send time back as events.
+"""
+
+from __future__ import annotations
+
+import zoneinfo
+from collections.abc import Callable
+from datetime import tzinfo
+from typing import TYPE_CHECKING, Final
+
+import structlog
+
+from gateway.config import GatewayConfig, TenantConfig
+from gateway.core.caps import SendEntry
+from gateway.core.cascade import (
+    Cancelled,
+    CancelTimer,
+    Cascade,
+    CascadeEvent,
+    Clicked,
+    ConsentChanged,
+    Converted,
+    Delivered,
+    Dropped,
+    Expired,
+    Finish,
+    Read,
+    Send,
+    SendFailed,
+    SendSucceeded,
+    StartTimer,
+    Status,
+    StepDeferred,
+    StepSkipped,
+    TimerFired,
+)
+from gateway.core.consent import ConsentAction, ConsentKind, ConsentRecord, allowed_mask
+from gateway.core.model import (
+    Channel,
+    Envelope,
+    Lane,
+    MessageKey,
+    Outcome,
+    RejectReason,
+    TimerKind,
+    message_key,
+    recipient_key,
+    split_key,
+)
+from gateway.core.policy import Defer, Go, Hold, PolicyRules, Reject, Skip, Stop, decide, gate
+from gateway.protocol import (
+    FINAL_KIND,
+    CancelRequest,
+    ConsentRequest,
+    EventKind,
+    EventRequest,
+    Frame,
+    MessageState,
+    Result,
+    ResultStatus,
+    SendRequest,
+    StatusEvent,
+    StatusKind,
+    StatusRequest,
+    epoch,
+    rejected,
+    utc,
+)
+from gateway.runtime.clock import Clock
+from gateway.runtime.committer import Committer
+from gateway.runtime.metrics import Metrics
+from gateway.store.base import Journal, MessageRecord
+from gateway.store.state import State
+
+if TYPE_CHECKING:
+    from gateway.runtime.dispatch import Job
+
+log = structlog.get_logger("gateway.router")
+
+_OK: Final = Result(ResultStatus.OK)
+_STATE_NAMES: Final = {
+    Status.DEFERRED: "deferred",
+    Status.SENDING: "sending",
+    Status.AWAITING: "awaiting",
+    Status.FINISHED: "finished",
+}
+_RECEIPT_EVENTS: Final[dict[StatusKind, type[Delivered] | type[Read] | type[Clicked]]] = {
+    StatusKind.DELIVERED: Delivered,
+    StatusKind.READ: Read,
+    StatusKind.CLICKED: Clicked,
+}
+
+
+class Receipt:
+    """A fact about a sent message from outside: a provider webhook, the app, the CRM."""
+
+    __slots__ = ("at", "channel", "detail", "key", "kind", "provider")
+
+    def __init__(
+        self,
+        key: str,
+        kind: StatusKind,
+        *,
+        channel: Channel | None,
+        at: float,
+        provider: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        self.key = key
+        self.kind = kind
+        self.channel = channel
+        self.at = at
+        self.provider = provider
+        self.detail = detail
+
+
+class Router:
+    def __init__(
+        self,
+        *,
+        config: GatewayConfig,
+        state: State,
+        journal: Journal,
+        committer: Committer,
+        metrics: Metrics,
+        clock: Clock,
+        publish: Callable[[StatusEvent], None],
+    ) -> None:
+        self.config = config
+        self.state = state
+        self.journal = journal
+        self.committer = committer
+        self.metrics = metrics
+        self.clock = clock
+        self.publish = publish
+        self.submit: Callable[[Job], None] = _no_dispatcher
+        self.queue_depth: Callable[[Lane], int] = lambda lane: 0
+        self.timers_changed: Callable[[float], None] = lambda deadline: None
+        self._rules: dict[str, PolicyRules] = {t: config.policy_rules(t) for t in config.tenants}
+        self._tenant_cascade: dict[str, tuple[Channel, ...]] = {
+            name: tuple(c for c in t.cascade if t.providers.get(c))
+            for name, t in config.tenants.items()
+        }
+        self._timeouts = config.step_timeouts()
+        self._zones: dict[str, tzinfo] = {}
+        self._plans: dict[tuple[Channel, ...], tuple[Channel, ...]] = {}
+        self._lane_limits = {lane: config.dispatch.max_queued.limit(lane) for lane in Lane}
+        self._sms_price = {
+            name: _first_price(config, t, Channel.SMS) for name, t in config.tenants.items()
+        }
+        self._request_counters = {
+            (op, status): metrics.requests.labels(op, status.value)
+            for op in ("send", "cancel", "event", "consent", "status", "invalid")
+            for status in ResultStatus
+        }
+
+    # ================================================================ requests
+    async def handle_frame(self, frame: Frame) -> list[Result]:
+        """Answer every request of a frame, in order. Writes are staged, not yet durable."""
+        now = self.clock.now()
+        self.metrics.frames.inc()
+        results: list[Result] = []
+        counters = self._request_counters
+        for item, raw in zip(frame.items, frame.raws or [b""] * len(frame.items), strict=True):
+            match item:
+                case Result():
+                    result, op = item, "invalid"
+                case SendRequest():
+                    result, op = self._send(item, raw, now), "send"
+                case CancelRequest():
+                    result, op = self._cancel(item, now), "cancel"
+                case EventRequest():
+                    result, op = self._event(item, now), "event"
+                case ConsentRequest():
+                    result, op = self._consent(item, now), "consent"
+                case StatusRequest():
+                    result, op = await self._status(item), "status"
+            counters[op, result.status].inc()
+            results.append(result)
+        return results
+
+    def overloaded(self, lane: Lane) -> str | None:
+        """Why a new send in ``lane`` must be refused now, or None."""
+        pending = self.committer.pending_rows
+        if pending >= self.config.store.max_pending_rows:
+            return f"the journal is {pending} rows behind; retry later"
+        depth = self.queue_depth(lane)
+        if depth >= self._lane_limits[lane]:
+            return f"the {lane} dispatch queue holds {depth} sends; retry later"
+        return None
+
+    def _send(self, request: SendRequest, raw: bytes, now: float) -> Result:
+        tenant = self.config.tenants.get(request.tenant)
+        if tenant is None:
+            return rejected(
+                RejectReason.UNKNOWN_TENANT,
+                f"tenant {request.tenant!r} is not configured",
+                request.id,
+            )
+        key = message_key(request.tenant, request.id)
+        state = self.state
+        if key in state.records or key in state.finished:
+            self.metrics.admissions.labels("duplicate", "none").inc()
+            return Result(ResultStatus.DUPLICATE, id=request.id, message=self._brief(key))
+        lane = request.priority
+        overload = self.overloaded(lane)
+        if overload is not None:
+            self.metrics.admissions.labels("rejected", "overloaded").inc()
+            return rejected(RejectReason.OVERLOADED, overload, request.id)
+
+        recipient = request.recipient
+        content = request.content
+        order = request.channels or self._tenant_cascade[request.tenant]
+        providers = tenant.providers
+        plan = self._intern(
+            tuple(
+                channel
+                for channel in order
+                if channel in providers and recipient.has_address(channel) and content.has(channel)
+            )
+        )
+        envelope = Envelope(
+            tenant=request.tenant,
+            recipient_id=recipient.id,
+            category=request.category,
+            topic=request.effective_topic,
+            lane=lane,
+            channels=plan,
+            send_at=epoch(request.send_at),
+            expires_at=epoch(request.expires_at),
+        )
+        rkey = recipient_key(request.tenant, recipient.id)
+        decision = decide(
+            envelope,
+            state.recipient(rkey),
+            self._rules[request.tenant],
+            message=key,
+            now=now,
+            tz=self._zone(recipient.tz),
+        )
+        if isinstance(decision, Reject):
+            self.metrics.admissions.labels("rejected", decision.reason.value).inc()
+            return rejected(decision.reason, decision.detail, request.id)
+
+        overrides = request.step_timeout_seconds
+        timeouts = tuple(overrides.get(c) or self._timeouts[c] for c in plan)
+        defer_until = decision.until if isinstance(decision, Defer) else None
+        cascade, commands = Cascade.start(
+            plan=plan,
+            timeouts=timeouts,
+            allowed=decision.allowed,
+            now=now,
+            expires_at=envelope.expires_at,
+            defer_until=defer_until,
+        )
+        record = MessageRecord(
+            key, envelope, recipient.tz, cascade, now, request.campaign, request.variant
+        )
+        state.add(record)
+        batch = self.committer.current
+        batch.inserts[key] = raw
+        batch.rows += 1
+        self._emit(record, StatusKind.ACCEPTED, now)
+        if defer_until is not None:
+            assert isinstance(decision, Defer)
+            state.deferred += 1
+            self.metrics.admissions.labels("deferred", decision.why.value).inc()
+            self._emit(record, StatusKind.DEFERRED, now, detail=decision.why.value)
+        else:
+            self.metrics.admissions.labels("admitted", "none").inc()
+            # the first send is imminent: count it against the caps now, so a burst of messages
+            # for one recipient in one frame cannot all pass a cap that none has filled yet
+            self._count_send(record, cascade.channel, now)
+        self._run(record, commands, now, request=raw)
+        return Result(
+            ResultStatus.ACCEPTED,
+            id=request.id,
+            channels=[c for c in plan if decision.allowed & c.bit],
+            deferred_until=None if defer_until is None else utc(defer_until),
+        )
+
+    def _cancel(self, request: CancelRequest, now: float) -> Result:
+        key = message_key(request.tenant, request.id)
+        record = self.state.records.get(key)
+        if record is None:
+            return self._not_active(key, request.id)
+        self._apply(record, Cancelled(), now, detail=request.reason)
+        return Result(ResultStatus.OK, id=request.id, message=self._brief(key))
+
+    def _event(self, request: EventRequest, now: float) -> Result:
+        key = message_key(request.tenant, request.id)
+        at = epoch(request.at) or now
+        record = self.state.records.get(key)
+        if record is None and key not in self.state.finished:
+            return rejected(RejectReason.NOT_FOUND, f"no message {request.id!r}", request.id)
+        kind = {
+            EventKind.OPENED: StatusKind.READ,
+            EventKind.CLICKED: StatusKind.CLICKED,
+            EventKind.CONVERTED: StatusKind.CONVERTED,
+        }[request.kind]
+        channel = request.channel
+        if channel is None and record is not None:
+            channel = record.cascade.channel
+        self.receipt(Receipt(key, kind, channel=channel, at=at, detail="crm"), now=now)
+        return Result(ResultStatus.OK, id=request.id, message=self._brief(key))
+
+    def _consent(self, request: ConsentRequest, now: float) -> Result:
+        if request.tenant not in self.config.tenants:
+            return rejected(
+                RejectReason.UNKNOWN_TENANT, f"tenant {request.tenant!r} is not configured"
+            )
+        record = ConsentRecord(
+            kind=request.kind,
+            action=request.action,
+            at=epoch(request.at) or now,
+            source=request.source,
+            channel=request.channel,
+            topic=request.topic,
+            reason=request.reason,
+        )
+        self.change_consent(request.tenant, request.recipient_id, record, now=now, source="api")
+        return _OK
+
+    async def _status(self, request: StatusRequest) -> Result:
+        key = message_key(request.tenant, request.id)
+        if not self.state.known(key):
+            return rejected(RejectReason.NOT_FOUND, f"no message {request.id!r}", request.id)
+        message = await self.message_state(key)
+        return Result(ResultStatus.OK, id=request.id, message=message)
+
+    async def message_state(self, key: str) -> MessageState | None:
+        """The message's state and whole timeline (reads the journal)."""
+        brief = self._brief(key)
+        if brief is None:
+            stored = await self.journal.message(MessageKey(key))
+            if stored is None:
+                return None
+            brief = _describe(stored.record)
+        timeline = await self.journal.timeline(MessageKey(key))
+        staged = [e for e in self.committer.staged_events() if f"{e.tenant}:{e.id}" == key]
+        return MessageState(
+            state=brief.state,
+            channel=brief.channel,
+            outcome=brief.outcome,
+            channels=brief.channels,
+            deferred_until=brief.deferred_until,
+            timeline=timeline + staged,
+        )
+
+    def _brief(self, key: str) -> MessageState | None:
+        record = self.state.records.get(key)
+        if record is not None:
+            return _describe(record)
+        outcome = self.state.finished.get(key)
+        if outcome is not None:
+            return MessageState(state="finished", outcome=outcome)
+        return None
+
+    def _not_active(self, key: str, message_id: str) -> Result:
+        brief = self._brief(key)
+        if brief is None:
+            return rejected(RejectReason.NOT_FOUND, f"no message {message_id!r}", message_id)
+        return Result(ResultStatus.OK, id=message_id, message=brief)
+
+    # ================================================================ consent
+    def change_consent(
+        self, tenant: str, recipient_id: str, record: ConsentRecord, *, now: float, source: str
+    ) -> None:
+        """Apply a consent record; active cascades of the recipient see it at once."""
+        rkey = recipient_key(tenant, recipient_id)
+        state = self.state
+        consents = state.apply_consent(rkey, record)
+        batch = self.committer.current
+        batch.consents.append((rkey, record))
+        batch.rows += 1
+        if record.action is ConsentAction.WITHDRAW and record.kind is ConsentKind.ADVERTISING:
+            channels = (record.channel,) if record.channel is not None else tuple(Channel)
+            for channel in channels:
+                self.metrics.unsubscribes.labels(channel.value, source).inc()
+        defaults = self._rules[tenant].consent_defaults
+        for active in state.active_for(rkey):
+            envelope = active.envelope
+            mask = allowed_mask(
+                consents,
+                marketing=envelope.category.is_marketing,
+                topic=envelope.topic,
+                defaults=defaults,
+            )
+            if mask != active.cascade.allowed:
+                self._apply(active, ConsentChanged(mask), now, detail=source)
+
+    # ================================================================ timers
+    def fire_timers(self, due: list[tuple[str, TimerKind]], now: float) -> None:
+        for key, kind in due:
+            record = self.state.records.get(key)
+            if record is None:
+                continue
+            if kind is TimerKind.STEP:
+                record.step_due = None
+                if record.cascade.status is Status.AWAITING:
+                    self.metrics.steps.labels(record.cascade.channel.value, "timed_out").inc()
+                    self._emit(record, StatusKind.STEP_TIMEOUT, now, channel=record.cascade.channel)
+            else:
+                record.expiry_due = None
+            self._apply(record, TimerFired(kind), now)
+
+    # ================================================================ dispatch
+    def claim(self, job: Job, now: float) -> MessageRecord | None:
+        """Called right before a provider request: is the step still wanted, and allowed now?
+
+        Runs the policy gate at the real send time (a bulk backlog may drain into quiet hours,
+        consent may have changed while the job queued). Returns the record when the request
+        may go; otherwise applies the verdict to the cascade and returns None.
+        """
+        record = self.state.records.get(job.key)
+        if record is None:
+            return None
+        cascade = record.cascade
+        if cascade.status is not Status.SENDING or cascade.step != job.step:
+            return None
+        envelope = record.envelope
+        rkey = recipient_key(envelope.tenant, envelope.recipient_id)
+        rules = self._rules[envelope.tenant]
+        recipient = self.state.recipient(rkey)
+        verdict = gate(
+            envelope,
+            recipient,
+            rules,
+            message=record.key,
+            channel=job.channel,
+            now=now,
+            tz=self._zone(record.tz),
+        )
+        gate_counter = self.metrics.gate_verdicts
+        match verdict:
+            case Go():
+                gate_counter.labels("go", "none").inc()
+                self._count_send(record, job.channel, now)
+                return record
+            case Hold(until=until, why=why):
+                gate_counter.labels("hold", why.value).inc()
+                self._emit(record, StatusKind.DEFERRED, now, channel=job.channel, detail=why.value)
+                self._apply(record, StepDeferred(until), now)
+            case Skip(reason=RejectReason.NO_CONSENT):
+                gate_counter.labels("skip", "no_consent").inc()
+                mask = allowed_mask(
+                    recipient.consents,
+                    marketing=envelope.category.is_marketing,
+                    topic=envelope.topic,
+                    defaults=rules.consent_defaults,
+                )
+                self._apply(record, ConsentChanged(mask), now)
+            case Skip(reason=reason):
+                gate_counter.labels("skip", reason.value).inc()
+                self.metrics.steps.labels(job.channel.value, "skipped").inc()
+                self._emit(
+                    record, StatusKind.SKIPPED, now, channel=job.channel, detail=reason.value
+                )
+                self._apply(record, StepSkipped(job.channel, reason.value), now)
+            case Stop(reason=reason):
+                gate_counter.labels("stop", reason.value).inc()
+                event: CascadeEvent
+                if reason is RejectReason.EXPIRED:
+                    event = Expired()
+                elif reason is RejectReason.NO_CONSENT:
+                    event = ConsentChanged(0)
+                else:
+                    event = Dropped(reason.value)
+                self._apply(record, event, now, detail=reason.value)
+        return None
+
+    def send_succeeded(self, job: Job, *, provider: str, price: float, now: float) -> None:
+        """The provider took the request."""
+        channel = job.channel
+        self.metrics.sends.labels(channel.value, provider, "ok").inc()
+        self.metrics.cost.labels(channel.value).inc(price)
+        self.metrics.steps.labels(channel.value, "sent").inc()
+        record = self.state.records.get(job.key)
+        if record is None:
+            # finished while the request was in flight (cancelled, withdrawn): it still went out
+            self._emit_key(job.key, StatusKind.SENT, now, channel=channel, provider=provider)
+            return
+        first = record.cascade.sent == 0
+        if first:
+            lane = record.envelope.lane.value
+            self.metrics.accept_to_send.labels(lane).observe(max(0.0, now - record.accepted_at))
+            self.metrics.sms_equivalent_cost.inc(self._sms_price.get(record.envelope.tenant, 0.0))
+        record.step_sent_at = now
+        record.provider = provider
+        self._emit(record, StatusKind.SENT, now, channel=channel, provider=provider)
+        self._apply(record, SendSucceeded(channel), now)
+
+    def send_failed(self, job: Job, *, permanent: bool, detail: str, now: float) -> None:
+        """Every retry and provider of the step is used up, or the error was permanent."""
+        self.metrics.steps.labels(job.channel.value, "failed").inc()
+        record = self.state.records.get(job.key)
+        if record is None:
+            return
+        self._emit(record, StatusKind.FAILED, now, channel=job.channel, detail=detail)
+        self._apply(record, SendFailed(job.channel, permanent), now)
+
+    def send_retrying(self, job: Job, *, detail: str, now: float) -> None:
+        record = self.state.records.get(job.key)
+        if record is not None:
+            self._emit(record, StatusKind.RETRYING, now, channel=job.channel, detail=detail)
+
+    # ================================================================ receipts
+    def receipt(self, receipt: Receipt, *, now: float) -> bool:
+        """Apply a delivery/engagement fact; returns False when the message is unknown."""
+        key = receipt.key
+        kind = receipt.kind
+        channel = receipt.channel
+        metrics = self.metrics
+        record = self.state.records.get(key)
+        if record is None:
+            if key not in self.state.finished:
+                return False
+            # the cascade is over, but the fact still counts (a purchase after the read)
+            if channel is not None:
+                metrics.receipts.labels(channel.value, kind.value).inc()
+            self._emit_key(
+                key,
+                kind,
+                receipt.at,
+                channel=channel,
+                provider=receipt.provider,
+                detail=receipt.detail,
+            )
+            return True
+        if channel is not None:
+            metrics.receipts.labels(channel.value, kind.value).inc()
+            sent_at = record.step_sent_at
+            if sent_at is not None and channel is record.cascade.channel:
+                if kind is StatusKind.DELIVERED:
+                    metrics.send_to_delivered.labels(channel.value).observe(
+                        max(0.0, receipt.at - sent_at)
+                    )
+                elif kind in (StatusKind.READ, StatusKind.CLICKED):
+                    metrics.send_to_read.labels(channel.value).observe(
+                        max(0.0, receipt.at - sent_at)
+                    )
+        event: CascadeEvent | None
+        if kind is StatusKind.CONVERTED:
+            event = Converted()
+        elif kind is StatusKind.FAILED:
+            event = None if channel is None else SendFailed(channel, permanent=True)
+        else:
+            factory = _RECEIPT_EVENTS.get(kind)
+            event = None if factory is None or channel is None else factory(channel)
+        before = record.cascade
+        if event is not None:
+            self._apply(record, event, now, emit_final=False)
+        after = record.cascade
+        # the fact event; when the fact is what finished the cascade it carries `final`
+        final = after.finished and not before.finished
+        outcome = after.outcome
+        if final and outcome is not None and FINAL_KIND[outcome] is not kind:
+            self._emit(
+                record,
+                kind,
+                receipt.at,
+                channel=channel,
+                provider=receipt.provider,
+                detail=receipt.detail,
+            )
+            self._emit_final(record, outcome, now)
+        else:
+            self._emit(
+                record,
+                kind,
+                receipt.at,
+                channel=channel,
+                provider=receipt.provider,
+                detail=receipt.detail,
+                final=final,
+            )
+        return True
+
+    # ================================================================ the cascade loop
+    def _apply(
+        self,
+        record: MessageRecord,
+        event: CascadeEvent,
+        now: float,
+        *,
+        detail: str | None = None,
+        emit_final: bool = True,
+    ) -> None:
+        before = record.cascade
+        cascade, commands = before.handle(event, now=now)
+        if cascade is before and not commands:
+            return
+        if (before.status is Status.DEFERRED) != (cascade.status is Status.DEFERRED):
+            self.state.deferred += 1 if cascade.status is Status.DEFERRED else -1
+        record.cascade = cascade
+        self._run(record, commands, now, detail=detail, emit_final=emit_final)
+
+    def _run(
+        self,
+        record: MessageRecord,
+        commands: list[Send | StartTimer | CancelTimer | Finish],
+        now: float,
+        *,
+        request: bytes | None = None,
+        detail: str | None = None,
+        emit_final: bool = True,
+    ) -> None:
+        key = record.key
+        state = self.state
+        for command in commands:
+            match command:
+                case Send(channel=channel, step=step):
+                    self._enqueue(record, channel, step, now, request)
+                case StartTimer(kind=kind, at=at):
+                    state.schedule(key, kind, at)
+                    if kind is TimerKind.STEP:
+                        record.step_due = at
+                    else:
+                        record.expiry_due = at
+                    self.timers_changed(at)
+                case CancelTimer(kind=kind):
+                    state.cancel(key, kind)
+                    if kind is TimerKind.STEP:
+                        record.step_due = None
+                    else:
+                        record.expiry_due = None
+                case Finish(outcome=outcome):
+                    self._finish(record, outcome, now, detail=detail, emit=emit_final)
+        self._dirty(record)
+
+    def _enqueue(
+        self, record: MessageRecord, channel: Channel, step: int, now: float, request: bytes | None
+    ) -> None:
+        from gateway.runtime.dispatch import Job
+
+        job = Job(
+            key=record.key,
+            tenant=record.envelope.tenant,
+            channel=channel,
+            step=step,
+            lane=record.envelope.lane,
+            enqueued_at=now,
+            request=request,
+        )
+        self.committer.current.after.append(lambda: self.submit(job))
+
+    def _finish(
+        self, record: MessageRecord, outcome: Outcome, now: float, *, detail: str | None, emit: bool
+    ) -> None:
+        cascade = record.cascade
+        self.state.finish(record, outcome, now=now)
+        final_channel = cascade.channel.value if cascade.sent else "none"
+        self.metrics.outcomes.labels(outcome.value, final_channel, str(cascade.depth)).inc()
+        if outcome in (Outcome.READ, Outcome.CLICKED):
+            self.metrics.steps.labels(cascade.channel.value, "read").inc()
+        elif outcome is Outcome.DELIVERED:
+            self.metrics.steps.labels(cascade.channel.value, "delivered").inc()
+        if emit:
+            self._emit_final(record, outcome, now, detail=detail)
+        log.info(
+            "dispatch_finished",
+            message=record.key,
+            outcome=outcome.value,
+            depth=cascade.depth,
+            channel=final_channel,
+            duration_seconds=round(now - record.accepted_at, 3),
+        )
+
+    def _emit_final(
+        self, record: MessageRecord, outcome: Outcome, now: float, *, detail: str | None = None
+    ) -> None:
+        channel = record.cascade.channel if record.cascade.sent else None
+        self._emit(record, FINAL_KIND[outcome], now, channel=channel, detail=detail, final=True)
+
+    def _count_send(self, record: MessageRecord, channel: Channel, now: float) -> None:
+        envelope = record.envelope
+        if not envelope.category.is_marketing or not self._rules[envelope.tenant].caps:
+            return
+        rkey = recipient_key(envelope.tenant, envelope.recipient_id)
+        history = self.state.histories.get(rkey)
+        if history is not None and any(
+            e.message == record.key and e.channel is channel for e in history.entries
+        ):
+            return
+        entry = SendEntry(now, record.key, envelope.category, channel)
+        self.state.record_send(rkey, entry)
+        batch = self.committer.current
+        batch.sends.append((rkey, entry))
+        batch.rows += 1
+
+    # ================================================================ status events
+    def _emit(
+        self,
+        record: MessageRecord,
+        kind: StatusKind,
+        at: float,
+        *,
+        channel: Channel | None = None,
+        provider: str | None = None,
+        detail: str | None = None,
+        final: bool = False,
+    ) -> None:
+        self._emit_key(
+            record.key, kind, at, channel=channel, provider=provider, detail=detail, final=final
+        )
+
+    def _emit_key(
+        self,
+        key: str,
+        kind: StatusKind,
+        at: float,
+        *,
+        channel: Channel | None = None,
+        provider: str | None = None,
+        detail: str | None = None,
+        final: bool = False,
+    ) -> None:
+        tenant, message_id = split_key(key)
+        event = StatusEvent(
+            tenant=tenant,
+            id=message_id,
+            kind=kind,
+            at=utc(at),
+            final=final,
+            channel=channel,
+            provider=provider,
+            detail=detail,
+        )
+        batch = self.committer.current
+        batch.events.append(event)
+        batch.rows += 1
+        publish = self.publish
+        batch.after.append(lambda: publish(event))
+
+    def _dirty(self, record: MessageRecord) -> None:
+        batch = self.committer.current
+        if record.key not in batch.dirty:
+            batch.dirty[record.key] = record
+            batch.rows += 1
+
+    # ================================================================ recovery
+    def restore(self, records: list[MessageRecord], *, now: float) -> list[MessageRecord]:
+        """Rebuild timers and indexes from recovered records; returns those caught mid-send.
+
+        A record in SENDING was queued or in flight when the process stopped: its step is sent
+        again (at-least-once), which is the only way a message can reach a person twice.
+        """
+        state = self.state
+        resend: list[MessageRecord] = []
+        for record in records:
+            state.add(record)
+            status = record.cascade.status
+            if record.step_due is not None:
+                state.schedule(record.key, TimerKind.STEP, record.step_due)
+            if record.expiry_due is not None:
+                state.schedule(record.key, TimerKind.EXPIRY, record.expiry_due)
+            if status is Status.DEFERRED:
+                state.deferred += 1
+            elif status is Status.SENDING:
+                resend.append(record)
+        for record in resend:
+            self._enqueue(record, record.cascade.channel, record.cascade.step, now, None)
+        return resend
+
+    # ================================================================ helpers
+    def _zone(self, name: str) -> tzinfo:
+        zone = self._zones.get(name)
+        if zone is None:
+            zone = self._zones[name] = zoneinfo.ZoneInfo(name)
+        return zone
+
+    def _intern(self, plan: tuple[Channel, ...]) -> tuple[Channel, ...]:
+        # a million waiting cascades share a handful of plan tuples
+        return self._plans.setdefault(plan, plan)
+
+    def tenant_of(self, key: str) -> TenantConfig:
+        return self.config.tenants[split_key(key)[0]]
+
+
+def _describe(record: MessageRecord) -> MessageState:
+    cascade = record.cascade
+    return MessageState(
+        state=_STATE_NAMES[cascade.status],
+        channel=None if cascade.finished else cascade.channel,
+        outcome=cascade.outcome,
+        channels=[c for c in cascade.plan if cascade.allowed & c.bit],
+        deferred_until=(
+            utc(record.step_due)
+            if cascade.status is Status.DEFERRED and record.step_due is not None
+            else None
+        ),
+    )
+
+
+def _first_price(config: GatewayConfig, tenant: TenantConfig, channel: Channel) -> float:
+    names = tenant.providers.get(channel, ())
+    return config.providers[names[0]].price if names else 0.0
+
+
+def _no_dispatcher(job: Job) -> None:
+    raise RuntimeError("no dispatcher is attached to the router")

@@ -1,0 +1,127 @@
+"""The store's contract: what the router persists and what it rebuilds from at start.
+
+The router keeps the live state in memory (``gateway.store.state.State``) and writes every
+change through a ``Journal`` in group commits: one transaction per batch of frames, timers and
+receipts, never one per message. A journal implementation must make a committed ``Batch``
+durable as a unit and be able to give back, at start, everything needed to rebuild the state:
+active messages with their timers, retained message keys, consents and recent sends.
+
+``SqliteJournal`` is the embedded default. A Redis implementation (coredis, cluster) is the
+planned second one; the conformance suite in ``tests/store`` runs against every implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import msgspec
+
+from gateway.core.caps import SendEntry
+from gateway.core.cascade import Cascade
+from gateway.core.consent import ConsentRecord
+from gateway.core.model import Envelope, MessageKey, Outcome, RecipientKey
+from gateway.protocol import StatusEvent
+
+
+class MessageRecord(msgspec.Struct, gc=False, array_like=True):
+    """One message as the router tracks it. Mutable: the router replaces ``cascade`` in place.
+
+    No content and no addresses live here (they stay in the journalled request), so a million
+    waiting cascades fit in memory.
+    """
+
+    key: str
+    envelope: Envelope
+    tz: str
+    cascade: Cascade
+    accepted_at: float
+    campaign: str | None = None
+    variant: str | None = None
+    step_due: float | None = None
+    expiry_due: float | None = None
+    step_sent_at: float | None = None
+    """When the provider took the current step (for send->read latency)."""
+    provider: str | None = None
+    """The provider that took the current step."""
+
+
+class Batch:
+    """Writes staged for one group commit, and what to do once they are durable."""
+
+    __slots__ = ("after", "committed", "consents", "dirty", "events", "inserts", "rows", "sends")
+
+    def __init__(self) -> None:
+        self.inserts: dict[str, bytes] = {}
+        """key -> the original request (msgpack), for new messages."""
+        self.dirty: dict[str, MessageRecord] = {}
+        """Records to write (inserted or updated), latest value wins."""
+        self.events: list[StatusEvent] = []
+        self.consents: list[tuple[RecipientKey, ConsentRecord]] = []
+        self.sends: list[tuple[RecipientKey, SendEntry]] = []
+        self.after: list[Callable[[], None]] = []
+        """Run in order after the commit: dispatch sends, publish status events."""
+        self.rows = 0
+        self.committed = False
+
+    def __bool__(self) -> bool:
+        return bool(self.rows or self.after)
+
+
+class Recovered(msgspec.Struct):
+    """What a journal gives back at start."""
+
+    active: list[MessageRecord]
+    finished: dict[str, Outcome]
+    consents: list[tuple[RecipientKey, ConsentRecord]]
+    sends: list[tuple[RecipientKey, SendEntry]]
+
+
+class StoredMessage(msgspec.Struct):
+    record: MessageRecord
+    request: bytes
+    finished: bool
+
+
+class Journal(Protocol):
+    """Durable storage of the router's state. All methods may run I/O in threads."""
+
+    async def open(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def recover(
+        self, *, now: float, retention_seconds: float, horizon_seconds: float
+    ) -> Recovered:
+        """Everything needed to rebuild the in-memory state."""
+        ...
+
+    async def commit(self, batch: Batch) -> None:
+        """Make the batch durable as one unit."""
+        ...
+
+    async def message(self, key: MessageKey) -> StoredMessage | None: ...
+
+    async def requests(self, keys: list[str]) -> dict[str, bytes]:
+        """The original send requests (content, addresses) of these messages."""
+        ...
+
+    async def timeline(self, key: MessageKey) -> list[StatusEvent]: ...
+
+    async def consent_history(self, recipient: RecipientKey) -> list[ConsentRecord]: ...
+
+    async def prune(self, *, now: float, retention_seconds: float, horizon_seconds: float) -> int:
+        """Forget finished messages past retention and sends past the cap horizon."""
+        ...
+
+
+def decode_record(data: bytes) -> MessageRecord:
+    return _record_decoder.decode(data)
+
+
+def encode_record(record: MessageRecord) -> bytes:
+    return _encoder.encode(record)
+
+
+_record_decoder = msgspec.msgpack.Decoder(MessageRecord)
+_encoder = msgspec.msgpack.Encoder()

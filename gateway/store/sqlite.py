@@ -1,0 +1,265 @@
+"""The embedded journal: one SQLite file in WAL mode, written in group commits.
+
+Durability, by ``synchronous`` level (README.md "Durability"):
+- ``full``: a commit is on disk before ``commit`` returns; acks survive power loss.
+- ``normal``: in WAL mode a commit survives a crash of the process (the WAL is written before
+  ``commit`` returns) but the last commits may be lost if the machine loses power.
+
+sqlite3 calls run in worker threads (``trio.to_thread``), which may differ from call to call,
+so connections are opened with ``check_same_thread=False`` and each connection is serialised by
+its own ``CapacityLimiter(1)``. Writes go through one connection; reads (status timelines,
+message content for later cascade steps) through another, which WAL lets run beside the writer.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import trio
+
+from gateway.core.caps import SendEntry
+from gateway.core.consent import ConsentRecord
+from gateway.core.model import MessageKey, Outcome, RecipientKey
+from gateway.protocol import StatusEvent
+from gateway.store.base import Batch, MessageRecord, Recovered, StoredMessage
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    key TEXT PRIMARY KEY,
+    accepted_at REAL NOT NULL,
+    request BLOB NOT NULL,
+    record BLOB NOT NULL,
+    outcome TEXT
+);
+CREATE INDEX IF NOT EXISTS messages_active ON messages (key) WHERE outcome IS NULL;
+CREATE INDEX IF NOT EXISTS messages_finished ON messages (accepted_at) WHERE outcome IS NOT NULL;
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_key ON events (key);
+CREATE TABLE IF NOT EXISTS consents (
+    id INTEGER PRIMARY KEY,
+    recipient TEXT NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS consents_recipient ON consents (recipient);
+CREATE TABLE IF NOT EXISTS sends (
+    id INTEGER PRIMARY KEY,
+    recipient TEXT NOT NULL,
+    at REAL NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sends_at ON sends (at);
+"""
+
+_encoder = msgspec.msgpack.Encoder()
+_record_decoder = msgspec.msgpack.Decoder(MessageRecord)
+_event_decoder = msgspec.msgpack.Decoder(StatusEvent)
+_consent_decoder = msgspec.msgpack.Decoder(ConsentRecord)
+_send_decoder = msgspec.msgpack.Decoder(SendEntry)
+
+
+class SqliteJournal:
+    def __init__(self, path: str | Path, *, synchronous: str = "full") -> None:
+        self.path = Path(path)
+        self.synchronous = synchronous.upper()
+        if self.synchronous not in {"NORMAL", "FULL"}:
+            raise ValueError(f"synchronous must be normal or full, not {synchronous!r}")
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._write_lock = trio.CapacityLimiter(1)
+        self._read_lock = trio.CapacityLimiter(1)
+
+    # ------------------------------------------------------------ lifecycle
+    async def open(self) -> None:
+        await trio.to_thread.run_sync(self._open_sync, limiter=self._write_lock)
+
+    def _open_sync(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        writer = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        writer.execute("PRAGMA journal_mode=WAL")
+        writer.execute(f"PRAGMA synchronous={self.synchronous}")
+        writer.execute("PRAGMA temp_store=MEMORY")
+        writer.execute("PRAGMA cache_size=-65536")
+        writer.execute("PRAGMA journal_size_limit=67108864")
+        writer.executescript(_SCHEMA)
+        self._writer = writer
+        reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        reader.execute("PRAGMA query_only=ON")
+        self._reader = reader
+
+    async def aclose(self) -> None:
+        # take both locks so no thread is inside a connection while it closes
+        async with self._write_lock, self._read_lock:
+            for connection in (self._writer, self._reader):
+                if connection is not None:
+                    connection.close()
+            self._writer = self._reader = None
+
+    # ------------------------------------------------------------ writes
+    async def commit(self, batch: Batch) -> None:
+        # encode on the trio thread: msgspec holds the GIL either way, and the thread then
+        # spends its time in SQLite, which releases it
+        inserts: list[tuple[str, float, bytes, bytes, str | None]] = []
+        updates: list[tuple[bytes, str | None, str]] = []
+        for key, record in batch.dirty.items():
+            body = _encoder.encode(record)
+            outcome = record.cascade.outcome
+            outcome_text = None if outcome is None else outcome.value
+            request = batch.inserts.get(key)
+            if request is not None:
+                inserts.append((key, record.accepted_at, request, body, outcome_text))
+            else:
+                updates.append((body, outcome_text, key))
+        events = [(f"{e.tenant}:{e.id}", _encoder.encode(e)) for e in batch.events]
+        consents = [(rkey, _encoder.encode(c)) for rkey, c in batch.consents]
+        sends = [(rkey, e.at, _encoder.encode(e)) for rkey, e in batch.sends]
+        await trio.to_thread.run_sync(
+            self._commit_sync, inserts, updates, events, consents, sends, limiter=self._write_lock
+        )
+
+    def _commit_sync(
+        self,
+        inserts: list[tuple[str, float, bytes, bytes, str | None]],
+        updates: list[tuple[bytes, str | None, str]],
+        events: list[tuple[str, bytes]],
+        consents: list[tuple[RecipientKey, bytes]],
+        sends: list[tuple[RecipientKey, float, bytes]],
+    ) -> None:
+        db = self._connection(self._writer)
+        db.execute("BEGIN")
+        try:
+            if inserts:
+                db.executemany(
+                    "INSERT INTO messages (key, accepted_at, request, record, outcome) VALUES (?, ?, ?, ?, ?)",
+                    inserts,
+                )
+            if updates:
+                db.executemany("UPDATE messages SET record = ?, outcome = ? WHERE key = ?", updates)
+            if events:
+                db.executemany("INSERT INTO events (key, body) VALUES (?, ?)", events)
+            if consents:
+                db.executemany("INSERT INTO consents (recipient, body) VALUES (?, ?)", consents)
+            if sends:
+                db.executemany("INSERT INTO sends (recipient, at, body) VALUES (?, ?, ?)", sends)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    # ------------------------------------------------------------ recovery
+    async def recover(
+        self, *, now: float, retention_seconds: float, horizon_seconds: float
+    ) -> Recovered:
+        return await trio.to_thread.run_sync(
+            self._recover_sync,
+            now - retention_seconds,
+            now - horizon_seconds,
+            limiter=self._write_lock,
+        )
+
+    def _recover_sync(self, retain_after: float, sends_after: float) -> Recovered:
+        db = self._connection(self._writer)
+        active = [
+            _record_decoder.decode(body)
+            for (body,) in db.execute("SELECT record FROM messages WHERE outcome IS NULL")
+        ]
+        finished = {
+            key: Outcome(outcome)
+            for key, outcome in db.execute(
+                "SELECT key, outcome FROM messages WHERE outcome IS NOT NULL AND accepted_at >= ? ORDER BY accepted_at",
+                (retain_after,),
+            )
+        }
+        consents = [
+            (RecipientKey(recipient), _consent_decoder.decode(body))
+            for recipient, body in db.execute("SELECT recipient, body FROM consents ORDER BY id")
+        ]
+        sends = [
+            (RecipientKey(recipient), _send_decoder.decode(body))
+            for recipient, body in db.execute(
+                "SELECT recipient, body FROM sends WHERE at > ? ORDER BY id", (sends_after,)
+            )
+        ]
+        return Recovered(active=active, finished=finished, consents=consents, sends=sends)
+
+    # ------------------------------------------------------------ reads
+    async def message(self, key: MessageKey) -> StoredMessage | None:
+        row = await self._read(
+            "SELECT record, request, outcome FROM messages WHERE key = ?", (key,), one=True
+        )
+        if not row:
+            return None
+        record, request, outcome = row[0]
+        return StoredMessage(_record_decoder.decode(record), request, outcome is not None)
+
+    async def requests(self, keys: list[str]) -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        for start in range(
+            0, len(keys), 500
+        ):  # SQLite's default bound-parameter limit is high; stay modest
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            query = f"SELECT key, request FROM messages WHERE key IN ({marks})"  # noqa: S608 - only placeholders
+            rows = await self._read(query, chunk)
+            found.update((key, request) for key, request in rows)
+        return found
+
+    async def timeline(self, key: MessageKey) -> list[StatusEvent]:
+        rows = await self._read("SELECT body FROM events WHERE key = ? ORDER BY id", (key,))
+        return [_event_decoder.decode(body) for (body,) in rows]
+
+    async def consent_history(self, recipient: RecipientKey) -> list[ConsentRecord]:
+        rows = await self._read(
+            "SELECT body FROM consents WHERE recipient = ? ORDER BY id", (recipient,)
+        )
+        return [_consent_decoder.decode(body) for (body,) in rows]
+
+    async def _read(
+        self, sql: str, params: Iterable[object], *, one: bool = False
+    ) -> list[tuple[Any, ...]]:
+        def run() -> list[tuple[Any, ...]]:
+            cursor = self._connection(self._reader).execute(sql, tuple(params))
+            return cursor.fetchmany(1) if one else cursor.fetchall()
+
+        return await trio.to_thread.run_sync(run, limiter=self._read_lock)
+
+    # ------------------------------------------------------------ housekeeping
+    async def prune(self, *, now: float, retention_seconds: float, horizon_seconds: float) -> int:
+        return await trio.to_thread.run_sync(
+            self._prune_sync,
+            now - retention_seconds,
+            now - horizon_seconds,
+            limiter=self._write_lock,
+        )
+
+    def _prune_sync(self, retain_after: float, sends_after: float) -> int:
+        db = self._connection(self._writer)
+        db.execute("BEGIN")
+        try:
+            db.execute(
+                "DELETE FROM events WHERE key IN (SELECT key FROM messages WHERE outcome IS NOT NULL AND accepted_at < ?)",
+                (retain_after,),
+            )
+            deleted = db.execute(
+                "DELETE FROM messages WHERE outcome IS NOT NULL AND accepted_at < ?",
+                (retain_after,),
+            ).rowcount
+            db.execute("DELETE FROM sends WHERE at <= ?", (sends_after,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return deleted
+
+    @staticmethod
+    def _connection(connection: sqlite3.Connection | None) -> sqlite3.Connection:
+        if connection is None:
+            raise RuntimeError("the journal is not open")
+        return connection

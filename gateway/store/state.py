@@ -1,0 +1,110 @@
+"""The router's live state: active messages, retained keys, consents, send history, timers.
+
+Plain data structures with no I/O; the journal makes them durable and rebuilds them at start.
+Everything here is touched only from the router's trio thread, so no locking.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from gateway.core.caps import CapHistory, SendEntry
+from gateway.core.consent import ConsentRecord, ConsentState
+from gateway.core.model import MessageKey, Outcome, RecipientKey, TimerKind, recipient_key
+from gateway.core.policy import RecipientState
+from gateway.core.timers import Deadlines
+from gateway.store.base import MessageRecord
+
+_EMPTY_CONSENTS = ConsentState()
+_EMPTY_HISTORY = CapHistory()
+
+
+class State:
+    def __init__(self, *, horizon_seconds: float) -> None:
+        self.records: dict[str, MessageRecord] = {}
+        """Active messages (cascade not finished)."""
+        self.finished: dict[str, Outcome] = {}
+        """Finished messages within the idempotency retention, with their outcome."""
+        self._finished_order: deque[tuple[float, str]] = deque()
+        self.consents: dict[str, ConsentState] = {}
+        self.histories: dict[str, CapHistory] = {}
+        self.by_recipient: dict[str, list[str]] = {}
+        """Active message keys per recipient: a consent change reaches them at once."""
+        self.timers: dict[TimerKind, Deadlines[str]] = {kind: Deadlines() for kind in TimerKind}
+        self.horizon_seconds = horizon_seconds
+        self.deferred = 0
+
+    # ------------------------------------------------------------ messages
+    def known(self, key: str) -> bool:
+        return key in self.records or key in self.finished
+
+    def add(self, record: MessageRecord) -> None:
+        self.records[record.key] = record
+        rkey = recipient_key(record.envelope.tenant, record.envelope.recipient_id)
+        self.by_recipient.setdefault(rkey, []).append(record.key)
+
+    def finish(self, record: MessageRecord, outcome: Outcome, *, now: float) -> None:
+        key = record.key
+        self.records.pop(key, None)
+        self.finished[key] = outcome
+        self._finished_order.append((now, key))
+        rkey = recipient_key(record.envelope.tenant, record.envelope.recipient_id)
+        keys = self.by_recipient.get(rkey)
+        if keys is not None:
+            keys.remove(key)
+            if not keys:
+                del self.by_recipient[rkey]
+        for kind in TimerKind:
+            self.timers[kind].cancel(key)
+
+    def forget_finished(self, *, older_than: float) -> int:
+        """Drop finished keys past the idempotency retention; returns how many."""
+        dropped = 0
+        order = self._finished_order
+        while order and order[0][0] < older_than:
+            _, key = order.popleft()
+            if self.finished.pop(key, None) is not None:
+                dropped += 1
+        return dropped
+
+    def active_for(self, rkey: RecipientKey) -> list[MessageRecord]:
+        return [self.records[key] for key in self.by_recipient.get(rkey, ())]
+
+    # ------------------------------------------------------------ recipients
+    def recipient(self, rkey: str) -> RecipientState:
+        return RecipientState(
+            self.consents.get(rkey, _EMPTY_CONSENTS), self.histories.get(rkey, _EMPTY_HISTORY)
+        )
+
+    def apply_consent(self, rkey: str, record: ConsentRecord) -> ConsentState:
+        state = self.consents.get(rkey, _EMPTY_CONSENTS).with_record(record)
+        self.consents[rkey] = state
+        return state
+
+    def record_send(self, rkey: str, entry: SendEntry) -> None:
+        history = self.histories.get(rkey, _EMPTY_HISTORY)
+        self.histories[rkey] = history.with_entry(entry, horizon_seconds=self.horizon_seconds)
+
+    # ------------------------------------------------------------ timers
+    def schedule(self, key: str, kind: TimerKind, at: float) -> None:
+        self.timers[kind].schedule(key, at)
+
+    def cancel(self, key: str, kind: TimerKind) -> None:
+        self.timers[kind].cancel(key)
+
+    def next_deadline(self) -> float | None:
+        deadlines = [d for d in (t.next_deadline() for t in self.timers.values()) if d is not None]
+        return min(deadlines, default=None)
+
+    def pending_timers(self) -> int:
+        return sum(len(t) for t in self.timers.values())
+
+    def pop_due(self, now: float, limit: int) -> list[tuple[str, TimerKind]]:
+        due: list[tuple[str, TimerKind]] = []
+        for kind, deadlines in self.timers.items():
+            due.extend((key, kind) for key, _ in deadlines.pop_due(now, limit - len(due)))
+        return due
+
+
+def message_keys(records: list[MessageRecord]) -> list[MessageKey]:
+    return [MessageKey(record.key) for record in records]
