@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from gateway import __version__
 from gateway.config import GatewayConfig, load_config
 from gateway.core.errors import ConfigError
 
@@ -39,6 +40,101 @@ def _cmd_schema(_: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    import signal
+
+    import trio
+
+    from gateway.runtime.embedded import open_embedded
+    from gateway.runtime.logging import configure_logging
+
+    config = _load(args.config)
+    configure_logging(level=args.log_level)
+
+    async def serve() -> None:
+        async with open_embedded(
+            config, workers=args.workers, config_path=args.config, environ=os.environ
+        ) as embedded:
+            gateway = embedded.gateway
+            print(
+                f"cascadegw {__version__} listening\n"
+                f"  requests (ZeroMQ ROUTER): {gateway.ingest_endpoint}\n"
+                f"  status events (ZeroMQ PUB): {gateway.status_endpoint}\n"
+                f"  HTTP (metrics, health, webhooks, admin): {gateway.http_url}\n"
+                f"  journal: {config.store.path} (synchronous={config.store.synchronous})\n"
+                f"  dispatch: {f'{args.workers} worker processes' if args.workers else 'in-process'}\n"
+                f"  simulated providers: {', '.join(sorted(embedded.simulators)) or 'none'}",
+                flush=True,
+            )
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    break
+            print(
+                "cascadegw: shutting down (finishing in-flight requests and journal writes)",
+                flush=True,
+            )
+            await gateway.shutdown(grace_seconds=args.grace_seconds)
+
+    trio.run(serve)
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    import trio
+
+    from adapters.registry import build_adapters
+    from gateway.runtime.logging import configure_logging
+    from gateway.runtime.workers import serve_worker
+
+    config = _load(args.config)
+    configure_logging(level=args.log_level)
+
+    async def serve() -> None:
+        adapters, clients = build_adapters(config)
+        try:
+            await serve_worker(
+                adapters=adapters,
+                jobs_endpoint=args.jobs,
+                results_endpoint=args.results,
+                concurrency=args.concurrency,
+            )
+        finally:
+            for client in clients:
+                await client.aclose()
+
+    trio.run(serve)
+    return 0
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    import trio
+
+    from adapters.registry import SIMULATORS
+    from gateway.runtime.logging import configure_logging
+
+    config = _load(args.config)
+    configure_logging(level=args.log_level)
+    base_port = args.port
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            for offset, (name, provider) in enumerate(sorted(config.providers.items())):
+                simulator = SIMULATORS[provider.kind](name=name, behaviour=config.simulator)
+                simulator.webhook_url = (
+                    args.webhook_base.rstrip("/") + f"/webhooks/{name}" if args.webhook_base else ""
+                )
+                url = await nursery.start(
+                    simulator.serve, f"{args.host}:{base_port + offset if base_port else 0}"
+                )
+                print(f"{name} ({provider.kind}) simulator at {url}", flush=True)
+                for key, value in simulator.credentials().items():
+                    if key != "url":
+                        print(f"  {key} = {value}", flush=True)
+
+    trio.run(serve)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cascadegw", description=__doc__)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="TOML config file")
@@ -47,6 +143,41 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_cmd_check_config)
     schema = commands.add_parser("schema", help="print the wire protocol's JSON Schema")
     schema.set_defaults(func=_cmd_schema)
+
+    run = commands.add_parser(
+        "run", help="run the gateway (and the simulators of simulated providers)"
+    )
+    run.add_argument(
+        "--workers", type=int, default=None, help="dispatch worker processes (0 = in-process)"
+    )
+    run.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=10.0,
+        help="time to finish in-flight sends on shutdown",
+    )
+    run.add_argument("--log-level", default="info")
+    run.set_defaults(func=_cmd_run)
+
+    worker = commands.add_parser(
+        "worker", help="a dispatch worker process (started by `run --workers N`)"
+    )
+    worker.add_argument("--jobs", required=True)
+    worker.add_argument("--results", required=True)
+    worker.add_argument("--concurrency", type=int, default=256)
+    worker.add_argument("--log-level", default="warning")
+    worker.set_defaults(func=_cmd_worker)
+
+    simulate = commands.add_parser("simulate", help="run the provider simulators standalone")
+    simulate.add_argument("--host", default="127.0.0.1")
+    simulate.add_argument(
+        "--port", type=int, default=0, help="first port (one per provider); 0 = any"
+    )
+    simulate.add_argument(
+        "--webhook-base", default="", help="the gateway's public URL for receipts"
+    )
+    simulate.add_argument("--log-level", default="info")
+    simulate.set_defaults(func=_cmd_simulate)
     return parser
 
 

@@ -75,9 +75,20 @@ def cancel_request(message_id: str, tenant: str, *, reason: str | None = None) -
 
 
 def event_request(
-    message_id: str, tenant: str, *, kind: str, channel: str | None = None, at: datetime | None = None
+    message_id: str,
+    tenant: str,
+    *,
+    kind: str,
+    channel: str | None = None,
+    at: datetime | None = None,
 ) -> Payload:
-    request: Payload = {"v": PROTOCOL_VERSION, "op": "event", "id": message_id, "tenant": tenant, "kind": kind}
+    request: Payload = {
+        "v": PROTOCOL_VERSION,
+        "op": "event",
+        "id": message_id,
+        "tenant": tenant,
+        "kind": kind,
+    }
     if channel is not None:
         request["channel"] = channel
     if at is not None:
@@ -182,7 +193,9 @@ class Client:
     def status(self, message_id: str, tenant: str) -> Any:
         return self.request(status_request(message_id, tenant))
 
-    def subscribe(self, endpoint: str, tenant: str = "", *, timeout_seconds: float = 10.0) -> Iterator[Any]:
+    def subscribe(
+        self, endpoint: str, tenant: str = "", *, timeout_seconds: float = 10.0
+    ) -> Iterator[Any]:
         """Status events published for ``tenant`` ("" = every tenant), until the timeout passes quietly."""
         sub: zmq.Socket[bytes] = self.context.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
@@ -244,7 +257,9 @@ class AsyncClient:
     async def cancel(self, message_id: str, tenant: str, *, reason: str | None = None) -> Any:
         return await self.request(cancel_request(message_id, tenant, reason=reason))
 
-    async def event(self, message_id: str, tenant: str, *, kind: str, channel: str | None = None) -> Any:
+    async def event(
+        self, message_id: str, tenant: str, *, kind: str, channel: str | None = None
+    ) -> Any:
         return await self.request(event_request(message_id, tenant, kind=kind, channel=channel))
 
     async def consent(self, tenant: str, recipient_id: str, **fields: Any) -> Any:

@@ -82,7 +82,10 @@ class IngestConfig(_Config, frozen=True):
 class HttpConfig(_Config, frozen=True):
     bind: str = "127.0.0.1:8080"
     public_url: str = "http://127.0.0.1:8080"
-    """Base URL providers and recipients reach the gateway at (webhooks, links, pixel)."""
+    """Base URL providers and recipients reach the gateway at (webhooks, links, pixel);
+    empty means the address the HTTP server bound."""
+    admin_token: Secret | None = None
+    """Bearer token the admin API requires (``/v1/...``); unset leaves it open on ``bind``."""
     webhook_processes: Annotated[int, msgspec.Meta(ge=0)] = 0
     """0 serves webhooks in the router process; N runs N hypercorn worker processes."""
 
@@ -178,7 +181,7 @@ PROVIDER_CHANNEL: Final[Mapping[str, Channel]] = {
     "viber": Channel.VIBER,
     "twilio": Channel.SMS,
 }
-SECRET_KEYS: Final = frozenset({"api_key", "auth_token", "service_account_json"})
+SECRET_KEYS: Final = frozenset({"api_key", "auth_token", "service_account_json", "admin_token"})
 
 
 class ProviderConfig(_Config, frozen=True):

@@ -295,6 +295,9 @@ _id_decoder: Final = msgspec.msgpack.Decoder(_AnyId)
 _raw_list_decoder: Final = msgspec.msgpack.Decoder(list[msgspec.Raw])
 _encoder: Final = msgspec.msgpack.Encoder()
 _ARRAY_MARKERS: Final = frozenset({*range(0x90, 0xA0), 0xDC, 0xDD})
+# msgspec signals malformed input with more than DecodeError: invalid UTF-8 in a str raises
+# UnicodeDecodeError and deep nesting RecursionError (both found by the ingest fuzz test).
+_MALFORMED: Final = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 
 class Frame(msgspec.Struct):
@@ -327,7 +330,7 @@ def decode_frame(
         return Frame(False, [_decode_one(data)], [bytes(data)])
     try:
         raws = _raw_list_decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except _MALFORMED as exc:
         return Frame(False, [invalid(f"malformed msgpack: {exc}")])
     if len(raws) > max_batch:
         return Frame(
@@ -341,7 +344,7 @@ def _decode_one(data: bytes | memoryview | msgspec.Raw) -> Request | Result:
         request: Request = _request_decoder.decode(data)
     except msgspec.ValidationError as exc:
         return invalid(str(exc), _salvage_id(data))
-    except msgspec.DecodeError as exc:
+    except _MALFORMED as exc:
         return invalid(f"malformed msgpack: {exc}")
     problem = validate(request)
     if problem is not None:
@@ -382,7 +385,7 @@ def validate(request: Request) -> str | None:
 def _salvage_id(data: bytes | memoryview | msgspec.Raw) -> str | None:
     try:
         return _id_decoder.decode(data).id
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, *_MALFORMED):
         return None
 
 

@@ -101,6 +101,14 @@ class StepSkipped(msgspec.Struct, frozen=True, tag=True):
     reason: str
 
 
+class Unsubscribed(msgspec.Struct, frozen=True, tag=True):
+    """The recipient opted out through this very message (one-click link, provider opt-out).
+
+    Unlike ``ConsentChanged`` it ends the cascade even when the opt-out names an earlier
+    channel: whoever clicked "unsubscribe" in the email has read it and wants no follow-up.
+    """
+
+
 class Dropped(msgspec.Struct, frozen=True, tag=True):
     """The edge's pre-send check ruled the whole message out (a rejecting message-wide cap)."""
 
@@ -121,6 +129,7 @@ CascadeEvent = (
     | StepDeferred
     | StepSkipped
     | Dropped
+    | Unsubscribed
 )
 
 
@@ -220,7 +229,7 @@ class Cascade(msgspec.Struct, frozen=True, gc=False, array_like=True):
         match event:
             case SendSucceeded(channel=channel):
                 if status is Status.SENDING and channel is current:
-                    deadline = now + self.timeouts[0]
+                    deadline = now + self.timeouts[self.step]
                     return (
                         msgspec.structs.replace(
                             self, status=Status.AWAITING, sent=self.sent | channel.bit
@@ -255,6 +264,8 @@ class Cascade(msgspec.Struct, frozen=True, gc=False, array_like=True):
                 return self._finish(Outcome.CANCELLED)
             case Dropped():
                 return self._finish(Outcome.DROPPED)
+            case Unsubscribed():
+                return self._finish(Outcome.UNSUBSCRIBED)
             case Expired() | TimerFired(kind=TimerKind.EXPIRY):
                 return self._finish(Outcome.EXPIRED)
             case ConsentChanged(allowed=allowed):

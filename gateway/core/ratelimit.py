@@ -12,6 +12,7 @@ arrival time (TAT): a request at ``now`` conforms iff ``TAT - now <= burst_toler
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Generic, TypeVar
 
@@ -23,7 +24,7 @@ T = TypeVar("T")
 class RateLimiter:
     """A token bucket of ``rate_per_second`` with room for ``burst`` back-to-back requests."""
 
-    __slots__ = ("_emission_interval", "_tat", "_tolerance", "burst", "rate_per_second")
+    __slots__ = ("_base", "_count", "_emission_interval", "burst", "rate_per_second")
 
     def __init__(self, rate_per_second: float, burst: int = 1) -> None:
         if rate_per_second <= 0:
@@ -33,13 +34,27 @@ class RateLimiter:
         self.rate_per_second = rate_per_second
         self.burst = burst
         self._emission_interval = 1.0 / rate_per_second
-        self._tolerance = (burst - 1) * self._emission_interval
-        self._tat = float("-inf")
+        # TAT = _base + _count * interval: _base is when the current run of conforming requests
+        # began, _count how many it has taken. Adding the interval up one request at a time
+        # rounds, and then the last request of a burst at one instant was told to wait ~1e-15 s,
+        # a wait a float clock at that instant cannot even express; one multiplication keeps
+        # "the first `burst` requests conform" exact.
+        self._base = float("-inf")
+        self._count = 0
 
     def wait_seconds(self, now: float) -> float:
-        """Seconds until a request would conform; 0 if one may go at ``now``."""
-        tat = max(self._tat, now)
-        return max(0.0, tat - now - self._tolerance)
+        """Seconds until a request would conform; 0 if one may go at ``now``.
+
+        A clock that reads ``now + wait_seconds(now)`` is never early: the result is rounded up
+        to a float that, added to ``now``, reaches the conforming instant.
+        """
+        ready = self._base + (self._count - self.burst + 1) * self._emission_interval
+        if ready <= now:
+            return 0.0
+        wait = ready - now
+        while now + wait < ready:
+            wait = math.nextafter(wait, math.inf)
+        return wait
 
     def try_acquire(self, now: float) -> float:
         """Take a token at ``now`` if one is available.
@@ -47,11 +62,13 @@ class RateLimiter:
         Returns:
             0.0 when the token was taken, else the seconds to wait before trying again.
         """
-        tat = max(self._tat, now)
-        wait = tat - now - self._tolerance
+        wait = self.wait_seconds(now)
         if wait > 0:
             return wait
-        self._tat = tat + self._emission_interval
+        if self._base + self._count * self._emission_interval <= now:
+            # TAT is in the past: the bucket is full again and a new run starts now
+            self._base, self._count = now, 0
+        self._count += 1
         return 0.0
 
 

@@ -68,7 +68,8 @@ def after_failure(
     if attempt < policy.attempts_per_provider and not too_long:
         backoff = min(policy.max_delay_seconds, policy.base_delay_seconds * 2 ** (attempt - 1))
         jitter = backoff * policy.jitter_fraction * (2.0 * random_unit - 1.0)
-        delay = max(0.0, backoff + jitter)
+        # the cap bounds the jittered delay too: max_delay_seconds is the longest we back off
+        delay = min(policy.max_delay_seconds, max(0.0, backoff + jitter))
         if retry_after_seconds is not None:
             delay = max(delay, retry_after_seconds)  # the provider said when; never earlier
         return Retry(delay, provider_index, attempt + 1)

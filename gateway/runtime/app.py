@@ -40,8 +40,7 @@ from gateway.tracking import LinkSigner
 
 log = structlog.get_logger("gateway.app")
 
-_HOUSEKEEPING_SECONDS = 60.0
-_PRUNE_EVERY = 60  # housekeeping passes between journal prunes (an hour)
+_PRUNE_INTERVAL_SECONDS = 3600.0
 
 
 @dataclass
@@ -203,6 +202,8 @@ async def open_gateway(
                         hypercorn.trio.serve, Starlette(routes=routes), hypercorn_config
                     )
                     gateway.http_url = binds[0]
+                    if not config.http.public_url:
+                        links.public_url = gateway.http_url
                 await nursery.start(_serve_ingest, ingest, gateway._ingest_scope)
                 gateway.ready = True
                 log.info(
@@ -249,6 +250,7 @@ async def _recover(gateway: Gateway) -> None:
         state.apply_consent(rkey, record)
     for rkey, entry in recovered.sends:
         state.record_send(rkey, entry)
+    state.recipients_by_address.update(recovered.addresses)
     resent = gateway.router.restore(recovered.active, now=now)
     gateway.resent_at_start = len(resent)
     if recovered.active or recovered.finished:
@@ -261,15 +263,24 @@ async def _recover(gateway: Gateway) -> None:
 
 
 async def _housekeeping(gateway: Gateway) -> None:
-    passes = 0
+    """Forget idempotency keys past retention; prune the journal hourly.
+
+    Sleeps until the next thing is due rather than polling, so a day of virtual time in a test
+    costs a handful of wake-ups.
+    """
+    clock = gateway.clock
+    state = gateway.state
     retention = gateway.config.store.idempotency_retention_seconds
+    next_prune = clock.now() + _PRUNE_INTERVAL_SECONDS
     while True:
-        await trio.sleep(_HOUSEKEEPING_SECONDS)
-        now = gateway.clock.now()
-        gateway.state.forget_finished(older_than=now - retention)
-        passes += 1
-        if passes % _PRUNE_EVERY == 0:
+        now = clock.now()
+        state.forget_finished(older_than=now - retention)
+        if now >= next_prune:
             pruned = await gateway.journal.prune(
-                now=now, retention_seconds=retention, horizon_seconds=gateway.state.horizon_seconds
+                now=now, retention_seconds=retention, horizon_seconds=state.horizon_seconds
             )
             log.info("journal_pruned", messages=pruned)
+            next_prune = now + _PRUNE_INTERVAL_SECONDS
+        oldest = state.oldest_finished()
+        wake = next_prune if oldest is None else min(next_prune, oldest + retention)
+        await trio.sleep_until(clock.trio_deadline(max(wake, now + 1.0)))

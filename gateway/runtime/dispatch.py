@@ -87,11 +87,21 @@ class ClaimingRouter(Protocol):
 
     def claim(self, job: Job, now: float) -> MessageRecord | None: ...
 
-    def send_succeeded(self, job: Job, *, provider: str, price: float, now: float) -> None: ...
+    def send_succeeded(
+        self,
+        job: Job,
+        *,
+        provider: str,
+        price: float,
+        now: float,
+        provider_message_id: str | None = None,
+    ) -> None: ...
 
     def send_failed(self, job: Job, *, permanent: bool, detail: str, now: float) -> None: ...
 
     def send_retrying(self, job: Job, *, detail: str, now: float) -> None: ...
+
+    def remember_address(self, record: MessageRecord, channel: Channel, address: str) -> None: ...
 
 
 class _ProviderQueue:
@@ -248,11 +258,14 @@ class Dispatcher:
                 ProviderUnavailable(f"adapter error: {type(exc).__name__}", provider=queue.name),
             )
             return
-        del receipt
         metrics.provider_duration.labels(queue.name, queue.channel.value).observe(duration)
         self.delivered_jobs += 1
         self.router.send_succeeded(
-            job, provider=queue.name, price=queue.price, now=self.clock.now()
+            job,
+            provider=queue.name,
+            price=queue.price,
+            now=self.clock.now(),
+            provider_message_id=receipt.provider_message_id,
         )
 
     def _failed(self, queue: _ProviderQueue, job: Job, request: bytes, exc: ProviderError) -> None:
@@ -334,6 +347,8 @@ class Dispatcher:
         links = self.links
         key = job.key
         content = request.content
+        address = _address(request, channel)
+        self.router.remember_address(record, channel, address)
         link_url = (
             links.click_url(key, channel, content.link_url)
             if content.link_url is not None
@@ -347,7 +362,7 @@ class Dispatcher:
             tenant=job.tenant,
             channel=channel,
             category=request.category,
-            address=_address(request, channel),
+            address=address,
             content=_with_link(content, channel, link_url),
             brand=tenant.brand,
             sender=tenant.sender,

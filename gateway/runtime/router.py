@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Final
 
 import structlog
 
+from adapters import ProviderReceipt, ReceiptKind
 from gateway.config import GatewayConfig, TenantConfig
 from gateway.core.caps import SendEntry
 from gateway.core.cascade import (
@@ -43,6 +44,7 @@ from gateway.core.cascade import (
     StepDeferred,
     StepSkipped,
     TimerFired,
+    Unsubscribed,
 )
 from gateway.core.consent import ConsentAction, ConsentKind, ConsentRecord, allowed_mask
 from gateway.core.model import (
@@ -58,6 +60,7 @@ from gateway.core.model import (
     split_key,
 )
 from gateway.core.policy import Defer, Go, Hold, PolicyRules, Reject, Skip, Stop, decide, gate
+from gateway.http.inbound import HitKind, Inbound, TrackingHit, WebhookReceipts, WebhookVerdict
 from gateway.protocol import (
     FINAL_KIND,
     CancelRequest,
@@ -80,7 +83,7 @@ from gateway.runtime.clock import Clock
 from gateway.runtime.committer import Committer
 from gateway.runtime.metrics import Metrics
 from gateway.store.base import Journal, MessageRecord
-from gateway.store.state import State
+from gateway.store.state import State, address_ref
 
 if TYPE_CHECKING:
     from gateway.runtime.dispatch import Job
@@ -93,6 +96,13 @@ _STATE_NAMES: Final = {
     Status.SENDING: "sending",
     Status.AWAITING: "awaiting",
     Status.FINISHED: "finished",
+}
+_RECEIPT_FACTS: Final = {
+    ReceiptKind.DELIVERED: StatusKind.DELIVERED,
+    ReceiptKind.READ: StatusKind.READ,
+    ReceiptKind.CLICKED: StatusKind.CLICKED,
+    ReceiptKind.FAILED: StatusKind.FAILED,
+    ReceiptKind.BOUNCED: StatusKind.FAILED,
 }
 _RECEIPT_EVENTS: Final[dict[StatusKind, type[Delivered] | type[Read] | type[Clicked]]] = {
     StatusKind.DELIVERED: Delivered,
@@ -146,6 +156,8 @@ class Router:
         self.submit: Callable[[Job], None] = _no_dispatcher
         self.queue_depth: Callable[[Lane], int] = lambda lane: 0
         self.timers_changed: Callable[[float], None] = lambda deadline: None
+        self.spawn: Callable[..., None] | None = None
+        """Starts background work (set to a nursery's ``start_soon`` by the app)."""
         self._rules: dict[str, PolicyRules] = {t: config.policy_rules(t) for t in config.tenants}
         self._tenant_cascade: dict[str, tuple[Channel, ...]] = {
             name: tuple(c for c in t.cascade if t.providers.get(c))
@@ -479,7 +491,15 @@ class Router:
                 self._apply(record, event, now, detail=reason.value)
         return None
 
-    def send_succeeded(self, job: Job, *, provider: str, price: float, now: float) -> None:
+    def send_succeeded(
+        self,
+        job: Job,
+        *,
+        provider: str,
+        price: float,
+        now: float,
+        provider_message_id: str | None = None,
+    ) -> None:
         """The provider took the request."""
         channel = job.channel
         self.metrics.sends.labels(channel.value, provider, "ok").inc()
@@ -496,7 +516,7 @@ class Router:
             self.metrics.accept_to_send.labels(lane).observe(max(0.0, now - record.accepted_at))
             self.metrics.sms_equivalent_cost.inc(self._sms_price.get(record.envelope.tenant, 0.0))
         record.step_sent_at = now
-        record.provider = provider
+        self.state.remember_provider_id(record, provider, provider_message_id)
         self._emit(record, StatusKind.SENT, now, channel=channel, provider=provider)
         self._apply(record, SendSucceeded(channel), now)
 
@@ -585,6 +605,155 @@ class Router:
                 final=final,
             )
         return True
+
+    # ================================================================ inbound (HTTP)
+    def inbound(self, item: Inbound) -> None:
+        """A verified webhook, a verdict or a tracking hit from the HTTP surface."""
+        now = self.clock.now()
+        metrics = self.metrics
+        match item:
+            case WebhookVerdict(provider=provider, verdict=verdict):
+                metrics.webhooks.labels(provider, verdict).inc()
+            case WebhookReceipts(provider=provider, receipts=receipts):
+                metrics.webhooks.labels(provider, "accepted").inc()
+                unknown = self.provider_receipts(provider, receipts, now=now)
+                if unknown:
+                    metrics.webhooks.labels(provider, "unknown_message").inc(unknown)
+            case TrackingHit(kind=kind, key=None):
+                metrics.tracking.labels(kind.value, "bad_token").inc()
+            case TrackingHit(kind=kind, key=str(key), channel=channel, at=at):
+                metrics.tracking.labels(kind.value, "accepted").inc()
+                if kind is HitKind.UNSUBSCRIBE:
+                    assert channel is not None
+                    self.unsubscribe(
+                        key, channel, source="one_click", at=at, now=now, topic_only=True
+                    )
+                else:
+                    fact = StatusKind.CLICKED if kind is HitKind.CLICK else StatusKind.READ
+                    self.receipt(
+                        Receipt(key, fact, channel=channel, at=at, detail="tracker"), now=now
+                    )
+
+    def provider_receipts(
+        self, provider: str, receipts: list[ProviderReceipt], *, now: float
+    ) -> int:
+        """Apply receipts parsed from one webhook; returns how many named no known message."""
+        channel = self.config.providers[provider].channel
+        state = self.state
+        unknown = 0
+        for receipt in receipts:
+            key = receipt.message_key
+            if key is None and receipt.provider_message_id is not None:
+                key = state.by_provider_id.get(f"{provider}:{receipt.provider_message_id}")
+            at = receipt.at or now
+            kind = receipt.kind
+            if kind in (ReceiptKind.UNSUBSCRIBED, ReceiptKind.SPAM_REPORT):
+                if key is not None and state.known(key):
+                    self.unsubscribe(
+                        key, channel, source="provider", at=at, now=now, topic_only=False
+                    )
+                elif not self._unsubscribe_address(channel, receipt.detail, at=at, now=now):
+                    unknown += 1
+                continue
+            if key is None or not state.known(key):
+                unknown += 1
+                continue
+            fact = _RECEIPT_FACTS[kind]
+            detail = (
+                receipt.detail if fact is not StatusKind.FAILED else (receipt.detail or kind.value)
+            )
+            self.receipt(
+                Receipt(key, fact, channel=channel, at=at, provider=provider, detail=detail),
+                now=now,
+            )
+        return unknown
+
+    def unsubscribe(
+        self, key: str, channel: Channel, *, source: str, at: float, now: float, topic_only: bool
+    ) -> None:
+        """The recipient opted out through this message: withdraw consent, stop its cascade.
+
+        A one-click link withdraws the message's topic on that channel ("unsubscribe from
+        promotions but keep order updates"); a provider-level opt-out (SendGrid unsubscribe,
+        spam report, Viber unsubscribed) withdraws every topic on the channel.
+        """
+        record = self.state.records.get(key)
+        if record is None:
+            if key in self.state.finished and self.spawn is not None:
+                self.spawn(self._unsubscribe_finished, key, channel, source, at, topic_only)
+            return
+        self._withdraw(
+            record.envelope, channel, source=source, at=at, now=now, topic_only=topic_only
+        )
+        if record.key in self.state.records:
+            self._apply(record, Unsubscribed(), now, detail=source)
+
+    async def _unsubscribe_finished(
+        self, key: str, channel: Channel, source: str, at: float, topic_only: bool
+    ) -> None:
+        stored = await self.journal.message(MessageKey(key))
+        if stored is not None:
+            self._withdraw(
+                stored.record.envelope,
+                channel,
+                source=source,
+                at=at,
+                now=self.clock.now(),
+                topic_only=topic_only,
+            )
+
+    def _withdraw(
+        self,
+        envelope: Envelope,
+        channel: Channel,
+        *,
+        source: str,
+        at: float,
+        now: float,
+        topic_only: bool,
+    ) -> None:
+        record = ConsentRecord(
+            kind=ConsentKind.ADVERTISING,
+            action=ConsentAction.WITHDRAW,
+            at=at,
+            source=source,
+            channel=channel,
+            topic=envelope.topic if topic_only else None,
+        )
+        self.change_consent(envelope.tenant, envelope.recipient_id, record, now=now, source=source)
+
+    def _unsubscribe_address(
+        self, channel: Channel, address: str | None, *, at: float, now: float
+    ) -> bool:
+        """An opt-out that names only the provider's user (Viber): find the recipient by it."""
+        if address is None:
+            return False
+        rkey = self.state.recipients_by_address.get(address_ref(channel, address))
+        if rkey is None:
+            return False
+        tenant, recipient_id = split_key(rkey)
+        record = ConsentRecord(
+            kind=ConsentKind.ADVERTISING,
+            action=ConsentAction.WITHDRAW,
+            at=at,
+            source="provider",
+            channel=channel,
+        )
+        self.change_consent(tenant, recipient_id, record, now=now, source="provider")
+        return True
+
+    def remember_address(self, record: MessageRecord, channel: Channel, address: str) -> None:
+        """Map a provider-side user id back to the recipient (for opt-outs that name only it)."""
+        if channel is not Channel.VIBER:
+            return
+        ref = address_ref(channel, address)
+        envelope = record.envelope
+        rkey = recipient_key(envelope.tenant, envelope.recipient_id)
+        if self.state.recipients_by_address.get(ref) != rkey:
+            self.state.recipients_by_address[ref] = rkey
+            batch = self.committer.current
+            batch.addresses.append((ref, rkey))
+            batch.rows += 1
 
     # ================================================================ the cascade loop
     def _apply(

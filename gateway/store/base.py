@@ -44,12 +44,24 @@ class MessageRecord(msgspec.Struct, gc=False, array_like=True):
     """When the provider took the current step (for send->read latency)."""
     provider: str | None = None
     """The provider that took the current step."""
+    provider_message_id: str | None = None
+    """The provider's id for the current step (Viber receipts name only this)."""
 
 
 class Batch:
     """Writes staged for one group commit, and what to do once they are durable."""
 
-    __slots__ = ("after", "committed", "consents", "dirty", "events", "inserts", "rows", "sends")
+    __slots__ = (
+        "addresses",
+        "after",
+        "committed",
+        "consents",
+        "dirty",
+        "events",
+        "inserts",
+        "rows",
+        "sends",
+    )
 
     def __init__(self) -> None:
         self.inserts: dict[str, bytes] = {}
@@ -59,6 +71,8 @@ class Batch:
         self.events: list[StatusEvent] = []
         self.consents: list[tuple[RecipientKey, ConsentRecord]] = []
         self.sends: list[tuple[RecipientKey, SendEntry]] = []
+        self.addresses: list[tuple[str, str]] = []
+        """``(address_ref, recipient key)`` pairs to remember."""
         self.after: list[Callable[[], None]] = []
         """Run in order after the commit: dispatch sends, publish status events."""
         self.rows = 0
@@ -75,6 +89,7 @@ class Recovered(msgspec.Struct):
     finished: dict[str, Outcome]
     consents: list[tuple[RecipientKey, ConsentRecord]]
     sends: list[tuple[RecipientKey, SendEntry]]
+    addresses: dict[str, str] = {}
 
 
 class StoredMessage(msgspec.Struct):

@@ -56,6 +56,10 @@ CREATE TABLE IF NOT EXISTS sends (
     body BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sends_at ON sends (at);
+CREATE TABLE IF NOT EXISTS addresses (
+    ref TEXT PRIMARY KEY,
+    recipient TEXT NOT NULL
+) WITHOUT ROWID;
 """
 
 _encoder = msgspec.msgpack.Encoder()
@@ -121,7 +125,14 @@ class SqliteJournal:
         consents = [(rkey, _encoder.encode(c)) for rkey, c in batch.consents]
         sends = [(rkey, e.at, _encoder.encode(e)) for rkey, e in batch.sends]
         await trio.to_thread.run_sync(
-            self._commit_sync, inserts, updates, events, consents, sends, limiter=self._write_lock
+            self._commit_sync,
+            inserts,
+            updates,
+            events,
+            consents,
+            sends,
+            batch.addresses,
+            limiter=self._write_lock,
         )
 
     def _commit_sync(
@@ -131,6 +142,7 @@ class SqliteJournal:
         events: list[tuple[str, bytes]],
         consents: list[tuple[RecipientKey, bytes]],
         sends: list[tuple[RecipientKey, float, bytes]],
+        addresses: list[tuple[str, str]],
     ) -> None:
         db = self._connection(self._writer)
         db.execute("BEGIN")
@@ -148,6 +160,10 @@ class SqliteJournal:
                 db.executemany("INSERT INTO consents (recipient, body) VALUES (?, ?)", consents)
             if sends:
                 db.executemany("INSERT INTO sends (recipient, at, body) VALUES (?, ?, ?)", sends)
+            if addresses:
+                db.executemany(
+                    "INSERT OR REPLACE INTO addresses (ref, recipient) VALUES (?, ?)", addresses
+                )
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -187,7 +203,10 @@ class SqliteJournal:
                 "SELECT recipient, body FROM sends WHERE at > ? ORDER BY id", (sends_after,)
             )
         ]
-        return Recovered(active=active, finished=finished, consents=consents, sends=sends)
+        addresses = dict(db.execute("SELECT ref, recipient FROM addresses"))
+        return Recovered(
+            active=active, finished=finished, consents=consents, sends=sends, addresses=addresses
+        )
 
     # ------------------------------------------------------------ reads
     async def message(self, key: MessageKey) -> StoredMessage | None:

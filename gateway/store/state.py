@@ -6,16 +6,27 @@ Everything here is touched only from the router's trio thread, so no locking.
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
 
 from gateway.core.caps import CapHistory, SendEntry
 from gateway.core.consent import ConsentRecord, ConsentState
-from gateway.core.model import MessageKey, Outcome, RecipientKey, TimerKind, recipient_key
+from gateway.core.model import Channel, MessageKey, Outcome, RecipientKey, TimerKind, recipient_key
 from gateway.core.policy import RecipientState
 from gateway.core.timers import Deadlines
 from gateway.store.base import MessageRecord
 
 _EMPTY_CONSENTS = ConsentState()
+
+
+def address_ref(channel: Channel, address: str) -> str:
+    """A keyed hash standing for a provider-side address (no personal data kept in the clear)."""
+    digest = hashlib.blake2b(
+        address.encode(), digest_size=12, person=b"cgw-address", key=channel.value.encode()
+    )
+    return digest.hexdigest()
+
+
 _EMPTY_HISTORY = CapHistory()
 
 
@@ -30,6 +41,12 @@ class State:
         self.histories: dict[str, CapHistory] = {}
         self.by_recipient: dict[str, list[str]] = {}
         """Active message keys per recipient: a consent change reaches them at once."""
+        self.recipients_by_address: dict[str, str] = {}
+        """``address_ref(channel, address)`` -> recipient key, for Viber users (opt-outs name
+        only the user)."""
+        self.by_provider_id: dict[str, str] = {}
+        """``"{provider}:{provider message id}"`` -> key, for providers whose receipts carry
+        only their own id (Viber). Active messages only."""
         self.timers: dict[TimerKind, Deadlines[str]] = {kind: Deadlines() for kind in TimerKind}
         self.horizon_seconds = horizon_seconds
         self.deferred = 0
@@ -42,6 +59,18 @@ class State:
         self.records[record.key] = record
         rkey = recipient_key(record.envelope.tenant, record.envelope.recipient_id)
         self.by_recipient.setdefault(rkey, []).append(record.key)
+        if record.provider is not None and record.provider_message_id is not None:
+            self.by_provider_id[f"{record.provider}:{record.provider_message_id}"] = record.key
+
+    def remember_provider_id(
+        self, record: MessageRecord, provider: str, provider_message_id: str | None
+    ) -> None:
+        if record.provider is not None and record.provider_message_id is not None:
+            self.by_provider_id.pop(f"{record.provider}:{record.provider_message_id}", None)
+        record.provider = provider
+        record.provider_message_id = provider_message_id
+        if provider_message_id is not None:
+            self.by_provider_id[f"{provider}:{provider_message_id}"] = record.key
 
     def finish(self, record: MessageRecord, outcome: Outcome, *, now: float) -> None:
         key = record.key
@@ -56,6 +85,8 @@ class State:
                 del self.by_recipient[rkey]
         for kind in TimerKind:
             self.timers[kind].cancel(key)
+        if record.provider is not None and record.provider_message_id is not None:
+            self.by_provider_id.pop(f"{record.provider}:{record.provider_message_id}", None)
 
     def forget_finished(self, *, older_than: float) -> int:
         """Drop finished keys past the idempotency retention; returns how many."""
@@ -66,6 +97,10 @@ class State:
             if self.finished.pop(key, None) is not None:
                 dropped += 1
         return dropped
+
+    def oldest_finished(self) -> float | None:
+        """When the oldest retained finished message finished."""
+        return self._finished_order[0][0] if self._finished_order else None
 
     def active_for(self, rkey: RecipientKey) -> list[MessageRecord]:
         return [self.records[key] for key in self.by_recipient.get(rkey, ())]

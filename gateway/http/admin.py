@@ -1,0 +1,121 @@
+"""The admin API: message timelines, consents and their history, campaign reports.
+
+``GET  /v1/messages/{tenant}/{id}``                    state and whole timeline of a message
+``PUT  /v1/recipients/{tenant}/{recipient}/consents``  record consents (JSON list or object)
+``GET  /v1/recipients/{tenant}/{recipient}/consents``  effective consents and full history
+
+With ``http.admin_token`` set (from the environment), every call needs
+``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Annotated
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.core.consent import ConsentAction, ConsentKind, ConsentRecord
+from gateway.core.model import Channel, message_key, recipient_key
+from gateway.protocol import AwareDatetime, Label, epoch
+
+if TYPE_CHECKING:
+    from gateway.runtime.app import Gateway
+
+_json = msgspec.json.Encoder()
+
+
+class ConsentUpdate(msgspec.Struct, forbid_unknown_fields=True):
+    kind: ConsentKind
+    action: ConsentAction
+    source: Label
+    channel: Channel | None = None
+    topic: Label | None = None
+    reason: Annotated[str, msgspec.Meta(max_length=1000)] | None = None
+    at: AwareDatetime | None = None
+
+
+_updates = msgspec.json.Decoder(list[ConsentUpdate] | ConsentUpdate)
+
+
+def _respond(value: object, status: int = 200) -> Response:
+    return Response(_json.encode(value), status_code=status, media_type="application/json")
+
+
+def _problem(status: int, reason: str, detail: str) -> Response:
+    return _respond({"reason": reason, "detail": detail}, status)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def admin_routes(gateway: Gateway) -> list[Route]:
+    config = gateway.config
+    router = gateway.router
+    token = config.http.admin_token
+
+    def guarded(handler: Handler) -> Handler:
+        async def check(request: Request) -> Response:
+            if token is not None:
+                given = request.headers.get("authorization", "")
+                if not hmac.compare_digest(given.encode(), f"Bearer {token.reveal()}".encode()):
+                    return _problem(401, "unauthorized", "the admin API needs a bearer token")
+            if request.path_params.get("tenant") not in config.tenants:
+                return _problem(404, "unknown_tenant", "tenant is not configured")
+            return await handler(request)
+
+        return check
+
+    async def message(request: Request) -> Response:
+        key = message_key(request.path_params["tenant"], request.path_params["id"])
+        state = await router.message_state(key)
+        if state is None:
+            return _problem(404, "not_found", "no such message")
+        return _respond(state)
+
+    async def put_consents(request: Request) -> Response:
+        try:
+            decoded = _updates.decode(await request.body())
+        except msgspec.ValidationError as exc:
+            return _problem(400, "invalid", str(exc))
+        except msgspec.DecodeError as exc:
+            return _problem(400, "invalid", f"malformed JSON: {exc}")
+        updates = decoded if isinstance(decoded, list) else [decoded]
+        now = gateway.clock.now()
+        tenant, recipient = request.path_params["tenant"], request.path_params["recipient"]
+        for update in updates:
+            if update.kind is ConsentKind.PERSONAL_DATA and (update.channel or update.topic):
+                return _problem(400, "invalid", "personal-data consent is not per channel or topic")
+        for update in updates:
+            record = ConsentRecord(
+                kind=update.kind,
+                action=update.action,
+                at=epoch(update.at) or now,
+                source=update.source,
+                channel=update.channel,
+                topic=update.topic,
+                reason=update.reason,
+            )
+            router.change_consent(tenant, recipient, record, now=now, source="api")
+        await gateway.committer.flush()  # durable before we say so
+        return _respond({"recorded": len(updates)})
+
+    async def get_consents(request: Request) -> Response:
+        rkey = recipient_key(request.path_params["tenant"], request.path_params["recipient"])
+        current = gateway.state.consents.get(rkey)
+        history = await gateway.journal.consent_history(rkey)
+        return _respond({"effective": list(current.records) if current else [], "history": history})
+
+    return [
+        Route("/v1/messages/{tenant}/{id}", guarded(message), methods=["GET"]),
+        Route(
+            "/v1/recipients/{tenant}/{recipient}/consents", guarded(put_consents), methods=["PUT"]
+        ),
+        Route(
+            "/v1/recipients/{tenant}/{recipient}/consents", guarded(get_consents), methods=["GET"]
+        ),
+    ]

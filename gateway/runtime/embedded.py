@@ -1,0 +1,134 @@
+"""The gateway as users run it: real adapters, plus simulators for ``simulated = true`` providers.
+
+Simulators start first (the adapters need their addresses and the credentials they issued), then
+the gateway; then each simulator learns where to send receipts: the gateway's webhook URL, and,
+for the FCM simulator's pretend app, the ingest socket for ``event`` ops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import trio
+from starlette.routing import BaseRoute
+
+from adapters.registry import SIMULATORS, build_adapters
+from adapters.simulators._base import Simulator
+from adapters.simulators.fcm import FcmSimulator
+from gateway.config import ENV_PREFIX, GatewayConfig, Secret
+from gateway.http.admin import admin_routes
+from gateway.http.public import public_routes
+from gateway.runtime.app import Gateway, open_gateway
+from gateway.runtime.workers import open_worker_pool
+
+
+@dataclass
+class Embedded:
+    gateway: Gateway
+    simulators: dict[str, Simulator] = field(default_factory=dict)
+
+
+def simulated_env(config: GatewayConfig) -> dict[str, str]:
+    """Environment overrides that point worker processes at the running simulators."""
+    environ: dict[str, str] = {}
+    for name, provider in config.providers.items():
+        if not provider.simulated:
+            continue
+        for key in (
+            "url",
+            "project_id",
+            "account_sid",
+            "webhook_public_key",
+            "api_key",
+            "auth_token",
+            "service_account_json",
+        ):
+            value = getattr(provider, key)
+            if value is None or value == "":
+                continue
+            variable = f"{ENV_PREFIX}PROVIDERS__{name.upper()}__{key.upper()}"
+            environ[variable] = value.reveal() if isinstance(value, Secret) else json.dumps(value)
+    return environ
+
+
+@asynccontextmanager
+async def open_embedded(
+    config: GatewayConfig,
+    *,
+    wall_at_start: float | None = None,
+    workers: int | None = None,
+    config_path: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    tracking_secret: bytes | None = None,
+    simulator_seed: int | None = None,
+) -> AsyncIterator[Embedded]:
+    """Run simulators (if any provider is simulated), adapters and the gateway together."""
+    workers = config.dispatch.workers if workers is None else workers
+    async with AsyncExitStack() as stack:
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        # unwinds last: simulators keep answering until the gateway has shut down
+        stack.callback(nursery.cancel_scope.cancel)
+        simulators: dict[str, Simulator] = {}
+        providers = dict(config.providers)
+        for index, (name, provider) in enumerate(config.providers.items()):
+            if not provider.simulated:
+                continue
+            seed = None if simulator_seed is None else simulator_seed + index
+            simulator = SIMULATORS[provider.kind](name=name, behaviour=config.simulator, seed=seed)
+            await nursery.start(simulator.serve)
+            simulators[name] = simulator
+            providers[name] = msgspec.structs.replace(provider, **simulator.credentials())
+        config = msgspec.structs.replace(config, providers=providers)
+
+        adapters, clients = build_adapters(config)
+        for client in clients:
+            await stack.enter_async_context(client)
+        executor = None
+        if workers:
+            if config_path is None:
+                raise ValueError("worker processes need the config file path")
+            worker_environ = {
+                **(environ if environ is not None else os.environ),
+                **simulated_env(config),
+            }
+            executor = await stack.enter_async_context(
+                open_worker_pool(
+                    workers=workers,
+                    config_path=config_path,
+                    environ=worker_environ,
+                    run_dir=Path(config.store.path).parent / "run",
+                )
+            )
+
+        def routes(gateway: Gateway) -> list[BaseRoute]:
+            return [
+                *public_routes(
+                    config=config,
+                    links=gateway.links,
+                    sink=gateway.router.inbound,
+                    now=gateway.clock.now,
+                ),
+                *admin_routes(gateway),
+            ]
+
+        gateway = await stack.enter_async_context(
+            open_gateway(
+                config,
+                adapters=adapters if executor is None else None,
+                executor=executor,
+                wall_at_start=wall_at_start,
+                extra_routes=routes,
+                tracking_secret=tracking_secret,
+            )
+        )
+        for name, simulator in simulators.items():
+            simulator.webhook_url = gateway.links.webhook_url(name)
+            if isinstance(simulator, FcmSimulator):
+                simulator.ingest_endpoint = gateway.ingest_endpoint
+        yield Embedded(gateway, simulators)
