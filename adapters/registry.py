@@ -50,7 +50,9 @@ def build_adapters(config: GatewayConfig) -> tuple[dict[str, Adapter], list[http
     adapters: dict[str, Adapter] = {}
     clients: list[httpx.AsyncClient] = []
     for name, provider in config.providers.items():
-        client = make_client(timeout_seconds=provider.timeout_seconds, max_connections=provider.concurrency)
+        client = make_client(
+            timeout_seconds=provider.timeout_seconds, max_connections=provider.concurrency
+        )
         clients.append(client)
         adapters[name] = ADAPTERS[provider.kind](name, provider, client)
     return adapters, clients

@@ -14,10 +14,11 @@ impossible values. Every error names the key, e.g.
 from __future__ import annotations
 
 import enum
+import re
 import tomllib
 from collections.abc import Mapping
 from datetime import time
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal, cast
 
 import msgspec
 
@@ -114,12 +115,16 @@ class LaneLimits(_Config, frozen=True):
         return limit
 
 
+class RetryConfig(RetryPolicy, frozen=True, forbid_unknown_fields=True):
+    """The core's ``RetryPolicy``, refusing unknown keys like every other section."""
+
+
 class DispatchConfig(_Config, frozen=True):
     workers: Annotated[int, msgspec.Meta(ge=0)] = 0
     """0 dispatches in the router process; N uses N worker processes over ipc sockets."""
     max_queued: LaneLimits = LaneLimits()
     """Queued provider sends per lane beyond which ingest answers ``overloaded``."""
-    retry: RetryPolicy = RetryPolicy()
+    retry: RetryConfig = RetryConfig()
 
 
 class ChannelConfig(_Config, frozen=True):
@@ -136,9 +141,13 @@ def _default_channels() -> dict[Channel, ChannelConfig]:
     }
 
 
+LocalTime = Annotated[time, msgspec.Meta(tz=False)]
+"""Quiet hours are the recipient's wall-clock times: an offset would be meaningless."""
+
+
 class QuietHoursConfig(_Config, frozen=True):
-    start: time
-    end: time
+    start: LocalTime
+    end: LocalTime
     action: QuietAction = QuietAction.DEFER
     channels: frozenset[Channel] = frozenset()
     categories: frozenset[Category] = frozenset()
@@ -325,11 +334,12 @@ def load_config(toml_bytes: bytes, environ: Mapping[str, str]) -> GatewayConfig:
             path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
             if not all(path):
                 raise ConfigError(f"{name}: empty path segment")
-            _set_path(data, path, _env_value(value, secret=path[-1] in SECRET_KEYS))
+            secret = path[-1] in SECRET_KEYS or path[-1] == "tracking_secret"
+            _set_path(data, path, _env_value(value, secret=secret))
     try:
         config = msgspec.convert(data, GatewayConfig, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"config: {_dotted(str(exc))}") from exc
+        raise ConfigError(f"config: {_dotted(str(exc), data)}") from exc
     _validate(config)
     return config
 
@@ -367,17 +377,63 @@ def _set_path(data: dict[str, object], path: list[str], value: object) -> None:
 
 
 def _dec_hook(type_: type, value: object) -> object:
-    if type_ is Secret and isinstance(value, str):
-        return Secret(value)
+    if type_ is Secret:
+        if isinstance(value, str):
+            return Secret(value)
+        # a TypeError becomes a ValidationError naming the key (NotImplementedError escapes)
+        raise TypeError(f"Expected `str`, got `{type(value).__name__}`")
     raise NotImplementedError
 
 
-def _dotted(message: str) -> str:
-    """msgspec says ``... - at `$.tenants.acme`;`` we say ``tenants.acme: ...``."""
+_PATH_PART: Final = re.compile(r"\.([^.\[]+)|\[(\d+|\.\.\.)\]")
+
+
+def _dotted(message: str, data: dict[str, object]) -> str:
+    """msgspec says ``... - at `$.tenants[...].brand```; we say ``tenants.acme.brand: ...``.
+
+    msgspec writes every table key as ``[...]`` (and a bad key as ``key` in `$.channels``), so
+    each one is looked up in ``data``: the entry is the one that, left alone in its table,
+    gives the same error.
+    """
     text, sep, where = message.rpartition(" - at `")
     if not sep:
         return message
-    return f"{where.rstrip('`').removeprefix('$').lstrip('.')}: {text}"
+    bad_key = where.startswith("key` in `")
+    where = where.removeprefix("key` in `").rstrip("`").removeprefix("$")
+    parts: list[tuple[str, str]] = _PATH_PART.findall(where)
+    if bad_key:
+        parts.append(("", "..."))
+    dotted, node = "", cast("Any", data)
+    try:
+        for name, index in parts:
+            if name:
+                dotted, node = f"{dotted}.{name}", node[name]
+            elif index != "...":
+                dotted, node = f"{dotted}[{index}]", node[int(index)]
+            else:
+                key = _culprit(data, node, message)
+                dotted, node = f"{dotted}.{key}", node[key]
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return f"{where.lstrip('.')}: {text}"
+    return f"{dotted.lstrip('.')}: {text}"
+
+
+def _culprit(data: dict[str, object], table: dict[str, object], message: str) -> str:
+    """The key of ``table`` whose entry alone makes converting ``data`` fail with ``message``."""
+    entries = dict(table)
+    try:
+        for key, value in entries.items():
+            table.clear()
+            table[key] = value
+            try:
+                msgspec.convert(data, GatewayConfig, dec_hook=_dec_hook)
+            except msgspec.ValidationError as exc:
+                if str(exc) == message:
+                    return key
+    finally:
+        table.clear()
+        table.update(entries)
+    raise KeyError(message)
 
 
 def _validate(config: GatewayConfig) -> None:

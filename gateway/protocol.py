@@ -374,8 +374,8 @@ def validate(request: Request) -> str | None:
                         return f"no content for requested channel {channel.value} - at `$.content`"
             elif not any(content.has(channel) for channel in Channel):
                 return "no content for any channel - at `$.content`"
-        case ConsentRequest(kind=ConsentKind.PERSONAL_DATA, channel=channel, topic=topic):
-            if channel is not None or topic is not None:
+        case ConsentRequest(kind=ConsentKind.PERSONAL_DATA, channel=scope, topic=topic):
+            if scope is not None or topic is not None:
                 return "personal-data consent is not per channel or topic - at `$.kind`"
         case _:
             pass

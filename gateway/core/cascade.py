@@ -272,7 +272,7 @@ class Cascade(msgspec.Struct, frozen=True, gc=False, array_like=True):
                 if not allowed & current.bit:
                     return self._finish(Outcome.UNSUBSCRIBED, allowed=allowed)
                 return msgspec.structs.replace(self, allowed=allowed), []
-            case TimerFired(kind=TimerKind.STEP):
+            case TimerFired():  # STEP: the EXPIRY timer is matched above
                 if status is Status.DEFERRED:
                     return (
                         msgspec.structs.replace(self, status=Status.SENDING),

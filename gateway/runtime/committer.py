@@ -17,7 +17,7 @@ import trio
 from gateway.protocol import StatusEvent
 from gateway.runtime.clock import perf_seconds
 from gateway.runtime.metrics import Metrics
-from gateway.store.base import Batch, Journal
+from gateway.store.base import Batch, Journal, MessageRecord
 
 log = structlog.get_logger("gateway.committer")
 
@@ -52,6 +52,13 @@ class Committer:
         if self._committing is not None:
             yield from self._committing.events
         yield from self._current.events
+
+    def staged_record(self, key: str) -> MessageRecord | None:
+        """The newest written-but-not-yet-durable value of a record, if any."""
+        record = self._current.dirty.get(key)
+        if record is None and self._committing is not None:
+            record = self._committing.dirty.get(key)
+        return record
 
     def on_commit(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)

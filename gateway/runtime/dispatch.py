@@ -104,6 +104,38 @@ class ClaimingRouter(Protocol):
     def remember_address(self, record: MessageRecord, channel: Channel, address: str) -> None: ...
 
 
+class _RequestLoader:
+    """Loads journalled requests for later cascade steps, many per read.
+
+    Every job that needs its request waits here; one task reads all keys asked for since its
+    last read in a single query, so a burst of timed-out steps costs one thread hop, not one
+    per message.
+    """
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self._waiting: dict[str, list[trio.MemorySendChannel[bytes | None]]] = {}
+        self._wake = trio.Event()
+
+    async def get(self, key: str) -> bytes | None:
+        send, receive = trio.open_memory_channel[bytes | None](1)
+        self._waiting.setdefault(key, []).append(send)
+        self._wake.set()
+        return await receive.receive()
+
+    async def serve(self) -> None:
+        while True:
+            if not self._waiting:
+                self._wake = trio.Event()
+                await self._wake.wait()
+                continue
+            waiting, self._waiting = self._waiting, {}
+            found = await self.journal.requests(list(waiting))
+            for key, channels in waiting.items():
+                for channel in channels:
+                    channel.send_nowait(found.get(key))
+
+
 class _ProviderQueue:
     __slots__ = ("channel", "concurrency", "inflight", "limiter", "name", "price", "queue", "wake")
 
@@ -166,6 +198,7 @@ class Dispatcher:
         self._retry_ids = 0
         self._retry_wake = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._loader = _RequestLoader(journal)
         self.delivered_jobs = 0
 
     # ------------------------------------------------------------ queueing
@@ -196,6 +229,7 @@ class Dispatcher:
             for queue in self._queues.values():
                 nursery.start_soon(self._drain, queue, nursery)
             nursery.start_soon(self._serve_retries)
+            nursery.start_soon(self._loader.serve)
             task_status.started()
 
     async def _drain(self, queue: _ProviderQueue, nursery: trio.Nursery) -> None:
@@ -233,7 +267,7 @@ class Dispatcher:
     async def _attempt(self, queue: _ProviderQueue, job: Job, record: MessageRecord) -> None:
         request = job.request
         if request is None:
-            request = (await self.journal.requests([job.key])).get(job.key)
+            request = await self._loader.get(job.key)
             if request is None:
                 log.error("dispatch_request_missing", message=job.key)
                 self.router.send_failed(
@@ -285,6 +319,7 @@ class Dispatcher:
             status_code=exc.status_code,
             code=exc.code,
             attempt=job.attempt,
+            error=str(exc),  # adapters compose these messages and keep personal data out
         )
         names = self._providers[job.tenant][job.channel]
         decision = after_failure(

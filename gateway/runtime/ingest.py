@@ -3,31 +3,49 @@
 One task owns the socket (``gateway.runtime.zmqio`` rules). It drains up to a budget of frames,
 hands each to the router (which stages writes and answers synchronously), queues the replies
 behind the group commit that makes them true, and sends every reply whose batch is durable.
-Replies leave in arrival order, so a client may pipeline frames on one DEALER and match replies
-by position; a client may also put its own correlation frames before the payload and gets them
+Replies leave in each client's arrival order, so a client may pipeline frames on one DEALER and
+match replies by position; a client may also put its own correlation frames before the payload and gets them
 back unchanged (``[corr-id, payload]`` -> ``[corr-id, reply]``).
 
 When idle it parks on the socket's FD inside a cancel scope that the committer cancels after
-each commit: one task, one socket, woken by either new frames or new durability.
+each commit: one task, one socket, woken by either new frames or new durability. The loop never
+awaits I/O: a ``status`` request, which reads the journal, is answered by a side task, and its
+reply waits its turn in that client's order.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from typing import cast
 
 import structlog
 import trio
 import zmq
 
 from gateway.config import IngestConfig
-from gateway.protocol import decode_frame, encode_reply
+from gateway.protocol import Result, decode_frame, encode_reply
 from gateway.runtime import zmqio
 from gateway.runtime.committer import Committer
 from gateway.runtime.metrics import Metrics
-from gateway.runtime.router import Router
+from gateway.runtime.router import Router, StatusQuery
 from gateway.store.base import Batch
 
 log = structlog.get_logger("gateway.ingest")
+
+
+class _Reply:
+    """One frame's answer on its way out: sent once computed and its writes are durable."""
+
+    __slots__ = ("batch", "envelope", "identity", "payload")
+
+    def __init__(self, identity: bytes, envelope: list[bytes], batch: Batch | None) -> None:
+        self.identity = identity
+        self.envelope = envelope
+        self.batch = batch
+        self.payload: bytes | None = None
+
+    def ready(self) -> bool:
+        return self.payload is not None and (self.batch is None or self.batch.committed)
 
 
 class Ingest:
@@ -45,8 +63,9 @@ class Ingest:
         self.committer = committer
         self.metrics = metrics
         self.config = config
-        self._pending: deque[tuple[Batch | None, list[bytes]]] = deque()
+        self._pending: deque[_Reply] = deque()
         self._idle: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
         self.frames = 0
         committer.on_commit(self._wake)
 
@@ -57,14 +76,14 @@ class Ingest:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         sock = self.sock
         budget = self.config.max_frames_per_wakeup
-        task_status.started()
-        try:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
             while True:
                 handled = 0
                 while handled < budget and zmqio.readable(sock):
-                    parts = sock.recv_multipart(zmq.NOBLOCK)
+                    self._handle(sock.recv_multipart(zmq.NOBLOCK))
                     handled += 1
-                    await self._handle(parts)
                 self._flush()
                 if handled >= budget or zmqio.readable(sock):
                     await trio.lowlevel.checkpoint()
@@ -73,10 +92,8 @@ class Ingest:
                     self._idle = idle
                     await zmqio.wait_readable(sock)
                 self._idle = None
-        finally:
-            self._idle = None
 
-    async def _handle(self, parts: list[bytes]) -> None:
+    def _handle(self, parts: list[bytes]) -> None:
         self.frames += 1
         if len(parts) < 2:
             return  # a ROUTER always prepends the peer identity; nothing to answer
@@ -84,26 +101,52 @@ class Ingest:
         frame = decode_frame(
             payload, max_frame_bytes=self.config.max_frame_bytes, max_batch=self.config.max_batch
         )
-        results = await self.router.handle_frame(frame)
-        reply = encode_reply(frame.batch, results)
+        results = self.router.handle_frame(frame)
         batch = self.committer.peek()
-        self._pending.append((batch if batch else None, [identity, *envelope, reply]))
+        reply = _Reply(identity, envelope, batch if batch else None)
+        self._pending.append(reply)
+        queries = [item for item in results if isinstance(item, StatusQuery)]
+        if not queries:
+            reply.payload = encode_reply(frame.batch, cast("list[Result]", results))
+            return
+        # status needs the journal: answer it beside the loop, never by awaiting in it
+        assert self._nursery is not None
+        self._nursery.start_soon(self._answer, reply, frame.batch, results, queries)
+
+    async def _answer(
+        self,
+        reply: _Reply,
+        batch: bool,
+        results: list[Result | StatusQuery],
+        queries: list[StatusQuery],
+    ) -> None:
+        answers = iter(await self.router.answer_status(queries))
+        final = [next(answers) if isinstance(item, StatusQuery) else item for item in results]
+        reply.payload = encode_reply(batch, final)
+        self._wake()
 
     def _flush(self) -> None:
+        """Send every ready reply whose client has no earlier reply still waiting.
+
+        Order is kept per client (a client may match replies by position), not globally: one
+        client's slow status query must not hold back another client's acks.
+        """
         pending = self._pending
+        if not pending:
+            return
+        waiting: set[bytes] = set()
+        kept: deque[_Reply] = deque()
         sock = self.sock
-        while pending:
-            batch, message = pending[0]
-            if batch is not None and not batch.committed:
-                return
-            pending.popleft()
+        for reply in pending:
+            if reply.identity in waiting or not reply.ready():
+                waiting.add(reply.identity)
+                kept.append(reply)
+                continue
+            assert reply.payload is not None
             try:
-                sock.send_multipart(message, zmq.NOBLOCK)
+                sock.send_multipart([reply.identity, *reply.envelope, reply.payload], zmq.NOBLOCK)
             except zmq.ZMQError as exc:
                 reason = "peer_gone" if exc.errno == zmq.EHOSTUNREACH else "peer_full"
                 self.metrics.replies_dropped.labels(reason).inc()
                 log.warning("reply_dropped", reason=reason)
-
-    def flush_committed(self) -> None:
-        """Send what is ready (used at shutdown, after the final commit)."""
-        self._flush()
+        self._pending = kept

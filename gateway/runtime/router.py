@@ -18,6 +18,7 @@ from collections.abc import Callable
 from datetime import tzinfo
 from typing import TYPE_CHECKING, Final
 
+import msgspec
 import structlog
 
 from adapters import ProviderReceipt, ReceiptKind
@@ -134,6 +135,16 @@ class Receipt:
         self.detail = detail
 
 
+class StatusQuery:
+    """A ``status`` request whose answer needs the journal (see ``Router.answer_status``)."""
+
+    __slots__ = ("key", "message_id")
+
+    def __init__(self, key: str, message_id: str) -> None:
+        self.key = key
+        self.message_id = message_id
+
+
 class Router:
     def __init__(
         self,
@@ -177,11 +188,15 @@ class Router:
         }
 
     # ================================================================ requests
-    async def handle_frame(self, frame: Frame) -> list[Result]:
-        """Answer every request of a frame, in order. Writes are staged, not yet durable."""
+    def handle_frame(self, frame: Frame) -> list[Result | StatusQuery]:
+        """Answer every request of a frame, in order, without waiting for I/O.
+
+        Writes are staged, not yet durable. A ``status`` needs the journal, so it comes back as
+        a ``StatusQuery`` for ``answer_status`` to resolve off the ingest path.
+        """
         now = self.clock.now()
         self.metrics.frames.inc()
-        results: list[Result] = []
+        results: list[Result | StatusQuery] = []
         counters = self._request_counters
         for item, raw in zip(frame.items, frame.raws or [b""] * len(frame.items), strict=True):
             match item:
@@ -196,10 +211,24 @@ class Router:
                 case ConsentRequest():
                     result, op = self._consent(item, now), "consent"
                 case StatusRequest():
-                    result, op = await self._status(item), "status"
+                    key = message_key(item.tenant, item.id)
+                    if self.state.known(key):
+                        counters["status", ResultStatus.OK].inc()
+                        results.append(StatusQuery(key, item.id))
+                        continue
+                    result = rejected(RejectReason.NOT_FOUND, f"no message {item.id!r}", item.id)
+                    op = "status"
             counters[op, result.status].inc()
             results.append(result)
         return results
+
+    async def answer_status(self, queries: list[StatusQuery]) -> list[Result]:
+        """Resolve status queries with one journal read for all of them."""
+        states = await self.message_states([query.key for query in queries])
+        return [
+            Result(ResultStatus.OK, id=query.message_id, message=states.get(query.key))
+            for query in queries
+        ]
 
     def overloaded(self, lane: Lane) -> str | None:
         """Why a new send in ``lane`` must be refused now, or None."""
@@ -343,31 +372,35 @@ class Router:
         self.change_consent(request.tenant, request.recipient_id, record, now=now, source="api")
         return _OK
 
-    async def _status(self, request: StatusRequest) -> Result:
-        key = message_key(request.tenant, request.id)
-        if not self.state.known(key):
-            return rejected(RejectReason.NOT_FOUND, f"no message {request.id!r}", request.id)
-        message = await self.message_state(key)
-        return Result(ResultStatus.OK, id=request.id, message=message)
-
     async def message_state(self, key: str) -> MessageState | None:
         """The message's state and whole timeline (reads the journal)."""
-        brief = self._brief(key)
-        if brief is None:
-            stored = await self.journal.message(MessageKey(key))
-            if stored is None:
-                return None
-            brief = _describe(stored.record)
-        timeline = await self.journal.timeline(MessageKey(key))
-        staged = [e for e in self.committer.staged_events() if f"{e.tenant}:{e.id}" == key]
-        return MessageState(
-            state=brief.state,
-            channel=brief.channel,
-            outcome=brief.outcome,
-            channels=brief.channels,
-            deferred_until=brief.deferred_until,
-            timeline=timeline + staged,
-        )
+        return (await self.message_states([key])).get(key)
+
+    async def message_states(self, keys: list[str]) -> dict[str, MessageState]:
+        """States and timelines of several messages: one read for the timelines, one for
+        finished messages' records."""
+        records = self.state.records
+        archived = [key for key in keys if key not in records]
+        stored = await self.journal.messages(archived) if archived else {}
+        timelines = await self.journal.timelines(keys)
+        wanted = set(keys)
+        for event in self.committer.staged_events():  # written but not yet durable
+            key = f"{event.tenant}:{event.id}"
+            if key in wanted:
+                timelines.setdefault(key, []).append(event)
+        states: dict[str, MessageState] = {}
+        for key in keys:
+            # newest first: live, then staged (finished but not yet durable), then journalled
+            record = records.get(key) or self.committer.staged_record(key)
+            if record is None:
+                found = stored.get(key)
+                if found is None:
+                    continue
+                record = found.record
+            states[key] = msgspec.structs.replace(
+                _describe(record), timeline=timelines.get(key, [])
+            )
+        return states
 
     def _brief(self, key: str) -> MessageState | None:
         record = self.state.records.get(key)

@@ -19,6 +19,7 @@ import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import structlog
@@ -28,6 +29,8 @@ import zmq
 from adapters import Adapter, Outgoing, SendReceipt
 from gateway.core import errors
 from gateway.core.errors import ProviderError
+from gateway.core.model import Channel
+from gateway.protocol import EmailContent, PushContent, SmsContent, ViberContent
 from gateway.runtime import zmqio
 from gateway.runtime.clock import perf_seconds
 
@@ -66,8 +69,38 @@ _ERRORS: dict[str, type[ProviderError]] = {
 }
 
 _job_encoder = msgspec.msgpack.Encoder()
-_job_decoder = msgspec.msgpack.Decoder(WorkerJob)
 _result_decoder = msgspec.msgpack.Decoder(WorkerResult)
+
+# ``Outgoing.content`` is a union of untagged Structs, which msgspec cannot decode blind; the
+# channel says which one it is, so the wire form carries the content raw and decodes it after.
+_WireOutgoing = msgspec.defstruct(
+    "_WireOutgoing",
+    [
+        (field.name, msgspec.Raw if field.name == "content" else field.type)
+        if field.required
+        else (field.name, field.type, field.default)
+        for field in msgspec.structs.fields(Outgoing)
+    ],
+)
+_WireJob = msgspec.defstruct(
+    "_WireJob", [("job_id", int), ("provider", str), ("outgoing", _WireOutgoing)], array_like=True
+)
+_wire_job_decoder = msgspec.msgpack.Decoder(_WireJob)
+_CONTENT_TYPES: dict[Channel, type[msgspec.Struct]] = {
+    Channel.PUSH: PushContent,
+    Channel.EMAIL: EmailContent,
+    Channel.VIBER: ViberContent,
+    Channel.SMS: SmsContent,
+}
+
+
+def decode_job(frame: bytes) -> WorkerJob:
+    wire: Any = _wire_job_decoder.decode(frame)  # a defstruct: mypy cannot see its fields
+    fields = msgspec.structs.asdict(wire.outgoing)
+    fields["content"] = msgspec.msgpack.decode(
+        fields["content"], type=_CONTENT_TYPES[fields["channel"]]
+    )
+    return WorkerJob(wire.job_id, wire.provider, Outgoing(**fields))
 
 
 def rebuild_error(result: WorkerResult, provider: str) -> ProviderError:
@@ -217,7 +250,7 @@ async def serve_worker(
                 await limit.acquire()  # take a job only when there is room to run it
                 limit.release()
                 (frame,) = await zmqio.recv_multipart(jobs)
-                nursery.start_soon(run, _job_decoder.decode(frame))
+                nursery.start_soon(run, decode_job(frame))
     finally:
         context.term()
 

@@ -117,11 +117,19 @@ class Journal(Protocol):
 
     async def message(self, key: MessageKey) -> StoredMessage | None: ...
 
+    async def messages(self, keys: list[str]) -> dict[str, StoredMessage]:
+        """Several messages in one read (each read is a thread hop; batch them)."""
+        ...
+
     async def requests(self, keys: list[str]) -> dict[str, bytes]:
         """The original send requests (content, addresses) of these messages."""
         ...
 
     async def timeline(self, key: MessageKey) -> list[StatusEvent]: ...
+
+    async def timelines(self, keys: list[str]) -> dict[str, list[StatusEvent]]:
+        """The timelines of several messages in one read; keys without events are absent."""
+        ...
 
     async def consent_history(self, recipient: RecipientKey) -> list[ConsentRecord]: ...
 

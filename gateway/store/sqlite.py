@@ -62,6 +62,7 @@ CREATE TABLE IF NOT EXISTS addresses (
 ) WITHOUT ROWID;
 """
 
+_IN_CHUNK = 500  # keys per IN (...) query; well under SQLite's bound-parameter limit
 _encoder = msgspec.msgpack.Encoder()
 _record_decoder = msgspec.msgpack.Decoder(MessageRecord)
 _event_decoder = msgspec.msgpack.Decoder(StatusEvent)
@@ -210,29 +211,32 @@ class SqliteJournal:
 
     # ------------------------------------------------------------ reads
     async def message(self, key: MessageKey) -> StoredMessage | None:
-        row = await self._read(
-            "SELECT record, request, outcome FROM messages WHERE key = ?", (key,), one=True
+        return (await self.messages([key])).get(key)
+
+    async def messages(self, keys: list[str]) -> dict[str, StoredMessage]:
+        rows = await self._read_in(
+            "SELECT key, record, request, outcome FROM messages WHERE key IN ({})", keys
         )
-        if not row:
-            return None
-        record, request, outcome = row[0]
-        return StoredMessage(_record_decoder.decode(record), request, outcome is not None)
+        return {
+            key: StoredMessage(_record_decoder.decode(record), request, outcome is not None)
+            for key, record, request, outcome in rows
+        }
 
     async def requests(self, keys: list[str]) -> dict[str, bytes]:
-        found: dict[str, bytes] = {}
-        for start in range(
-            0, len(keys), 500
-        ):  # SQLite's default bound-parameter limit is high; stay modest
-            chunk = keys[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            query = f"SELECT key, request FROM messages WHERE key IN ({marks})"  # noqa: S608 - only placeholders
-            rows = await self._read(query, chunk)
-            found.update((key, request) for key, request in rows)
-        return found
+        rows = await self._read_in("SELECT key, request FROM messages WHERE key IN ({})", keys)
+        return dict(rows)
 
     async def timeline(self, key: MessageKey) -> list[StatusEvent]:
-        rows = await self._read("SELECT body FROM events WHERE key = ? ORDER BY id", (key,))
-        return [_event_decoder.decode(body) for (body,) in rows]
+        return (await self.timelines([key])).get(key, [])
+
+    async def timelines(self, keys: list[str]) -> dict[str, list[StatusEvent]]:
+        rows = await self._read_in(
+            "SELECT key, body FROM events WHERE key IN ({}) ORDER BY id", keys
+        )
+        found: dict[str, list[StatusEvent]] = {}
+        for key, body in rows:
+            found.setdefault(key, []).append(_event_decoder.decode(body))
+        return found
 
     async def consent_history(self, recipient: RecipientKey) -> list[ConsentRecord]:
         rows = await self._read(
@@ -240,12 +244,28 @@ class SqliteJournal:
         )
         return [_consent_decoder.decode(body) for (body,) in rows]
 
-    async def _read(
-        self, sql: str, params: Iterable[object], *, one: bool = False
-    ) -> list[tuple[Any, ...]]:
+    async def _read(self, sql: str, params: Iterable[object]) -> list[tuple[Any, ...]]:
         def run() -> list[tuple[Any, ...]]:
-            cursor = self._connection(self._reader).execute(sql, tuple(params))
-            return cursor.fetchmany(1) if one else cursor.fetchall()
+            return self._connection(self._reader).execute(sql, tuple(params)).fetchall()
+
+        return await trio.to_thread.run_sync(run, limiter=self._read_lock)
+
+    async def _read_in(self, sql: str, keys: list[str]) -> list[tuple[Any, ...]]:
+        """Run ``sql`` (one ``IN ({})`` slot) for many keys in one thread hop, in chunks.
+
+        Each thread hop costs a trip through trio's run queue, which under load is far dearer
+        than the query, so reads are batched rather than issued per key.
+        """
+        if not keys:
+            return []
+
+        def run() -> list[tuple[Any, ...]]:
+            connection = self._connection(self._reader)
+            rows: list[tuple[Any, ...]] = []
+            for start in range(0, len(keys), _IN_CHUNK):
+                chunk = keys[start : start + _IN_CHUNK]
+                rows.extend(connection.execute(sql.format(",".join("?" * len(chunk))), chunk))
+            return rows
 
         return await trio.to_thread.run_sync(run, limiter=self._read_lock)
 

@@ -1,0 +1,664 @@
+"""The Twilio adapter (adapters/twilio.py) against its pure contract and the real simulator."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from urllib.parse import parse_qs, parse_qsl, urlencode
+
+import httpx
+import hypercorn.config
+import hypercorn.trio
+import msgspec
+import pytest
+import trio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
+
+from adapters import Outgoing, ProviderReceipt, ReceiptKind, SendReceipt, WebhookRejected, twilio
+from adapters._http import make_client
+from adapters.simulators._base import Scripted
+from adapters.simulators.twilio import TwilioSimulator
+from gateway.config import ProviderConfig, Secret, SenderConfig, SimulatorConfig
+from gateway.core.errors import (
+    AuthRejected,
+    ConfigError,
+    InvalidRecipient,
+    InvalidRequest,
+    ProviderError,
+    ProviderUnavailable,
+    RateLimited,
+)
+from gateway.core.model import Category, Channel
+from gateway.protocol import SmsContent, ViberContent
+
+SID = "AC" + "0123456789abcdef" * 2
+AUTH = "f" * 32
+CONFIG = ProviderConfig(kind="twilio", account_sid=SID, auth_token=Secret(AUTH))
+CALLBACK = "https://gw.example/webhooks/sms1?m=acme%2Fmsg-1"
+FAST = SimulatorConfig(receipt_delay_seconds=0.01, read_delay_seconds=0.02, latency_seconds=0)
+NOW = 1_795_435_200.0
+
+
+def outgoing(
+    *,
+    phone: str = "+79160000002",
+    text: str = "Your code is 1234",
+    sms_from: str = "ACME",
+    callback: str = CALLBACK,
+) -> Outgoing:
+    return Outgoing(
+        message_key="acme/msg-1",
+        tenant="acme",
+        channel=Channel.SMS,
+        category=Category.SERVICE,
+        address=phone,
+        content=SmsContent(text=text),
+        brand="Acme",
+        sender=SenderConfig(sms_from=sms_from),
+        status_callback_url=callback,
+    )
+
+
+def reference_signature(url: str, params: list[tuple[str, str]], auth: str) -> str:
+    """Twilio's documented scheme, written out independently of the adapter."""
+    data = url
+    for name in sorted({name for name, _ in params}):
+        for value in sorted(value for n, value in params if n == name):
+            data += name + value
+    return base64.b64encode(hmac.new(auth.encode(), data.encode(), hashlib.sha1).digest()).decode()
+
+
+def status_form(status: str, **extra: str) -> list[tuple[str, str]]:
+    params = [
+        ("AccountSid", SID),
+        ("ApiVersion", "2010-04-01"),
+        ("From", "ACME"),
+        ("MessageSid", "SM" + "1" * 32),
+        ("MessageStatus", status),
+        ("SmsSid", "SM" + "1" * 32),
+        ("SmsStatus", status),
+        ("To", "+79160000002"),
+    ]
+    return params + list(extra.items())
+
+
+def failure(status: int, code: int | None, headers: dict[str, str] | None = None) -> httpx.Response:
+    body = {"code": code, "message": "The 'To' number +79160000002 is not valid", "status": status}
+    return httpx.Response(status, json=body, headers=headers)
+
+
+# ---------------------------------------------------------------- pure functions
+class TestBuildRequest:
+    """build_request makes exactly Twilio's Messages.json request."""
+
+    def test_shape(self) -> None:
+        request = twilio.build_request(
+            outgoing(), config=CONFIG, base_url="https://api.twilio.com/", auth_token=AUTH
+        )
+        assert request.method == "POST"
+        assert str(request.url) == f"https://api.twilio.com/2010-04-01/Accounts/{SID}/Messages.json"
+        expected_auth = base64.b64encode(f"{SID}:{AUTH}".encode()).decode()
+        assert request.headers["authorization"] == f"Basic {expected_auth}"
+        assert request.headers["content-type"] == "application/x-www-form-urlencoded"
+        assert parse_qsl(request.content.decode(), strict_parsing=True) == [
+            ("To", "+79160000002"),
+            ("From", "ACME"),
+            ("Body", "Your code is 1234"),
+            ("StatusCallback", CALLBACK),
+        ]
+
+    def test_without_a_callback_url_asks_for_no_callbacks(self) -> None:
+        assert "StatusCallback" not in twilio.form_fields(outgoing(callback=""))
+
+    def test_needs_an_account_sid(self) -> None:
+        config = ProviderConfig(kind="twilio", auth_token=Secret(AUTH))
+        with pytest.raises(ConfigError):
+            twilio.build_request(outgoing(), config=config, base_url="http://x", auth_token=AUTH)
+
+    def test_refuses_other_content(self) -> None:
+        wrong = msgspec.structs.replace(outgoing(), content=ViberContent(text="hi"))
+        with pytest.raises(TypeError):
+            twilio.form_fields(wrong)
+
+
+class TestParseResponse:
+    """parse_response maps Twilio's answers to receipts or precise errors."""
+
+    def test_created_returns_the_sid(self) -> None:
+        response = httpx.Response(201, json={"sid": "SM" + "a" * 32, "status": "queued"})
+        assert twilio.parse_response(response, provider="sms1") == SendReceipt("SM" + "a" * 32)
+
+    @pytest.mark.parametrize("content", [b"", b"<html/>", b'{"status": "queued"}'])
+    def test_unreadable_success_is_transient(self, content: bytes) -> None:
+        with pytest.raises(ProviderUnavailable):
+            twilio.parse_response(httpx.Response(201, content=content), provider="sms1")
+
+    @pytest.mark.parametrize(
+        ("status", "code", "error"),
+        [
+            (400, 21211, InvalidRecipient),
+            (400, 21614, InvalidRecipient),
+            (400, 21610, InvalidRecipient),
+            (400, 21408, InvalidRecipient),
+            (400, 21612, InvalidRecipient),
+            (401, 20003, AuthRejected),
+            (400, 21606, InvalidRequest),
+            (400, 21212, InvalidRequest),
+            (400, 21602, InvalidRequest),
+            (400, 21603, InvalidRequest),
+            (400, 21604, InvalidRequest),
+            (400, 21617, InvalidRequest),
+            (400, 99999, InvalidRequest),
+            (404, 20404, InvalidRequest),
+            (403, 99999, AuthRejected),
+            (500, 20500, ProviderUnavailable),
+            (503, 20503, ProviderUnavailable),
+        ],
+    )
+    def test_code_table(self, status: int, code: int, error: type[ProviderError]) -> None:
+        with pytest.raises(ProviderError) as caught:
+            twilio.parse_response(failure(status, code), provider="sms1")
+        assert type(caught.value) is error
+        assert (caught.value.code, caught.value.status_code, caught.value.provider) == (
+            str(code),
+            status,
+            "sms1",
+        )
+        assert "+79160000002" not in str(caught.value)  # Twilio's message quotes the phone
+
+    def test_429_is_rate_limited_with_retry_after(self) -> None:
+        with pytest.raises(RateLimited) as caught:
+            twilio.parse_response(failure(429, 20429, {"Retry-After": "3"}), provider="sms1")
+        assert (caught.value.code, caught.value.retry_after_seconds) == ("20429", 3.0)
+
+    def test_20429_is_rate_limited_whatever_the_status(self) -> None:
+        with pytest.raises(RateLimited) as caught:
+            twilio.parse_response(failure(400, 20429, {"Retry-After": "2"}), provider="sms1")
+        assert caught.value.retry_after_seconds == 2.0
+
+    @pytest.mark.parametrize(
+        ("status", "error"),
+        [
+            (401, AuthRejected),
+            (502, ProviderUnavailable),
+            (429, RateLimited),
+            (400, InvalidRequest),
+        ],
+    )
+    def test_without_a_twilio_body_the_status_decides(
+        self, status: int, error: type[ProviderError]
+    ) -> None:
+        with pytest.raises(error) as caught:
+            twilio.parse_response(httpx.Response(status, text="<html/>"), provider="sms1")
+        assert caught.value.code is None
+
+
+class TestSignature:
+    """X-Twilio-Signature: base64 HMAC-SHA1 over the URL with its query + sorted params."""
+
+    def test_twilio_documented_example(self) -> None:
+        # twilio.com/docs/usage/webhooks/webhooks-security (helper-library samples)
+        params = [
+            ("CallSid", "CA1234567890ABCDE"),
+            ("Caller", "+14158675310"),
+            ("Digits", "1234"),
+            ("From", "+14158675310"),
+            ("To", "+18005551212"),
+        ]
+        url = "https://mycompany.com/myapp.php?foo=1&bar=2"
+        assert twilio.signature(url, params, "12345") == "GvWf1cFY/Q7PnoempGyD5oXAezc="
+
+    def test_our_callback_url_and_unsorted_params(self) -> None:
+        params = [("To", "+7916"), ("MessageStatus", "delivered"), ("AccountSid", SID)]
+        signed = f"{CALLBACK}AccountSid{SID}MessageStatusdeliveredTo+7916"
+        expected = base64.b64encode(
+            hmac.new(AUTH.encode(), signed.encode(), hashlib.sha1).digest()
+        ).decode()
+        assert twilio.signature(CALLBACK, params, AUTH) == expected
+
+    def test_repeated_names_sort_by_value(self) -> None:
+        params = [("b", "2"), ("a", "z"), ("a", "y")]
+        assert twilio.signature("u", params, AUTH) == reference_signature("u", params, AUTH)
+
+
+class TestVerifyWebhook:
+    """verify_webhook accepts only callbacks Twilio signed for exactly this URL and body."""
+
+    def verify(self, body: bytes, headers: dict[str, str], *, url: str = CALLBACK) -> None:
+        twilio.verify_webhook(url=url, headers=headers, body=body, config=CONFIG, now=NOW)
+
+    def signed(self, params: list[tuple[str, str]], *, url: str = CALLBACK) -> dict[str, str]:
+        return {"X-Twilio-Signature": reference_signature(url, params, AUTH)}
+
+    @pytest.mark.parametrize("header", ["X-Twilio-Signature", "x-twilio-signature"])
+    def test_genuine_passes(self, header: str) -> None:
+        params = status_form("delivered")
+        self.verify(
+            urlencode(params).encode(), {header: reference_signature(CALLBACK, params, AUTH)}
+        )
+
+    def test_no_timestamp_means_no_staleness(self) -> None:
+        params = status_form("delivered")
+        body = urlencode(params).encode()
+        twilio.verify_webhook(
+            url=CALLBACK, headers=self.signed(params), body=body, config=CONFIG, now=0.0
+        )
+
+    def test_tampered_body(self) -> None:
+        params = status_form("delivered")
+        body = urlencode(status_form("undelivered", ErrorCode="30003")).encode()
+        with pytest.raises(WebhookRejected) as caught:
+            self.verify(body, self.signed(params))
+        assert caught.value.verdict == "bad_signature"
+
+    def test_other_message_key_in_the_url(self) -> None:
+        params = status_form("delivered")
+        with pytest.raises(WebhookRejected) as caught:
+            self.verify(
+                urlencode(params).encode(),
+                self.signed(params),
+                url=CALLBACK.replace("msg-1", "msg-2"),
+            )
+        assert caught.value.verdict == "bad_signature"
+
+    def test_wrong_token(self) -> None:
+        params = status_form("delivered")
+        headers = {"X-Twilio-Signature": reference_signature(CALLBACK, params, "0" * 32)}
+        with pytest.raises(WebhookRejected) as caught:
+            self.verify(urlencode(params).encode(), headers)
+        assert caught.value.verdict == "bad_signature"
+
+    def test_missing_header(self) -> None:
+        with pytest.raises(WebhookRejected) as caught:
+            self.verify(urlencode(status_form("delivered")).encode(), {})
+        assert caught.value.verdict == "bad_signature"
+
+    def test_without_a_token_nothing_verifies(self) -> None:
+        params = status_form("delivered")
+        with pytest.raises(WebhookRejected) as caught:
+            twilio.verify_webhook(
+                url=CALLBACK,
+                headers=self.signed(params),
+                body=urlencode(params).encode(),
+                config=ProviderConfig(kind="twilio", account_sid=SID),
+                now=NOW,
+            )
+        assert caught.value.verdict == "bad_signature"
+
+    @pytest.mark.parametrize("body", [b"\xff\xfe", b"garbage", b"a=1&&b"])
+    def test_garbage_is_malformed(self, body: bytes) -> None:
+        with pytest.raises(WebhookRejected) as caught:
+            self.verify(body, {"X-Twilio-Signature": "x"})
+        assert caught.value.verdict == "malformed"
+
+    @pytest.mark.parametrize(
+        ("signed_url", "given_url"),
+        [
+            ("https://gw.example:443/webhooks/sms1?m=k", "https://gw.example/webhooks/sms1?m=k"),
+            ("https://gw.example/webhooks/sms1?m=k", "https://gw.example:443/webhooks/sms1?m=k"),
+            ("http://gw.example/webhooks/sms1?m=k", "http://gw.example:80/webhooks/sms1?m=k"),
+            ("https://[::1]:443/webhooks/sms1", "https://[::1]/webhooks/sms1"),
+        ],
+    )
+    def test_default_port_either_way(self, signed_url: str, given_url: str) -> None:
+        params = status_form("delivered")
+        self.verify(urlencode(params).encode(), self.signed(params, url=signed_url), url=given_url)
+
+    @pytest.mark.parametrize(
+        ("signed_url", "given_url"),
+        [
+            ("https://gw.example/webhooks/sms1", "https://gw.example:8443/webhooks/sms1"),
+            ("https://gw.example:8443/webhooks/sms1", "https://gw.example/webhooks/sms1"),
+            ("https://gw.example/webhooks/sms1", "https://gw.example:bad/webhooks/sms1"),
+            ("https://gw.example/webhooks/sms1", "ftp://gw.example/webhooks/sms1"),
+            ("https://gw.example/webhooks/sms1", "https://u:p@gw.example/webhooks/sms1"),
+        ],
+    )
+    def test_other_urls_do_not_verify(self, signed_url: str, given_url: str) -> None:
+        params = status_form("delivered")
+        with pytest.raises(WebhookRejected) as caught:
+            self.verify(
+                urlencode(params).encode(), self.signed(params, url=signed_url), url=given_url
+            )
+        assert caught.value.verdict == "bad_signature"
+
+
+class TestParseWebhook:
+    """parse_webhook maps MessageStatus to receipts keyed by the URL's message key."""
+
+    def parse(self, params: list[tuple[str, str]], url: str = CALLBACK) -> list[ProviderReceipt]:
+        return twilio.parse_webhook(url=url, headers={}, body=urlencode(params).encode())
+
+    def test_delivered(self) -> None:
+        assert self.parse(status_form("delivered")) == [
+            ProviderReceipt(
+                ReceiptKind.DELIVERED,
+                0.0,
+                message_key="acme/msg-1",
+                provider_message_id="SM" + "1" * 32,
+            )
+        ]
+
+    @pytest.mark.parametrize("status", ["undelivered", "failed"])
+    def test_failures_carry_the_error_code(self, status: str) -> None:
+        (receipt,) = self.parse(status_form(status, ErrorCode="30003"))
+        assert (receipt.kind, receipt.detail, receipt.message_key) == (
+            ReceiptKind.FAILED,
+            "30003",
+            "acme/msg-1",
+        )
+
+    def test_read(self) -> None:
+        (receipt,) = self.parse(status_form("read"))
+        assert (receipt.kind, receipt.detail) == (ReceiptKind.READ, None)
+
+    @pytest.mark.parametrize("status", ["queued", "accepted", "sending", "sent", "scheduled"])
+    def test_progress_is_no_receipt(self, status: str) -> None:
+        assert self.parse(status_form(status)) == []
+
+    def test_without_a_key_the_sid_remains(self) -> None:
+        (receipt,) = self.parse(status_form("delivered"), url="https://gw.example/webhooks/sms1")
+        assert (receipt.message_key, receipt.provider_message_id) == (None, "SM" + "1" * 32)
+
+    def test_legacy_sms_fields(self) -> None:
+        (receipt,) = self.parse([("SmsSid", "SM9"), ("SmsStatus", "delivered")])
+        assert (receipt.kind, receipt.provider_message_id) == (ReceiptKind.DELIVERED, "SM9")
+
+    @pytest.mark.parametrize("body", [b"MessageSid=SM1", b"", b"\xff"])
+    def test_malformed(self, body: bytes) -> None:
+        with pytest.raises(WebhookRejected) as caught:
+            twilio.parse_webhook(url=CALLBACK, headers={}, body=body)
+        assert caught.value.verdict == "malformed"
+
+
+class TestAdapterConstruction:
+    @pytest.mark.parametrize(
+        "config",
+        [
+            ProviderConfig(kind="twilio", account_sid=SID),
+            ProviderConfig(kind="twilio", auth_token=Secret(AUTH)),
+        ],
+    )
+    def test_needs_credentials(self, config: ProviderConfig) -> None:
+        with pytest.raises(ConfigError):
+            twilio.TwilioAdapter("sms1", config, httpx.AsyncClient())
+
+    async def test_defaults_to_twilio_and_closes_nothing(self) -> None:
+        async with httpx.AsyncClient() as client:
+            adapter = twilio.TwilioAdapter("sms1", CONFIG, client)
+            assert (adapter.name, adapter.channel, twilio.KIND, twilio.CHANNEL) == (
+                "sms1",
+                Channel.SMS,
+                "twilio",
+                Channel.SMS,
+            )
+            assert adapter._base_url == "https://api.twilio.com"
+            await adapter.aclose()
+            assert not client.is_closed
+
+
+# ---------------------------------------------------------------- against the simulator
+@dataclass(frozen=True)
+class Hit:
+    """One request that reached the test's stand-in for the gateway."""
+
+    kind: str  # "webhook" | "click"
+    url: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class FakeGateway:
+    """The gateway's public side: records status callbacks and tracked-link clicks."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self._send, self._receive = trio.open_memory_channel[Hit](math.inf)
+
+    def app(self) -> Starlette:
+        async def webhook(request: Request) -> Response:
+            body = await request.body()
+            self._send.send_nowait(Hit("webhook", str(request.url), dict(request.headers), body))
+            return Response(status_code=200)
+
+        async def click(request: Request) -> Response:
+            self._send.send_nowait(Hit("click", str(request.url), dict(request.headers), b""))
+            return RedirectResponse("https://shop.test/landing", status_code=302)
+
+        return Starlette(
+            routes=[
+                Route("/webhooks/{provider}", webhook, methods=["POST"]),
+                Route("/t/c/{token}", click, methods=["GET"]),
+            ]
+        )
+
+    async def hits(self, count: int) -> list[Hit]:
+        with trio.fail_after(5):
+            return [await self._receive.receive() for _ in range(count)]
+
+    async def nothing_more(self, seconds: float = 0.1) -> None:
+        with trio.move_on_after(seconds):
+            hit = await self._receive.receive()
+            raise AssertionError(f"unexpected {hit.kind} to {hit.url}")
+
+
+@dataclass
+class Rig:
+    sim: TwilioSimulator
+    gateway: FakeGateway
+    config: ProviderConfig
+    adapter: twilio.TwilioAdapter
+
+    def callback_url(self, key: str = "acme/msg-1") -> str:
+        return f"{self.gateway.url}/webhooks/sms1?m={key.replace('/', '%2F')}"
+
+    def verified(self, hit: Hit, *, url: str | None = None) -> list[ProviderReceipt]:
+        """Verify against the URL the gateway handed to Twilio, as the webhook route will."""
+        url = url or hit.url
+        twilio.verify_webhook(
+            url=url, headers=hit.headers, body=hit.body, config=self.config, now=0
+        )
+        return twilio.parse_webhook(url=url, headers=hit.headers, body=hit.body)
+
+
+@asynccontextmanager
+async def rig(behaviour: SimulatorConfig = FAST) -> AsyncIterator[Rig]:
+    sim = TwilioSimulator(name="sms1", behaviour=behaviour, seed=11)
+    gateway = FakeGateway()
+    config = hypercorn.config.Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.errorlog = None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sim.serve)
+        (gateway.url,) = await nursery.start(hypercorn.trio.serve, gateway.app(), config)
+        provider = msgspec.structs.replace(ProviderConfig(kind="twilio"), **sim.credentials())
+        async with make_client(timeout_seconds=5) as client:
+            yield Rig(sim, gateway, provider, twilio.TwilioAdapter("sms1", provider, client))
+        nursery.cancel_scope.cancel()
+
+
+class TestAgainstSimulator:
+    """The adapter and the simulator speak the same Messages API over real HTTP."""
+
+    async def test_send_returns_the_sid(self) -> None:
+        async with rig() as r:
+            receipt = await r.adapter.send(outgoing(callback=""))
+            assert receipt.provider_message_id is not None
+            assert receipt.provider_message_id.startswith("SM")
+            assert len(receipt.provider_message_id) == 34
+            (recorded,) = r.sim.requests
+            assert recorded.path == f"/2010-04-01/Accounts/{r.sim.account_sid}/Messages.json"
+            assert parse_qs(recorded.body.decode())["To"] == ["+79160000002"]
+
+    @pytest.mark.parametrize(
+        ("phone", "error", "code", "status_code"),
+        [
+            ("+79160000004", InvalidRecipient, "21211", 400),
+            ("+79160000005", ProviderUnavailable, "20503", 503),
+        ],
+    )
+    async def test_tagged_failures(
+        self, phone: str, error: type[ProviderError], code: str, status_code: int
+    ) -> None:
+        async with rig() as r:
+            with pytest.raises(error) as caught:
+                await r.adapter.send(outgoing(phone=phone))
+            assert (caught.value.code, caught.value.status_code) == (code, status_code)
+
+    async def test_throttle_is_429_with_retry_after_then_accepted(self) -> None:
+        async with rig() as r:
+            with pytest.raises(RateLimited) as caught:
+                await r.adapter.send(outgoing(phone="+79160000006", callback=""))
+            assert (caught.value.code, caught.value.retry_after_seconds) == ("20429", 1.0)
+            await r.adapter.send(outgoing(phone="+79160000006", callback=""))
+
+    async def test_scripted_answer_goes_out_exactly(self) -> None:
+        async with rig() as r:
+            r.sim.script.append(Scripted(status=400, body={"code": 21408, "status": 400}))
+            with pytest.raises(InvalidRecipient) as caught:
+                await r.adapter.send(outgoing())
+            assert caught.value.code == "21408"
+
+    async def test_opted_out_recipient(self) -> None:
+        async with rig() as r:
+            r.sim.opted_out.add("+79160000002")
+            with pytest.raises(InvalidRecipient) as caught:
+                await r.adapter.send(outgoing())
+            assert caught.value.code == "21610"
+
+    @pytest.mark.parametrize(
+        "change",
+        [
+            {"auth_token": Secret("0" * 32)},
+            {"account_sid": "AC" + "9" * 32},
+        ],
+    )
+    async def test_wrong_credentials_are_auth_rejected(self, change: dict[str, object]) -> None:
+        async with rig() as r, make_client(timeout_seconds=5) as client:
+            adapter = twilio.TwilioAdapter(
+                "sms1", msgspec.structs.replace(r.config, **change), client
+            )
+            with pytest.raises(AuthRejected) as caught:
+                await adapter.send(outgoing())
+            assert (caught.value.code, caught.value.status_code) == ("20003", 401)
+
+    async def test_invalid_sender_is_invalid_request(self) -> None:
+        async with rig() as r:
+            with pytest.raises(InvalidRequest) as caught:
+                await r.adapter.send(outgoing(sms_from="Far Too Long Sender"))
+            assert caught.value.code == "21212"
+
+    @pytest.mark.parametrize(
+        ("fields", "code"),
+        [
+            ({"From": "ACME", "Body": "hi"}, 21604),
+            ({"To": "89160000002", "From": "ACME", "Body": "hi"}, 21211),
+            ({"To": "+79160000002", "Body": "hi"}, 21603),
+            ({"To": "+79160000002", "From": "1234", "Body": "hi"}, 21212),
+            ({"To": "+79160000002", "From": "+15005550006"}, 21602),
+            ({"To": "+79160000002", "From": "ACME", "Body": "x" * 1601}, 21617),
+            ({"To": "+79160000002", "From": "ACME", "Body": "hi", "StatusCallback": "gw"}, 21609),
+        ],
+    )
+    async def test_request_validation(self, fields: dict[str, str], code: int) -> None:
+        async with rig() as r, httpx.AsyncClient() as client:
+            response = await client.post(
+                f"{r.sim.url}/2010-04-01/Accounts/{r.sim.account_sid}/Messages.json",
+                data=fields,
+                auth=(r.sim.account_sid, r.sim.auth_token),
+            )
+            assert (response.status_code, response.json()["code"]) == (400, code)
+
+    @pytest.mark.parametrize(
+        "authorization",
+        [None, "Bearer x", "Basic !!!", "Basic " + base64.b64encode(b"\xff").decode()],
+    )
+    async def test_garbled_auth_is_20003(self, authorization: str | None) -> None:
+        async with rig() as r, httpx.AsyncClient() as client:
+            headers = {} if authorization is None else {"Authorization": authorization}
+            response = await client.post(
+                f"{r.sim.url}/2010-04-01/Accounts/{r.sim.account_sid}/Messages.json",
+                data={"To": "+79160000002", "From": "ACME", "Body": "hi"},
+                headers=headers,
+            )
+            assert (response.status_code, response.json()["code"]) == (401, 20003)
+
+
+class TestCallbacksFromSimulator:
+    """Status callbacks arrive signed so that verify_webhook accepts them for our URL."""
+
+    async def test_sent_then_delivered_with_the_message_key(self) -> None:
+        async with rig() as r:
+            url = r.callback_url()
+            receipt = await r.adapter.send(outgoing(phone="+79160000002", callback=url))
+            hits = await r.gateway.hits(2)
+            assert {hit.url for hit in hits} == {url}
+            statuses = sorted(parse_qs(hit.body.decode())["MessageStatus"][0] for hit in hits)
+            assert statuses == ["delivered", "sent"]
+            receipts = [x for hit in hits for x in r.verified(hit, url=url)]
+            assert receipts == [
+                ProviderReceipt(
+                    ReceiptKind.DELIVERED,
+                    0.0,
+                    message_key="acme/msg-1",
+                    provider_message_id=receipt.provider_message_id,
+                )
+            ]
+            await r.gateway.nothing_more()
+
+    async def test_bounce_is_undelivered_with_a_carrier_code(self) -> None:
+        async with rig() as r:
+            url = r.callback_url()
+            await r.adapter.send(outgoing(phone="+79160000003", callback=url))
+            receipts = [x for hit in await r.gateway.hits(2) for x in r.verified(hit, url=url)]
+            (failed,) = receipts
+            assert failed.kind is ReceiptKind.FAILED
+            assert failed.detail in {"30003", "30005"}
+
+    async def test_click_fate_opens_the_tracked_link(self) -> None:
+        async with rig() as r:
+            url = r.callback_url()
+            text = f"Sale! {r.gateway.url}/t/c/abc.def STOP: reply STOP"
+            await r.adapter.send(outgoing(phone="+79160000001", text=text, callback=url))
+            hits = await r.gateway.hits(3)
+            assert sorted(hit.kind for hit in hits) == ["click", "webhook", "webhook"]
+            (click,) = [hit for hit in hits if hit.kind == "click"]
+            assert click.url == f"{r.gateway.url}/t/c/abc.def"
+            await r.gateway.nothing_more()
+            assert r.sim.clicks == [302]
+
+    async def test_a_forged_callback_url_does_not_verify(self) -> None:
+        async with rig() as r:
+            await r.adapter.send(outgoing(callback=r.callback_url("acme/msg-1")))
+            (hit, *_) = await r.gateway.hits(2)
+            with pytest.raises(WebhookRejected):
+                r.verified(hit, url=r.callback_url("acme/msg-2"))
+
+    async def test_unsubscribe_refuses_later_messages(self) -> None:
+        behaviour = msgspec.structs.replace(
+            FAST,
+            deliver_probability=1.0,
+            read_probability=0.0,
+            unsubscribe_probability=1.0,
+            bounce_probability=0.0,
+        )
+        async with rig(behaviour) as r:
+            await r.adapter.send(outgoing(phone="+79161234567", callback=""))
+            with pytest.raises(InvalidRecipient) as caught:
+                await r.adapter.send(outgoing(phone="+79161234567", callback=""))
+            assert caught.value.code == "21610"
+
+    async def test_no_callback_url_no_callbacks(self) -> None:
+        async with rig() as r:
+            await r.adapter.send(outgoing(callback=""))
+            await r.gateway.nothing_more(0.2)
+            assert r.sim.webhook_statuses == []

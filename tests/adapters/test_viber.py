@@ -1,0 +1,711 @@
+"""The Viber adapter (adapters/viber.py) against its pure contract and the real simulator."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import httpx
+import hypercorn.config
+import hypercorn.trio
+import msgspec
+import pytest
+import trio
+import trio.testing
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
+
+from adapters import Outgoing, ProviderReceipt, ReceiptKind, SendReceipt, WebhookRejected, viber
+from adapters._http import make_client
+from adapters.simulators._base import Scripted
+from adapters.simulators.viber import ViberSimulator
+from gateway.config import ProviderConfig, Secret, SenderConfig, SimulatorConfig
+from gateway.core.errors import (
+    AuthRejected,
+    InvalidRecipient,
+    InvalidRequest,
+    ProviderError,
+    ProviderUnavailable,
+    RateLimited,
+)
+from gateway.core.model import Category, Channel
+from gateway.protocol import SmsContent, ViberContent
+from gateway.runtime.clock import wall_time
+
+BOT_AUTH = "445da6az1s345z78-dazcczb2542zv51a-e0vc5fva17480im9"
+CONFIG = ProviderConfig(kind="viber", auth_token=Secret(BOT_AUTH), webhook_tolerance_seconds=600.0)
+NOW = 1_795_435_200.0
+FAST = SimulatorConfig(receipt_delay_seconds=0.01, read_delay_seconds=0.02, latency_seconds=0)
+LINK = "http://gateway.test/t/c/abc.def"
+
+
+def outgoing(
+    *,
+    address: str = "vb-read-1",
+    text: str = "Hello {name}",
+    image_url: str | None = None,
+    button_text: str | None = None,
+    link_url: str | None = None,
+    viber_name: str = "Acme",
+    key: str = "acme/msg-1",
+) -> Outgoing:
+    return Outgoing(
+        message_key=key,
+        tenant="acme",
+        channel=Channel.VIBER,
+        category=Category.PROMO,
+        address=address,
+        content=ViberContent(text=text, image_url=image_url, button_text=button_text),
+        brand="Acme",
+        sender=SenderConfig(viber_name=viber_name),
+        status_callback_url="http://gateway.test/webhooks/viber1",
+        link_url=link_url,
+    )
+
+
+def sign(body: bytes, token: str = BOT_AUTH) -> str:
+    return hmac.new(token.encode(), body, hashlib.sha256).hexdigest()
+
+
+def callback(event: str, *, timestamp_ms: int = int(NOW * 1000), **fields: object) -> bytes:
+    return json.dumps({"event": event, "timestamp": timestamp_ms, **fields}).encode()
+
+
+def answer(
+    body: object, *, status: int = 200, headers: dict[str, str] | None = None
+) -> httpx.Response:
+    return httpx.Response(status, json=body, headers=headers)
+
+
+# ---------------------------------------------------------------- pure functions
+class TestBuildRequest:
+    """build_request makes exactly Viber's send_message request."""
+
+    def test_text_message(self) -> None:
+        request = viber.build_request(
+            outgoing(), config=CONFIG, base_url="https://chatapi.viber.com/", auth_token=BOT_AUTH
+        )
+        assert request.method == "POST"
+        assert str(request.url) == "https://chatapi.viber.com/pa/send_message"
+        assert request.headers["x-viber-auth-token"] == BOT_AUTH
+        assert request.headers["content-type"] == "application/json"
+        assert json.loads(request.content) == {
+            "receiver": "vb-read-1",
+            "min_api_version": 1,
+            "sender": {"name": "Acme"},
+            "tracking_data": "acme/msg-1",
+            "type": "text",
+            "text": "Hello {name}",
+        }
+
+    def test_picture_message(self) -> None:
+        request = viber.build_request(
+            outgoing(image_url="https://cdn.test/a.jpg"),
+            config=CONFIG,
+            base_url="http://sim",
+            auth_token=BOT_AUTH,
+        )
+        body = json.loads(request.content)
+        assert (
+            body["type"],
+            body["media"],
+            body["text"],
+        ) == ("picture", "https://cdn.test/a.jpg", "Hello {name}")
+
+    def test_a_caption_too_long_for_a_picture_goes_as_text(self) -> None:
+        text = "x" * 769
+        body = viber.message_body(outgoing(text=text, image_url="https://cdn.test/a.jpg"))
+        assert ("text", text) == (body["type"], body["text"])
+        assert "media" not in body
+
+    def test_a_caption_of_768_characters_still_goes_as_a_picture(self) -> None:
+        body = viber.message_body(outgoing(text="x" * 768, image_url="https://cdn.test/a.jpg"))
+        assert body["type"] == "picture"
+
+    def test_button_becomes_a_link_line(self) -> None:
+        body = viber.message_body(outgoing(text="Sale!", button_text="Shop", link_url=LINK))
+        assert f"Sale!\n\nShop: {LINK}" == body["text"]
+
+    def test_button_does_not_repeat_a_link_already_in_the_text(self) -> None:
+        body = viber.message_body(outgoing(text=f"Sale! {LINK}", button_text="Shop", link_url=LINK))
+        assert f"Sale! {LINK}" == body["text"]
+
+    def test_button_without_link_is_dropped(self) -> None:
+        assert viber.message_body(outgoing(text="Sale!", button_text="Shop"))["text"] == "Sale!"
+
+    def test_sender_name_is_cut_to_viber_limit(self) -> None:
+        body = viber.message_body(outgoing(viber_name="N" * 40))
+        assert body["sender"] == {"name": "N" * 28}
+
+    def test_refuses_other_content(self) -> None:
+        wrong = msgspec.structs.replace(outgoing(), content=SmsContent(text="hi"))
+        with pytest.raises(TypeError):
+            viber.message_body(wrong)
+
+    def test_set_webhook_request(self) -> None:
+        request = viber.build_set_webhook_request(
+            base_url="https://chatapi.viber.com", auth_token=BOT_AUTH, url="https://gw/webhooks/v"
+        )
+        assert str(request.url) == "https://chatapi.viber.com/pa/set_webhook"
+        assert request.headers["x-viber-auth-token"] == BOT_AUTH
+        assert json.loads(request.content) == {
+            "url": "https://gw/webhooks/v",
+            "event_types": ["delivered", "seen", "failed"],
+            "send_name": False,
+            "send_photo": False,
+        }
+
+
+class TestParseResponse:
+    """parse_response turns Viber's always-200 answers into receipts or precise errors."""
+
+    def test_success_returns_the_message_token(self) -> None:
+        token = 5741311803571721087  # beyond 2**53: must survive as an exact integer
+        receipt = viber.parse_response(
+            answer({"status": 0, "status_message": "ok", "message_token": token}),
+            provider="viber1",
+        )
+        assert SendReceipt(provider_message_id=str(token)) == receipt
+
+    @pytest.mark.parametrize(
+        ("status", "error"),
+        [
+            (1, InvalidRequest),
+            (2, AuthRejected),
+            (3, InvalidRequest),
+            (4, InvalidRequest),
+            (5, InvalidRecipient),
+            (6, InvalidRecipient),
+            (7, AuthRejected),
+            (8, AuthRejected),
+            (9, AuthRejected),
+            (10, AuthRejected),
+            (11, InvalidRecipient),
+            (12, RateLimited),
+            (13, InvalidRequest),
+            (14, InvalidRequest),
+            (15, AuthRejected),
+            (16, ProviderUnavailable),
+            (19, ProviderUnavailable),
+            (999, ProviderUnavailable),
+        ],
+    )
+    def test_status_table(self, status: int, error: type[ProviderError]) -> None:
+        with pytest.raises(ProviderError) as caught:
+            viber.parse_response(
+                answer({"status": status, "status_message": "whatever", "message_token": 1}),
+                provider="viber1",
+            )
+        assert error is type(caught.value)
+        assert (str(status), 200, "viber1") == (
+            caught.value.code,
+            caught.value.status_code,
+            caught.value.provider,
+        )
+        assert error.permanent is caught.value.permanent
+
+    def test_http_429_is_rate_limited_with_retry_after(self) -> None:
+        with pytest.raises(RateLimited) as caught:
+            viber.parse_response(
+                answer({}, status=429, headers={"Retry-After": "7"}), provider="viber1"
+            )
+        assert caught.value.retry_after_seconds == 7.0
+
+    @pytest.mark.parametrize(
+        ("status", "error"),
+        [(500, ProviderUnavailable), (503, ProviderUnavailable), (401, AuthRejected)],
+    )
+    def test_http_errors(self, status: int, error: type[ProviderError]) -> None:
+        with pytest.raises(error) as caught:
+            viber.parse_response(httpx.Response(status, text="nope"), provider="viber1")
+        assert status == caught.value.status_code
+
+    @pytest.mark.parametrize(
+        "content", [b"<html>bad gateway</html>", b'{"status": "zero"}', b"{}", b""]
+    )
+    def test_unreadable_200_is_transient(self, content: bytes) -> None:
+        with pytest.raises(ProviderUnavailable):
+            viber.parse_response(httpx.Response(200, content=content), provider="viber1")
+
+    def test_ok_without_token_is_transient(self) -> None:
+        with pytest.raises(ProviderUnavailable):
+            viber.parse_response(answer({"status": 0}), provider="viber1")
+
+    def test_error_text_never_echoes_the_provider_message(self) -> None:
+        with pytest.raises(InvalidRecipient) as caught:
+            viber.parse_response(
+                answer({"status": 5, "status_message": "vb-secret-user"}), provider="viber1"
+            )
+        assert "vb-secret-user" not in str(caught.value)
+
+
+class TestVerifyWebhook:
+    """verify_webhook accepts only fresh callbacks signed with the bot's token."""
+
+    def verify(self, body: bytes, headers: dict[str, str], *, now: float = NOW) -> None:
+        viber.verify_webhook(
+            url="https://gw/webhooks/v", headers=headers, body=body, config=CONFIG, now=now
+        )
+
+    @pytest.mark.parametrize(
+        "header",
+        ["X-Viber-Content-Signature", "x-viber-content-signature", "X-VIBER-CONTENT-SIGNATURE"],
+    )
+    def test_genuine_passes_whatever_the_header_case(self, header: str) -> None:
+        body = callback("delivered", message_token=1, user_id="u")
+        self.verify(body, {header: sign(body)})
+
+    def test_uppercase_hex_passes(self) -> None:
+        body = callback("delivered", message_token=1, user_id="u")
+        self.verify(body, {"X-Viber-Content-Signature": sign(body).upper()})
+
+    def test_the_documented_scheme(self) -> None:
+        """Independent of the adapter: hex HMAC-SHA256 of the raw body keyed with the token."""
+        assert hmac.new(b"k", b"{}", "sha256").hexdigest() == viber.signature(b"{}", "k")
+
+    @pytest.mark.parametrize(
+        ("headers_for", "body"),
+        [
+            pytest.param(lambda b: {}, callback("seen", message_token=1), id="missing"),
+            pytest.param(
+                lambda b: {"X-Viber-Content-Signature": sign(b, "other-token")},
+                callback("seen", message_token=1),
+                id="wrong-token",
+            ),
+            pytest.param(
+                lambda b: {"X-Viber-Content-Signature": sign(b.replace(b"seen", b"xxxx"))},
+                callback("seen", message_token=1),
+                id="tampered-body",
+            ),
+            pytest.param(
+                lambda b: {"X-Viber-Content-Signature": ""},
+                callback("seen", message_token=1),
+                id="empty",
+            ),
+        ],
+    )
+    def test_bad_signature(
+        self, headers_for: Callable[[bytes], dict[str, str]], body: bytes
+    ) -> None:
+        with pytest.raises(WebhookRejected) as caught:
+            self.verify(body, headers_for(body))
+        assert caught.value.verdict == "bad_signature"
+
+    def test_without_a_token_nothing_verifies(self) -> None:
+        body = callback("seen", message_token=1)
+        with pytest.raises(WebhookRejected) as caught:
+            viber.verify_webhook(
+                url="",
+                headers={"X-Viber-Content-Signature": sign(body)},
+                body=body,
+                config=ProviderConfig(kind="viber"),
+                now=NOW,
+            )
+        assert caught.value.verdict == "bad_signature"
+
+    @pytest.mark.parametrize(
+        ("age_seconds", "verdict"),
+        [(0.0, None), (599.0, None), (-599.0, None), (601.0, "stale"), (-601.0, "stale")],
+    )
+    def test_freshness(self, age_seconds: float, verdict: str | None) -> None:
+        body = callback("seen", message_token=1, timestamp_ms=int((NOW - age_seconds) * 1000))
+        headers = {"X-Viber-Content-Signature": sign(body)}
+        if verdict is None:
+            self.verify(body, headers)
+            return
+        with pytest.raises(WebhookRejected) as caught:
+            self.verify(body, headers)
+        assert verdict == caught.value.verdict
+
+    @pytest.mark.parametrize(
+        "body",
+        [b"garbage", b"", b"[]", b'{"event": "seen"}', b'{"event": "seen", "timestamp": "x"}'],
+    )
+    def test_signed_garbage_is_malformed(self, body: bytes) -> None:
+        with pytest.raises(WebhookRejected) as caught:
+            self.verify(body, {"X-Viber-Content-Signature": sign(body)})
+        assert caught.value.verdict == "malformed"
+
+
+class TestParseWebhook:
+    """parse_webhook maps Viber events to receipts keyed by message_token."""
+
+    def parse(self, body: bytes) -> list[ProviderReceipt]:
+        return viber.parse_webhook(url="https://gw/webhooks/v", headers={}, body=body)
+
+    @pytest.mark.parametrize(
+        ("event", "kind"),
+        [
+            ("delivered", ReceiptKind.DELIVERED),
+            ("seen", ReceiptKind.READ),
+        ],
+    )
+    def test_receipts(self, event: str, kind: ReceiptKind) -> None:
+        body = callback(
+            event, timestamp_ms=1457764197627, message_token=4912661846655238145, user_id="u1"
+        )
+        assert [
+            ProviderReceipt(kind, 1457764197.627, provider_message_id="4912661846655238145")
+        ] == self.parse(body)
+
+    def test_failed_keeps_the_description(self) -> None:
+        body = callback("failed", message_token=7, user_id="u1", desc="failure desc")
+        assert [
+            ProviderReceipt(ReceiptKind.FAILED, NOW, provider_message_id="7", detail="failure desc")
+        ] == self.parse(body)
+
+    def test_failed_without_description(self) -> None:
+        (receipt,) = self.parse(callback("failed", message_token=7))
+        assert (receipt.kind, receipt.detail) == (ReceiptKind.FAILED, None)
+
+    def test_token_as_a_string_is_accepted(self) -> None:
+        message_id = "912661846655238145"  # Viber sends it as a string in its SDK tests
+        (receipt,) = self.parse(callback("seen", message_token=message_id))
+        assert receipt.provider_message_id == "912661846655238145"
+
+    def test_unsubscribed_names_the_user_not_a_message(self) -> None:
+        body = callback("unsubscribed", user_id="jc9HsWTZ2Yf2NkRZ8KcNug==", message_token=99)
+        assert [
+            ProviderReceipt(ReceiptKind.UNSUBSCRIBED, NOW, detail="jc9HsWTZ2Yf2NkRZ8KcNug==")
+        ] == self.parse(body)
+
+    @pytest.mark.parametrize(
+        "event", ["webhook", "subscribed", "conversation_started", "message", "client_status"]
+    )
+    def test_other_events_give_nothing(self, event: str) -> None:
+        assert self.parse(callback(event, message_token=1, user_id="u")) == []
+
+    @pytest.mark.parametrize(
+        "body",
+        [
+            callback("delivered", user_id="u"),
+            callback("unsubscribed"),
+            b"not json",
+            b'{"timestamp": 1}',
+        ],
+    )
+    def test_malformed(self, body: bytes) -> None:
+        with pytest.raises(WebhookRejected) as caught:
+            self.parse(body)
+        assert caught.value.verdict == "malformed"
+
+
+class TestAdapterConstruction:
+    def test_needs_a_token(self) -> None:
+        from gateway.core.errors import ConfigError
+
+        with pytest.raises(ConfigError):
+            viber.ViberAdapter("viber1", ProviderConfig(kind="viber"), httpx.AsyncClient())
+
+    async def test_defaults_to_viber_and_closes_nothing(self) -> None:
+        async with httpx.AsyncClient() as client:
+            adapter = viber.ViberAdapter("viber1", CONFIG, client)
+            assert (
+                adapter.name,
+                adapter.channel,
+                viber.KIND,
+                viber.CHANNEL,
+            ) == ("viber1", Channel.VIBER, "viber", Channel.VIBER)
+            assert adapter._base_url == "https://chatapi.viber.com"
+            await adapter.aclose()
+            assert not client.is_closed
+
+
+# ---------------------------------------------------------------- against the simulator
+@dataclass(frozen=True)
+class Hit:
+    """One request that reached the test's stand-in for the gateway."""
+
+    kind: str  # "webhook" | "click"
+    url: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class FakeGateway:
+    """The gateway's public side: records webhooks and tracked-link clicks."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self._send, self._receive = trio.open_memory_channel[Hit](math.inf)
+        self.webhook_status = 200
+
+    def app(self) -> Starlette:
+        async def webhook(request: Request) -> Response:
+            body = await request.body()
+            self._send.send_nowait(Hit("webhook", str(request.url), dict(request.headers), body))
+            return Response(status_code=self.webhook_status)
+
+        async def click(request: Request) -> Response:
+            self._send.send_nowait(Hit("click", str(request.url), dict(request.headers), b""))
+            return RedirectResponse("https://shop.test/landing", status_code=302)
+
+        return Starlette(
+            routes=[
+                Route("/webhooks/{provider}", webhook, methods=["POST"]),
+                Route("/t/c/{token}", click, methods=["GET"]),
+            ]
+        )
+
+    async def hits(self, count: int) -> list[Hit]:
+        with trio.fail_after(5):
+            return [await self._receive.receive() for _ in range(count)]
+
+    async def nothing_more(self, seconds: float = 0.1) -> None:
+        with trio.move_on_after(seconds):
+            hit = await self._receive.receive()
+            raise AssertionError(f"unexpected {hit.kind} to {hit.url}")
+
+
+@dataclass
+class Rig:
+    sim: ViberSimulator
+    gateway: FakeGateway
+    config: ProviderConfig
+    adapter: viber.ViberAdapter
+
+    def webhook_url(self) -> str:
+        return f"{self.gateway.url}/webhooks/viber1"
+
+    def verified(self, hit: Hit) -> list[ProviderReceipt]:
+        viber.verify_webhook(
+            url=hit.url, headers=hit.headers, body=hit.body, config=self.config, now=wall_time()
+        )
+        return viber.parse_webhook(url=hit.url, headers=hit.headers, body=hit.body)
+
+
+@asynccontextmanager
+async def rig(behaviour: SimulatorConfig = FAST) -> AsyncIterator[Rig]:
+    sim = ViberSimulator(name="viber1", behaviour=behaviour, seed=7)
+    gateway = FakeGateway()
+    config = hypercorn.config.Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.errorlog = None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sim.serve)
+        (gateway.url,) = await nursery.start(hypercorn.trio.serve, gateway.app(), config)
+        provider = msgspec.structs.replace(ProviderConfig(kind="viber"), **sim.credentials())
+        async with make_client(timeout_seconds=5) as client:
+            yield Rig(sim, gateway, provider, viber.ViberAdapter("viber1", provider, client))
+        nursery.cancel_scope.cancel()
+
+
+class TestAgainstSimulator:
+    """The adapter and the simulator speak the same Viber API over real HTTP."""
+
+    async def test_send_returns_the_token_and_sends_viber_json(self) -> None:
+        async with rig() as r:
+            receipt = await r.adapter.send(outgoing(address="vb-ignore-1"))
+            (recorded,) = r.sim.requests
+            assert recorded.path == "/pa/send_message"
+            assert r.sim.auth_token == recorded.headers["x-viber-auth-token"]
+            assert json.loads(recorded.body)["receiver"] == "vb-ignore-1"
+            assert receipt.provider_message_id is not None
+            assert int(receipt.provider_message_id) > 0
+
+    async def test_picture_is_accepted(self) -> None:
+        async with rig() as r:
+            await r.adapter.send(
+                outgoing(address="vb-ignore-1", image_url="https://cdn.test/a.jpg")
+            )
+
+    @pytest.mark.parametrize(
+        ("address", "error", "code", "status_code"),
+        [
+            ("vb-invalid-1", InvalidRecipient, "5", 200),
+            ("vb-fail-1", ProviderUnavailable, None, 503),
+        ],
+    )
+    async def test_tagged_failures(
+        self, address: str, error: type[ProviderError], code: str | None, status_code: int
+    ) -> None:
+        async with rig() as r:
+            with pytest.raises(error) as caught:
+                await r.adapter.send(outgoing(address=address))
+            assert (code, status_code) == (caught.value.code, caught.value.status_code)
+
+    async def test_throttle_is_status_12_then_accepted(self) -> None:
+        async with rig() as r:
+            with pytest.raises(RateLimited) as caught:
+                await r.adapter.send(outgoing(address="vb-throttle-1"))
+            assert (caught.value.code, caught.value.status_code) == ("12", 200)
+            await r.adapter.send(outgoing(address="vb-throttle-1"))
+
+    async def test_scripted_http_429_keeps_retry_after(self) -> None:
+        async with rig() as r:
+            r.sim.script.append(
+                Scripted(status=429, body={"error": "slow down"}, headers={"Retry-After": "3"})
+            )
+            with pytest.raises(RateLimited) as caught:
+                await r.adapter.send(outgoing(address="vb-ignore-1"))
+            assert (caught.value.status_code, caught.value.retry_after_seconds) == (429, 3.0)
+
+    async def test_scripted_viber_status(self) -> None:
+        async with rig() as r:
+            r.sim.script.append(Scripted(status=200, body={"status": 6, "status_message": "x"}))
+            with pytest.raises(InvalidRecipient) as caught:
+                await r.adapter.send(outgoing(address="vb-ignore-1"))
+            assert caught.value.code == "6"
+
+    async def test_wrong_token_is_auth_rejected(self) -> None:
+        async with rig() as r:
+            config = msgspec.structs.replace(r.config, auth_token=Secret("wrong"))
+            async with make_client(timeout_seconds=5) as client:
+                adapter = viber.ViberAdapter("viber1", config, client)
+                with pytest.raises(AuthRejected) as caught:
+                    await adapter.send(outgoing(address="vb-ignore-1"))
+            assert caught.value.code == "2"
+
+    async def test_too_long_sender_name_is_refused(self) -> None:
+        """What build_request guards against: the simulator checks Viber's 28 characters."""
+        async with rig() as r:
+            body = viber.message_body(outgoing(address="vb-ignore-1"))
+            body["sender"] = {"name": "N" * 29}
+            status = await self._post_raw(r, body)
+            assert status == 3
+
+    @pytest.mark.parametrize(
+        ("change", "status"),
+        [
+            ({"receiver": None}, 4),
+            ({"text": None}, 4),
+            ({"sender": {}}, 4),
+            ({"type": "carousel"}, 3),
+            ({"text": 7}, 3),
+            ({"text": "x" * 7001}, 3),
+            ({"min_api_version": "1"}, 3),
+            ({"type": "picture"}, 4),
+            ({"type": "picture", "media": "ftp://x/a.jpg"}, 3),
+            ({"type": "picture", "media": "https://x/a.jpg", "text": "x" * 769}, 3),
+        ],
+    )
+    async def test_request_validation(self, change: dict[str, object], status: int) -> None:
+        async with rig() as r:
+            body = viber.message_body(outgoing(address="vb-ignore-1"))
+            body.update(change)
+            body = {k: v for k, v in body.items() if v is not None}
+            assert status == await self._post_raw(r, body)
+
+    async def test_non_json_is_bad_data(self) -> None:
+        async with rig() as r, httpx.AsyncClient() as client:
+            response = await client.post(
+                f"{r.sim.url}/pa/send_message",
+                content=b"{not json",
+                headers={"X-Viber-Auth-Token": r.sim.auth_token},
+            )
+            assert (response.status_code, response.json()["status"]) == (200, 3)
+
+    async def _post_raw(self, r: Rig, body: dict[str, object]) -> int:
+        async with httpx.AsyncClient() as client:
+            response = await client.post(
+                f"{r.sim.url}/pa/send_message",
+                json=body,
+                headers={"X-Viber-Auth-Token": r.sim.auth_token},
+            )
+        assert response.status_code == 200
+        status: int = response.json()["status"]
+        return status
+
+
+class TestWebhooksFromSimulator:
+    """Callbacks arrive signed so that verify_webhook accepts them and parse_webhook reads them."""
+
+    async def test_set_webhook_is_checked_with_a_signed_callback(self) -> None:
+        async with rig() as r:
+            await r.adapter.set_webhook(r.webhook_url())
+            (check,) = await r.gateway.hits(1)
+            assert r.verified(check) == []
+            assert json.loads(check.body)["event"] == "webhook"
+            assert r.webhook_url() == r.sim.webhook_url
+            assert {"delivered", "seen", "failed"} == r.sim.event_types
+
+    async def test_set_webhook_refused_when_the_url_does_not_answer_200(self) -> None:
+        async with rig() as r:
+            r.gateway.webhook_status = 500
+            with pytest.raises(InvalidRequest) as caught:
+                await r.adapter.set_webhook(r.webhook_url())
+            assert caught.value.code == "1"
+            assert r.sim.webhook_url == ""
+
+    async def test_read_gives_delivered_then_seen(self) -> None:
+        async with rig() as r:
+            await r.adapter.set_webhook(r.webhook_url())
+            await r.gateway.hits(1)
+            receipt = await r.adapter.send(outgoing(address="vb-read-1"))
+            receipts = [x for hit in await r.gateway.hits(2) for x in r.verified(hit)]
+            assert sorted(
+                (x.kind for x in receipts), key=[ReceiptKind.DELIVERED, ReceiptKind.READ].index
+            ) == [ReceiptKind.DELIVERED, ReceiptKind.READ]
+            assert {receipt.provider_message_id} == {x.provider_message_id for x in receipts}
+            assert all(x.message_key is None for x in receipts)
+            assert all(abs(x.at - wall_time()) < 5 for x in receipts)
+            await r.gateway.nothing_more()
+
+    async def test_click_opens_the_tracked_link(self) -> None:
+        async with rig() as r:
+            r.sim.webhook_url = r.webhook_url()
+            await r.adapter.send(
+                outgoing(address="vb-click-1", text=f"Sale! {r.gateway.url}/t/c/abc.def")
+            )
+            hits = await r.gateway.hits(3)
+            kinds = sorted(hit.kind for hit in hits)
+            assert kinds == ["click", "webhook", "webhook"]
+            (click,) = [hit for hit in hits if hit.kind == "click"]
+            assert click.url.endswith("/t/c/abc.def")
+            await r.gateway.nothing_more()  # time for the redirect to reach the simulator
+            assert r.sim.clicks == [302]
+
+    async def test_bounce_gives_failed(self) -> None:
+        async with rig() as r:
+            r.sim.webhook_url = r.webhook_url()
+            receipt = await r.adapter.send(outgoing(address="vb-bounce-1"))
+            (hit,) = await r.gateway.hits(1)
+            (failed,) = r.verified(hit)
+            assert (ReceiptKind.FAILED, receipt.provider_message_id) == (
+                failed.kind,
+                failed.provider_message_id,
+            )
+            await r.gateway.nothing_more()
+
+    async def test_unsubscribe_names_the_viber_user(self) -> None:
+        async with rig() as r:
+            r.sim.webhook_url = r.webhook_url()
+            await r.adapter.send(outgoing(address="vb-unsub-1"))
+            receipts = [x for hit in await r.gateway.hits(2) for x in r.verified(hit)]
+            (unsub,) = [x for x in receipts if x.kind is ReceiptKind.UNSUBSCRIBED]
+            assert (
+                unsub.message_key,
+                unsub.provider_message_id,
+                unsub.detail,
+            ) == (None, None, "vb-unsub-1")
+
+    async def test_filtered_event_types_are_not_sent(self) -> None:
+        async with rig() as r:
+            await r.adapter.set_webhook(r.webhook_url(), event_types=("failed",))
+            await r.gateway.hits(1)
+            await r.adapter.send(outgoing(address="vb-read-1"))
+            await r.gateway.nothing_more(0.2)
+
+    async def test_no_webhook_no_callbacks(self) -> None:
+        async with rig() as r:
+            await r.adapter.send(outgoing(address="vb-read-1"))
+            await r.gateway.nothing_more(0.2)
+            assert r.sim.webhook_statuses == []
+
+    async def test_timestamps_are_wall_time_under_a_mock_clock(
+        self, jumping_clock: trio.testing.MockClock
+    ) -> None:
+        async with rig() as r:
+            r.sim.webhook_url = r.webhook_url()
+            await r.adapter.send(outgoing(address="vb-ignore-1"))
+            (hit,) = await r.gateway.hits(1)
+            (delivered,) = r.verified(hit)  # would be "stale" with trio's clock as epoch
+            assert ReceiptKind.DELIVERED is delivered.kind

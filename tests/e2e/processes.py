@@ -1,0 +1,88 @@
+"""Running the real `cascadegw` command in a subprocess, against simulators in the test process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import httpx
+import trio
+
+from adapters.simulators._base import Simulator
+from gateway.config import ENV_PREFIX, Secret
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def credentials_env(name: str, simulator: Simulator) -> dict[str, str]:
+    """A simulator's credentials as the environment variables a gateway process reads."""
+    environ = {}
+    for key, value in simulator.credentials().items():
+        variable = f"{ENV_PREFIX}PROVIDERS__{name.upper()}__{key.upper()}"
+        environ[variable] = value.reveal() if isinstance(value, Secret) else json.dumps(value)
+    return environ
+
+
+class GatewayProcess:
+    """``python -m gateway run`` with a config file and extra environment."""
+
+    def __init__(self, config_path: Path, environ: Mapping[str, str], http_url: str) -> None:
+        self.config_path = config_path
+        self.environ = {**os.environ, **environ}
+        self.http_url = http_url
+        self.process: trio.Process | None = None
+        self.log = config_path.with_suffix(".log").open("ab")
+
+    async def start(self) -> None:
+        self.process = await trio.lowlevel.open_process(
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "--config",
+                str(self.config_path),
+                "run",
+                "--log-level",
+                "warning",
+            ],
+            env=self.environ,
+            stdout=self.log,
+            stderr=self.log,
+        )
+        await self.wait_ready()
+
+    async def wait_ready(self, timeout_seconds: float = 30.0) -> None:
+        async with httpx.AsyncClient() as client:
+            with trio.fail_after(timeout_seconds):
+                while True:
+                    assert self.process is not None
+                    if self.process.returncode is not None:
+                        raise RuntimeError(
+                            f"gateway exited with {self.process.returncode}; see {self.log.name}"
+                        )
+                    try:
+                        if (await client.get(f"{self.http_url}/readyz")).status_code == 200:
+                            return
+                    except httpx.HTTPError:
+                        pass
+                    await trio.sleep(0.05)
+
+    async def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        await self.process.wait()
+
+    async def stop(self) -> int:
+        assert self.process is not None
+        self.process.terminate()
+        with trio.fail_after(30):
+            return await self.process.wait()
