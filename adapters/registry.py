@@ -45,7 +45,13 @@ SIMULATORS: Final[Mapping[str, type[Simulator]]] = {
 }
 
 
-def build_adapters(config: GatewayConfig) -> tuple[dict[str, Adapter], list[httpx.AsyncClient]]:
+# adapters that read wall time (JWT lifetimes, rate-limit reset epochs) take the gateway's clock
+_CLOCKED: Final = frozenset({"fcm", "sendgrid"})
+
+
+def build_adapters(
+    config: GatewayConfig, *, wall_clock: Callable[[], float] | None = None
+) -> tuple[dict[str, Adapter], list[httpx.AsyncClient]]:
     """One adapter (and one connection pool) per configured provider account."""
     adapters: dict[str, Adapter] = {}
     clients: list[httpx.AsyncClient] = []
@@ -54,5 +60,12 @@ def build_adapters(config: GatewayConfig) -> tuple[dict[str, Adapter], list[http
             timeout_seconds=provider.timeout_seconds, max_connections=provider.concurrency
         )
         clients.append(client)
-        adapters[name] = ADAPTERS[provider.kind](name, provider, client)
+        if wall_clock is not None and provider.kind in _CLOCKED:
+            adapters[name] = _clocked(provider.kind)(name, provider, client, wall_clock=wall_clock)
+        else:
+            adapters[name] = ADAPTERS[provider.kind](name, provider, client)
     return adapters, clients
+
+
+def _clocked(kind: str) -> type[fcm.FcmAdapter] | type[sendgrid.SendgridAdapter]:
+    return fcm.FcmAdapter if kind == "fcm" else sendgrid.SendgridAdapter

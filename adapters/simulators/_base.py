@@ -48,6 +48,7 @@ from starlette.routing import BaseRoute, Route
 
 from gateway.config import SimulatorConfig
 from gateway.core.timers import Deadlines
+from gateway.runtime.clock import wall_time
 
 
 class Fate(enum.Enum):
@@ -112,8 +113,13 @@ class Simulator:
         behaviour: SimulatorConfig,
         webhook_url: str = "",
         seed: int | None = None,
+        wall_offset: float | None = None,
     ) -> None:
         self.name = name
+        self.wall_offset = wall_offset
+        """POSIX time minus ``trio.current_time()``: receipts carry real-looking timestamps that
+        follow trio's clock, so a MockClock-driven gateway does not find them stale. Taken from
+        the real clock at ``serve`` unless given (the embedded gateway passes its own)."""
         self.behaviour = behaviour
         self.webhook_url = webhook_url
         self.random = random.Random(seed if seed is not None else behaviour.seed)
@@ -262,12 +268,19 @@ class Simulator:
             ]
         )
 
+    def wall_now(self) -> float:
+        """POSIX seconds on the simulator's clock (see ``wall_offset``)."""
+        offset = self.wall_offset if self.wall_offset is not None else 0.0
+        return offset + trio.current_time()
+
     async def serve(
         self,
         bind: str = "127.0.0.1:0",
         *,
         task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        if self.wall_offset is None:
+            self.wall_offset = wall_time() - trio.current_time()
         config = hypercorn.config.Config()
         config.bind = [bind]
         config.accesslog = None

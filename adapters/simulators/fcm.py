@@ -41,7 +41,6 @@ from adapters.simulators._base import Fate, Simulator
 from gateway.client import AsyncClient, ClientError, open_client
 from gateway.config import Secret, SimulatorConfig
 from gateway.core.model import split_key
-from gateway.runtime.clock import wall_time
 
 TOKEN_LIFETIME_SECONDS: Final = 3600
 CLOCK_SKEW_SECONDS: Final = 60.0
@@ -211,7 +210,7 @@ class FcmSimulator(Simulator):
             return _oauth_error("invalid_grant", "Invalid JWT: audience mismatch.")
         if SCOPE not in str(claims.get("scope", "")).split():
             return _oauth_error("invalid_scope", "Invalid OAuth scope or ID token audience.")
-        now = wall_time()
+        now = self.wall_now()
         issued, expires = claims.get("iat"), claims.get("exp")
         if (
             not isinstance(issued, int)
@@ -240,7 +239,7 @@ class FcmSimulator(Simulator):
     def _authorised(self, request: Request) -> bool:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         expiry = self._tokens.get(token)
-        return scheme.lower() == "bearer" and expiry is not None and expiry > wall_time()
+        return scheme.lower() == "bearer" and expiry is not None and expiry > self.wall_now()
 
     async def _send(self, request: Request) -> Response:
         body = await self.record(request)
@@ -294,7 +293,7 @@ class FcmSimulator(Simulator):
         return self._accepted()
 
     def _accepted(self) -> Response:
-        message_id = f"0:{int(wall_time() * 1000)}%{secrets.token_hex(8)}"
+        message_id = f"0:{int(self.wall_now() * 1000)}%{secrets.token_hex(8)}"
         return JSONResponse({"name": f"projects/{self.project_id}/messages/{message_id}"})
 
     # ------------------------------------------------------------ the app on the phone

@@ -31,7 +31,6 @@ from starlette.routing import BaseRoute, Route
 from adapters.sendgrid import sign_events
 from adapters.simulators._base import Fate, Simulator
 from gateway.config import Secret, SimulatorConfig
-from gateway.runtime.clock import wall_time
 
 MAX_PAYLOAD_BYTES: Final = 30 * 1024 * 1024  # Mail Send's documented total message size
 HELP: Final = "http://sendgrid.com/docs/API_Reference/Web_API_v3/Mail/errors.html"
@@ -144,7 +143,7 @@ class SendgridSimulator(Simulator):
             if failure.status == 429:
                 headers.setdefault("X-RateLimit-Limit", str(_RATE_LIMIT))
                 headers.setdefault("X-RateLimit-Remaining", "0")
-                headers.setdefault("X-RateLimit-Reset", str(int(wall_time()) + 1))
+                headers.setdefault("X-RateLimit-Reset", str(int(self.wall_now()) + 1))
             return JSONResponse(
                 failure.body or default_error(failure.status),
                 status_code=failure.status,
@@ -191,7 +190,7 @@ class SendgridSimulator(Simulator):
             return {
                 **base,
                 "event": name,
-                "timestamp": int(wall_time()),
+                "timestamp": int(self.wall_now()),
                 "sg_event_id": secrets.token_urlsafe(16),
                 **fields,
             }
@@ -244,7 +243,7 @@ class SendgridSimulator(Simulator):
 
     async def _post_events(self, events: list[dict[str, Any]]) -> None:
         body = msgspec.json.encode(events)
-        timestamp = str(int(wall_time()))
+        timestamp = str(int(self.wall_now()))
         self.events_posted.append(events)
         await self.post_webhook(
             self.webhook_url,

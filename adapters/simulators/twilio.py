@@ -35,14 +35,12 @@ from typing import Final
 from urllib.parse import parse_qsl, urlencode
 
 import httpx
-import trio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from adapters.simulators._base import Fate, Scripted, Simulator
 from gateway.config import Secret, SimulatorConfig
-from gateway.runtime.clock import wall_time
 
 API_VERSION: Final = "2010-04-01"
 _E164: Final = re.compile(r"^\+[1-9][0-9]{6,14}$")
@@ -123,10 +121,15 @@ class TwilioSimulator(Simulator):
         seed: int | None = None,
         wall_offset: float | None = None,
     ) -> None:
-        super().__init__(name=name, behaviour=behaviour, webhook_url=webhook_url, seed=seed)
+        super().__init__(
+            name=name,
+            behaviour=behaviour,
+            webhook_url=webhook_url,
+            seed=seed,
+            wall_offset=wall_offset,
+        )
         self.account_sid = "AC" + secrets.token_hex(16)
         self.auth_token = secrets.token_hex(16)
-        self.wall_offset = wall_offset
         """Wall time minus ``trio.current_time()``; fixed when serving starts unless given."""
         self.opted_out: set[str] = set()
         """Numbers that replied STOP: further messages to them get 21610."""
@@ -148,20 +151,6 @@ class TwilioSimulator(Simulator):
                 methods=["POST"],
             )
         ]
-
-    async def serve(
-        self,
-        bind: str = "127.0.0.1:0",
-        *,
-        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        if self.wall_offset is None:
-            self.wall_offset = wall_time() - trio.current_time()
-        await super().serve(bind, task_status=task_status)
-
-    def wall_now(self) -> float:
-        offset = self.wall_offset if self.wall_offset is not None else 0.0
-        return offset + trio.current_time()
 
     # ------------------------------------------------------------ API
     def _authorised(self, request: Request) -> bool:

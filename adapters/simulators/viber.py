@@ -28,14 +28,12 @@ from typing import Any, Final
 
 import httpx
 import msgspec
-import trio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from adapters.simulators._base import Fate, Scripted, Simulator
 from gateway.config import Secret, SimulatorConfig
-from gateway.runtime.clock import wall_time
 
 CHAT_HOSTNAME: Final = "SN-CHAT-01_"
 EVENT_TYPES: Final = frozenset(
@@ -115,10 +113,15 @@ class ViberSimulator(Simulator):
         seed: int | None = None,
         wall_offset: float | None = None,
     ) -> None:
-        super().__init__(name=name, behaviour=behaviour, webhook_url=webhook_url, seed=seed)
+        super().__init__(
+            name=name,
+            behaviour=behaviour,
+            webhook_url=webhook_url,
+            seed=seed,
+            wall_offset=wall_offset,
+        )
         self.auth_token = "-".join(secrets.token_hex(8) for _ in range(3))
         self.event_types: frozenset[str] = EVENT_TYPES
-        self.wall_offset = wall_offset
         """Wall time minus ``trio.current_time()``; fixed when serving starts unless given, so
         callbacks carry real epoch timestamps even under a MockClock."""
         self.clicks: list[int] = []
@@ -132,20 +135,6 @@ class ViberSimulator(Simulator):
             Route("/pa/send_message", self._send_message, methods=["POST"]),
             Route("/pa/set_webhook", self._set_webhook, methods=["POST"]),
         ]
-
-    async def serve(
-        self,
-        bind: str = "127.0.0.1:0",
-        *,
-        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        if self.wall_offset is None:
-            self.wall_offset = wall_time() - trio.current_time()
-        await super().serve(bind, task_status=task_status)
-
-    def wall_now(self) -> float:
-        offset = self.wall_offset if self.wall_offset is not None else 0.0
-        return offset + trio.current_time()
 
     # ------------------------------------------------------------ API
     def _authorised(self, request: Request) -> bool:

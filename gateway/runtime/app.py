@@ -85,6 +85,7 @@ async def open_gateway(
     adapters: Mapping[str, Adapter] | None = None,
     executor: Executor | None = None,
     wall_at_start: float | None = None,
+    clock: Clock | None = None,
     extra_routes: Callable[[Gateway], list[BaseRoute]] | None = None,
     serve_http: bool = True,
     tracking_secret: bytes | None = None,
@@ -95,6 +96,7 @@ async def open_gateway(
         adapters: provider name -> adapter, for in-process dispatch.
         executor: instead of ``adapters``, e.g. a worker pool.
         wall_at_start: pretend wall time (tests); defaults to the real clock.
+        clock: the clock to use (shared with simulators and adapters); overrides wall_at_start.
         extra_routes: more HTTP routes (webhooks, tracking, admin), given the gateway.
         tracking_secret: signs tracking links; from the config or random when unset.
     """
@@ -102,7 +104,8 @@ async def open_gateway(
         if adapters is None:
             raise ValueError("open_gateway needs adapters or an executor")
         executor = InProcessExecutor(adapters)
-    clock = Clock(wall_at_start)
+    if clock is None:
+        clock = Clock(wall_at_start)
     registry = CollectorRegistry()
     metrics = Metrics(registry, {name: p.channel for name, p in config.providers.items()})
     journal = SqliteJournal(config.store.path, synchronous=config.store.synchronous.value)

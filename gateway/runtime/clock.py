@@ -29,6 +29,11 @@ class Clock:
     def now(self) -> float:
         return self._offset + trio.current_time()
 
+    @property
+    def offset(self) -> float:
+        """Wall time minus ``trio.current_time()``; simulators in the process share it."""
+        return self._offset
+
     def trio_deadline(self, wall: float) -> float:
         """The ``trio.current_time()`` value at which wall time reaches ``wall``."""
         return wall - self._offset

@@ -25,6 +25,7 @@ from gateway.config import ENV_PREFIX, GatewayConfig, Secret
 from gateway.http.admin import admin_routes
 from gateway.http.public import public_routes
 from gateway.runtime.app import Gateway, open_gateway
+from gateway.runtime.clock import Clock
 from gateway.runtime.workers import open_worker_pool
 
 
@@ -74,6 +75,7 @@ async def open_embedded(
         nursery = await stack.enter_async_context(trio.open_nursery())
         # unwinds last: simulators keep answering until the gateway has shut down
         stack.callback(nursery.cancel_scope.cancel)
+        clock = Clock(wall_at_start)  # one wall clock for gateway, adapters and simulators
         simulators: dict[str, Simulator] = {}
         providers = dict(config.providers)
         for index, (name, provider) in enumerate(config.providers.items()):
@@ -81,12 +83,13 @@ async def open_embedded(
                 continue
             seed = None if simulator_seed is None else simulator_seed + index
             simulator = SIMULATORS[provider.kind](name=name, behaviour=config.simulator, seed=seed)
+            simulator.wall_offset = clock.offset
             await nursery.start(simulator.serve)
             simulators[name] = simulator
             providers[name] = msgspec.structs.replace(provider, **simulator.credentials())
         config = msgspec.structs.replace(config, providers=providers)
 
-        adapters, clients = build_adapters(config)
+        adapters, clients = build_adapters(config, wall_clock=clock.now)
         for client in clients:
             await stack.enter_async_context(client)
         executor = None
@@ -122,7 +125,7 @@ async def open_embedded(
                 config,
                 adapters=adapters if executor is None else None,
                 executor=executor,
-                wall_at_start=wall_at_start,
+                clock=clock,
                 extra_routes=routes,
                 tracking_secret=tracking_secret,
             )
