@@ -200,7 +200,7 @@ class TestTheCascade:
         async with gateway_with_simulators(e2e_config(tmp_path)) as (embedded, client):
             await client.send(promo("m1"))
             await wait_until(embedded, 299)
-            fcm, email1, *_ = sims(embedded)
+            _, email1, *_ = sims(embedded)
             assert [] == keys_sent(email1)
             await wait_until(embedded, 302)
             assert ["acme:m1"] == keys_sent(email1)
@@ -317,7 +317,6 @@ class TestConsentAndAddresses:
             for c in consents
         ]
 
-
     async def test_unsubscribing_from_an_earlier_step_still_ends_the_chain(
         self, tmp_path: Path, jumping_clock: trio.testing.MockClock
     ) -> None:
@@ -328,7 +327,9 @@ class TestConsentAndAddresses:
             await wait_until(embedded, 300 + HOUR + 60)  # Viber is the current step
             _, email1, _, viber, sms = sims(embedded)
             assert ["acme:m1"] == keys_sent(viber)
-            url = json.loads(api_requests(email1)[0].body)["headers"]["List-Unsubscribe"].strip("<>")
+            url = json.loads(api_requests(email1)[0].body)["headers"]["List-Unsubscribe"].strip(
+                "<>"
+            )
             async with httpx.AsyncClient() as browser:
                 await browser.post(url, data={"List-Unsubscribe": "One-Click"})
             await wait_until(embedded, 10 * HOUR)
@@ -370,7 +371,7 @@ class TestPolicy:
             '[[policy.caps]]\nname = "promo_daily"\nmax_count = 1\nwindow_seconds = 86400\ncategories = ["promo"]\naction = "reject"\n'
             '[[policy.caps]]\nname = "content_hourly"\nmax_count = 1\nwindow_seconds = 3600\ncategories = ["content"]\naction = "defer"\n'
         )
-        async with gateway_with_simulators(e2e_config(tmp_path, extra=caps)) as (embedded, client):
+        async with gateway_with_simulators(e2e_config(tmp_path, extra=caps)) as (_, client):
             first = await client.send(promo("p1", recipient_id="r1"))
             second = await client.send(promo("p2", recipient_id="r1"))
             content1 = await client.send(promo("c1", recipient_id="r1", category="content"))
