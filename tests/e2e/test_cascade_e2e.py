@@ -138,13 +138,8 @@ async def gateway_with_simulators(
 
 def api_requests(simulator: Simulator) -> list[Any]:
     """The provider API requests (not token or webhook registration calls) a simulator took."""
-    calls = []
-    for recorded in simulator.requests:
-        if recorded.path.endswith(
-            ("messages:send", "/v3/mail/send", "/pa/send_message", "/Messages.json")
-        ):
-            calls.append(recorded)
-    return calls
+    paths = ("messages:send", "/v3/mail/send", "/pa/send_message", "/Messages.json")
+    return [recorded for recorded in simulator.requests if recorded.path.endswith(paths)]
 
 
 def keys_sent(simulator: Simulator) -> list[str]:
