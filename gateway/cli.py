@@ -79,6 +79,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import trio
+
+    from gateway.demo import run_demo
+    from gateway.runtime.logging import configure_logging
+
+    config = _load(args.config)
+    configure_logging(level="error")  # the demo's own output is the show
+    trio.run(lambda: run_demo(config, messages=args.messages, max_seconds=args.seconds))
+    return 0
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
     import trio
 
@@ -158,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--log-level", default="info")
     run.set_defaults(func=_cmd_run)
+
+    demo = commands.add_parser(
+        "demo", help="run the gateway with simulators and show a campaign's cascade live"
+    )
+    demo.add_argument("--messages", type=int, default=200)
+    demo.add_argument("--seconds", type=float, default=60.0, help="stop showing after this long")
+    demo.set_defaults(func=_cmd_demo)
 
     worker = commands.add_parser(
         "worker", help="a dispatch worker process (started by `run --workers N`)"

@@ -72,8 +72,6 @@ class IngestConfig(_Config, frozen=True):
     """ZeroMQ ROUTER endpoint CRMs connect their DEALER sockets to."""
     status_bind: str = "tcp://127.0.0.1:5556"
     """ZeroMQ PUB endpoint for status events (topic = tenant)."""
-    events_bind: str = "ipc://cascadegw-events"
-    """ZeroMQ PULL endpoint where webhook server processes and workers push events."""
     max_frame_bytes: PositiveInt = 4 * 1024 * 1024
     max_batch: PositiveInt = 1000
     max_frames_per_wakeup: PositiveInt = 64
@@ -88,7 +86,9 @@ class HttpConfig(_Config, frozen=True):
     admin_token: Secret | None = None
     """Bearer token the admin API requires (``/v1/...``); unset leaves it open on ``bind``."""
     webhook_processes: Annotated[int, msgspec.Meta(ge=0)] = 0
-    """0 serves webhooks in the router process; N runs N hypercorn worker processes."""
+    """0 serves webhooks and tracking links in the router process; N runs them in N hypercorn
+    worker processes on ``webhook_bind``, forwarding to the router over ZeroMQ."""
+    webhook_bind: str = "127.0.0.1:8081"
 
 
 class Synchronous(enum.StrEnum):

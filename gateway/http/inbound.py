@@ -46,5 +46,10 @@ class TrackingHit(msgspec.Struct, frozen=True, tag=True):
 Inbound = WebhookReceipts | WebhookVerdict | TrackingHit
 InboundSink = Callable[[Inbound], None]
 
+
+class SinkFull(Exception):
+    """The router is not taking events right now; providers retry a webhook answered 503."""
+
+
 encoder = msgspec.msgpack.Encoder()
 decoder = msgspec.msgpack.Decoder(Inbound)

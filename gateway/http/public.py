@@ -27,7 +27,14 @@ from adapters import WebhookRejected
 from adapters.registry import PARSERS, VERIFIERS
 from gateway.config import GatewayConfig
 from gateway.core.model import split_key
-from gateway.http.inbound import HitKind, InboundSink, TrackingHit, WebhookReceipts, WebhookVerdict
+from gateway.http.inbound import (
+    HitKind,
+    InboundSink,
+    SinkFull,
+    TrackingHit,
+    WebhookReceipts,
+    WebhookVerdict,
+)
 from gateway.tracking import LinkKind, LinkPayload, LinkSigner
 
 log = structlog.get_logger("gateway.http")
@@ -62,21 +69,34 @@ def public_routes(
             )
             receipts = PARSERS[provider.kind](url=url, headers=headers, body=body)
         except WebhookRejected as rejected:
-            sink(WebhookVerdict(name, rejected.verdict))
             log.warning("webhook_rejected", provider=name, verdict=rejected.verdict)
             status = 400 if rejected.verdict == "malformed" else 403
+            try:
+                sink(WebhookVerdict(name, rejected.verdict))
+            except SinkFull:
+                log.warning("webhook_verdict_not_counted", provider=name)
             return Response(rejected.verdict, status_code=status)
-        sink(WebhookReceipts(name, receipts, now()))
+        try:
+            sink(WebhookReceipts(name, receipts, now()))
+        except SinkFull:
+            # not taken: the provider retries a 503, so the receipt is delayed, not lost
+            return Response("busy, retry later", status_code=503, headers={"Retry-After": "5"})
         return Response("ok")
 
     def verified(kind: HitKind, link_kind: LinkKind, token: str) -> LinkPayload | None:
         """The link's payload, handed to the sink as a hit; None (and a bad-token hit) if forged."""
         payload = links.verify(token)
-        if payload is None or payload.kind is not link_kind:
-            sink(TrackingHit(kind, now()))
-            return None
-        sink(TrackingHit(kind, now(), payload.key, payload.channel))
-        return payload
+        hit = (
+            TrackingHit(kind, now())
+            if payload is None or payload.kind is not link_kind
+            else TrackingHit(kind, now(), payload.key, payload.channel)
+        )
+        try:
+            sink(hit)
+        except SinkFull:
+            # the person still gets their redirect or page; the hit is logged, not counted
+            log.warning("tracking_hit_not_delivered", kind=kind.value)
+        return payload if hit.key is not None else None
 
     async def click(request: Request) -> Response:
         payload = verified(HitKind.CLICK, LinkKind.CLICK, request.path_params["token"])

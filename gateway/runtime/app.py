@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import hypercorn.config
 import hypercorn.trio
+import msgspec
 import structlog
 import trio
 import zmq
@@ -24,6 +25,7 @@ from starlette.routing import BaseRoute
 from adapters import Adapter
 from gateway.config import GatewayConfig
 from gateway.core.caps import horizon_seconds
+from gateway.http import inbound
 from gateway.http.ops import ops_routes
 from gateway.runtime import zmqio
 from gateway.runtime.clock import Clock
@@ -89,6 +91,7 @@ async def open_gateway(
     extra_routes: Callable[[Gateway], list[BaseRoute]] | None = None,
     serve_http: bool = True,
     tracking_secret: bytes | None = None,
+    events_endpoint: str | None = None,
 ) -> AsyncIterator[Gateway]:
     """Run a gateway for the duration of the ``async with`` block.
 
@@ -99,6 +102,7 @@ async def open_gateway(
         clock: the clock to use (shared with simulators and adapters); overrides wall_at_start.
         extra_routes: more HTTP routes (webhooks, tracking, admin), given the gateway.
         tracking_secret: signs tracking links; from the config or random when unset.
+        events_endpoint: bind a PULL socket here for events from webhook processes.
     """
     if executor is None:
         if adapters is None:
@@ -207,6 +211,8 @@ async def open_gateway(
                     gateway.http_url = binds[0]
                     if not config.http.public_url:
                         links.public_url = gateway.http_url
+                if events_endpoint is not None:
+                    await nursery.start(_serve_events, context, events_endpoint, router)
                 await nursery.start(_serve_ingest, ingest, gateway._ingest_scope)
                 gateway.ready = True
                 log.info(
@@ -237,6 +243,30 @@ async def _serve_ingest(
 ) -> None:
     with scope:
         await ingest.serve(task_status=task_status)
+
+
+async def _serve_events(
+    context: zmq.Context[zmq.Socket[bytes]],
+    endpoint: str,
+    router: Router,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Receipts, verdicts and tracking hits from webhook processes, applied by the router."""
+    async with zmqio.open_socket(
+        context, zmq.PULL, bind=endpoint, options={zmq.RCVHWM: 100_000}
+    ) as sock:
+        task_status.started()
+        while True:
+            while zmqio.readable(sock):
+                frame = sock.recv(zmq.NOBLOCK)
+                try:
+                    item = inbound.decoder.decode(frame)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    log.error("inbound_event_undecodable", size=len(frame))
+                    continue
+                router.inbound(item)
+            await zmqio.wait_readable(sock)
 
 
 async def _recover(gateway: Gateway) -> None:

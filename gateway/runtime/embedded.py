@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import msgspec
@@ -109,6 +112,44 @@ async def open_embedded(
                 )
             )
 
+        events_endpoint = None
+        if config.http.webhook_processes:
+            if config_path is None:
+                raise ValueError("webhook processes need the config file path")
+            run_dir = Path(config.store.path).parent / "run"
+            await trio.Path(run_dir).mkdir(parents=True, exist_ok=True)
+            events_endpoint = f"ipc://{run_dir}/events-{os.getpid()}"
+            secret = (
+                config.tracking_secret.reveal() if config.tracking_secret else secrets.token_hex(32)
+            )
+            tracking_secret = secret.encode()
+            if not config.http.public_url:
+                http = msgspec.structs.replace(
+                    config.http, public_url=f"http://{config.http.webhook_bind}"
+                )
+                config = msgspec.structs.replace(config, http=http)
+            webhook_environ = {
+                **(environ if environ is not None else os.environ),
+                **simulated_env(config),
+                "CASCADEGW_CONFIG": config_path,
+                "CASCADEGW_EVENTS": events_endpoint,
+                f"{ENV_PREFIX}TRACKING_SECRET": secret,
+                f"{ENV_PREFIX}HTTP__PUBLIC_URL": json.dumps(config.http.public_url),
+            }
+            command = [
+                sys.executable,
+                "-m",
+                "hypercorn",
+                "--worker-class",
+                "trio",
+                "--workers",
+                str(config.http.webhook_processes),
+                "--bind",
+                config.http.webhook_bind,
+                "gateway.http.webhook_app:create_app()",
+            ]
+            nursery.start_soon(partial(trio.run_process, command, env=webhook_environ, check=False))
+
         def routes(gateway: Gateway) -> list[BaseRoute]:
             return [
                 *public_routes(
@@ -128,6 +169,7 @@ async def open_embedded(
                 clock=clock,
                 extra_routes=routes,
                 tracking_secret=tracking_secret,
+                events_endpoint=events_endpoint,
             )
         )
         for name, simulator in simulators.items():

@@ -40,24 +40,23 @@ class GatewayProcess:
         self.environ = {**os.environ, **environ}
         self.http_url = http_url
         self.process: trio.Process | None = None
-        self.log = config_path.with_suffix(".log").open("ab")
+        self.log_path = config_path.with_suffix(".log")
 
     async def start(self) -> None:
-        self.process = await trio.lowlevel.open_process(
-            [
-                sys.executable,
-                "-m",
-                "gateway",
-                "--config",
-                str(self.config_path),
-                "run",
-                "--log-level",
-                "warning",
-            ],
-            env=self.environ,
-            stdout=self.log,
-            stderr=self.log,
-        )
+        command = [
+            sys.executable,
+            "-m",
+            "gateway",
+            "--config",
+            str(self.config_path),
+            "run",
+            "--log-level",
+            "warning",
+        ]
+        with self.log_path.open("ab") as log:  # the child keeps its own descriptor
+            self.process = await trio.lowlevel.open_process(
+                command, env=self.environ, stdout=log, stderr=log
+            )
         await self.wait_ready()
 
     async def wait_ready(self, timeout_seconds: float = 30.0) -> None:
@@ -67,7 +66,7 @@ class GatewayProcess:
                     assert self.process is not None
                     if self.process.returncode is not None:
                         raise RuntimeError(
-                            f"gateway exited with {self.process.returncode}; see {self.log.name}"
+                            f"gateway exited with {self.process.returncode}; see {self.log_path}"
                         )
                     try:
                         if (await client.get(f"{self.http_url}/readyz")).status_code == 200:

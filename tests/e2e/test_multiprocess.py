@@ -1,0 +1,157 @@
+"""Multi-process mode: dispatch in worker processes and webhooks in hypercorn worker processes,
+the same cascade as single-process mode, and one scrape of the router sees every series."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from gateway.client import Client, send_request
+from tests.e2e.processes import GatewayProcess, free_port
+
+
+def config_text(
+    tmp_path: Path, http_port: int, webhook_port: int, ingest_port: int, status_port: int
+) -> str:
+    return f"""
+[ingest]
+bind = "tcp://127.0.0.1:{ingest_port}"
+status_bind = "tcp://127.0.0.1:{status_port}"
+[http]
+bind = "127.0.0.1:{http_port}"
+public_url = ""
+webhook_processes = 2
+webhook_bind = "127.0.0.1:{webhook_port}"
+[store]
+path = "{tmp_path / "journal.db"}"
+synchronous = "normal"
+[dispatch]
+workers = 2
+[simulator]
+latency_seconds = 0.005
+receipt_delay_seconds = 0.1
+read_delay_seconds = 0.3
+deliver_probability = 1.0
+bounce_probability = 0.0
+read_probability = 0.0
+unsubscribe_probability = 0.0
+[policy.consent]
+unknown_advertising = "grant"
+[providers.fcm1]
+kind = "fcm"
+simulated = true
+[providers.email1]
+kind = "sendgrid"
+simulated = true
+[providers.viber1]
+kind = "viber"
+simulated = true
+[providers.sms1]
+kind = "twilio"
+simulated = true
+[tenants.acme]
+brand = "Acme"
+providers = {{ push = ["fcm1"], email = ["email1"], viber = ["viber1"], sms = ["sms1"] }}
+"""
+
+
+# which channel reads the message: email (SendGrid webhook), Viber ("seen" callback), or none,
+# so SMS delivers (Twilio status callback); every receipt goes through the webhook processes
+READER = ("email", "viber", "none")
+
+
+def message(index: int) -> dict[str, Any]:
+    reader = READER[index % len(READER)]
+    return send_request(
+        f"m{index}",
+        "acme",
+        recipient={
+            "id": f"r{index}",
+            "push_tokens": [f"tok-ignore-{index}"],
+            "email": "x+read@example.com" if reader == "email" else "x+ignore@example.com",
+            "viber_id": f"vb-read-{index}" if reader == "viber" else f"vb-ignore-{index}",
+            "phone": f"+7916{index:06d}9",
+        },
+        category="promo",
+        step_timeout_seconds={"push": 0.5, "email": 1.5, "viber": 1.5, "sms": 5},
+        content={
+            "push": {"title": "Sale", "body": "Sale"},
+            "email": {"subject": "Sale", "text": "Sale {link}"},
+            "viber": {"text": "Sale"},
+            "sms": {"text": "Sale"},
+            "link_url": "https://shop.example/",
+        },
+    )
+
+
+def run_campaign(endpoint: str) -> dict[str, Any]:
+    with Client(endpoint, timeout_seconds=30) as client:
+        accepted = client.send_batch([message(i) for i in range(30)])
+        assert {"accepted"} == {r["status"] for r in accepted}
+        deadline = time.monotonic() + 60
+        outcomes: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            states = client.request(
+                [{"v": 1, "op": "status", "id": f"m{i}", "tenant": "acme"} for i in range(30)]
+            )
+            outcomes = {s["id"]: s["message"] for s in states}
+            if all(m["state"] == "finished" for m in outcomes.values()):
+                break
+            time.sleep(0.5)
+        return outcomes
+
+
+async def test_workers_and_webhook_processes_run_the_same_cascade(tmp_path: Path) -> None:
+    http_port, webhook_port, ingest_port, status_port = (free_port() for _ in range(4))
+    config_path = tmp_path / "gateway.toml"
+    config_path.write_text(config_text(tmp_path, http_port, webhook_port, ingest_port, status_port))
+    gateway = GatewayProcess(config_path, {}, f"http://127.0.0.1:{http_port}")
+    await gateway.start()
+    try:
+        outcomes = await trio.to_thread.run_sync(run_campaign, f"tcp://127.0.0.1:{ingest_port}")
+        async with httpx.AsyncClient() as http:
+            metrics = (await http.get(f"http://127.0.0.1:{http_port}/metrics")).text
+            webhook_health = (
+                await http.get(f"http://127.0.0.1:{webhook_port}/healthz")
+            ).status_code
+    finally:
+        exit_code = await gateway.stop()
+    assert 0 == exit_code
+    assert 200 == webhook_health
+    finals = {
+        message_id: (state.get("outcome"), state["timeline"][-1].get("channel"))
+        for message_id, state in outcomes.items()
+    }
+    expected = {
+        f"m{i}": {
+            "email": ("read", "email"),
+            "viber": ("read", "viber"),
+            "none": ("delivered", "sms"),
+        }[READER[i % 3]]
+        for i in range(30)
+    }
+    assert expected == finals
+    # one scrape of the router sees what happened in the worker and webhook processes
+    assert 'gateway_webhook_requests_total{provider="email1",verdict="accepted"}' in metrics
+    assert (
+        _sample(metrics, 'gateway_webhook_requests_total{provider="viber1",verdict="accepted"}') > 0
+    )
+    assert (
+        _sample(
+            metrics,
+            'gateway_provider_request_duration_seconds_count{channel="email",provider="email1"}',
+        )
+        >= 30
+    )
+    assert _sample(metrics, 'gateway_sends_total{channel="push",provider="fcm1",result="ok"}') == 30
+
+
+def _sample(text: str, series: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no series {series}")
