@@ -214,6 +214,7 @@ class StatusKind(enum.StrEnum):
     UNSUBSCRIBED = "unsubscribed"
     DROPPED = "dropped"
     NO_CHANNEL = "no_channel"
+    HOLDOUT = "holdout"
 
 
 FINAL_KIND: Final = {
@@ -227,6 +228,7 @@ FINAL_KIND: Final = {
     Outcome.UNSUBSCRIBED: StatusKind.UNSUBSCRIBED,
     Outcome.DROPPED: StatusKind.DROPPED,
     Outcome.NO_CHANNEL: StatusKind.NO_CHANNEL,
+    Outcome.HOLDOUT: StatusKind.HOLDOUT,
 }
 """The status event that ends a timeline, per outcome; it carries ``final: true``."""
 

@@ -109,6 +109,7 @@ class Outcome(enum.StrEnum):
     EXPIRED = "expired"
     UNSUBSCRIBED = "unsubscribed"  # consent withdrawn while the cascade ran
     NO_CHANNEL = "no_channel"  # nothing left to try at start
+    HOLDOUT = "holdout"  # never sent: the recipient is in the control group (kept for reports)
     DROPPED = "dropped"  # a policy check before the first send dropped it (a rejecting cap)
 
 

@@ -3,6 +3,7 @@
 ``GET  /v1/messages/{tenant}/{id}``                    state and whole timeline of a message
 ``PUT  /v1/recipients/{tenant}/{recipient}/consents``  record consents (JSON list or object)
 ``GET  /v1/recipients/{tenant}/{recipient}/consents``  effective consents and full history
+``GET  /v1/reports/{tenant}/campaigns/{campaign}``     the campaign's funnel and control group
 
 With ``http.admin_token`` set (from the environment), every call needs
 ``Authorization: Bearer <token>``.
@@ -19,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway import reports
 from gateway.core.consent import ConsentAction, ConsentKind, ConsentRecord
 from gateway.core.model import Channel, message_key, recipient_key
 from gateway.protocol import AwareDatetime, Label, epoch
@@ -110,7 +112,27 @@ def admin_routes(gateway: Gateway) -> list[Route]:
         history = await gateway.journal.consent_history(rkey)
         return _respond({"effective": list(current.records) if current else [], "history": history})
 
+    async def campaign_report(request: Request) -> Response:
+        tenant, campaign = request.path_params["tenant"], request.path_params["campaign"]
+        message_rows, event_rows = await gateway.journal.campaign_rows(tenant, campaign)
+        if not message_rows:
+            return _problem(404, "not_found", "no messages of this campaign")
+        sms = config.tenants[tenant].providers.get(Channel.SMS, ())
+        report = reports.build(
+            tenant=tenant,
+            campaign=campaign,
+            currency=config.currency,
+            message_rows=message_rows,
+            event_rows=event_rows,
+            prices={name: provider.price for name, provider in config.providers.items()},
+            sms_price=config.providers[sms[0]].price if sms else 0.0,
+        )
+        return _respond(report)
+
     return [
+        Route(
+            "/v1/reports/{tenant}/campaigns/{campaign}", guarded(campaign_report), methods=["GET"]
+        ),
         Route("/v1/messages/{tenant}/{id}", guarded(message), methods=["GET"]),
         Route(
             "/v1/recipients/{tenant}/{recipient}/consents", guarded(put_consents), methods=["PUT"]

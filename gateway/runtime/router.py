@@ -92,6 +92,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("gateway.router")
 
 _OK: Final = Result(ResultStatus.OK)
+_HOLDOUT_DETAIL: Final = "the recipient is in this period's control group"
 _STATE_NAMES: Final = {
     Status.DEFERRED: "deferred",
     Status.SENDING: "sending",
@@ -115,7 +116,7 @@ _RECEIPT_EVENTS: Final[dict[StatusKind, type[Delivered] | type[Read] | type[Clic
 class Receipt:
     """A fact about a sent message from outside: a provider webhook, the app, the CRM."""
 
-    __slots__ = ("at", "channel", "detail", "key", "kind", "provider")
+    __slots__ = ("at", "channel", "detail", "key", "kind", "metric_kind", "provider")
 
     def __init__(
         self,
@@ -126,9 +127,12 @@ class Receipt:
         at: float,
         provider: str | None = None,
         detail: str | None = None,
+        metric_kind: str | None = None,
     ) -> None:
         self.key = key
         self.kind = kind
+        self.metric_kind = metric_kind
+        """The receipts-metric label when it is finer than ``kind`` (a bounce is a failure)."""
         self.channel = channel
         self.at = at
         self.provider = provider
@@ -250,6 +254,10 @@ class Router:
             )
         key = message_key(request.tenant, request.id)
         state = self.state
+        if state.finished.get(key) is Outcome.HOLDOUT:
+            # a repeat of a held-out message gets the same answer, not "duplicate"
+            self.metrics.admissions.labels("rejected", "holdout").inc()
+            return rejected(RejectReason.HOLDOUT, _HOLDOUT_DETAIL, request.id)
         if key in state.records or key in state.finished:
             self.metrics.admissions.labels("duplicate", "none").inc()
             return Result(ResultStatus.DUPLICATE, id=request.id, message=self._brief(key))
@@ -291,6 +299,8 @@ class Router:
         )
         if isinstance(decision, Reject):
             self.metrics.admissions.labels("rejected", decision.reason.value).inc()
+            if decision.reason is RejectReason.HOLDOUT:
+                self._hold_out(key, envelope, request, raw, now)
             return rejected(decision.reason, decision.detail, request.id)
 
         overrides = request.step_timeout_seconds
@@ -329,6 +339,31 @@ class Router:
             channels=[c for c in plan if decision.allowed & c.bit],
             deferred_until=None if defer_until is None else utc(defer_until),
         )
+
+    def _hold_out(
+        self, key: str, envelope: Envelope, request: SendRequest, raw: bytes, now: float
+    ) -> None:
+        """Keep a held-out message, finished as ``holdout``: the CRM may later report the
+        recipient's purchase (an ``event`` op), which is how the control group's conversion,
+        and so the campaign's incremental effect, gets measured."""
+        cascade = Cascade(
+            envelope.channels,
+            (0.0,) * len(envelope.channels),
+            0,
+            0,
+            Status.FINISHED,
+            0,
+            Outcome.HOLDOUT,
+        )
+        record = MessageRecord(
+            key, envelope, request.recipient.tz, cascade, now, request.campaign, request.variant
+        )
+        self.state.finished[key] = Outcome.HOLDOUT
+        self.state.remember_finished(key, now)
+        batch = self.committer.current
+        batch.inserts[key] = raw
+        self._dirty(record)
+        self._emit(record, StatusKind.HOLDOUT, now, final=True, detail=_HOLDOUT_DETAIL)
 
     def _cancel(self, request: CancelRequest, now: float) -> Result:
         key = message_key(request.tenant, request.id)
@@ -580,7 +615,7 @@ class Router:
                 return False
             # the cascade is over, but the fact still counts (a purchase after the read)
             if channel is not None:
-                metrics.receipts.labels(channel.value, kind.value).inc()
+                metrics.receipts.labels(channel.value, receipt.metric_kind or kind.value).inc()
             self._emit_key(
                 key,
                 kind,
@@ -591,7 +626,7 @@ class Router:
             )
             return True
         if channel is not None:
-            metrics.receipts.labels(channel.value, kind.value).inc()
+            metrics.receipts.labels(channel.value, receipt.metric_kind or kind.value).inc()
             sent_at = record.step_sent_at
             if sent_at is not None and channel is record.cascade.channel:
                 if kind is StatusKind.DELIVERED:
@@ -695,8 +730,17 @@ class Router:
             detail = (
                 receipt.detail if fact is not StatusKind.FAILED else (receipt.detail or kind.value)
             )
+            metric_kind = "bounced" if kind is ReceiptKind.BOUNCED else None
             self.receipt(
-                Receipt(key, fact, channel=channel, at=at, provider=provider, detail=detail),
+                Receipt(
+                    key,
+                    fact,
+                    channel=channel,
+                    at=at,
+                    provider=provider,
+                    detail=detail,
+                    metric_kind=metric_kind,
+                ),
                 now=now,
             )
         return unknown

@@ -13,7 +13,7 @@ planned second one; the conformance suite in ``tests/store`` runs against every 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -132,6 +132,12 @@ class Journal(Protocol):
         ...
 
     async def consent_history(self, recipient: RecipientKey) -> list[ConsentRecord]: ...
+
+    async def campaign_rows(
+        self, tenant: str, campaign: str
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """Aggregates for ``gateway.reports.build``."""
+        ...
 
     async def prune(self, *, now: float, retention_seconds: float, horizon_seconds: float) -> int:
         """Forget finished messages past retention and sends past the cap horizon."""

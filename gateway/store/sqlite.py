@@ -33,14 +33,20 @@ CREATE TABLE IF NOT EXISTS messages (
     accepted_at REAL NOT NULL,
     request BLOB NOT NULL,
     record BLOB NOT NULL,
-    outcome TEXT
+    outcome TEXT,
+    campaign TEXT,
+    variant TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_active ON messages (key) WHERE outcome IS NULL;
 CREATE INDEX IF NOT EXISTS messages_finished ON messages (accepted_at) WHERE outcome IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_campaign ON messages (campaign) WHERE campaign IS NOT NULL;
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
     key TEXT NOT NULL,
-    body BLOB NOT NULL
+    body BLOB NOT NULL,
+    kind TEXT,
+    channel TEXT,
+    provider TEXT
 );
 CREATE INDEX IF NOT EXISTS events_key ON events (key);
 CREATE TABLE IF NOT EXISTS consents (
@@ -93,6 +99,7 @@ class SqliteJournal:
         writer.execute("PRAGMA temp_store=MEMORY")
         writer.execute("PRAGMA cache_size=-65536")
         writer.execute("PRAGMA journal_size_limit=67108864")
+        _migrate(writer)
         writer.executescript(_SCHEMA)
         self._writer = writer
         reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -111,7 +118,7 @@ class SqliteJournal:
     async def commit(self, batch: Batch) -> None:
         # encode on the trio thread: msgspec holds the GIL either way, and the thread then
         # spends its time in SQLite, which releases it
-        inserts: list[tuple[str, float, bytes, bytes, str | None]] = []
+        inserts: list[tuple[str, float, bytes, bytes, str | None, str | None, str | None]] = []
         updates: list[tuple[bytes, str | None, str]] = []
         for key, record in batch.dirty.items():
             body = _encoder.encode(record)
@@ -119,10 +126,29 @@ class SqliteJournal:
             outcome_text = None if outcome is None else outcome.value
             request = batch.inserts.get(key)
             if request is not None:
-                inserts.append((key, record.accepted_at, request, body, outcome_text))
+                inserts.append(
+                    (
+                        key,
+                        record.accepted_at,
+                        request,
+                        body,
+                        outcome_text,
+                        record.campaign,
+                        record.variant,
+                    )
+                )
             else:
                 updates.append((body, outcome_text, key))
-        events = [(f"{e.tenant}:{e.id}", _encoder.encode(e)) for e in batch.events]
+        events = [
+            (
+                f"{e.tenant}:{e.id}",
+                _encoder.encode(e),
+                e.kind.value,
+                e.channel and e.channel.value,
+                e.provider,
+            )
+            for e in batch.events
+        ]
         consents = [(rkey, _encoder.encode(c)) for rkey, c in batch.consents]
         sends = [(rkey, e.at, _encoder.encode(e)) for rkey, e in batch.sends]
         await trio.to_thread.run_sync(
@@ -138,9 +164,9 @@ class SqliteJournal:
 
     def _commit_sync(
         self,
-        inserts: list[tuple[str, float, bytes, bytes, str | None]],
+        inserts: list[tuple[str, float, bytes, bytes, str | None, str | None, str | None]],
         updates: list[tuple[bytes, str | None, str]],
-        events: list[tuple[str, bytes]],
+        events: list[tuple[str, bytes, str, str | None, str | None]],
         consents: list[tuple[RecipientKey, bytes]],
         sends: list[tuple[RecipientKey, float, bytes]],
         addresses: list[tuple[str, str]],
@@ -150,13 +176,17 @@ class SqliteJournal:
         try:
             if inserts:
                 db.executemany(
-                    "INSERT INTO messages (key, accepted_at, request, record, outcome) VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO messages (key, accepted_at, request, record, outcome, campaign, variant)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
                     inserts,
                 )
             if updates:
                 db.executemany("UPDATE messages SET record = ?, outcome = ? WHERE key = ?", updates)
             if events:
-                db.executemany("INSERT INTO events (key, body) VALUES (?, ?)", events)
+                db.executemany(
+                    "INSERT INTO events (key, body, kind, channel, provider) VALUES (?, ?, ?, ?, ?)",
+                    events,
+                )
             if consents:
                 db.executemany("INSERT INTO consents (recipient, body) VALUES (?, ?)", consents)
             if sends:
@@ -297,8 +327,49 @@ class SqliteJournal:
             raise
         return deleted
 
+    # ------------------------------------------------------------ reports
+    async def campaign_rows(
+        self, tenant: str, campaign: str
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """Aggregates for one campaign of one tenant.
+
+        Returns:
+            ``(variant, outcome, messages)`` rows, and ``(variant, held_out, channel, kind,
+            provider, events, distinct messages)`` rows.
+        """
+        # keys are "tenant:id"; ';' is the character after ':', so this is a prefix range
+        low, high = f"{tenant}:", f"{tenant};"
+        messages = await self._read(
+            "SELECT variant, outcome, count(*) FROM messages"
+            " WHERE campaign = ? AND key >= ? AND key < ? GROUP BY variant, outcome",
+            (campaign, low, high),
+        )
+        events = await self._read(
+            "SELECT m.variant, m.outcome IS 'holdout', e.channel, e.kind, e.provider, count(*), count(DISTINCT e.key)"
+            " FROM events e JOIN messages m ON m.key = e.key"
+            " WHERE m.campaign = ? AND m.key >= ? AND m.key < ?"
+            " GROUP BY 1, 2, 3, 4, 5",
+            (campaign, low, high),
+        )
+        return messages, events
+
     @staticmethod
     def _connection(connection: sqlite3.Connection | None) -> sqlite3.Connection:
         if connection is None:
             raise RuntimeError("the journal is not open")
         return connection
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a journal written by an earlier version up to the current columns."""
+    wanted = {
+        "messages": ("campaign TEXT", "variant TEXT"),
+        "events": ("kind TEXT", "channel TEXT", "provider TEXT"),
+    }
+    for table, columns in wanted.items():
+        present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if not present:
+            continue  # a new file: the schema creates everything
+        for column in columns:
+            if column.split()[0] not in present:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")

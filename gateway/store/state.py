@@ -76,7 +76,7 @@ class State:
         key = record.key
         self.records.pop(key, None)
         self.finished[key] = outcome
-        self._finished_order.append((now, key))
+        self.remember_finished(key, now)
         rkey = recipient_key(record.envelope.tenant, record.envelope.recipient_id)
         keys = self.by_recipient.get(rkey)
         if keys is not None:
@@ -87,6 +87,10 @@ class State:
             self.timers[kind].cancel(key)
         if record.provider is not None and record.provider_message_id is not None:
             self.by_provider_id.pop(f"{record.provider}:{record.provider_message_id}", None)
+
+    def remember_finished(self, key: str, now: float) -> None:
+        """Keep ``key`` as an idempotency key until the retention passes."""
+        self._finished_order.append((now, key))
 
     def forget_finished(self, *, older_than: float) -> int:
         """Drop finished keys past the idempotency retention; returns how many."""

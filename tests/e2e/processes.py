@@ -41,6 +41,7 @@ class GatewayProcess:
         self.http_url = http_url
         self.process: trio.Process | None = None
         self.log_path = config_path.with_suffix(".log")
+        self.log_level = "warning"
 
     async def start(self) -> None:
         command = [
@@ -51,7 +52,7 @@ class GatewayProcess:
             str(self.config_path),
             "run",
             "--log-level",
-            "warning",
+            self.log_level,
         ]
         with self.log_path.open("ab") as log:  # the child keeps its own descriptor
             self.process = await trio.lowlevel.open_process(

@@ -454,6 +454,9 @@ class TestProviderFailures:
             await wait_until(embedded, 300 + 60)  # the bounce arrives ~1 s after the send
             _, _, _, viber, _ = sims(embedded)
             assert ["acme:m1"] == keys_sent(viber)
+            sample = embedded.gateway.registry.get_sample_value
+            assert 1.0 == sample("gateway_receipts_total", {"channel": "email", "kind": "bounced"})
+            assert 0.0 == sample("gateway_receipts_total", {"channel": "email", "kind": "failed"})
 
 
 class TestWebhookSecurity:

@@ -1,0 +1,201 @@
+"""Campaign reports: the marketer's funnel, per variant and channel, with the control group.
+
+The formulas are DOMAIN.md's: deliverability = delivered / sent; open rate = opens / delivered;
+click rate = unique clicks / delivered; conversion = conversions / delivered; unsubscribe rate =
+unsubscribes / delivered. Counts are distinct messages; cost counts every provider request
+(a resend after a crash is paid for twice). The incremental effect compares the conversion of
+treated recipients with that of the control group, whose messages were never sent but whose
+purchases the CRM reports like anyone else's (``event`` op, ``converted``).
+
+Pure: rows in, report out; the journal supplies the rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import msgspec
+
+_NO_VARIANT = "-"
+
+
+class ChannelFigures(msgspec.Struct):
+    sent: int = 0
+    delivered: int = 0
+    opened: int = 0
+    clicked: int = 0
+    converted: int = 0
+    unsubscribed: int = 0
+    failed: int = 0
+    cost: float = 0.0
+    deliverability: float | None = None
+    open_rate: float | None = None
+    click_rate: float | None = None
+    conversion_rate: float | None = None
+    unsubscribe_rate: float | None = None
+
+    def with_rates(self) -> ChannelFigures:
+        delivered = self.delivered
+        return msgspec.structs.replace(
+            self,
+            cost=round(self.cost, 6),
+            deliverability=_ratio(delivered, self.sent),
+            open_rate=_ratio(self.opened, delivered),
+            click_rate=_ratio(self.clicked, delivered),
+            conversion_rate=_ratio(self.converted, delivered),
+            unsubscribe_rate=_ratio(self.unsubscribed, delivered),
+        )
+
+
+class Group(msgspec.Struct):
+    size: int = 0
+    converted: int = 0
+    conversion_rate: float | None = None
+
+
+class VariantReport(msgspec.Struct):
+    channels: dict[str, ChannelFigures]
+    total: ChannelFigures
+    treated: Group
+    control: Group
+    incremental_conversion: float | None
+    """Treated minus control conversion rate (a difference of fractions)."""
+    cost: float
+    sms_equivalent_cost: float
+    """What the treated messages would have cost as SMS to everyone."""
+    savings: float
+
+
+class CampaignReport(msgspec.Struct):
+    tenant: str
+    campaign: str
+    currency: str
+    variants: dict[str, VariantReport]
+    total: VariantReport
+
+
+_FIELDS = {
+    "sent": "sent",
+    "delivered": "delivered",
+    "read": "opened",
+    "clicked": "clicked",
+    "converted": "converted",
+    "unsubscribed": "unsubscribed",
+    "failed": "failed",
+}
+
+
+def build(
+    *,
+    tenant: str,
+    campaign: str,
+    currency: str,
+    message_rows: Iterable[tuple[Any, ...]],
+    event_rows: Iterable[tuple[Any, ...]],
+    prices: Mapping[str, float],
+    sms_price: float,
+) -> CampaignReport:
+    """Assemble the report from the journal's aggregate rows (see ``campaign_rows``)."""
+    sizes: dict[str, Group] = {}
+    control: dict[str, Group] = {}
+    for variant, outcome, count in message_rows:
+        name = variant or _NO_VARIANT
+        target = control if outcome == "holdout" else sizes
+        target.setdefault(name, Group()).size += count
+    channels: dict[str, dict[str, ChannelFigures]] = {}
+    for variant, held_out, channel, kind, provider, events, distinct in event_rows:
+        name = variant or _NO_VARIANT
+        if kind == "converted":
+            target = control if held_out else sizes
+            target.setdefault(name, Group()).converted += distinct
+        if held_out or channel is None:
+            continue
+        field = _FIELDS.get(kind)
+        figures = channels.setdefault(name, {}).setdefault(channel, ChannelFigures())
+        if field is not None:
+            setattr(figures, field, getattr(figures, field) + distinct)
+        if kind == "sent":
+            figures.cost += events * prices.get(provider or "", 0.0)
+    names = sorted(set(sizes) | set(control) | set(channels))
+    variants = {
+        name: _variant(
+            channels.get(name, {}), sizes.get(name, Group()), control.get(name, Group()), sms_price
+        )
+        for name in names
+    }
+    overall = _variant(
+        _sum_channels(channels.values()),
+        _sum_groups(sizes.values()),
+        _sum_groups(control.values()),
+        sms_price,
+    )
+    return CampaignReport(tenant, campaign, currency, variants, overall)
+
+
+def _variant(
+    channels: Mapping[str, ChannelFigures], treated: Group, control: Group, sms_price: float
+) -> VariantReport:
+    total = ChannelFigures()
+    for figures in channels.values():
+        for field in (
+            "sent",
+            "delivered",
+            "opened",
+            "clicked",
+            "converted",
+            "unsubscribed",
+            "failed",
+            "cost",
+        ):
+            setattr(total, field, getattr(total, field) + getattr(figures, field))
+    treated = Group(treated.size, treated.converted, _ratio(treated.converted, treated.size))
+    control = Group(control.size, control.converted, _ratio(control.converted, control.size))
+    incremental = (
+        None
+        if treated.conversion_rate is None or control.conversion_rate is None
+        else round(treated.conversion_rate - control.conversion_rate, 6)
+    )
+    baseline = round(treated.size * sms_price, 6)
+    cost = round(total.cost, 6)
+    return VariantReport(
+        channels={name: figures.with_rates() for name, figures in sorted(channels.items())},
+        total=total.with_rates(),
+        treated=treated,
+        control=control,
+        incremental_conversion=incremental,
+        cost=cost,
+        sms_equivalent_cost=baseline,
+        savings=round(baseline - cost, 6),
+    )
+
+
+def _sum_channels(per_variant: Iterable[Mapping[str, ChannelFigures]]) -> dict[str, ChannelFigures]:
+    summed: dict[str, ChannelFigures] = {}
+    for channels in per_variant:
+        for name, figures in channels.items():
+            into = summed.setdefault(name, ChannelFigures())
+            for field in (
+                "sent",
+                "delivered",
+                "opened",
+                "clicked",
+                "converted",
+                "unsubscribed",
+                "failed",
+                "cost",
+            ):
+                setattr(into, field, getattr(into, field) + getattr(figures, field))
+    return summed
+
+
+def _sum_groups(groups: Iterable[Group]) -> Group:
+    total = Group()
+    for group in groups:
+        total.size += group.size
+        total.converted += group.converted
+    return total
+
+
+def _ratio(numerator: int, denominator: int) -> float | None:
+    return None if denominator == 0 else round(numerator / denominator, 6)
