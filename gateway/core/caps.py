@@ -105,16 +105,23 @@ def check(
     Returns:
         ``None`` when the send fits, else the rule that is full and when it frees up.
     """
-    if not category.is_marketing or not rules:
+    entries = history.entries
+    if category is Category.SERVICE or not rules or not entries:
         return None
     verdict: Capped | None = None
-    probe = SendEntry(now, message, category, channel)
     for rule in rules:
-        if not rule.counts(probe):
+        categories, channels, window = rule.categories, rule.channels, rule.window_seconds
+        if (categories and category not in categories) or (channels and channel not in channels):
             continue
         latest: dict[str, float] = {}
-        for entry in history.entries:
-            if entry.at + rule.window_seconds > now and rule.counts(entry):
+        # rule.counts(entry), inlined: this loop runs for every admission
+        for entry in entries:
+            if (
+                entry.at + window > now
+                and entry.category is not Category.SERVICE
+                and (not categories or entry.category in categories)
+                and (not channels or entry.channel in channels)
+            ):
                 latest[entry.message] = entry.at  # entries are oldest first: keeps the latest
         if message in latest or len(latest) < rule.max_count:
             continue

@@ -23,9 +23,10 @@ import msgspec
 
 from gateway.core import caps, quiet_hours
 from gateway.core.caps import CapAction, CapHistory, CapRule
-from gateway.core.consent import ConsentDefaults, ConsentState, allowed_mask
+from gateway.core.consent import ConsentDefaults, ConsentState, advertising_mask
 from gateway.core.control_group import ControlGroup
 from gateway.core.model import (
+    ALL_CHANNELS_MASK,
     Category,
     Channel,
     DeferReason,
@@ -176,12 +177,18 @@ def decide(
     consents = recipient.consents
     if not consents.personal_data(defaults):
         return Reject(RejectReason.NO_CONSENT, "the recipient withdrew personal-data consent")
-    marketing = envelope.category.is_marketing
-    if marketing and rules.control_group.holds_out(envelope.tenant, envelope.recipient_id, now=now):
-        return Reject(RejectReason.HOLDOUT, "the recipient is in this period's control group")
-    allowed = allowed_mask(consents, marketing=marketing, topic=envelope.topic, defaults=defaults)
     plan = envelope.channels
-    first = next((channel for channel in plan if allowed & channel.bit), None)
+    if envelope.category is Category.SERVICE:
+        allowed = ALL_CHANNELS_MASK  # service needs only the personal-data consent, checked above
+    else:
+        if rules.control_group.holds_out(envelope.tenant, envelope.recipient_id, now=now):
+            return Reject(RejectReason.HOLDOUT, "the recipient is in this period's control group")
+        allowed = advertising_mask(consents, topic=envelope.topic, defaults=defaults)
+    first = None
+    for channel in plan:
+        if allowed & channel.bit:
+            first = channel
+            break
     if first is None:
         names = ", ".join(plan)
         return Reject(
@@ -192,7 +199,8 @@ def decide(
     at = now if envelope.send_at is None else max(now, envelope.send_at)
     why = DeferReason.SEND_AT
     for _ in range(_MAX_HOLD_ROUNDS):
-        verdict = gate(envelope, recipient, rules, message=message, channel=first, now=at, tz=tz)
+        # consent for `first` was just established: only caps and quiet hours remain
+        verdict = _timing(envelope, recipient, rules, message=message, channel=first, now=at, tz=tz)
         match verdict:
             case Go() | Skip(reason=RejectReason.CAPPED):
                 # a per-channel cap skips only this channel: the edge's gate will move the
@@ -244,14 +252,32 @@ def gate(
     if not consents.personal_data(defaults):
         return Stop(RejectReason.NO_CONSENT)
     category = envelope.category
-    if category.is_marketing and not consents.advertising(channel, envelope.topic, defaults):
+    if category is not Category.SERVICE and not consents.advertising(
+        channel, envelope.topic, defaults
+    ):
         return Skip(RejectReason.NO_CONSENT)
+    return _timing(envelope, recipient, rules, message=message, channel=channel, now=now, tz=tz)
 
+
+def _timing(
+    envelope: Envelope,
+    recipient: RecipientState,
+    rules: PolicyRules,
+    *,
+    message: str,
+    channel: Channel,
+    now: float,
+    tz: tzinfo,
+) -> Verdict:
+    """Caps and quiet hours for a step whose consent is already established."""
+    expires_at = envelope.expires_at
+    if expires_at is not None and now >= expires_at:
+        return Stop(RejectReason.EXPIRED)
     capped = caps.check(
         recipient.history,
         rules.caps,
         message=message,
-        category=category,
+        category=envelope.category,
         channel=channel,
         now=now,
     )

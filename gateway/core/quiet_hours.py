@@ -43,14 +43,34 @@ def local_time(now: float, tz: tzinfo) -> datetime:
 
 
 def is_quiet(window: QuietWindow, now: float, tz: tzinfo) -> bool:
-    return window.contains(local_time(now, tz).time().replace(tzinfo=None))
+    return window.contains(local_time(now, tz).time())
 
 
 def next_open(window: QuietWindow, now: float, tz: tzinfo) -> float:
     """The earliest instant ``>= now`` (POSIX seconds) whose local time is outside the window."""
-    if not is_quiet(window, now, tz):
+    local = local_time(now, tz)
+    wall = local.time()
+    if not window.contains(wall):
         return now
-    today = local_time(now, tz).date()
+    # Fast path: the opening is the next time the wall clock shows `end` (today, or tomorrow
+    # when we are in the evening part of a window that wraps midnight), provided the zone's
+    # offset is the same then as now. Zones change offset at most once a day, so equal offsets
+    # less than a day apart mean the wall clock runs straight there, through quiet time only.
+    day = local.date() + timedelta(days=1) if wall >= window.end else local.date()
+    candidate = datetime.combine(day, window.end, tzinfo=tz).timestamp()
+    if candidate > now:
+        arrived = datetime.fromtimestamp(candidate, tz)
+        if (
+            arrived.utcoffset() == local.utcoffset()
+            and arrived.time() == window.end
+            and arrived.date() == day
+        ):
+            return candidate
+    return _next_open_exact(window, now, tz, local.date())
+
+
+def _next_open_exact(window: QuietWindow, now: float, tz: tzinfo, today: date) -> float:
+    """The DST-aware search: every instant where quietness can change, earliest first."""
     candidates: list[float] = []
     # A window is shorter than a day, so the opening lies within two local days of `now`;
     # a day either side more covers the zone's offset and any fold around midnight.
