@@ -4,6 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+BENCH_VENV ?= .bench-venv
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
 .PHONY: test run demo lint typecheck unit schema bench bench-env clean
 
 $(STAMP): pyproject.toml constraints.txt
@@ -32,8 +35,18 @@ unit: $(STAMP)
 schema: $(STAMP)
 	$(BIN)/cascadegw schema > config/schema/cascadegw.schema.json
 
-bench: $(STAMP)
+# locust gevent-patches whatever imports it, which breaks trio: it gets its own virtualenv
+$(BENCH_STAMP): bench/requirements.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet -r bench/requirements.txt
+	touch $@
+
+bench-env: $(BENCH_STAMP)
+
+bench: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/python bench/core_bench.py
+	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage
+	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -34,7 +34,9 @@ def rules() -> PolicyRules:
     return PolicyRules(
         control_group=ControlGroup(percent=5.0, salt="bench"),
         caps=(
-            CapRule("promo_weekly", 3, 7 * 86400.0, frozenset({Category.PROMO}), action=CapAction.REJECT),
+            CapRule(
+                "promo_weekly", 3, 7 * 86400.0, frozenset({Category.PROMO}), action=CapAction.REJECT
+            ),
             CapRule("marketing_daily", 2, 86400.0, action=CapAction.DEFER),
         ),
         quiet_hours=(
@@ -53,12 +55,20 @@ def recipients(count: int) -> list[RecipientState]:
         consents = ConsentState()
         for channel in (Channel.PUSH, Channel.EMAIL, Channel.SMS):
             consents = consents.with_record(
-                ConsentRecord(ConsentKind.ADVERTISING, ConsentAction.GRANT, NOW - 86400, "form", channel=channel)
+                ConsentRecord(
+                    ConsentKind.ADVERTISING,
+                    ConsentAction.GRANT,
+                    NOW - 86400,
+                    "form",
+                    channel=channel,
+                )
             )
         history = CapHistory()
         for sent in range(index % 3):
             history = history.with_entry(
-                SendEntry(NOW - 3600 * (sent + 1), f"acme:old{index}-{sent}", Category.PROMO, Channel.PUSH),
+                SendEntry(
+                    NOW - 3600 * (sent + 1), f"acme:old{index}-{sent}", Category.PROMO, Channel.PUSH
+                ),
                 horizon_seconds=7 * 86400,
             )
         states.append(RecipientState(consents, history))
@@ -84,22 +94,49 @@ def main() -> None:
         os.sched_setaffinity(0, {0})  # one core, as the goal is stated
     policy = rules()
     states = recipients(1000)
-    zones = [zoneinfo.ZoneInfo(name) for name in ("Europe/Moscow", "Asia/Novosibirsk", "Europe/London", "America/New_York")]
+    zones = [
+        zoneinfo.ZoneInfo(name)
+        for name in ("Europe/Moscow", "Asia/Novosibirsk", "Europe/London", "America/New_York")
+    ]
     envelopes = [
-        Envelope("acme", f"r{index}", Category.PROMO if index % 4 else Category.SERVICE, "promo", Lane.NORMAL, PLAN)
+        Envelope(
+            "acme",
+            f"r{index}",
+            Category.PROMO if index % 4 else Category.SERVICE,
+            "promo",
+            Lane.NORMAL,
+            PLAN,
+        )
         for index in range(1000)
     ]
 
-    print(f"cascadegw core benchmark: {platform.python_implementation()} {platform.python_version()}, pinned to one core")
+    print(
+        f"cascadegw core benchmark: {platform.python_implementation()} {platform.python_version()}, pinned to one core"
+    )
 
     def decisions() -> int:
         for index in range(1000):
-            decide(envelopes[index], states[index], policy, message=f"acme:m{index}", now=NOW, tz=zones[index & 3])
+            decide(
+                envelopes[index],
+                states[index],
+                policy,
+                message=f"acme:m{index}",
+                now=NOW,
+                tz=zones[index & 3],
+            )
         return 1000
 
     def gates() -> int:
         for index in range(1000):
-            gate(envelopes[index], states[index], policy, message=f"acme:m{index}", channel=Channel.EMAIL, now=NOW, tz=zones[index & 3])
+            gate(
+                envelopes[index],
+                states[index],
+                policy,
+                message=f"acme:m{index}",
+                channel=Channel.EMAIL,
+                now=NOW,
+                tz=zones[index & 3],
+            )
         return 1000
 
     def transitions() -> int:
@@ -116,7 +153,9 @@ def main() -> None:
     measure("pre-send checks (gate)", args.seconds, gates)
     measure("cascade transitions (start + handle)", args.seconds, transitions)
     goal = 100_000
-    print(f"goal: >= {goal:,} decisions/s -> {'met' if decided >= goal else 'MISSED'} ({decided / goal:.0%} of goal)")
+    print(
+        f"goal: >= {goal:,} decisions/s -> {'met' if decided >= goal else 'MISSED'} ({decided / goal:.0%} of goal)"
+    )
 
 
 if __name__ == "__main__":

@@ -204,7 +204,7 @@ class Client:
         try:
             while sub.poll(int(timeout_seconds * 1000), zmq.POLLIN):
                 _, payload = sub.recv_multipart()
-                yield _unpack(payload)
+                yield from _unpack(payload)  # each PUB message carries a list of events
         finally:
             sub.close(linger=0)
 
@@ -333,7 +333,8 @@ async def open_subscription(
         while True:
             while int(sub.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 _, payload = sub.recv_multipart(zmq.NOBLOCK)
-                send.send_nowait(_unpack(payload))
+                for event in _unpack(payload):  # each PUB message carries a list of events
+                    send.send_nowait(event)
             await trio.lowlevel.wait_readable(fd)
 
     try:

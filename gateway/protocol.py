@@ -7,8 +7,8 @@ array. Nothing a client sends can make the decoder raise: garbage, wrong types, 
 unknown fields and oversize frames each come back as a ``rejected``/``invalid`` result whose
 ``detail`` names the problem and where it is (``- at `$.recipient.email```).
 
-Status events (published on the PUB socket, topic = tenant, and stored for the timeline) are
-``StatusEvent`` maps. ``config/schema/cascadegw.schema.json`` is generated from these Structs
+Status events are stored for the timeline and published on the PUB socket as two-frame
+messages: the tenant (the topic), then a msgpack array of ``StatusEvent`` maps, oldest first. ``config/schema/cascadegw.schema.json`` is generated from these Structs
 (``cascadegw schema``) and a test keeps it in sync.
 """
 
@@ -374,7 +374,12 @@ def validate(request: Request) -> str | None:
                 for channel in channels:
                     if not content.has(channel):
                         return f"no content for requested channel {channel.value} - at `$.content`"
-            elif not any(content.has(channel) for channel in Channel):
+            elif (
+                content.push is None
+                and content.email is None
+                and content.viber is None
+                and content.sms is None
+            ):
                 return "no content for any channel - at `$.content`"
         case ConsentRequest(kind=ConsentKind.PERSONAL_DATA, channel=scope, topic=topic):
             if scope is not None or topic is not None:
@@ -430,7 +435,7 @@ def json_schema() -> dict[str, object]:
             "Request": request,
             "RequestFrame": {"oneOf": [request, {"type": "array", "items": request}]},
             "ReplyFrame": {"oneOf": [result, {"type": "array", "items": result}]},
-            "StatusEventMessage": event,
+            "StatusEventMessage": {"type": "array", "items": event},
         },
     }
 

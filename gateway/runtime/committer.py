@@ -49,9 +49,11 @@ class Committer:
 
     def staged_events(self) -> Iterator[StatusEvent]:
         """Status events written but not yet durable (a status query shows them too)."""
-        if self._committing is not None:
-            yield from self._committing.events
-        yield from self._current.events
+        for batch in (self._committing, self._current):
+            if batch is not None:
+                for events in batch.opening.values():
+                    yield from events
+                yield from batch.events
 
     def staged_record(self, key: str) -> MessageRecord | None:
         """The newest written-but-not-yet-durable value of a record, if any."""

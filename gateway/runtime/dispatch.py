@@ -195,6 +195,7 @@ class Dispatcher:
         self._idle = trio.Event()
         self._retry_due: Deadlines[int] = Deadlines()
         self._retry_jobs: dict[int, Job] = {}
+        self._retrying: dict[Lane, int] = dict.fromkeys(Lane, 0)
         self._retry_ids = 0
         self._retry_wake = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -209,9 +210,8 @@ class Dispatcher:
         queue.wake.set()
 
     def depth(self, lane: Lane) -> int:
-        return sum(q.queue.depth(lane) for q in self._queues.values()) + sum(
-            1 for job in self._retry_jobs.values() if job.lane is lane
-        )
+        """Sends waiting in ``lane``: queued at providers or waiting to retry (checked per send)."""
+        return sum(q.queue.depth(lane) for q in self._queues.values()) + self._retrying[lane]
 
     def inflight(self) -> int:
         return sum(q.inflight for q in self._queues.values())
@@ -355,6 +355,7 @@ class Dispatcher:
     def _schedule_retry(self, job: Job, at: float) -> None:
         self._retry_ids += 1
         self._retry_jobs[self._retry_ids] = job
+        self._retrying[job.lane] += 1
         self._retry_due.schedule(self._retry_ids, at)
         self._retry_wake.set()
 
@@ -363,7 +364,9 @@ class Dispatcher:
         while True:
             now = clock.now()
             for retry_id, _ in self._retry_due.pop_due(now):
-                self.submit(self._retry_jobs.pop(retry_id))
+                job = self._retry_jobs.pop(retry_id)
+                self._retrying[job.lane] -= 1
+                self.submit(job)
             deadline = self._retry_due.next_deadline()
             self._retry_wake = trio.Event()
             with trio.move_on_at(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import zoneinfo
 from collections.abc import Callable
 from datetime import tzinfo
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 import structlog
@@ -185,6 +185,7 @@ class Router:
         self._sms_price = {
             name: _first_price(config, t, Channel.SMS) for name, t in config.tenants.items()
         }
+        self._admissions = _Children(metrics.admissions)
         self._request_counters = {
             (op, status): metrics.requests.labels(op, status.value)
             for op in ("send", "cancel", "event", "consent", "status", "invalid")
@@ -256,15 +257,15 @@ class Router:
         state = self.state
         if state.finished.get(key) is Outcome.HOLDOUT:
             # a repeat of a held-out message gets the same answer, not "duplicate"
-            self.metrics.admissions.labels("rejected", "holdout").inc()
+            self._admissions["rejected", "holdout"].inc()
             return rejected(RejectReason.HOLDOUT, _HOLDOUT_DETAIL, request.id)
         if key in state.records or key in state.finished:
-            self.metrics.admissions.labels("duplicate", "none").inc()
+            self._admissions["duplicate", "none"].inc()
             return Result(ResultStatus.DUPLICATE, id=request.id, message=self._brief(key))
         lane = request.priority
         overload = self.overloaded(lane)
         if overload is not None:
-            self.metrics.admissions.labels("rejected", "overloaded").inc()
+            self._admissions["rejected", "overloaded"].inc()
             return rejected(RejectReason.OVERLOADED, overload, request.id)
 
         recipient = request.recipient
@@ -298,7 +299,7 @@ class Router:
             tz=self._zone(recipient.tz),
         )
         if isinstance(decision, Reject):
-            self.metrics.admissions.labels("rejected", decision.reason.value).inc()
+            self._admissions["rejected", decision.reason.value].inc()
             if decision.reason is RejectReason.HOLDOUT:
                 self._hold_out(key, envelope, request, raw, now)
             return rejected(decision.reason, decision.detail, request.id)
@@ -319,16 +320,15 @@ class Router:
         )
         state.add(record)
         batch = self.committer.current
-        batch.inserts[key] = raw
-        batch.rows += 1
-        self._emit(record, StatusKind.ACCEPTED, now)
+        batch.inserts[key] = raw  # the row is counted once, when _run marks the record dirty
+        self._opening(record, StatusKind.ACCEPTED, now)
         if defer_until is not None:
             assert isinstance(decision, Defer)
             state.deferred += 1
-            self.metrics.admissions.labels("deferred", decision.why.value).inc()
-            self._emit(record, StatusKind.DEFERRED, now, detail=decision.why.value)
+            self._admissions["deferred", decision.why.value].inc()
+            self._opening(record, StatusKind.DEFERRED, now, detail=decision.why.value)
         else:
-            self.metrics.admissions.labels("admitted", "none").inc()
+            self._admissions["admitted", "none"].inc()
             # the first send is imminent: count it against the caps now, so a burst of messages
             # for one recipient in one frame cannot all pass a cap that none has filled yet
             self._count_send(record, cascade.channel, now)
@@ -363,7 +363,7 @@ class Router:
         batch = self.committer.current
         batch.inserts[key] = raw
         self._dirty(record)
-        self._emit(record, StatusKind.HOLDOUT, now, final=True, detail=_HOLDOUT_DETAIL)
+        self._opening(record, StatusKind.HOLDOUT, now, final=True, detail=_HOLDOUT_DETAIL)
 
     def _cancel(self, request: CancelRequest, now: float) -> Result:
         key = message_key(request.tenant, request.id)
@@ -988,6 +988,26 @@ class Router:
         publish = self.publish
         batch.after.append(lambda: publish(event))
 
+    def _opening(
+        self,
+        record: MessageRecord,
+        kind: StatusKind,
+        at: float,
+        *,
+        detail: str | None = None,
+        final: bool = False,
+    ) -> None:
+        """A status event of the admission itself: journalled inside the message's own row
+        (one row per admitted message instead of three), published like any other."""
+        tenant, message_id = split_key(record.key)
+        event = StatusEvent(
+            tenant=tenant, id=message_id, kind=kind, at=utc(at), final=final, detail=detail
+        )
+        batch = self.committer.current
+        batch.opening.setdefault(record.key, []).append(event)
+        publish = self.publish
+        batch.after.append(lambda: publish(event))
+
     def _dirty(self, record: MessageRecord) -> None:
         batch = self.committer.current
         if record.key not in batch.dirty:
@@ -1031,6 +1051,19 @@ class Router:
 
     def tenant_of(self, key: str) -> TenantConfig:
         return self.config.tenants[split_key(key)[0]]
+
+
+class _Children(dict[tuple[str, ...], Any]):
+    """Label children of one metric, looked up once: ``.labels()`` costs a lock and a hash of
+    the label values on every call, which adds up per message."""
+
+    def __init__(self, metric: Any) -> None:
+        super().__init__()
+        self.metric = metric
+
+    def __missing__(self, labels: tuple[str, ...]) -> Any:
+        child = self[labels] = self.metric.labels(*labels)
+        return child
 
 
 def _describe(record: MessageRecord) -> MessageState:

@@ -59,6 +59,7 @@ class Batch:
         "dirty",
         "events",
         "inserts",
+        "opening",
         "rows",
         "sends",
     )
@@ -69,6 +70,8 @@ class Batch:
         self.dirty: dict[str, MessageRecord] = {}
         """Records to write (inserted or updated), latest value wins."""
         self.events: list[StatusEvent] = []
+        self.opening: dict[str, list[StatusEvent]] = {}
+        """A new message's first status events (accepted, deferred), kept in its own row."""
         self.consents: list[tuple[RecipientKey, ConsentRecord]] = []
         self.sends: list[tuple[RecipientKey, SendEntry]] = []
         self.addresses: list[tuple[str, str]] = []

@@ -35,9 +35,9 @@ CREATE TABLE IF NOT EXISTS messages (
     record BLOB NOT NULL,
     outcome TEXT,
     campaign TEXT,
-    variant TEXT
+    variant TEXT,
+    opening BLOB
 );
-CREATE INDEX IF NOT EXISTS messages_active ON messages (key) WHERE outcome IS NULL;
 CREATE INDEX IF NOT EXISTS messages_finished ON messages (accepted_at) WHERE outcome IS NOT NULL;
 CREATE INDEX IF NOT EXISTS messages_campaign ON messages (campaign) WHERE campaign IS NOT NULL;
 CREATE TABLE IF NOT EXISTS events (
@@ -68,10 +68,13 @@ CREATE TABLE IF NOT EXISTS addresses (
 ) WITHOUT ROWID;
 """
 
+_OPENINGS_IN = "SELECT key, opening FROM messages WHERE key IN ({})"
+_EVENTS_IN = "SELECT key, body FROM events WHERE key IN ({}) ORDER BY id"
 _IN_CHUNK = 500  # keys per IN (...) query; well under SQLite's bound-parameter limit
 _encoder = msgspec.msgpack.Encoder()
 _record_decoder = msgspec.msgpack.Decoder(MessageRecord)
 _event_decoder = msgspec.msgpack.Decoder(StatusEvent)
+_events_decoder = msgspec.msgpack.Decoder(list[StatusEvent])
 _consent_decoder = msgspec.msgpack.Decoder(ConsentRecord)
 _send_decoder = msgspec.msgpack.Decoder(SendEntry)
 
@@ -118,7 +121,9 @@ class SqliteJournal:
     async def commit(self, batch: Batch) -> None:
         # encode on the trio thread: msgspec holds the GIL either way, and the thread then
         # spends its time in SQLite, which releases it
-        inserts: list[tuple[str, float, bytes, bytes, str | None, str | None, str | None]] = []
+        inserts: list[
+            tuple[str, float, bytes, bytes, str | None, str | None, str | None, bytes | None]
+        ] = []
         updates: list[tuple[bytes, str | None, str]] = []
         for key, record in batch.dirty.items():
             body = _encoder.encode(record)
@@ -135,6 +140,9 @@ class SqliteJournal:
                         outcome_text,
                         record.campaign,
                         record.variant,
+                        None
+                        if (opening := batch.opening.get(key)) is None
+                        else _encoder.encode(opening),
                     )
                 )
             else:
@@ -164,7 +172,9 @@ class SqliteJournal:
 
     def _commit_sync(
         self,
-        inserts: list[tuple[str, float, bytes, bytes, str | None, str | None, str | None]],
+        inserts: list[
+            tuple[str, float, bytes, bytes, str | None, str | None, str | None, bytes | None]
+        ],
         updates: list[tuple[bytes, str | None, str]],
         events: list[tuple[str, bytes, str, str | None, str | None]],
         consents: list[tuple[RecipientKey, bytes]],
@@ -176,8 +186,8 @@ class SqliteJournal:
         try:
             if inserts:
                 db.executemany(
-                    "INSERT INTO messages (key, accepted_at, request, record, outcome, campaign, variant)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO messages (key, accepted_at, request, record, outcome, campaign, variant, opening)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     inserts,
                 )
             if updates:
@@ -260,10 +270,26 @@ class SqliteJournal:
         return (await self.timelines([key])).get(key, [])
 
     async def timelines(self, keys: list[str]) -> dict[str, list[StatusEvent]]:
-        rows = await self._read_in(
-            "SELECT key, body FROM events WHERE key IN ({}) ORDER BY id", keys
-        )
+        if not keys:
+            return {}
+
+        def run() -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+            # both reads in one thread hop: the admission's events live in the message row
+            connection = self._connection(self._reader)
+            openings: list[tuple[Any, ...]] = []
+            rows: list[tuple[Any, ...]] = []
+            for start in range(0, len(keys), _IN_CHUNK):
+                chunk = keys[start : start + _IN_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                openings.extend(connection.execute(_OPENINGS_IN.format(marks), chunk))
+                rows.extend(connection.execute(_EVENTS_IN.format(marks), chunk))
+            return openings, rows
+
+        openings, rows = await trio.to_thread.run_sync(run, limiter=self._read_lock)
         found: dict[str, list[StatusEvent]] = {}
+        for key, opening in openings:
+            if opening is not None:
+                found[key] = _events_decoder.decode(opening)
         for key, body in rows:
             found.setdefault(key, []).append(_event_decoder.decode(body))
         return found
@@ -363,7 +389,7 @@ class SqliteJournal:
 def _migrate(db: sqlite3.Connection) -> None:
     """Bring a journal written by an earlier version up to the current columns."""
     wanted = {
-        "messages": ("campaign TEXT", "variant TEXT"),
+        "messages": ("campaign TEXT", "variant TEXT", "opening BLOB"),
         "events": ("kind TEXT", "channel TEXT", "provider TEXT"),
     }
     for table, columns in wanted.items():
@@ -373,3 +399,5 @@ def _migrate(db: sqlite3.Connection) -> None:
         for column in columns:
             if column.split()[0] not in present:
                 db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+    # recovery scans for active rows once at start; an index on them cost every insert
+    db.execute("DROP INDEX IF EXISTS messages_active")
