@@ -1,0 +1,79 @@
+"""The locustfile drives a live gateway: both user classes, headless, from the bench virtualenv.
+
+Locust must never be imported here (it gevent-patches the process and trio stops working), so
+it runs as a subprocess of the separate virtualenv `make bench-env` builds (`make test` builds
+it too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from gateway.config import load_config
+from gateway.runtime.embedded import open_embedded
+from tests.e2e.test_observability import campaign_config
+
+ROOT = Path(__file__).resolve().parents[2]
+LOCUST = ROOT / ".bench-venv" / "bin" / "locust"
+
+
+async def test_the_locustfile_loads_a_live_gateway(tmp_path: Path) -> None:
+    assert LOCUST.exists(), "the locust virtualenv is missing: `make bench-env` builds it"
+    config = load_config(campaign_config(tmp_path, 0).encode(), {})
+    async with open_embedded(config) as embedded:
+        gateway = embedded.gateway
+        viber_token = gateway.config.providers["viber1"].auth_token
+        assert viber_token is not None
+        environ = {
+            **os.environ,
+            "CASCADEGW_ENDPOINT": gateway.ingest_endpoint,
+            "CASCADEGW_TENANT": "acme",
+            "CASCADEGW_BATCH": "10",
+            "CASCADEGW_WEBHOOK_URL": f"{gateway.http_url}/webhooks/viber1",
+            "CASCADEGW_VIBER_TOKEN": viber_token.reveal(),
+        }
+        completed = await trio.run_process(
+            [
+                str(LOCUST),
+                "-f",
+                str(ROOT / "bench" / "locustfile.py"),
+                "--headless",
+                "-u",
+                "4",
+                "-r",
+                "4",
+                "--run-time",
+                "4s",
+                "--stop-timeout",
+                "5",
+                "--json",
+                "--only-summary",
+                "CrmUser",
+                "WebhookUser",
+            ],
+            env=environ,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            cwd=tmp_path,
+        )
+        accepted = gateway.metrics.registry.get_sample_value(
+            "gateway_admissions_total", {"outcome": "admitted", "reason": "none"}
+        )
+        webhooks = gateway.metrics.registry.get_sample_value(
+            "gateway_webhook_requests_total", {"provider": "viber1", "verdict": "accepted"}
+        )
+    stats: dict[str, Any] = {entry["name"]: entry for entry in json.loads(completed.stdout)}
+    sends, receipts = stats["send x10 (normal)"], stats["webhook viber"]
+    assert sends["num_requests"] > 10, completed.stderr.decode()[-2000:]
+    assert 0 == sends["num_failures"]
+    assert receipts["num_requests"] > 10
+    assert 0 == receipts["num_failures"]
+    # the gateway saw what locust says it sent
+    assert accepted == sends["num_requests"] * 10
+    assert webhooks == receipts["num_requests"]
