@@ -438,19 +438,19 @@ def histogram_quantile(
     metrics: dict[str, float], name: str, labels: str, fraction: float
 ) -> float | None:
     """Upper bound of the bucket holding the quantile (Prometheus' histogram, read directly)."""
-    buckets = []
+    buckets: list[tuple[float, float]] = []
     for series, value in metrics.items():
         if series.startswith(f"{name}_bucket{{") and labels in series:
-            bound = re.search(r'le="([^"]+)"', series)
-            if bound:
-                buckets.append((float(bound.group(1)), value))
+            found = re.search(r'le="([^"]+)"', series)
+            if found:
+                buckets.append((float(found.group(1)), value))
     buckets.sort()
     if not buckets or not buckets[-1][1]:
         return None
     total = buckets[-1][1]
-    for bound, count in buckets:
+    for upper, count in buckets:
         if count >= fraction * total:
-            return bound
+            return upper
     return None
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from gateway import reports
 from gateway.core.consent import ConsentAction, ConsentKind, ConsentRecord
@@ -55,7 +55,7 @@ def _problem(status: int, reason: str, detail: str) -> Response:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def admin_routes(gateway: Gateway) -> list[Route]:
+def admin_routes(gateway: Gateway) -> list[BaseRoute]:
     config = gateway.config
     router = gateway.router
     token = config.http.admin_token
