@@ -450,6 +450,10 @@ def _validate(config: GatewayConfig) -> None:
         cap_names = [cap.name for cap in policy.caps]
         if len(set(cap_names)) != len(cap_names):
             raise ConfigError(f"{where}.caps: cap names must be unique")
+        try:
+            policy_rules(policy)  # the core's own checks (finite periods, valid windows)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
     for name, provider in config.providers.items():
         if not provider.simulated and not provider.url:
             raise ConfigError(f"providers.{name}.url: required unless simulated = true")

@@ -13,6 +13,7 @@ configured share of 2**64.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import msgspec
 
@@ -29,8 +30,8 @@ class ControlGroup(msgspec.Struct, frozen=True):
     def __post_init__(self) -> None:
         if not 0.0 <= self.percent <= 100.0:
             raise ValueError(f"control group percent must be within 0..100, got {self.percent}")
-        if self.period_seconds <= 0:
-            raise ValueError("control group period must be positive")
+        if not math.isfinite(self.period_seconds) or self.period_seconds <= 0:
+            raise ValueError("control group period must be a positive, finite number")
 
     def period(self, now: float) -> int:
         return int(now // self.period_seconds)

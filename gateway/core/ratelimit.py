@@ -27,8 +27,8 @@ class RateLimiter:
     __slots__ = ("_base", "_count", "_emission_interval", "burst", "rate_per_second")
 
     def __init__(self, rate_per_second: float, burst: int = 1) -> None:
-        if rate_per_second <= 0:
-            raise ValueError("rate_per_second must be positive")
+        if not math.isfinite(rate_per_second) or rate_per_second <= 0:
+            raise ValueError("rate_per_second must be a positive, finite number")
         if burst < 1:
             raise ValueError("burst must be at least 1")
         self.rate_per_second = rate_per_second

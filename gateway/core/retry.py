@@ -14,6 +14,8 @@ another provider cannot fix the recipient's address.
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 
 
@@ -26,6 +28,17 @@ class RetryPolicy(msgspec.Struct, frozen=True):
     """A Retry-After longer than this fails over instead of holding the message."""
 
     def __post_init__(self) -> None:
+        # NaN passes every comparison below silently (TOML can spell it), so refuse it first
+        for name in (
+            "base_delay_seconds",
+            "max_delay_seconds",
+            "jitter_fraction",
+            "max_retry_after_seconds",
+        ):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number")
+        if self.max_retry_after_seconds < 0:
+            raise ValueError("max_retry_after_seconds must not be negative")
         if self.attempts_per_provider < 1:
             raise ValueError("attempts_per_provider must be at least 1")
         if not 0.0 <= self.jitter_fraction <= 1.0:

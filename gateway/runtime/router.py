@@ -413,16 +413,34 @@ class Router:
 
     async def message_states(self, keys: list[str]) -> dict[str, MessageState]:
         """States and timelines of several messages: one read for the timelines, one for
-        finished messages' records."""
+        finished messages' records.
+
+        The reads await a thread, and a commit may land meanwhile: staged events are taken
+        before and after the reads (and de-duplicated against the journal), and a record that
+        finished and became durable during the reads is fetched in a second read.
+        """
         records = self.state.records
+        wanted = set(keys)
+        staged = self._staged_events(wanted)
         archived = [key for key in keys if key not in records]
         stored = await self.journal.messages(archived) if archived else {}
         timelines = await self.journal.timelines(keys)
-        wanted = set(keys)
-        for event in self.committer.staged_events():  # written but not yet durable
-            key = f"{event.tenant}:{event.id}"
-            if key in wanted:
-                timelines.setdefault(key, []).append(event)
+        for key, events in self._staged_events(wanted).items():
+            staged.setdefault(key, []).extend(events)
+        for key, events in staged.items():
+            timeline = timelines.setdefault(key, [])
+            seen = set(timeline)
+            for event in events:
+                if event not in seen:
+                    seen.add(event)
+                    timeline.append(event)
+        late = [
+            k
+            for k in keys
+            if k not in records and k not in stored and self.committer.staged_record(k) is None
+        ]
+        if late:
+            stored.update(await self.journal.messages(late))
         states: dict[str, MessageState] = {}
         for key in keys:
             # newest first: live, then staged (finished but not yet durable), then journalled
@@ -436,6 +454,14 @@ class Router:
                 _describe(record), timeline=timelines.get(key, [])
             )
         return states
+
+    def _staged_events(self, wanted: set[str]) -> dict[str, list[StatusEvent]]:
+        found: dict[str, list[StatusEvent]] = {}
+        for event in self.committer.staged_events():  # written but not yet durable
+            key = f"{event.tenant}:{event.id}"
+            if key in wanted:
+                found.setdefault(key, []).append(event)
+        return found
 
     def _brief(self, key: str) -> MessageState | None:
         record = self.state.records.get(key)

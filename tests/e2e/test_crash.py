@@ -27,7 +27,7 @@ from tests.e2e.processes import GatewayProcess, credentials_env, free_port
 
 KILLS = 12
 BATCH = 20
-MAX_MESSAGES = 2400  # ~200 messages/s over the kill phase: the providers can drain it
+MAX_MESSAGES = 1200  # a paced stream the providers drain even with the suite's coverage tracing on
 PROVIDER_CONCURRENCY = 8
 
 
@@ -212,9 +212,8 @@ def _keys(simulator: ViberSimulator | TwilioSimulator) -> list[str]:
 
 
 def _wait_finished(
-    endpoint: str, message_ids: list[str], timeout_seconds: float = 60.0
+    endpoint: str, message_ids: list[str], timeout_seconds: float = 180.0
 ) -> dict[str, Any]:
-    import time
 
     deadline = time.monotonic() + timeout_seconds
     pending = set(message_ids)
