@@ -74,8 +74,8 @@ class IngestConfig(_Config, frozen=True):
     """ZeroMQ PUB endpoint for status events (topic = tenant)."""
     max_frame_bytes: PositiveInt = 4 * 1024 * 1024
     max_batch: PositiveInt = 1000
-    max_frames_per_wakeup: PositiveInt = 64
-    """Frames handled per wake-up before yielding to other tasks (fairness)."""
+    max_requests_per_wakeup: PositiveInt = 500
+    """Requests handled per wake-up before yielding to timers, receipts and dispatch."""
 
 
 class HttpConfig(_Config, frozen=True):

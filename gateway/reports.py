@@ -138,17 +138,7 @@ def _variant(
 ) -> VariantReport:
     total = ChannelFigures()
     for figures in channels.values():
-        for field in (
-            "sent",
-            "delivered",
-            "opened",
-            "clicked",
-            "converted",
-            "unsubscribed",
-            "failed",
-            "cost",
-        ):
-            setattr(total, field, getattr(total, field) + getattr(figures, field))
+        _add(total, figures)
     treated = Group(treated.size, treated.converted, _ratio(treated.converted, treated.size))
     control = Group(control.size, control.converted, _ratio(control.converted, control.size))
     incremental = (
@@ -174,19 +164,16 @@ def _sum_channels(per_variant: Iterable[Mapping[str, ChannelFigures]]) -> dict[s
     summed: dict[str, ChannelFigures] = {}
     for channels in per_variant:
         for name, figures in channels.items():
-            into = summed.setdefault(name, ChannelFigures())
-            for field in (
-                "sent",
-                "delivered",
-                "opened",
-                "clicked",
-                "converted",
-                "unsubscribed",
-                "failed",
-                "cost",
-            ):
-                setattr(into, field, getattr(into, field) + getattr(figures, field))
+            _add(summed.setdefault(name, ChannelFigures()), figures)
     return summed
+
+
+_COUNTED = ("sent", "delivered", "opened", "clicked", "converted", "unsubscribed", "failed", "cost")
+
+
+def _add(into: ChannelFigures, figures: ChannelFigures) -> None:
+    for field in _COUNTED:
+        setattr(into, field, getattr(into, field) + getattr(figures, field))
 
 
 def _sum_groups(groups: Iterable[Group]) -> Group:

@@ -127,6 +127,8 @@ class Simulator:
         self.script: deque[Scripted] = deque()
         self.webhook_statuses: list[int] = []
         """HTTP status of every receipt the gateway answered (200 expected)."""
+        self.clicks: list[int] = []
+        """HTTP status the gateway's click tracker answered for every tapped link (0 = no answer)."""
         self._throttled: set[str] = set()
         self._due: Deadlines[int] = Deadlines()
         self._receipts: dict[int, Callable[[], Awaitable[None]]] = {}
@@ -231,6 +233,18 @@ class Simulator:
             return 0
         self.webhook_statuses.append(response.status_code)
         return response.status_code
+
+    async def tap(self, url: str) -> None:
+        """The recipient taps a tracked link: a GET, redirects not followed (a browser would go
+        on to the shop; the tracker has counted the click by then)."""
+        client = self._client
+        assert client is not None, "the simulator is not serving"
+        try:
+            response = await client.get(url, follow_redirects=False)
+        except httpx.HTTPError:
+            self.clicks.append(0)
+            return
+        self.clicks.append(response.status_code)
 
     async def _deliver_receipts(self, nursery: trio.Nursery) -> None:
         while True:

@@ -17,7 +17,6 @@ import secrets
 from typing import Any, Final
 from urllib.parse import parse_qs
 
-import httpx
 import msgspec
 import trio
 import zmq
@@ -137,7 +136,6 @@ class FcmSimulator(Simulator):
         self._tokens: dict[str, float] = {}
         """Issued access token -> wall-clock expiry."""
         self.app_reports: list[AppReport] = []
-        self.click_statuses: list[int] = []
         """HTTP status of every tracked-link GET (a redirect, 302/307, expected; 0 = no answer)."""
         self._nursery: trio.Nursery | None = None
         self._app_client: AsyncClient | None = None
@@ -307,7 +305,7 @@ class FcmSimulator(Simulator):
         async def opened() -> None:
             await self._report_open(key)
             if clicked and link is not None:
-                await self._open_link(link)
+                await self.tap(link)
 
         self.later(self.jitter(self.behaviour.read_delay_seconds), opened)
 
@@ -321,17 +319,6 @@ class FcmSimulator(Simulator):
         except (ClientError, zmq.ZMQError):
             reply = None
         self.app_reports.append(AppReport("opened", key, reply))
-
-    async def _open_link(self, link: str) -> None:
-        client = self._client
-        assert client is not None, "the simulator is not serving"
-        try:
-            # a browser would follow the redirect to the shop; the tracker has counted by then
-            response = await client.get(link, follow_redirects=False)
-        except httpx.HTTPError:
-            self.click_statuses.append(0)
-            return
-        self.click_statuses.append(response.status_code)
 
     async def _app(self) -> AsyncClient:
         """One long-lived DEALER for every report (a socket per open would cost a handshake)."""

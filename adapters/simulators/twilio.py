@@ -31,10 +31,10 @@ import re
 import secrets
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
+from functools import partial
 from typing import Final
 from urllib.parse import parse_qsl, urlencode
 
-import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -133,7 +133,6 @@ class TwilioSimulator(Simulator):
         """Wall time minus ``trio.current_time()``; fixed when serving starts unless given."""
         self.opted_out: set[str] = set()
         """Numbers that replied STOP: further messages to them get 21610."""
-        self.clicks: list[int] = []
         """HTTP status of every tracked link the simulated recipients opened."""
 
     def credentials(self) -> dict[str, object]:
@@ -251,21 +250,6 @@ class TwilioSimulator(Simulator):
 
         return send
 
-    def _open_link(self, url: str) -> Callable[[], Awaitable[None]]:
-        """The recipient taps the tracked link: a GET, redirects not followed."""
-
-        async def click() -> None:
-            client = self._client
-            assert client is not None, "the simulator is not serving"
-            try:
-                response = await client.get(url, follow_redirects=False)
-            except httpx.HTTPError:
-                self.clicks.append(0)
-                return
-            self.clicks.append(response.status_code)
-
-        return click
-
     def _engage(self, sid: str, fields: dict[str, str], url: str) -> None:
         """What happens to an accepted message: status callbacks (when ``url`` asks for
         them), the recipient's click, a STOP reply."""
@@ -288,6 +272,6 @@ class TwilioSimulator(Simulator):
         if read and clicked:
             link = _TRACKED_LINK.search(fields["Body"])
             if link is not None:
-                self.later(at + self.jitter(b.read_delay_seconds), self._open_link(link.group(0)))
+                self.later(at + self.jitter(b.read_delay_seconds), partial(self.tap, link.group(0)))
         if unsubscribed:
             self.opted_out.add(to)  # a STOP reply: no status callback, later sends get 21610

@@ -24,9 +24,9 @@ import hmac
 import re
 import secrets
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, Final
 
-import httpx
 import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -124,7 +124,6 @@ class ViberSimulator(Simulator):
         self.event_types: frozenset[str] = EVENT_TYPES
         """Wall time minus ``trio.current_time()``; fixed when serving starts unless given, so
         callbacks carry real epoch timestamps even under a MockClock."""
-        self.clicks: list[int] = []
         """HTTP status of every tracked link the simulated recipients opened."""
 
     def credentials(self) -> dict[str, object]:
@@ -259,21 +258,6 @@ class ViberSimulator(Simulator):
 
         return send
 
-    def _open_link(self, url: str) -> Callable[[], Awaitable[None]]:
-        """The recipient taps the tracked link: a GET, redirects not followed."""
-
-        async def click() -> None:
-            client = self._client
-            assert client is not None, "the simulator is not serving"
-            try:
-                response = await client.get(url, follow_redirects=False)
-            except httpx.HTTPError:
-                self.clicks.append(0)
-                return
-            self.clicks.append(response.status_code)
-
-        return click
-
     def _schedule_callbacks(self, receiver: str, token: int, text: str) -> None:
         delivered, read, clicked, bounced, unsubscribed = self.engagement(receiver)
         b = self.behaviour
@@ -291,7 +275,7 @@ class ViberSimulator(Simulator):
                 link = _TRACKED_LINK.search(text)
                 if link is not None:
                     at += self.jitter(b.read_delay_seconds)
-                    self.later(at, self._open_link(link.group(0)))
+                    self.later(at, partial(self.tap, link.group(0)))
         if unsubscribed:
             at += self.jitter(b.read_delay_seconds)
             # The callback's message_token identifies the event itself, not a sent message.

@@ -21,9 +21,9 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from gateway import reports
-from gateway.core.consent import ConsentAction, ConsentKind, ConsentRecord
+from gateway.core.consent import ConsentAction, ConsentKind
 from gateway.core.model import Channel, message_key, recipient_key
-from gateway.protocol import AwareDatetime, Label, epoch
+from gateway.protocol import PROTOCOL_VERSION, AwareDatetime, ConsentRequest, Label, validate
 
 if TYPE_CHECKING:
     from gateway.runtime.app import Gateway
@@ -89,20 +89,22 @@ def admin_routes(gateway: Gateway) -> list[BaseRoute]:
         updates = decoded if isinstance(decoded, list) else [decoded]
         now = gateway.clock.now()
         tenant, recipient = request.path_params["tenant"], request.path_params["recipient"]
-        for update in updates:
-            if update.kind is ConsentKind.PERSONAL_DATA and (update.channel or update.topic):
-                return _problem(400, "invalid", "personal-data consent is not per channel or topic")
-        for update in updates:
-            record = ConsentRecord(
-                kind=update.kind,
-                action=update.action,
-                at=epoch(update.at) or now,
-                source=update.source,
-                channel=update.channel,
-                topic=update.topic,
-                reason=update.reason,
+        # the same request the ZeroMQ `consent` op carries: one validation, one code path
+        requests = [
+            ConsentRequest(
+                v=PROTOCOL_VERSION,
+                tenant=tenant,
+                recipient_id=recipient,
+                **msgspec.structs.asdict(update),
             )
-            router.change_consent(tenant, recipient, record, now=now, source="api")
+            for update in updates
+        ]
+        for consent in requests:
+            problem = validate(consent)
+            if problem is not None:
+                return _problem(400, "invalid", problem)
+        for consent in requests:
+            router.consent(consent, now)
         await gateway.committer.flush()  # durable before we say so
         return _respond({"recorded": len(updates)})
 

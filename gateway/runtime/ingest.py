@@ -75,15 +75,16 @@ class Ingest:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         sock = self.sock
-        budget = self.config.max_frames_per_wakeup
+        budget = self.config.max_requests_per_wakeup
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
             while True:
+                # the budget counts requests, not frames: 64 frames of 500 sends would hold the
+                # loop for seconds while timers, receipts and the critical lane's dispatch wait
                 handled = 0
                 while handled < budget and zmqio.readable(sock):
-                    self._handle(sock.recv_multipart(zmq.NOBLOCK))
-                    handled += 1
+                    handled += self._handle(sock.recv_multipart(zmq.NOBLOCK))
                 self._flush()
                 if handled >= budget or zmqio.readable(sock):
                     await trio.lowlevel.checkpoint()
@@ -93,10 +94,11 @@ class Ingest:
                     await zmqio.wait_readable(sock)
                 self._idle = None
 
-    def _handle(self, parts: list[bytes]) -> None:
+    def _handle(self, parts: list[bytes]) -> int:
+        """Answer one frame (the reply waits for durability); returns how many requests it held."""
         self.frames += 1
         if len(parts) < 2:
-            return  # a ROUTER always prepends the peer identity; nothing to answer
+            return 1  # a ROUTER always prepends the peer identity; nothing to answer
         identity, envelope, payload = parts[0], parts[1:-1], parts[-1]
         frame = decode_frame(
             payload, max_frame_bytes=self.config.max_frame_bytes, max_batch=self.config.max_batch
@@ -108,10 +110,11 @@ class Ingest:
         queries = [item for item in results if isinstance(item, StatusQuery)]
         if not queries:
             reply.payload = encode_reply(frame.batch, cast("list[Result]", results))
-            return
+            return len(results)
         # status needs the journal: answer it beside the loop, never by awaiting in it
         assert self._nursery is not None
         self._nursery.start_soon(self._answer, reply, frame.batch, results, queries)
+        return len(results)
 
     async def _answer(
         self,

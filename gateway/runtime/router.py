@@ -214,7 +214,7 @@ class Router:
                 case EventRequest():
                     result, op = self._event(item, now), "event"
                 case ConsentRequest():
-                    result, op = self._consent(item, now), "consent"
+                    result, op = self.consent(item, now), "consent"
                 case StatusRequest():
                     key = message_key(item.tenant, item.id)
                     if self.state.known(key):
@@ -390,7 +390,8 @@ class Router:
         self.receipt(Receipt(key, kind, channel=channel, at=at, detail="crm"), now=now)
         return Result(ResultStatus.OK, id=request.id, message=self._brief(key))
 
-    def _consent(self, request: ConsentRequest, now: float) -> Result:
+    def consent(self, request: ConsentRequest, now: float) -> Result:
+        """Record a grant or withdrawal (the ``consent`` op, and the admin API's PUT)."""
         if request.tenant not in self.config.tenants:
             return rejected(
                 RejectReason.UNKNOWN_TENANT, f"tenant {request.tenant!r} is not configured"
@@ -915,14 +916,17 @@ class Router:
     ) -> None:
         from gateway.runtime.dispatch import Job
 
+        lane = record.envelope.lane
         job = Job(
             key=record.key,
             tenant=record.envelope.tenant,
             channel=channel,
             step=step,
-            lane=record.envelope.lane,
+            lane=lane,
             enqueued_at=now,
-            request=request,
+            # a bulk campaign may queue a million jobs: they load their request when their turn
+            # comes (one read per batch of them) instead of holding ~1 KB each meanwhile
+            request=None if lane is Lane.BULK else request,
         )
         self.committer.current.after.append(lambda: self.submit(job))
 

@@ -1032,7 +1032,7 @@ class TestTheApp:
             ("opened", "acme:m-7", {"status": "ok"}),
             ("opened", "acme:m-8", {"status": "ok"}),
         ] == [(r.kind, r.message_key, r.reply) for r in sim.app_reports]
-        assert [] == sim.click_statuses
+        assert [] == sim.clicks
 
     async def test_an_unanswered_report_is_recorded(self) -> None:
         sim = simulator()
@@ -1055,11 +1055,11 @@ class TestTheApp:
                 async with serving(sim) as adapter:
                     await adapter.send(push("tok-click-1", link_url=f"{base}/t/c/tok123"))
                     await tracker.clicked.wait()
-                    await eventually(lambda: bool(sim.click_statuses))
+                    await eventually(lambda: bool(sim.clicks))
                 nursery.cancel_scope.cancel()
         assert ["opened"] == [r["kind"] for r in ingest.requests]
         assert ["/t/c/tok123"] == tracker.hits  # the redirect to /shop was not followed
-        assert [302] == sim.click_statuses
+        assert [302] == sim.clicks
 
     async def test_ignored_and_unconfigured_report_nothing(self) -> None:
         sim = simulator()
@@ -1068,12 +1068,12 @@ class TestTheApp:
                 await adapter.send(push("tok-ignore-1"))
                 await adapter.send(push("tok-read-2"))  # no ingest endpoint: nobody to tell
                 await trio.sleep(0.1)
-        assert ([], []) == (sim.app_reports, sim.click_statuses)
+        assert ([], []) == (sim.app_reports, sim.clicks)
 
     async def test_an_unreachable_tracker_is_recorded(self) -> None:
         sim = simulator()
         with trio.fail_after(10):
             async with serving(sim) as adapter:
                 await adapter.send(push("tok-click-1", link_url="http://127.0.0.1:1/t/c/x"))
-                await eventually(lambda: bool(sim.click_statuses))
-        assert [0] == sim.click_statuses
+                await eventually(lambda: bool(sim.clicks))
+        assert [0] == sim.clicks
