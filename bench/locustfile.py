@@ -33,9 +33,11 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import gevent
 import msgpack
 import zmq.green as zmq
 from locust import FastHttpUser, User, between, constant, constant_throughput, events, task
+from locust.exception import StopUser
 
 ENDPOINT = os.environ.get("CASCADEGW_ENDPOINT", "tcp://127.0.0.1:5555")
 TENANT = os.environ.get("CASCADEGW_TENANT", "demo")
@@ -107,8 +109,11 @@ class CrmUser(User):
     def send_batch(self) -> None:
         first = next(_ids) * BATCH
         if MAX_MESSAGES and first >= MAX_MESSAGES:
-            self.environment.runner.quit()
-            return
+            # quit from a greenlet of its own: quitting inside this user's greenlet kills the
+            # caller halfway and the headless run then idles until --run-time
+            gevent.spawn(self.environment.runner.quit)
+            raise StopUser
+
         frame = msgpack.packb(
             [send_request(first + offset) for offset in range(BATCH)], datetime=True
         )
