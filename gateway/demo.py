@@ -154,7 +154,7 @@ class Funnel:
             self.kinds[channel][kind] += 1
             if kind == "sent":
                 self.cost += self.prices.get(event.get("provider", ""), 0.0)
-        if event.get("final"):
+        if event.get("final") and kind != "holdout":  # held-out messages were never sent
             self.outcomes[kind] += 1
 
     @property
