@@ -1,0 +1,581 @@
+"""The configuration: config/gateway.toml loads, and every mistake is an error naming its key.
+
+``load_config`` is pure, so every test passes the TOML and the environment it means.
+"""
+
+from __future__ import annotations
+
+from datetime import time
+from pathlib import Path
+
+import pytest
+
+from gateway.config import (
+    ChannelConfig,
+    GatewayConfig,
+    Secret,
+    Synchronous,
+    _dotted,
+    load_config,
+    policy_rules,
+)
+from gateway.core.caps import CapAction, CapRule
+from gateway.core.consent import ConsentDefaults
+from gateway.core.control_group import ControlGroup
+from gateway.core.errors import ConfigError
+from gateway.core.model import DEFAULT_CASCADE, Category, Channel
+from gateway.core.policy import PolicyRules, QuietAction, QuietRule
+from gateway.core.quiet_hours import QuietWindow
+from gateway.core.retry import RetryPolicy
+
+GATEWAY_TOML = (Path(__file__).parents[2] / "config" / "gateway.toml").read_bytes()
+
+# A small valid config the error tables below break one key at a time.
+TENANT = b"""
+[providers.sms_main]
+kind = "twilio"
+url = "https://api.twilio.example"
+
+[tenants.acme]
+brand = "Acme"
+cascade = ["sms"]
+providers = { sms = ["sms_main"] }
+"""
+
+
+def load(toml: bytes = b"", **environ: str) -> GatewayConfig:
+    return load_config(toml, environ)
+
+
+def error_of(toml: bytes, environ: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(toml, environ or {})
+    return str(info.value)
+
+
+class TestDefaultConfig:
+    """config/gateway.toml, the embedded default, loads and means what it says."""
+
+    def test_loads_without_environment(self) -> None:
+        config = load_config(GATEWAY_TOML, {})
+
+        assert Synchronous.FULL == config.store.synchronous
+        assert {"fcm_sim", "sendgrid_sim", "viber_sim", "twilio_sim"} == set(config.providers)
+        assert all(provider.simulated for provider in config.providers.values())
+        assert ["demo"] == list(config.tenants)
+        assert ("Demo Shop", DEFAULT_CASCADE) == (
+            config.tenants["demo"].brand,
+            config.tenants["demo"].cascade,
+        )
+        expected_providers = {
+            Channel.PUSH: ("fcm_sim",),
+            Channel.EMAIL: ("sendgrid_sim",),
+            Channel.VIBER: ("viber_sim",),
+            Channel.SMS: ("twilio_sim",),
+        }
+        assert expected_providers == config.tenants["demo"].providers
+        assert config.tracking_secret is None
+
+    def test_step_timeouts(self) -> None:
+        expected = {
+            Channel.PUSH: 300.0,
+            Channel.EMAIL: 3600.0,
+            Channel.VIBER: 1800.0,
+            Channel.SMS: 86400.0,
+        }
+
+        assert expected == load_config(GATEWAY_TOML, {}).step_timeouts()
+
+    def test_policy_rules_for_demo(self) -> None:
+        expected = PolicyRules(
+            consent_defaults=ConsentDefaults(personal_data=True, advertising=False),
+            control_group=ControlGroup(percent=5.0, period_seconds=90 * 86400.0, salt="demo-2026"),
+            caps=(
+                CapRule(
+                    name="promo_weekly",
+                    max_count=3,
+                    window_seconds=604800.0,
+                    categories=frozenset({Category.PROMO}),
+                    action=CapAction.REJECT,
+                ),
+                CapRule(
+                    name="marketing_daily",
+                    max_count=2,
+                    window_seconds=86400.0,
+                    action=CapAction.DEFER,
+                ),
+            ),
+            quiet_hours=(
+                QuietRule(
+                    window=QuietWindow(time(21, 0), time(9, 0)),
+                    action=QuietAction.DEFER,
+                    categories=frozenset(
+                        {Category.INFORMATIONAL, Category.CONTENT, Category.PROMO}
+                    ),
+                ),
+            ),
+            critical_service_bypasses_quiet_hours=True,
+        )
+
+        assert expected == load_config(GATEWAY_TOML, {}).policy_rules("demo")
+
+    def test_tenant_policy_replaces_the_default_policy(self) -> None:
+        config = load(
+            TENANT
+            + b"""
+[tenants.acme.policy.control_group]
+percent = 7.0
+"""
+        )
+
+        assert 7.0 == config.policy_rules("acme").control_group.percent
+        assert policy_rules(config.policy) == PolicyRules()
+
+    def test_empty_file_gives_the_defaults(self) -> None:
+        config = load()
+
+        assert GatewayConfig() == config
+        assert ChannelConfig(unread_timeout_seconds=300.0) == config.channels[Channel.PUSH]
+        assert isinstance(config.dispatch.retry, RetryPolicy)  # what the dispatcher takes
+
+
+UNKNOWN_KEYS: dict[str, tuple[bytes, str]] = {
+    "top level": (b"curency = 'RUB'", "config: Object contains unknown field `curency`"),
+    "nested": (
+        b"[store]\nsynchronus = 'normal'",
+        "config: store: Object contains unknown field `synchronus`",
+    ),
+    "deeper": (
+        b"[policy.control_group]\npercnt = 5",
+        "config: policy.control_group: Object contains unknown field `percnt`",
+    ),
+    "in an array of tables": (
+        b"[[policy.quiet_hours]]\nstart = 21:00:00\nend = 09:00:00\nchanel = 'sms'",
+        "config: policy.quiet_hours[0]: Object contains unknown field `chanel`",
+    ),
+    "inside a tenant": (
+        TENANT + b"brnad = 'Acme'",
+        "config: tenants.acme: Object contains unknown field `brnad`",
+    ),
+    "inside a tenant's sender": (
+        TENANT + b"[tenants.acme.sender]\nsms_form = 'ACME'",
+        "config: tenants.acme.sender: Object contains unknown field `sms_form`",
+    ),
+    "inside a provider": (
+        TENANT.replace(b'kind = "twilio"', b'kind = "twilio"\nregion = "eu"'),
+        "config: providers.sms_main: Object contains unknown field `region`",
+    ),
+    "inside a channel": (
+        b"[channels.push]\nunread_timeout_seconds = 1\ntimeout = 2",
+        "config: channels.push: Object contains unknown field `timeout`",
+    ),
+    "inside the retry policy": (
+        b"[dispatch.retry]\nattempts = 5",
+        "config: dispatch.retry: Object contains unknown field `attempts`",
+    ),
+    "unknown channel": (
+        b"[channels.fax]\nunread_timeout_seconds = 1",
+        "config: channels.fax: Invalid enum value 'fax'",
+    ),
+}
+
+
+class TestUnknownKeys:
+    """A key the config does not define is an error naming it, at any depth."""
+
+    @pytest.mark.parametrize(("toml", "expected"), UNKNOWN_KEYS.values(), ids=UNKNOWN_KEYS.keys())
+    def test_unknown_key(self, toml: bytes, expected: str) -> None:
+        assert expected == error_of(toml)
+
+
+IMPOSSIBLE: dict[str, tuple[bytes, str]] = {
+    "negative unread timeout": (
+        b"[channels.email]\nunread_timeout_seconds = -1",
+        "config: channels.email.unread_timeout_seconds: Expected `float` > 0.0",
+    ),
+    "zero provider timeout": (
+        TENANT.replace(b'kind = "twilio"', b'kind = "twilio"\ntimeout_seconds = 0'),
+        "config: providers.sms_main.timeout_seconds: Expected `float` > 0.0",
+    ),
+    "negative retention": (
+        b"[store]\nidempotency_retention_seconds = -5",
+        "config: store.idempotency_retention_seconds: Expected `float` > 0.0",
+    ),
+    "percent over 100": (
+        b"[policy.control_group]\npercent = 100.5",
+        "config: policy.control_group.percent: Expected `float` <= 100.0",
+    ),
+    "tenant percent over 100": (
+        TENANT + b"[tenants.acme.policy.control_group]\npercent = 101",
+        "config: tenants.acme.policy.control_group.percent: Expected `float` <= 100.0",
+    ),
+    "probability over 1": (
+        b"[simulator]\nread_probability = 1.5",
+        "config: simulator.read_probability: Expected `float` <= 1.0",
+    ),
+    "quiet window start == end": (
+        b"[[policy.quiet_hours]]\nstart = 21:00:00\nend = 21:00:00",
+        "policy.quiet_hours[0]: start and end must differ",
+    ),
+    "tenant quiet window start == end": (
+        TENANT + b"[[tenants.acme.policy.quiet_hours]]\nstart = 08:00:00\nend = 08:00:00",
+        "tenants.acme.policy.quiet_hours[0]: start and end must differ",
+    ),
+    "quiet window with a zone": (
+        b"[[policy.quiet_hours]]\nstart = '21:00:00+03:00'\nend = 09:00:00",
+        "config: policy.quiet_hours[0].start: Expected `time` with no timezone component",
+    ),
+    "duplicate cap names": (
+        b"""
+[[policy.caps]]
+name = "daily"
+max_count = 1
+window_seconds = 86400
+[[policy.caps]]
+name = "daily"
+max_count = 5
+window_seconds = 604800
+""",
+        "policy.caps: cap names must be unique",
+    ),
+    "cap of zero": (
+        b"[[policy.caps]]\nname = 'none'\nmax_count = 0\nwindow_seconds = 60",
+        "config: policy.caps[0].max_count: Expected `int` >= 1",
+    ),
+    "bad cap name": (
+        b"[[policy.caps]]\nname = 'Daily Cap'\nmax_count = 1\nwindow_seconds = 60",
+        "config: policy.caps[0].name: Expected `str` matching regex '^[a-z0-9][a-z0-9_]{0,63}$'",
+    ),
+    "unknown provider in a tenant": (
+        TENANT.replace(b'sms = ["sms_main"]', b'sms = ["sms_main", "sms_backup"]'),
+        "tenants.acme.providers.sms[1]: unknown provider 'sms_backup'",
+    ),
+    "provider serving the wrong channel": (
+        TENANT.replace(b'kind = "twilio"', b'kind = "sendgrid"'),
+        "tenants.acme.providers.sms[0]: 'sms_main' is a sendgrid provider, which serves email, not sms",
+    ),
+    "bad provider name in a tenant": (
+        TENANT.replace(b'sms = ["sms_main"]', b'sms = ["SMS main"]'),
+        "config: tenants.acme.providers.sms[0]: "
+        "Expected `str` matching regex '^[a-z0-9][a-z0-9_]{0,63}$'",
+    ),
+    "cascade channel without provider": (
+        TENANT.replace(b'cascade = ["sms"]', b'cascade = ["email", "sms"]'),
+        "tenants.acme.providers.email: the cascade uses email but no provider serves it",
+    ),
+    "empty cascade": (
+        TENANT.replace(b'cascade = ["sms"]', b"cascade = []"),
+        "tenants.acme.cascade: needs at least one channel",
+    ),
+    "channel twice in a cascade": (
+        TENANT.replace(b'cascade = ["sms"]', b'cascade = ["sms", "sms"]'),
+        "tenants.acme.cascade: a channel is listed twice",
+    ),
+    "unknown channel in a cascade": (
+        TENANT.replace(b'cascade = ["sms"]', b'cascade = ["sms", "pigeon"]'),
+        "config: tenants.acme.cascade[1]: Invalid enum value 'pigeon'",
+    ),
+    "non-simulated provider without url": (
+        TENANT.replace(b'url = "https://api.twilio.example"', b""),
+        "providers.sms_main.url: required unless simulated = true",
+    ),
+    "unknown provider kind": (
+        TENANT.replace(b'kind = "twilio"', b'kind = "smpp"'),
+        "config: providers.sms_main.kind: Invalid enum value 'smpp'",
+    ),
+    "tenant without brand": (
+        TENANT.replace(b'brand = "Acme"', b""),
+        "config: tenants.acme: Object missing required field `brand`",
+    ),
+    "bad tenant name": (
+        b"[tenants.Acme]\nbrand = 'Acme'",
+        "config: tenants.Acme: Expected `str` matching regex '^[a-z0-9][a-z0-9_]{0,63}$'",
+    ),
+    "a channel without a timeout": (
+        b"[channels.push]\nunread_timeout_seconds = 60",
+        "channels.email: missing (every channel needs a timeout)",
+    ),
+    "wrong type": (
+        b"[ingest]\nmax_batch = '1000'",
+        "config: ingest.max_batch: Expected `int`, got `str`",
+    ),
+    "impossible retry policy": (
+        b"[dispatch.retry]\nattempts_per_provider = 0",
+        "config: dispatch.retry: attempts_per_provider must be at least 1",
+    ),
+}
+
+
+class TestImpossibleValues:
+    """Values that cannot work are errors naming the dotted key."""
+
+    @pytest.mark.parametrize(("toml", "expected"), IMPOSSIBLE.values(), ids=IMPOSSIBLE.keys())
+    def test_impossible(self, toml: bytes, expected: str) -> None:
+        assert expected == error_of(toml)
+
+    def test_the_error_names_the_right_entry_among_several(self) -> None:
+        toml = b"""
+[providers.a]
+kind = "fcm"
+simulated = true
+[providers.b]
+kind = "fcm"
+simulated = true
+rate_per_second = -1
+[providers.c]
+kind = "fcm"
+simulated = true
+"""
+
+        assert "config: providers.b.rate_per_second: Expected `float` > 0.0" == error_of(toml)
+
+    @pytest.mark.parametrize(
+        ("message", "data", "expected"),
+        [
+            (
+                "Expected `int`, got `str` - at `$.nowhere[...].x`",
+                {},
+                "nowhere[...].x: Expected `int`, got `str`",
+            ),
+            (
+                "Expected `int`, got `str` - at `$.providers[...].burst`",
+                {"providers": {"ok": {"kind": "fcm", "simulated": True}}},
+                "providers[...].burst: Expected `int`, got `str`",
+            ),
+        ],
+        ids=["path not in the data", "no entry reproduces the error"],
+    )
+    def test_unresolvable_paths_keep_msgspecs_words(
+        self, message: str, data: dict[str, object], expected: str
+    ) -> None:
+        assert expected == _dotted(message, data)
+
+    @pytest.mark.parametrize(
+        "toml",
+        [b"store = ", b"[store\n", b"\xff\xfe"],
+        ids=["no value", "unclosed table", "not utf-8"],
+    )
+    def test_not_toml(self, toml: bytes) -> None:
+        assert error_of(toml).startswith("config is not valid TOML: ")
+
+
+class TestEnvironment:
+    """CASCADEGW__SECTION__KEY overrides the file, nested, typed as TOML, any letter case."""
+
+    def test_overrides_a_file_value(self) -> None:
+        config = load(GATEWAY_TOML, CASCADEGW__STORE__SYNCHRONOUS="normal")
+
+        assert Synchronous.NORMAL == config.store.synchronous
+
+    def test_nested(self) -> None:
+        config = load(GATEWAY_TOML, CASCADEGW__TENANTS__DEMO__BRAND="X")
+
+        assert "X" == config.tenants["demo"].brand
+
+    @pytest.mark.parametrize(
+        ("name", "raw", "expected"),
+        [
+            ("CASCADEGW__DISPATCH__WORKERS", "2", 2),
+            ("CASCADEGW__SIMULATOR__READ_PROBABILITY", "0.5", 0.5),
+            ("CASCADEGW__POLICY__CRITICAL_SERVICE_BYPASSES_QUIET_HOURS", "false", False),
+            (
+                "CASCADEGW__STORE__PATH",
+                "/var/lib/cascadegw/journal.db",
+                "/var/lib/cascadegw/journal.db",
+            ),
+            ("CASCADEGW__INGEST__BIND", "tcp://0.0.0.0:5555", "tcp://0.0.0.0:5555"),
+            ("CASCADEGW__CURRENCY", '"EUR"', "EUR"),
+        ],
+    )
+    def test_values_parse_as_toml(self, name: str, raw: str, expected: object) -> None:
+        config = load(GATEWAY_TOML, **{name: raw})
+        *sections, key = name.removeprefix("CASCADEGW__").lower().split("__")
+        node: object = config
+        for section in sections:
+            node = getattr(node, section)
+
+        actual = getattr(node, key)
+
+        assert (expected, type(expected)) == (actual, type(actual))
+
+    def test_arrays_and_tables_parse_as_toml(self) -> None:
+        config = load(
+            GATEWAY_TOML,
+            CASCADEGW__TENANTS__DEMO__CASCADE='["email", "sms"]',
+            CASCADEGW__CHANNELS__SMS="{ unread_timeout_seconds = 60 }",
+        )
+
+        assert (Channel.EMAIL, Channel.SMS) == config.tenants["demo"].cascade
+        assert 60.0 == config.step_timeouts()[Channel.SMS]
+
+    @pytest.mark.parametrize(
+        "name",
+        [
+            "cascadegw__store__synchronous",
+            "Cascadegw__Store__Synchronous",
+            "CASCADEGW__store__SYNCHRONOUS",
+        ],
+    )
+    def test_names_are_case_insensitive(self, name: str) -> None:
+        assert Synchronous.NORMAL == load(GATEWAY_TOML, **{name: "normal"}).store.synchronous
+
+    def test_creates_sections_the_file_lacks(self) -> None:
+        config = load(
+            b"",
+            CASCADEGW__PROVIDERS__BACKUP__KIND="twilio",
+            CASCADEGW__PROVIDERS__BACKUP__SIMULATED="true",
+        )
+
+        assert ("twilio", True) == (
+            config.providers["backup"].kind,
+            config.providers["backup"].simulated,
+        )
+
+    def test_other_variables_are_ignored(self) -> None:
+        config = load(
+            GATEWAY_TOML,
+            PATH="/usr/bin",
+            CASCADEGW_STORE__PATH="one underscore",
+            GATEWAY__STORE__PATH="another prefix",
+        )
+
+        assert load_config(GATEWAY_TOML, {}) == config
+
+    @pytest.mark.parametrize(
+        ("environ", "expected"),
+        [
+            (
+                {"CASCADEGW__DISPATCH__WORKERS": "two"},
+                "config: dispatch.workers: Expected `int`, got `str`",
+            ),
+            (
+                {"CASCADEGW__STORE__SYNCRONOUS": "normal"},
+                "config: store: Object contains unknown field `syncronous`",
+            ),
+            (
+                {"CASCADEGW__TENANTS__DEMO__BRAND": "1"},
+                "config: tenants.demo.brand: Expected `str`, got `int`",
+            ),
+            ({"CASCADEGW____STORE": "x"}, "CASCADEGW____STORE: empty path segment"),
+            ({"CASCADEGW__STORE__PATH__DIR": "x"}, "store.path.dir: 'path' is not a table"),
+        ],
+    )
+    def test_bad_overrides_name_the_key(self, environ: dict[str, str], expected: str) -> None:
+        assert expected == error_of(GATEWAY_TOML, environ)
+
+
+FILE_SECRETS: list[tuple[bytes, str]] = [
+    (
+        b"[providers.mail]\nkind = 'sendgrid'\nsimulated = true\napi_key = 'SG.live'",
+        "providers.mail.api_key: secrets come only from the environment; "
+        "set CASCADEGW__PROVIDERS__MAIL__API_KEY",
+    ),
+    (
+        b"[providers.sms]\nkind = 'twilio'\nsimulated = true\nauth_token = 'tok'",
+        "providers.sms.auth_token: secrets come only from the environment; "
+        "set CASCADEGW__PROVIDERS__SMS__AUTH_TOKEN",
+    ),
+    (
+        b"[providers.push]\nkind = 'fcm'\nsimulated = true\nservice_account_json = '{}'",
+        "providers.push.service_account_json: secrets come only from the environment; "
+        "set CASCADEGW__PROVIDERS__PUSH__SERVICE_ACCOUNT_JSON",
+    ),
+    (
+        b"[http]\nadmin_token = 'root'",
+        "http.admin_token: secrets come only from the environment; "
+        "set CASCADEGW__HTTP__ADMIN_TOKEN",
+    ),
+    (
+        b"tracking_secret = 'hmac'",
+        "tracking_secret: secrets come only from the environment; set CASCADEGW__TRACKING_SECRET",
+    ),
+]
+
+
+class TestSecrets:
+    """Secrets come only from the environment and never show in a repr."""
+
+    @pytest.mark.parametrize(
+        ("toml", "expected"),
+        FILE_SECRETS,
+        ids=["api_key", "auth_token", "service_account_json", "admin_token", "tracking_secret"],
+    )
+    def test_a_secret_in_the_file_says_which_variable_to_set(
+        self, toml: bytes, expected: str
+    ) -> None:
+        assert expected == error_of(toml)
+
+    @pytest.mark.parametrize(
+        "value",
+        ["SG.a1b2c3-secret", "123456", "true", '"quoted"', "[1, 2]", "  spaced  "],
+        ids=["plain", "digits", "bool-like", "quoted", "array-like", "spaces"],
+    )
+    def test_from_the_environment(self, value: str) -> None:
+        config = load(
+            GATEWAY_TOML,
+            CASCADEGW__PROVIDERS__SENDGRID_SIM__API_KEY=value,
+            CASCADEGW__PROVIDERS__TWILIO_SIM__AUTH_TOKEN=value,
+            CASCADEGW__PROVIDERS__FCM_SIM__SERVICE_ACCOUNT_JSON=value,
+            CASCADEGW__HTTP__ADMIN_TOKEN=value,
+            CASCADEGW__TRACKING_SECRET=value,
+        )
+        providers = config.providers
+        secrets = [
+            providers["sendgrid_sim"].api_key,
+            providers["twilio_sim"].auth_token,
+            providers["fcm_sim"].service_account_json,
+            config.http.admin_token,
+            config.tracking_secret,
+        ]
+
+        assert [value] * 5 == [s.reveal() if isinstance(s, Secret) else s for s in secrets]
+        for secret in secrets:
+            assert value not in f"{secret!r} {secret!s} {secret}"
+
+    def test_config_repr_hides_secrets(self) -> None:
+        environ = {
+            "CASCADEGW__PROVIDERS__SENDGRID_SIM__API_KEY": "SG.a1b2c3-live-key",
+            "CASCADEGW__TRACKING_SECRET": "tracking-hmac-key",
+        }
+
+        config = load_config(GATEWAY_TOML, environ)
+
+        assert "SG.a1b2c3-live-key" not in repr(config)
+        assert "tracking-hmac-key" not in repr(config)
+
+    def test_a_secret_must_be_a_string(self) -> None:
+        environ = {
+            "CASCADEGW__PROVIDERS__MAIL": "{ kind = 'sendgrid', simulated = true, api_key = 42 }"
+        }
+
+        expected = "config: providers.mail.api_key: Expected `str`, got `int`"
+        assert expected == error_of(b"", environ)
+
+    def test_secret_never_shows_its_value(self) -> None:
+        hidden = Secret("hunter2")
+
+        assert "hunter2" not in repr(hidden) + str(hidden) + f"{hidden!r} {hidden!s}"
+        assert "hunter2" == hidden.reveal()
+        assert Secret("hunter2") == hidden
+        assert Secret("hunter3") != hidden
+        assert hash(Secret("hunter2")) == hash(hidden)
+        assert "hunter2" != hidden
+
+
+class TestNonFiniteNumbers:
+    """TOML can spell nan and inf; no timing or rate setting may take them."""
+
+    def test_nan_and_inf_are_refused(self) -> None:
+        import pytest
+
+        from gateway.config import load_config
+        from gateway.core.errors import ConfigError
+
+        for key, value in (
+            ("CASCADEGW__DISPATCH__RETRY__BASE_DELAY_SECONDS", "nan"),
+            ("CASCADEGW__DISPATCH__RETRY__MAX_RETRY_AFTER_SECONDS", "inf"),
+            ("CASCADEGW__POLICY__CONTROL_GROUP__PERIOD_DAYS", "inf"),
+            ("CASCADEGW__POLICY__CONTROL_GROUP__PERCENT", "nan"),
+        ):
+            with pytest.raises(ConfigError):
+                load_config(b"", {key: value})
