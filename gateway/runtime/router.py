@@ -180,7 +180,6 @@ class Router:
         }
         self._timeouts = config.step_timeouts()
         self._zones: dict[str, tzinfo] = {}
-        self._plans: dict[tuple[Channel, ...], tuple[Channel, ...]] = {}
         self._lane_limits = {lane: config.dispatch.max_queued.limit(lane) for lane in Lane}
         self._sms_price = {
             name: _first_price(config, t, Channel.SMS) for name, t in config.tenants.items()
@@ -272,7 +271,8 @@ class Router:
         content = request.content
         order = request.channels or self._tenant_cascade[request.tenant]
         providers = tenant.providers
-        plan = self._intern(
+        share = state.share
+        plan = share(
             tuple(
                 channel
                 for channel in order
@@ -280,10 +280,10 @@ class Router:
             )
         )
         envelope = Envelope(
-            tenant=request.tenant,
+            tenant=share(request.tenant),
             recipient_id=recipient.id,
             category=request.category,
-            topic=request.effective_topic,
+            topic=share(request.effective_topic),
             lane=lane,
             channels=plan,
             send_at=epoch(request.send_at),
@@ -305,7 +305,7 @@ class Router:
             return rejected(decision.reason, decision.detail, request.id)
 
         overrides = request.step_timeout_seconds
-        timeouts = tuple(overrides.get(c) or self._timeouts[c] for c in plan)
+        timeouts = share(tuple(overrides.get(c) or self._timeouts[c] for c in plan))
         defer_until = decision.until if isinstance(decision, Defer) else None
         cascade, commands = Cascade.start(
             plan=plan,
@@ -316,7 +316,7 @@ class Router:
             defer_until=defer_until,
         )
         record = MessageRecord(
-            key, envelope, recipient.tz, cascade, now, request.campaign, request.variant
+            key, envelope, share(recipient.tz), cascade, now, request.campaign, request.variant
         )
         state.add(record)
         batch = self.committer.current
@@ -1054,7 +1054,7 @@ class Router:
         state = self.state
         resend: list[MessageRecord] = []
         for record in records:
-            state.add(record)
+            state.restore(record)
             status = record.cascade.status
             if record.step_due is not None:
                 state.schedule(record.key, TimerKind.STEP, record.step_due)
@@ -1074,10 +1074,6 @@ class Router:
         if zone is None:
             zone = self._zones[name] = zoneinfo.ZoneInfo(name)
         return zone
-
-    def _intern(self, plan: tuple[Channel, ...]) -> tuple[Channel, ...]:
-        # a million waiting cascades share a handful of plan tuples
-        return self._plans.setdefault(plan, plan)
 
     def tenant_of(self, key: str) -> TenantConfig:
         return self.config.tenants[split_key(key)[0]]

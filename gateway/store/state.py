@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
+from collections.abc import Hashable
+from typing import TypeVar
+
+import msgspec
 
 from gateway.core.caps import CapHistory, SendEntry
 from gateway.core.consent import ConsentRecord, ConsentState
@@ -28,6 +32,11 @@ def address_ref(channel: Channel, address: str) -> str:
 
 
 _EMPTY_HISTORY = CapHistory()
+_SHARED_LIMIT = 10_000
+"""Distinct values kept for sharing: tenants, topics, zones, plans and timeouts repeat, but a
+CRM may send arbitrary topics or per-message timeouts, and the table must not grow with them."""
+
+_Value = TypeVar("_Value", bound=Hashable)
 
 
 class State:
@@ -50,17 +59,46 @@ class State:
         self.timers: dict[TimerKind, Deadlines[str]] = {kind: Deadlines() for kind in TimerKind}
         self.horizon_seconds = horizon_seconds
         self.deferred = 0
+        self._shared: dict[object, object] = {}
+
+    def share(self, value: _Value) -> _Value:
+        """One object for every equal value: a million waiting cascades name a handful of
+        tenants, topics, zones, plans and timeout tuples, and each copy costs 60-100 bytes."""
+        shared = self._shared.get(value)
+        if shared is not None:
+            return shared  # type: ignore[return-value]
+        if len(self._shared) < _SHARED_LIMIT:
+            self._shared[value] = value
+        return value
 
     # ------------------------------------------------------------ messages
     def known(self, key: str) -> bool:
         return key in self.records or key in self.finished
 
     def add(self, record: MessageRecord) -> None:
+        """Track a message admitted now; admission builds it from shared values."""
         self.records[record.key] = record
         rkey = recipient_key(record.envelope.tenant, record.envelope.recipient_id)
         self.by_recipient.setdefault(rkey, []).append(record.key)
         if record.provider is not None and record.provider_message_id is not None:
             self.by_provider_id[f"{record.provider}:{record.provider_message_id}"] = record.key
+
+    def restore(self, record: MessageRecord) -> None:
+        """Track a message decoded from the journal at restart. The decoded record carries its
+        own copy of every string and tuple (about 480 bytes of a 1.3 KB record): share them."""
+        share = self.share
+        envelope, cascade = record.envelope, record.cascade
+        record.envelope = msgspec.structs.replace(
+            envelope,
+            tenant=share(envelope.tenant),
+            topic=share(envelope.topic),
+            channels=share(envelope.channels),
+        )
+        record.cascade = msgspec.structs.replace(
+            cascade, plan=share(cascade.plan), timeouts=share(cascade.timeouts)
+        )
+        record.tz = share(record.tz)
+        self.add(record)
 
     def remember_provider_id(
         self, record: MessageRecord, provider: str, provider_message_id: str | None
