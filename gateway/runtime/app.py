@@ -269,6 +269,9 @@ async def _serve_events(
             await zmqio.wait_readable(sock)
 
 
+_RECOVERY_PAGE = 10_000
+
+
 async def _recover(gateway: Gateway) -> None:
     config = gateway.config
     state = gateway.state
@@ -284,14 +287,22 @@ async def _recover(gateway: Gateway) -> None:
     for rkey, entry in recovered.sends:
         state.record_send(rkey, entry)
     state.recipients_by_address.update(recovered.addresses)
-    resent = gateway.router.restore(recovered.active, now=now)
-    gateway.resent_at_start = len(resent)
-    if recovered.active or recovered.finished:
+    active = resent = 0
+    cursor: int | None = None
+    while True:
+        # page by page: each page's copies are freed before the next page is decoded
+        records, cursor = await gateway.journal.active_page(cursor, limit=_RECOVERY_PAGE)
+        active += len(records)
+        resent += len(gateway.router.restore(records, now=now))
+        if cursor is None:
+            break
+    gateway.resent_at_start = resent
+    if active or recovered.finished:
         log.info(
             "journal_recovered",
-            active=len(recovered.active),
+            active=active,
             finished=len(recovered.finished),
-            resent=len(resent),
+            resent=resent,
         )
 
 

@@ -223,10 +223,6 @@ class SqliteJournal:
 
     def _recover_sync(self, retain_after: float, sends_after: float) -> Recovered:
         db = self._connection(self._writer)
-        active = [
-            _record_decoder.decode(body)
-            for (body,) in db.execute("SELECT record FROM messages WHERE outcome IS NULL")
-        ]
         finished = {
             key: Outcome(outcome)
             for key, outcome in db.execute(
@@ -245,9 +241,29 @@ class SqliteJournal:
             )
         ]
         addresses = dict(db.execute("SELECT ref, recipient FROM addresses"))
-        return Recovered(
-            active=active, finished=finished, consents=consents, sends=sends, addresses=addresses
+        return Recovered(finished=finished, consents=consents, sends=sends, addresses=addresses)
+
+    async def active_page(
+        self, cursor: int | None, *, limit: int
+    ) -> tuple[list[MessageRecord], int | None]:
+        return await trio.to_thread.run_sync(
+            self._active_page_sync, cursor or 0, limit, limiter=self._write_lock
         )
+
+    def _active_page_sync(
+        self, after_rowid: int, limit: int
+    ) -> tuple[list[MessageRecord], int | None]:
+        rows = (
+            self._connection(self._writer)
+            .execute(
+                "SELECT rowid, record FROM messages WHERE rowid > ? AND outcome IS NULL"
+                " ORDER BY rowid LIMIT ?",
+                (after_rowid, limit),
+            )
+            .fetchall()
+        )
+        records = [_record_decoder.decode(body) for _, body in rows]
+        return records, (rows[-1][0] if len(rows) == limit else None)
 
     # ------------------------------------------------------------ reads
     async def message(self, key: MessageKey) -> StoredMessage | None:

@@ -51,6 +51,17 @@ def batch_with(*records: MessageRecord, new: bool = True) -> Batch:
     return batch
 
 
+async def active_records(journal: SqliteJournal, *, page: int = 1000) -> list[MessageRecord]:
+    """Every active message, read the way the router reads them at start: page by page."""
+    found: list[MessageRecord] = []
+    cursor: int | None = None
+    while True:
+        records, cursor = await journal.active_page(cursor, limit=page)
+        found.extend(records)
+        if cursor is None:
+            return found
+
+
 @pytest.fixture
 async def open_journal(tmp_path: Path) -> AsyncIterator[Callable[..., SqliteJournal]]:
     opened: list[SqliteJournal] = []
@@ -93,7 +104,7 @@ class TestJournal:
         recovered = await again.recover(
             now=NOW + 10, retention_seconds=86400, horizon_seconds=86400
         )
-        assert [active] == recovered.active
+        assert [active] == await active_records(again)
         assert {"acme:m2": Outcome.READ} == recovered.finished
         assert [(RecipientKey("acme:r-m1"), consent)] == recovered.consents
         assert [(RecipientKey("acme:r-m1"), entry)] == recovered.sends
@@ -115,7 +126,7 @@ class TestJournal:
         assert stored is not None
         assert stored.finished
         assert Outcome.CANCELLED == stored.record.cascade.outcome
-        assert [] == recovered.active
+        assert [] == await active_records(journal)
         assert {"acme:m1": Outcome.CANCELLED} == recovered.finished
 
     async def test_a_failing_batch_leaves_nothing_behind(
@@ -160,9 +171,21 @@ class TestJournal:
         assert await journal.message(MessageKey("acme:old")) is None
         assert [] == await journal.timeline(MessageKey("acme:old"))
         assert ["acme:waiting"] == [
-            r.key for r in recovered.active
+            r.key for r in await active_records(journal)
         ]  # active messages are never pruned
         assert ["acme:new"] == [entry.message for _, entry in recovered.sends]
+
+    @pytest.mark.parametrize("page", [1, 2, 3, 7, 100])
+    async def test_active_messages_come_back_in_admission_order_page_by_page(
+        self, open_journal: Callable[..., SqliteJournal], page: int
+    ) -> None:
+        journal = open_journal()
+        await journal.open()
+        keys = [f"m{index}" for index in (5, 1, 4, 2, 3, 0)]  # admission order, not key order
+        await journal.commit(batch_with(*(record(key) for key in keys)))
+        await journal.commit(batch_with(record("m4", outcome=Outcome.READ), new=False))
+        expected = [f"acme:{key}" for key in keys if key != "m4"]
+        assert expected == [r.key for r in await active_records(journal, page=page)]
 
     @pytest.mark.parametrize(("level", "expected"), [("normal", 1), ("full", 2)])
     async def test_the_synchronous_level_is_applied(
