@@ -557,8 +557,8 @@ def scenario_admission(report: Report, work: Path, quick: bool) -> None:
 def scenario_e2e(report: Report, work: Path, quick: bool) -> None:
     rows = []
     seconds = 10 if quick else 20
-    # 250/s is below what this stack sustains, so its latency is the unloaded one; the higher
-    # rates show where the backlog starts
+    # 250/s is about what this stack sustains on two slow cores (its latency is the least
+    # loaded one here); the higher rates show how the backlog grows
     for workers, offers in ((0, (250, 1000, 2500)), (2, (1000, 2500))):
         for offered in offers:
             stack = Stack(work / f"e2e-{workers}-{offered}", workers=workers)
