@@ -36,6 +36,7 @@ from gateway.runtime.metrics import Metrics
 from gateway.runtime.publisher import Publisher
 from gateway.runtime.router import Router
 from gateway.runtime.timers import TimerService
+from gateway.store.base import active_pages
 from gateway.store.sqlite import SqliteJournal
 from gateway.store.state import State
 from gateway.tracking import LinkSigner
@@ -288,14 +289,10 @@ async def _recover(gateway: Gateway) -> None:
         state.record_send(rkey, entry)
     state.recipients_by_address.update(recovered.addresses)
     active = resent = 0
-    cursor: int | None = None
-    while True:
-        # page by page: each page's copies are freed before the next page is decoded
-        records, cursor = await gateway.journal.active_page(cursor, limit=_RECOVERY_PAGE)
+    # page by page: each page's copies are freed before the next page is decoded
+    async for records in active_pages(gateway.journal, limit=_RECOVERY_PAGE):
         active += len(records)
         resent += len(gateway.router.restore(records, now=now))
-        if cursor is None:
-            break
     gateway.resent_at_start = resent
     if active or recovered.finished:
         log.info(

@@ -12,7 +12,7 @@ planned second one; the conformance suite in ``tests/store`` runs against every 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 import msgspec
@@ -167,3 +167,13 @@ def encode_record(record: MessageRecord) -> bytes:
 
 _record_decoder = msgspec.msgpack.Decoder(MessageRecord)
 _encoder = msgspec.msgpack.Encoder()
+
+
+async def active_pages(journal: Journal, *, limit: int) -> AsyncIterator[list[MessageRecord]]:
+    """Every active message, page by page, as ``Journal.active_page`` hands them out."""
+    cursor: int | None = None
+    while True:
+        records, cursor = await journal.active_page(cursor, limit=limit)
+        yield records
+        if cursor is None:
+            return

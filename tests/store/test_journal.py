@@ -17,7 +17,7 @@ from gateway.core.cascade import Cascade
 from gateway.core.consent import ConsentAction, ConsentKind, ConsentRecord
 from gateway.core.model import Category, Channel, Envelope, Lane, MessageKey, Outcome, RecipientKey
 from gateway.protocol import StatusEvent, StatusKind
-from gateway.store.base import Batch, MessageRecord
+from gateway.store.base import Batch, MessageRecord, active_pages
 from gateway.store.sqlite import SqliteJournal
 
 NOW = 1_795_435_200.0
@@ -53,13 +53,7 @@ def batch_with(*records: MessageRecord, new: bool = True) -> Batch:
 
 async def active_records(journal: SqliteJournal, *, page: int = 1000) -> list[MessageRecord]:
     """Every active message, read the way the router reads them at start: page by page."""
-    found: list[MessageRecord] = []
-    cursor: int | None = None
-    while True:
-        records, cursor = await journal.active_page(cursor, limit=page)
-        found.extend(records)
-        if cursor is None:
-            return found
+    return [record async for records in active_pages(journal, limit=page) for record in records]
 
 
 @pytest.fixture
