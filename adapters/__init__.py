@@ -38,6 +38,12 @@ class Outgoing(msgspec.Struct, frozen=True):
     unsubscribe_url: str | None = None
     open_pixel_url: str | None = None
     campaign: str | None = None
+    recipient_id: str | None = None
+    """The CRM's id of the recipient; providers that echo custom data (SendGrid
+    ``custom_args``) carry it back, so an opt-out resolves to the recipient even after the
+    message itself is long gone from the journal."""
+    topic: str | None = None
+    """The message's consent topic, carried back like ``recipient_id``."""
 
     @property
     def marketing(self) -> bool:
@@ -66,6 +72,10 @@ class ProviderReceipt(msgspec.Struct, frozen=True):
     ``message_key`` is the gateway's key when the provider carries it back (SendGrid
     custom_args, the Twilio StatusCallback URL, FCM data); otherwise ``provider_message_id``
     (Viber's message_token) and the router resolves it from the ids its sends returned.
+
+    An ``UNSUBSCRIBED`` receipt that names no message (Viber ``unsubscribed``, a Twilio
+    inbound STOP) carries the provider-side address in ``detail`` (a Viber user id, a phone
+    number): personal data, never logged; the router resolves it to recipients by keyed hash.
     """
 
     kind: ReceiptKind
@@ -73,6 +83,14 @@ class ProviderReceipt(msgspec.Struct, frozen=True):
     message_key: str | None = None
     provider_message_id: str | None = None
     detail: str | None = None
+    event_id: str | None = None
+    """The provider's own identity of this event (SendGrid ``sg_event_id``, Twilio
+    ``MessageSid`` + status, Viber ``message_token`` + event + timestamp): a provider that
+    retries a callback sends the same id again, and the gateway applies it once."""
+    recipient_id: str | None = None
+    """The recipient, when the provider echoed it (SendGrid ``custom_args``)."""
+    topic: str | None = None
+    """The consent topic, when the provider echoed it."""
 
 
 class WebhookRejected(Exception):
