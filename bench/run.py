@@ -50,6 +50,7 @@ bind = "127.0.0.1:{http_port}"
 public_url = "http://127.0.0.1:{http_port}"
 [store]
 path = "{store}"
+create = true
 synchronous = "{synchronous}"
 max_pending_rows = 1000000
 [dispatch]

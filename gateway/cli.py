@@ -15,6 +15,7 @@ import msgspec
 from gateway import __version__
 from gateway.config import GatewayConfig, load_config
 from gateway.core.errors import ConfigError
+from gateway.store.base import JournalError
 
 DEFAULT_CONFIG = "config/gateway.toml"
 
@@ -34,6 +35,64 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     print(f"  tenants: {tenants}")
     print(f"  providers: {providers or 'none'}")
     return 0
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    import trio
+
+    from gateway.runtime.keyfile import link_secrets
+    from gateway.store.sqlite import SqliteJournal
+
+    config = _load(args.config)
+    path = Path(config.store.path)
+    if path.exists():
+        print(f"{path}: a journal exists already; nothing to do")
+        return 0
+
+    async def create() -> None:
+        journal = SqliteJournal(path, synchronous=config.store.synchronous.value)
+        await journal.open(create=True)
+        await journal.aclose()
+
+    trio.run(create)
+    link_secrets(config)  # the tracking key beside it, unless one is configured
+    print(f"{path}: a new, empty journal")
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    import zmq
+
+    public, secret = zmq.curve_keypair()
+    if args.env:
+        print(f"public={public.decode()}")
+        print(f"secret={secret.decode()}")
+    else:
+        print(f"public key: {public.decode()}")
+        print(f"secret key: {secret.decode()}")
+        print(
+            "The gateway's own pair: set the secret key as CASCADEGW__INGEST__CURVE_SECRET_KEY and "
+            "give clients the public key. A client's pair: list its public key in its tenant's "
+            "client_keys and give the client both."
+        )
+    return 0
+
+
+def _cmd_journal_check(args: argparse.Namespace) -> int:
+    from gateway.store.sqlite import check_journal
+
+    config = _load(args.config)
+    problems = check_journal(config.store.path, quarantine=args.quarantine)
+    for problem in problems:
+        print(f"{problem.table}[{problem.row}]: {problem.detail}")
+        if problem.table == "consents" and args.quarantine:
+            print(f"  recipient {problem.row}: re-apply its consents from the CRM")
+    if not problems:
+        print(f"{config.store.path}: ok")
+        return 0
+    verb = "moved to the quarantine table" if args.quarantine else "found"
+    print(f"{config.store.path}: {len(problems)} unreadable rows {verb}")
+    return 0 if args.quarantine else 1
 
 
 def _cmd_schema(_: argparse.Namespace) -> int:
@@ -179,10 +238,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cascadegw", description=__doc__)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="TOML config file")
     commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("check-config", help="validate the config and summarise it")
-    check.set_defaults(func=_cmd_check_config)
+    check_config = commands.add_parser("check-config", help="validate the config and summarise it")
+    check_config.set_defaults(func=_cmd_check_config)
     schema = commands.add_parser("schema", help="print the wire protocol's JSON Schema")
     schema.set_defaults(func=_cmd_schema)
+
+    init = commands.add_parser("init", help="create a new, empty journal (store.path)")
+    init.set_defaults(func=_cmd_init)
+
+    keys = commands.add_parser("keys", help="CURVE keys for ZeroMQ clients and the gateway")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    generate = key_commands.add_parser("generate", help="print a new CURVE keypair (z85)")
+    generate.add_argument("--env", action="store_true", help="print as public=... secret=...")
+    generate.set_defaults(func=_cmd_keys)
+
+    journal = commands.add_parser("journal", help="inspect the journal (gateway stopped)")
+    journal_commands = journal.add_subparsers(dest="journal_command", required=True)
+    check = journal_commands.add_parser("check", help="report unreadable rows by key")
+    check.add_argument(
+        "--quarantine",
+        action="store_true",
+        help="move unreadable rows to the quarantine table so the gateway can start",
+    )
+    check.set_defaults(func=_cmd_journal_check)
 
     run = commands.add_parser(
         "run", help="run the gateway (and the simulators of simulated providers)"
@@ -238,15 +316,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _operator_error(exc: BaseException) -> str | None:
+    """The one line to show for a failure an operator can fix, or None (a bug: traceback).
+
+    trio wraps what a task raised in ExceptionGroups; a lone fixable cause inside is unwrapped.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        found = [_operator_error(inner) for inner in exc.exceptions]
+        lines = [line for line in found if line is not None]
+        return lines[0] if len(lines) == len(found) == 1 else None
+    if isinstance(exc, ConfigError | JournalError):
+        return str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return f"{exc.filename}: no such file"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         result: int = args.func(args)
-    except ConfigError as exc:
-        print(f"cascadegw: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
-        print(f"cascadegw: {exc.filename}: no such file", file=sys.stderr)
+    except BaseException as exc:
+        line = _operator_error(exc)
+        if line is None:
+            raise
+        print(f"cascadegw: {line}", file=sys.stderr)
         return 2
     return result

@@ -35,6 +35,28 @@ class ClientError(Exception):
     """The gateway did not answer in time, or answered something unreadable."""
 
 
+def secure(
+    sock: zmq.Socket[bytes],
+    *,
+    server_key: str | None,
+    public_key: str | None,
+    secret_key: str | None,
+) -> None:
+    """Make ``sock`` a CURVE client of a gateway whose public key is ``server_key``.
+
+    ``public_key``/``secret_key`` are this client's pair (``cascadegw keys generate``); its
+    tenant lists the public key in ``client_keys``. All None: a plain connection (a gateway
+    on loopback without ``ingest.curve_secret_key``).
+    """
+    if server_key is None and public_key is None and secret_key is None:
+        return
+    if server_key is None or public_key is None or secret_key is None:
+        raise ValueError("CURVE needs the server's public key and this client's key pair")
+    sock.curve_serverkey = server_key.encode()
+    sock.curve_publickey = public_key.encode()
+    sock.curve_secretkey = secret_key.encode()
+
+
 def _pack(value: object) -> bytes:
     return msgpack.packb(value, datetime=True, use_bin_type=True)  # type: ignore[no-any-return]
 
@@ -139,11 +161,16 @@ class Client:
         *,
         timeout_seconds: float = 10.0,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        server_key: str | None = None,
+        public_key: str | None = None,
+        secret_key: str | None = None,
     ) -> None:
         self._own_context = context is None
         self.context = context or zmq.Context()
         self.sock: zmq.Socket[bytes] = self.context.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self._keys = {"server_key": server_key, "public_key": public_key, "secret_key": secret_key}
+        secure(self.sock, **self._keys)
         self.sock.connect(endpoint)
         self.timeout_seconds = timeout_seconds
         self._ids = itertools.count(1)
@@ -199,6 +226,7 @@ class Client:
         """Status events published for ``tenant`` ("" = every tenant), until the timeout passes quietly."""
         sub: zmq.Socket[bytes] = self.context.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
+        secure(sub, **self._keys)
         sub.setsockopt(zmq.SUBSCRIBE, tenant.encode())
         sub.connect(endpoint)
         try:
@@ -238,7 +266,7 @@ class AsyncClient:
                     break
                 except zmq.Again:
                     await trio.sleep(0.001)
-            self._wake_reader()
+            self.wake_reader()
             with trio.fail_after(self.timeout_seconds):
                 reply = await receive.receive()
         except trio.TooSlowError as exc:
@@ -268,7 +296,8 @@ class AsyncClient:
     async def status(self, message_id: str, tenant: str) -> Any:
         return await self.request(status_request(message_id, tenant))
 
-    def _wake_reader(self) -> None:
+    def wake_reader(self) -> None:
+        """Tell the reader task to re-check the socket (after any send from another task)."""
         if self._reader_idle is not None:
             self._reader_idle.cancel()
 
@@ -294,11 +323,16 @@ async def open_client(
     *,
     timeout_seconds: float = 10.0,
     context: zmq.Context[zmq.Socket[bytes]] | None = None,
+    server_key: str | None = None,
+    public_key: str | None = None,
+    secret_key: str | None = None,
 ) -> AsyncIterator[AsyncClient]:
+    """A trio client; the keys are as for ``secure``."""
     own = context is None
     ctx = context or zmq.Context()
     sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    secure(sock, server_key=server_key, public_key=public_key, secret_key=secret_key)
     sock.connect(endpoint)
     client = AsyncClient(sock, timeout_seconds=timeout_seconds)
     try:
@@ -317,13 +351,24 @@ async def open_client(
 
 @asynccontextmanager
 async def open_subscription(
-    endpoint: str, tenant: str = "", *, context: zmq.Context[zmq.Socket[bytes]] | None = None
+    endpoint: str,
+    tenant: str = "",
+    *,
+    context: zmq.Context[zmq.Socket[bytes]] | None = None,
+    server_key: str | None = None,
+    public_key: str | None = None,
+    secret_key: str | None = None,
 ) -> AsyncIterator[trio.MemoryReceiveChannel[Any]]:
-    """Status events for ``tenant`` ("" = all) as a memory channel of decoded maps."""
+    """Status events for ``tenant`` ("" = all the key may see) as a memory channel of maps.
+
+    Topics match by prefix in ZeroMQ; the gateway refuses tenant names that prefix each other,
+    so the subscription sees exactly one tenant's events.
+    """
     own = context is None
     ctx = context or zmq.Context()
     sub: zmq.Socket[bytes] = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
+    secure(sub, server_key=server_key, public_key=public_key, secret_key=secret_key)
     sub.setsockopt(zmq.SUBSCRIBE, tenant.encode())
     sub.connect(endpoint)
     send, receive = trio.open_memory_channel[Any](math.inf)

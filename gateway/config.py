@@ -14,6 +14,7 @@ impossible values. Every error names the key, e.g.
 from __future__ import annotations
 
 import enum
+import itertools
 import re
 import tomllib
 from collections.abc import Mapping
@@ -37,6 +38,13 @@ Positive = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Name = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_]{0,63}$")]
+CurveKey = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^[0-9a-zA-Z.:+=^!/*?&<>()\[\]{}@%$#-]{40}$",
+        description="a CURVE public key in z85 (40 characters)",
+    ),
+]
 
 
 class Secret:
@@ -72,19 +80,47 @@ class IngestConfig(_Config, frozen=True):
     """ZeroMQ ROUTER endpoint CRMs connect their DEALER sockets to."""
     status_bind: str = "tcp://127.0.0.1:5556"
     """ZeroMQ PUB endpoint for status events (topic = tenant)."""
+    curve_secret_key: Secret | None = None
+    """The gateway's CURVE secret key (z85, from ``cascadegw keys generate``). Set, both
+    sockets require CURVE and every client must present a key a tenant lists in
+    ``client_keys``; unset, anyone who reaches the sockets may act for any tenant, which is
+    only allowed on loopback."""
     max_frame_bytes: PositiveInt = 4 * 1024 * 1024
     max_batch: PositiveInt = 1000
+    max_envelope_parts: PositiveInt = 8
+    """Frames a client may put before the payload (correlation ids); a message with more is
+    dropped unanswered, because answering means echoing them."""
+    max_schedule_ahead_seconds: Positive = 30 * 86400.0
+    """How far in the future ``send_at``/``expires_at`` may lie."""
     max_requests_per_wakeup: PositiveInt = 500
     """Requests handled per wake-up before yielding to timers, receipts and dispatch."""
 
 
 class HttpConfig(_Config, frozen=True):
     bind: str = "127.0.0.1:8080"
+    """Metrics, health and the admin API; also webhooks and tracking links unless
+    ``public_bind`` is set."""
+    public_bind: str = ""
+    """Webhooks and tracking links on their own address (the one providers and recipients
+    reach, usually through a reverse proxy); empty serves them on ``bind``."""
     public_url: str = "http://127.0.0.1:8080"
     """Base URL providers and recipients reach the gateway at (webhooks, links, pixel);
-    empty means the address the HTTP server bound."""
+    empty means the address the public HTTP server bound."""
     admin_token: Secret | None = None
-    """Bearer token the admin API requires (``/v1/...``); unset leaves it open on ``bind``."""
+    """The operator's bearer token: reads and writes every tenant under ``/v1/``. Tenants'
+    own tokens are ``tenants.<name>.admin_token``. With no token at all the admin API is open,
+    which is only allowed on a loopback ``bind``."""
+    webhook_max_body_bytes: PositiveInt = 1024 * 1024
+    """Largest provider webhook body; a bigger one is refused with 413 while it is read."""
+    admin_max_body_bytes: PositiveInt = 64 * 1024
+    """Largest admin API body (and tracking form)."""
+    read_timeout_seconds: Positive = 10.0
+    """A request whose headers or body do not arrive within this is closed (408)."""
+    max_concurrent_requests: PositiveInt = 1000
+    """Requests served at once per HTTP server; more are answered 503 at once."""
+    durable_wait_seconds: Positive = 10.0
+    """How long an unsubscribe or webhook waits for its journal commit before answering 503
+    (never a success that is not yet durable)."""
     webhook_processes: Annotated[int, msgspec.Meta(ge=0)] = 0
     """0 serves webhooks and tracking links in the router process; N runs them in N hypercorn
     worker processes on ``webhook_bind``, forwarding to the router over ZeroMQ."""
@@ -100,7 +136,13 @@ class StoreConfig(_Config, frozen=True):
     backend: Literal["sqlite"] = "sqlite"
     path: str = "var/cascadegw.db"
     synchronous: Synchronous = Synchronous.FULL
+    create: bool = False
+    """Create the journal when the file does not exist. Off, a missing journal refuses to
+    start (``cascadegw init`` creates one): an empty journal forgets every withdrawn consent."""
     idempotency_retention_seconds: Positive = 7 * 86400.0
+    receipt_retention_seconds: Positive = 7 * 86400.0
+    """How long a provider event id is remembered: a callback the provider retries within it
+    is applied once. Keep it above every provider's retry window."""
     max_pending_rows: PositiveInt = 200_000
     """Staged-but-uncommitted journal rows beyond which ingest answers ``overloaded``."""
 
@@ -123,7 +165,7 @@ class DispatchConfig(_Config, frozen=True):
     workers: Annotated[int, msgspec.Meta(ge=0)] = 0
     """0 dispatches in the router process; N uses N worker processes over ipc sockets."""
     max_queued: LaneLimits = LaneLimits()
-    """Queued provider sends per lane beyond which ingest answers ``overloaded``."""
+    """Queued and deferred sends per lane beyond which ingest answers ``overloaded``."""
     retry: RetryConfig = RetryConfig()
 
 
@@ -190,7 +232,17 @@ PROVIDER_CHANNEL: Final[Mapping[str, Channel]] = {
     "viber": Channel.VIBER,
     "twilio": Channel.SMS,
 }
-SECRET_KEYS: Final = frozenset({"api_key", "auth_token", "service_account_json", "admin_token"})
+SECRET_KEYS: Final = frozenset(
+    {
+        "api_key",
+        "auth_token",
+        "service_account_json",
+        "admin_token",
+        "curve_secret_key",
+        "secret",
+        "previous_secrets",
+    }
+)
 
 
 class ProviderConfig(_Config, frozen=True):
@@ -237,6 +289,11 @@ class TenantConfig(_Config, frozen=True):
     """Provider names per channel, in failover order."""
     policy: PolicyConfig | None = None
     """Overrides the top-level policy for this tenant (whole sections, not merged)."""
+    client_keys: tuple[CurveKey, ...] = ()
+    """CURVE public keys (z85) of the ZeroMQ clients that may act for this tenant (with
+    ``ingest.curve_secret_key`` set). A key may be listed by several tenants."""
+    admin_token: Secret | None = None
+    """Bearer token that reads and writes only this tenant under ``/v1/``."""
 
 
 class SimulatorConfig(_Config, frozen=True):
@@ -255,6 +312,22 @@ class SimulatorConfig(_Config, frozen=True):
     seed: int | None = None
 
 
+class TrackingConfig(_Config, frozen=True):
+    """Signed links: click redirects, the open pixel and one-click unsubscribe."""
+
+    secret: Secret | None = None
+    """Signs the links (at least 16 bytes). Unset: generated once and kept beside the journal
+    (``tracking.key``, mode 0600), so links survive restarts."""
+    previous_secrets: Secret | None = None
+    """Comma-separated secrets that signed links still in people's mailboxes: links they
+    signed keep working after a rotation; new links use ``secret``."""
+    click_ttl_seconds: Positive = 90 * 86400.0
+    """How long click and open links work (90 days)."""
+    unsubscribe_ttl_seconds: Annotated[float, msgspec.Meta(ge=365 * 86400.0)] = 400 * 86400.0
+    """How long unsubscribe links work; at least a year, because a person may unsubscribe
+    from an old message at any time."""
+
+
 class GatewayConfig(_Config, frozen=True):
     currency: str = "RUB"
     ingest: IngestConfig = IngestConfig()
@@ -266,9 +339,7 @@ class GatewayConfig(_Config, frozen=True):
     providers: dict[Name, ProviderConfig] = {}
     tenants: dict[Name, TenantConfig] = {}
     simulator: SimulatorConfig = SimulatorConfig()
-    tracking_secret: Secret | None = None
-    """Signs click/unsubscribe/pixel links; generated per start when unset (links then die
-    with the process, so production sets CASCADEGW__TRACKING_SECRET)."""
+    tracking: TrackingConfig = TrackingConfig()
 
     def tenant_policy(self, tenant: str) -> PolicyConfig:
         return self.tenants[tenant].policy or self.policy
@@ -334,7 +405,7 @@ def load_config(toml_bytes: bytes, environ: Mapping[str, str]) -> GatewayConfig:
             path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
             if not all(path):
                 raise ConfigError(f"{name}: empty path segment")
-            secret = path[-1] in SECRET_KEYS or path[-1] == "tracking_secret"
+            secret = path[-1] in SECRET_KEYS
             _set_path(data, path, _env_value(value, secret=secret))
     try:
         config = msgspec.convert(data, GatewayConfig, dec_hook=_dec_hook)
@@ -347,7 +418,7 @@ def load_config(toml_bytes: bytes, environ: Mapping[str, str]) -> GatewayConfig:
 def _refuse_file_secrets(node: object, path: tuple[str, ...]) -> None:
     if isinstance(node, dict):
         for key, value in node.items():
-            if key in SECRET_KEYS or key == "tracking_secret":
+            if key in SECRET_KEYS:
                 dotted = ".".join((*path, key))
                 env = ENV_PREFIX + "__".join((*path, key)).upper()
                 raise ConfigError(f"{dotted}: secrets come only from the environment; set {env}")
@@ -436,7 +507,66 @@ def _culprit(data: dict[str, object], table: dict[str, object], message: str) ->
     raise KeyError(message)
 
 
+_LOOPBACK_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a bind address (``tcp://host:port``, ``host:port``, ``ipc://...``) is reachable
+    only from this machine."""
+    scheme, sep, rest = address.partition("://")
+    if sep and scheme in ("ipc", "inproc"):
+        return True
+    host = (rest if sep else address).rsplit(":", 1)[0]
+    return host in _LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def _validate_exposure(config: GatewayConfig) -> None:
+    """Refuse to expose an unauthenticated surface beyond loopback (one line, naming the key)."""
+    ingest = config.ingest
+    if ingest.curve_secret_key is None:
+        for key, address in (("bind", ingest.bind), ("status_bind", ingest.status_bind)):
+            if not is_loopback(address):
+                raise ConfigError(
+                    f"ingest.{key} = {address!r} is not loopback, but ZeroMQ clients are not "
+                    f"authenticated: set {ENV_PREFIX}INGEST__CURVE_SECRET_KEY "
+                    "(cascadegw keys generate) and tenants' client_keys"
+                )
+    tokens = config.http.admin_token is not None or any(
+        t.admin_token is not None for t in config.tenants.values()
+    )
+    if not tokens and not is_loopback(config.http.bind):
+        raise ConfigError(
+            f"http.bind = {config.http.bind!r} is not loopback, but the admin API has no token: "
+            f"set {ENV_PREFIX}HTTP__ADMIN_TOKEN (or tenants' admin_token), or bind it to "
+            "127.0.0.1 and serve webhooks on http.public_bind"
+        )
+    if ingest.curve_secret_key is not None and not _Z85_KEY.fullmatch(
+        ingest.curve_secret_key.reveal()
+    ):
+        raise ConfigError(
+            f"ingest.curve_secret_key: not a z85 CURVE key (40 characters); "
+            f"make one with `cascadegw keys generate` and set {ENV_PREFIX}INGEST__CURVE_SECRET_KEY"
+        )
+
+
+_Z85_KEY: Final = re.compile(r"[0-9a-zA-Z.:+=^!/*?&<>()\[\]{}@%$#-]{40}")
+
+
 def _validate(config: GatewayConfig) -> None:
+    _validate_exposure(config)
+    tenant_names = sorted(config.tenants)
+    for shorter, longer in itertools.pairwise(tenant_names):
+        if longer.startswith(shorter):
+            # ZeroMQ subscriptions match topics by prefix: a subscriber to "shop" would also
+            # receive "shop-eu"'s status events
+            raise ConfigError(
+                f"tenants.{longer}: its name starts with tenant {shorter!r}; status-event "
+                "topics match by prefix, so no tenant name may begin with another's"
+            )
+    tracking = config.tracking
+    for secret in (tracking.secret, *_previous_secrets(tracking)):
+        if secret is not None and len(secret.reveal().encode()) < 16:
+            raise ConfigError("tracking.secret: needs at least 16 bytes")
     for channel in Channel:
         if channel not in config.channels:
             raise ConfigError(f"channels.{channel}: missing (every channel needs a timeout)")
@@ -480,6 +610,22 @@ def _validate(config: GatewayConfig) -> None:
                 raise ConfigError(
                     f"{where}.providers.{channel}: the cascade uses {channel} but no provider serves it"
                 )
+
+
+def _previous_secrets(tracking: TrackingConfig) -> list[Secret]:
+    if tracking.previous_secrets is None:
+        return []
+    return [
+        Secret(part.strip())
+        for part in tracking.previous_secrets.reveal().split(",")
+        if part.strip()
+    ]
+
+
+def tracking_secrets(tracking: TrackingConfig) -> list[bytes]:
+    """The configured secrets that verify links, the signing one first (none when unset)."""
+    secrets = [] if tracking.secret is None else [tracking.secret.reveal().encode()]
+    return secrets + [secret.reveal().encode() for secret in _previous_secrets(tracking)]
 
 
 def default_config_path() -> str:

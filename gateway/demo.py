@@ -199,7 +199,9 @@ async def run_demo(
 ) -> Funnel:
     with tempfile.TemporaryDirectory(prefix="cascadegw-demo-") as scratch:
         # a fresh journal per run: the demo's recipients would otherwise hit their weekly caps
-        store = msgspec.structs.replace(config.store, path=str(Path(scratch) / "demo.db"))
+        store = msgspec.structs.replace(
+            config.store, path=str(Path(scratch) / "demo.db"), create=True
+        )
         config = msgspec.structs.replace(config, store=store)
         tenant = config.tenants["demo"]
         prices = {name: provider.price for name, provider in config.providers.items()}

@@ -63,6 +63,7 @@ public_url = "http://gateway.test"
 [store]
 path = "{tmp_path / "journal.db"}"
 synchronous = "normal"
+create = true
 [policy.consent]
 unknown_advertising = "{unknown_advertising}"
 {extra}

@@ -5,8 +5,10 @@
 ``GET  /v1/recipients/{tenant}/{recipient}/consents``  effective consents and full history
 ``GET  /v1/reports/{tenant}/campaigns/{campaign}``     the campaign's funnel and control group
 
-With ``http.admin_token`` set (from the environment), every call needs
-``Authorization: Bearer <token>``.
+Authorization is by bearer token (``Authorization: Bearer <token>``): ``http.admin_token`` is
+the operator's and reaches every tenant; ``tenants.<name>.admin_token`` reaches only that
+tenant (403 elsewhere). With no token configured at all the API is open, which the config only
+allows on a loopback address.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from gateway import reports
+from gateway.config import Secret
 from gateway.core.consent import ConsentAction, ConsentKind
 from gateway.core.model import Channel, message_key, recipient_key
+from gateway.http.inbound import SinkFull
 from gateway.protocol import PROTOCOL_VERSION, AwareDatetime, ConsentRequest, Label, validate
 
 if TYPE_CHECKING:
@@ -55,18 +59,42 @@ def _problem(status: int, reason: str, detail: str) -> Response:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+def _bearer(token: Secret | None) -> bytes | None:
+    return None if token is None else f"Bearer {token.reveal()}".encode()
+
+
 def admin_routes(gateway: Gateway) -> list[BaseRoute]:
     config = gateway.config
     router = gateway.router
-    token = config.http.admin_token
+    operator = _bearer(config.http.admin_token)
+    tenant_tokens = {
+        name: bearer
+        for name, tenant in config.tenants.items()
+        if (bearer := _bearer(tenant.admin_token)) is not None
+    }
+    open_api = operator is None and not tenant_tokens
+
+    def holder(given: bytes) -> str | None:
+        """Whose token this is: "*" for the operator, a tenant name, or None."""
+        found: str | None = None
+        # every token is compared, in constant time each: no early exit to time
+        if operator is not None and hmac.compare_digest(given, operator):
+            found = "*"
+        for name, bearer in tenant_tokens.items():
+            if hmac.compare_digest(given, bearer) and found is None:
+                found = name
+        return found
 
     def guarded(handler: Handler) -> Handler:
         async def check(request: Request) -> Response:
-            if token is not None:
-                given = request.headers.get("authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {token.reveal()}".encode()):
+            tenant = request.path_params.get("tenant")
+            if not open_api:
+                who = holder(request.headers.get("authorization", "").encode())
+                if who is None:
                     return _problem(401, "unauthorized", "the admin API needs a bearer token")
-            if request.path_params.get("tenant") not in config.tenants:
+                if who not in ("*", tenant):
+                    return _problem(403, "forbidden", "this token is for another tenant")
+            if tenant not in config.tenants:
                 return _problem(404, "unknown_tenant", "tenant is not configured")
             return await handler(request)
 
@@ -105,7 +133,10 @@ def admin_routes(gateway: Gateway) -> list[BaseRoute]:
                 return _problem(400, "invalid", problem)
         for consent in requests:
             router.consent(consent, now)
-        await gateway.committer.flush()  # durable before we say so
+        try:
+            await gateway.inbox.durable()  # durable before we say so
+        except SinkFull:
+            return _problem(503, "overloaded", "not yet durable (the journal is behind); retry")
         return _respond({"recorded": len(updates)})
 
     async def get_consents(request: Request) -> Response:

@@ -1,15 +1,23 @@
-"""What the HTTP surface hands to the router: verified receipts, tracking hits, verdicts.
+"""What the HTTP surface hands to the router: verified receipts, opt-outs, tracking hits, verdicts.
 
 The webhook and tracking endpoints only verify and parse; they never touch router state. They
-hand an ``Inbound`` value to a sink: the router itself in single-process mode, or a ZeroMQ PUSH
-socket to the router's event PULL socket when webhooks run in their own processes. One path, two
-wirings, and one scrape still sees every verdict because verdicts travel the same way.
+hand an ``Inbound`` value to an ``InboundSink``: the router's inbox in single-process mode, or
+a ZeroMQ DEALER connected to the router's event socket when webhooks run in their own
+processes. One path, two wirings, and one scrape still sees every verdict because verdicts
+travel the same way.
+
+Two ways to hand something over:
+
+- ``deliver``: the answer promises something (a provider receipt was taken, a person is
+  unsubscribed), so it returns only once the router has applied it and the journal has made it
+  durable. A provider retries a webhook that was not answered 2xx; a person sees "try again".
+- ``notify``: nothing is promised (a click's redirect, the open pixel, a verdict counted).
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from typing import Protocol
 
 import msgspec
 
@@ -35,20 +43,55 @@ class WebhookVerdict(msgspec.Struct, frozen=True, tag=True):
 
 
 class TrackingHit(msgspec.Struct, frozen=True, tag=True):
-    """A tracking link was used; ``key``/``channel`` are None for a forged or garbled token."""
+    """A click or open link was used, or any tracking link was refused (``verdict``);
+    ``key``/``channel`` are None for a refused token."""
 
     kind: HitKind
     at: float
+    verdict: str = "accepted"
     key: str | None = None
     channel: Channel | None = None
 
 
-Inbound = WebhookReceipts | WebhookVerdict | TrackingHit
-InboundSink = Callable[[Inbound], None]
+class OptOut(msgspec.Struct, frozen=True, tag=True):
+    """A recipient withdrew advertising consent on ``channel`` (``topic``: only that topic).
+
+    Carries everything the withdrawal needs, so it works whether or not the message it came
+    through (``key``) is still active or even stored.
+    """
+
+    tenant: str
+    recipient_id: str
+    channel: Channel
+    at: float
+    source: str
+    topic: str | None = None
+    key: str | None = None
+
+
+Inbound = WebhookReceipts | WebhookVerdict | TrackingHit | OptOut
 
 
 class SinkFull(Exception):
-    """The router is not taking events right now; providers retry a webhook answered 503."""
+    """Not taken, or not durable in time: answer 503, the provider (or person) retries."""
+
+
+class InboundSink(Protocol):
+    def notify(self, item: Inbound) -> None:
+        """Hand over without waiting.
+
+        Raises:
+            SinkFull: the router is not taking events right now.
+        """
+        ...
+
+    async def deliver(self, item: Inbound) -> None:
+        """Hand over and return once applied and durable.
+
+        Raises:
+            SinkFull: not taken, or not durable within the configured wait.
+        """
+        ...
 
 
 encoder = msgspec.msgpack.Encoder()

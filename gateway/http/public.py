@@ -1,13 +1,16 @@
 """The endpoints providers and recipients reach: signed webhooks and tracking links.
 
 - ``POST /webhooks/{provider}``: verified with the provider's own scheme (SendGrid ECDSA,
-  Viber HMAC-SHA256, Twilio HMAC-SHA1); a missing, forged or stale signature gets 403 and
-  nothing is processed; a body that verifies but cannot be parsed gets 400.
+  Viber HMAC-SHA256, Twilio HMAC-SHA1/SHA-256); a missing, forged or stale signature gets 403
+  and nothing is processed; a body that verifies but cannot be parsed gets 400. A 200 means
+  the receipts are applied and durable (a provider retries anything else; a retried event is
+  applied once). Twilio's inbound messages arrive here too: a STOP withdraws SMS consent.
 - ``GET /t/c/{token}``: click tracker; counts as read on any channel, then redirects.
 - ``GET /t/o/{token}.gif``: the email open pixel.
 - ``GET|POST /t/u/{token}``: unsubscribe; ``POST`` is RFC 8058 one-click
   (``List-Unsubscribe=One-Click``) and withdraws consent at once; ``GET`` shows a page whose
   button posts the same form, because mail scanners follow GET links and must not unsubscribe.
+  "You are unsubscribed." is only said once the withdrawal is durable.
 
 Everything verified is handed to an ``InboundSink`` (``gateway.http.inbound``).
 """
@@ -26,21 +29,26 @@ from starlette.routing import Route
 from adapters import WebhookRejected
 from adapters.registry import PARSERS, VERIFIERS
 from gateway.config import GatewayConfig
-from gateway.core.model import split_key
 from gateway.http.inbound import (
     HitKind,
     InboundSink,
+    OptOut,
     SinkFull,
     TrackingHit,
     WebhookReceipts,
     WebhookVerdict,
 )
-from gateway.tracking import LinkKind, LinkPayload, LinkSigner
+from gateway.tracking import LinkKind, LinkPayload, LinkRejection, LinkSigner
 
 log = structlog.get_logger("gateway.http")
 
 _PIXEL = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///ywAAAAAAQABAAACAUwAOw==")
 _NO_CACHE = {"Cache-Control": "no-store, max-age=0"}
+_HIT_KINDS = {
+    LinkKind.CLICK: HitKind.CLICK,
+    LinkKind.OPEN: HitKind.OPEN,
+    LinkKind.UNSUBSCRIBE: HitKind.UNSUBSCRIBE,
+}
 
 
 def public_routes(
@@ -72,48 +80,59 @@ def public_routes(
             log.warning("webhook_rejected", provider=name, verdict=rejected.verdict)
             status = 400 if rejected.verdict == "malformed" else 403
             try:
-                sink(WebhookVerdict(name, rejected.verdict))
+                sink.notify(WebhookVerdict(name, rejected.verdict))
             except SinkFull:
                 log.warning("webhook_verdict_not_counted", provider=name)
             return Response(rejected.verdict, status_code=status)
         try:
-            sink(WebhookReceipts(name, receipts, now()))
+            await sink.deliver(WebhookReceipts(name, receipts, now()))
         except SinkFull:
-            # not taken: the provider retries a 503, so the receipt is delayed, not lost
+            # not taken or not yet durable: the provider retries a 503, and a retried event
+            # is applied once, so the receipt is delayed, never lost nor doubled
             return Response("busy, retry later", status_code=503, headers={"Retry-After": "5"})
         return Response("ok")
 
-    def verified(kind: HitKind, link_kind: LinkKind, token: str) -> LinkPayload | None:
-        """The link's payload, handed to the sink as a hit; None (and a bad-token hit) if forged."""
-        payload = links.verify(token)
-        hit = (
-            TrackingHit(kind, now())
-            if payload is None or payload.kind is not link_kind
-            else TrackingHit(kind, now(), payload.key, payload.channel)
-        )
+    def verified(link_kind: LinkKind, token: str) -> LinkPayload | LinkRejection:
+        """The link's payload if genuine, unexpired and of this kind; refusals are counted."""
+        verdict = links.verify(token, now=now())
+        if isinstance(verdict, LinkPayload) and verdict.kind is not link_kind:
+            verdict = LinkRejection.BAD_TOKEN
+        if isinstance(verdict, LinkRejection):
+            notify(TrackingHit(_HIT_KINDS[link_kind], now(), verdict=verdict.value))
+        return verdict
+
+    def notify(hit: TrackingHit) -> None:
         try:
-            sink(hit)
+            sink.notify(hit)
         except SinkFull:
             # the person still gets their redirect or page; the hit is logged, not counted
-            log.warning("tracking_hit_not_delivered", kind=kind.value)
-        return payload if hit.key is not None else None
+            log.warning("tracking_hit_not_delivered", kind=hit.kind.value)
+
+    def refused(verdict: LinkRejection) -> Response:
+        if verdict is LinkRejection.EXPIRED:
+            return Response("this link has expired", status_code=410, headers=_NO_CACHE)
+        return Response("unknown link", status_code=404, headers=_NO_CACHE)
 
     async def click(request: Request) -> Response:
-        payload = verified(HitKind.CLICK, LinkKind.CLICK, request.path_params["token"])
-        if payload is None or payload.url is None:
+        payload = verified(LinkKind.CLICK, request.path_params["token"])
+        if isinstance(payload, LinkRejection):
+            return refused(payload)
+        notify(TrackingHit(HitKind.CLICK, now(), key=payload.key, channel=payload.channel))
+        if payload.url is None:
             return Response("unknown link", status_code=404)
         return RedirectResponse(payload.url, status_code=302, headers=_NO_CACHE)
 
     async def open_pixel(request: Request) -> Response:
-        verified(HitKind.OPEN, LinkKind.OPEN, request.path_params["token"])
+        payload = verified(LinkKind.OPEN, request.path_params["token"])
+        if isinstance(payload, LinkPayload):
+            notify(TrackingHit(HitKind.OPEN, now(), key=payload.key, channel=payload.channel))
         return Response(_PIXEL, media_type="image/gif", headers=_NO_CACHE)
 
     async def unsubscribe_page(request: Request) -> Response:
-        token = request.path_params["token"]
-        payload = links.verify(token)
-        if payload is None or payload.kind is not LinkKind.UNSUBSCRIBE:
-            return Response("unknown link", status_code=404)
-        tenant = config.tenants.get(split_key(payload.key)[0])
+        payload = verified(LinkKind.UNSUBSCRIBE, request.path_params["token"])
+        if isinstance(payload, LinkRejection):
+            return refused(payload)
+        tenant = config.tenants.get(payload.tenant)
         brand = html.escape(tenant.brand if tenant else "this sender")
         return HTMLResponse(
             f"<!doctype html><title>Unsubscribe</title><h1>Unsubscribe from {brand}</h1>"
@@ -124,13 +143,34 @@ def public_routes(
         )
 
     async def unsubscribe(request: Request) -> Response:
-        if (
-            verified(HitKind.UNSUBSCRIBE, LinkKind.UNSUBSCRIBE, request.path_params["token"])
-            is None
-        ):
-            return Response("unknown link", status_code=404)
+        payload = verified(LinkKind.UNSUBSCRIBE, request.path_params["token"])
+        if isinstance(payload, LinkRejection):
+            return refused(payload)
+        if payload.recipient_id is None or payload.tenant not in config.tenants:
+            notify(TrackingHit(HitKind.UNSUBSCRIBE, now(), verdict=LinkRejection.BAD_TOKEN))
+            return refused(LinkRejection.BAD_TOKEN)
+        opt_out = OptOut(
+            tenant=payload.tenant,
+            recipient_id=payload.recipient_id,
+            channel=payload.channel,
+            at=now(),
+            source="one_click",
+            topic=payload.topic,
+            key=payload.key,
+        )
+        try:
+            await sink.deliver(opt_out)
+        except SinkFull:
+            # never "You are unsubscribed." before it is true: the person tries again
+            return HTMLResponse(
+                "<!doctype html><title>Try again</title><h1>We could not record that just now."
+                "</h1><p>Please try again in a minute.</p>",
+                status_code=503,
+                headers={"Retry-After": "30", **_NO_CACHE},
+            )
         return HTMLResponse(
-            "<!doctype html><title>Unsubscribed</title><h1>You are unsubscribed.</h1>"
+            "<!doctype html><title>Unsubscribed</title><h1>You are unsubscribed.</h1>",
+            headers=_NO_CACHE,
         )
 
     return [

@@ -1,19 +1,22 @@
 """The webhook and tracking server as its own processes (``http.webhook_processes = N``).
 
 hypercorn runs ``create_app()`` in each of its worker processes. The app serves exactly the
-router's public routes (``gateway.http.public``) but hands what it verifies to a ZeroMQ PUSH
-socket connected to the router's event socket, so several processes can verify signatures in
-parallel while the router stays the only owner of state. A full socket answers webhooks 503:
-providers retry, nothing is lost.
+router's public routes (``gateway.http.public``) but hands what it verifies to a ZeroMQ DEALER
+connected to the router's event socket, so several processes can verify signatures in
+parallel while the router stays the only owner of state. ``deliver`` waits for the router's
+answer, which comes once the journal made the event durable; a router that does not answer in
+time gets the webhook answered 503: providers retry, nothing is lost or applied twice.
 
 The process learns its wiring from the environment the router starts it with:
-``CASCADEGW_CONFIG`` (config path), ``CASCADEGW_EVENTS`` (the router's PULL endpoint),
-``CASCADEGW__TRACKING_SECRET`` and the providers' secrets.
+``CASCADEGW_CONFIG`` (config path), ``CASCADEGW_EVENTS`` (the router's event endpoint),
+``CASCADEGW__TRACKING__SECRET`` and the providers' secrets.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import zmq
@@ -22,33 +25,74 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.config import load_config
+from gateway.client import AsyncClient, ClientError, open_client
+from gateway.config import load_config, tracking_secrets
 from gateway.http import inbound
 from gateway.http.inbound import Inbound, SinkFull
+from gateway.http.limits import Limits, bounded
 from gateway.http.public import public_routes
 from gateway.runtime.clock import wall_time
 from gateway.tracking import LinkSigner
 
 
-def create_app() -> Starlette:
-    config = load_config(Path(os.environ["CASCADEGW_CONFIG"]).read_bytes(), os.environ)
-    secret = config.tracking_secret
-    if secret is None:
-        raise RuntimeError("webhook processes need CASCADEGW__TRACKING_SECRET (the router sets it)")
-    links = LinkSigner(secret.reveal().encode(), config.http.public_url)
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    sock: zmq.Socket[bytes] = context.socket(zmq.PUSH)
-    sock.setsockopt(zmq.LINGER, 2000)  # let queued receipts reach the router on shutdown
-    sock.setsockopt(zmq.SNDHWM, 10_000)
-    sock.connect(os.environ["CASCADEGW_EVENTS"])
+class RemoteSink:
+    """An ``InboundSink`` whose other end is the router's event socket."""
 
-    def sink(item: Inbound) -> None:
-        # send-only and non-blocking: no task ever waits on this socket's FD, so handlers on
-        # many trio tasks may share it
+    def __init__(self) -> None:
+        self.client: AsyncClient | None = None
+        """Connected for as long as the app's lifespan runs."""
+
+    def notify(self, item: Inbound) -> None:
+        client = self._client()
         try:
-            sock.send(inbound.encoder.encode(item), zmq.NOBLOCK)
+            # an empty correlation frame: the router applies it and does not answer
+            client.sock.send_multipart([b"", inbound.encoder.encode(item)], zmq.NOBLOCK)
         except zmq.Again as exc:
-            raise SinkFull from exc
+            raise SinkFull("the router's event socket is full") from exc
+        client.wake_reader()
+
+    async def deliver(self, item: Inbound) -> None:
+        client = self._client()
+        try:
+            answer = await client.request_raw(inbound.encoder.encode(item))
+        except ClientError as exc:
+            raise SinkFull("the router did not answer in time") from exc
+        if answer != "ok":
+            raise SinkFull("the router could not make it durable in time")
+
+    def _client(self) -> AsyncClient:
+        if self.client is None:
+            raise SinkFull("not connected to the router yet")
+        return self.client
+
+
+def create_app() -> Limits:
+    config = load_config(Path(os.environ["CASCADEGW_CONFIG"]).read_bytes(), os.environ)
+    secrets = tracking_secrets(config.tracking)
+    if not secrets:
+        raise RuntimeError(
+            "webhook processes need CASCADEGW__TRACKING__SECRET (the router sets it)"
+        )
+    links = LinkSigner(
+        secrets,
+        config.http.public_url,
+        click_ttl_seconds=config.tracking.click_ttl_seconds,
+        unsubscribe_ttl_seconds=config.tracking.unsubscribe_ttl_seconds,
+    )
+    sink = RemoteSink()
+
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        # a little over the router's own wait, so its "busy" arrives before our timeout
+        timeout_seconds = config.http.durable_wait_seconds + 2.0
+        async with open_client(
+            os.environ["CASCADEGW_EVENTS"], timeout_seconds=timeout_seconds
+        ) as client:
+            sink.client = client
+            try:
+                yield
+            finally:
+                sink.client = None
 
     async def healthz(_: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -57,4 +101,4 @@ def create_app() -> Starlette:
         *public_routes(config=config, links=links, sink=sink, now=wall_time),
         Route("/healthz", healthz, methods=["GET"]),
     ]
-    return Starlette(routes=routes)
+    return bounded(Starlette(routes=routes, lifespan=lifespan), config.http)

@@ -7,14 +7,12 @@ committer, timer service and ingest run in every mode; ``--workers N`` only swap
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
 import hypercorn.config
 import hypercorn.trio
-import msgspec
 import structlog
 import trio
 import zmq
@@ -25,17 +23,21 @@ from starlette.routing import BaseRoute
 from adapters import Adapter
 from gateway.config import GatewayConfig
 from gateway.core.caps import horizon_seconds
-from gateway.http import inbound
+from gateway.http.admin import admin_routes
+from gateway.http.limits import bounded
 from gateway.http.ops import ops_routes
-from gateway.runtime import zmqio
+from gateway.http.public import public_routes
+from gateway.runtime import curve, zmqio
 from gateway.runtime.clock import Clock
 from gateway.runtime.committer import Committer
-from gateway.runtime.dispatch import Dispatcher, Executor, InProcessExecutor
+from gateway.runtime.dispatch import Dispatcher, DispatchQueues, Executor, InProcessExecutor
+from gateway.runtime.inbox import Inbox, serve_events
 from gateway.runtime.ingest import Ingest
+from gateway.runtime.keyfile import link_secrets
 from gateway.runtime.metrics import Metrics
 from gateway.runtime.publisher import Publisher
 from gateway.runtime.router import Router
-from gateway.runtime.timers import TimerService
+from gateway.runtime.timers import TimerAlarm, TimerService
 from gateway.store.base import active_pages
 from gateway.store.sqlite import SqliteJournal
 from gateway.store.state import State
@@ -57,12 +59,16 @@ class Gateway:
     committer: Committer
     dispatcher: Dispatcher
     journal: SqliteJournal
+    inbox: Inbox
     metrics: Metrics
     registry: CollectorRegistry
     links: LinkSigner
     ingest_endpoint: str = ""
     status_endpoint: str = ""
     http_url: str = ""
+    """The admin server (metrics, health, admin API; webhooks too without a public bind)."""
+    public_http_url: str = ""
+    """Where webhooks and tracking links are served (``http_url`` without a public bind)."""
     ready: bool = False
     resent_at_start: int = 0
     _ingest_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -89,9 +95,8 @@ async def open_gateway(
     executor: Executor | None = None,
     wall_at_start: float | None = None,
     clock: Clock | None = None,
-    extra_routes: Callable[[Gateway], list[BaseRoute]] | None = None,
     serve_http: bool = True,
-    tracking_secret: bytes | None = None,
+    tracking_secrets: list[bytes] | None = None,
     events_endpoint: str | None = None,
 ) -> AsyncIterator[Gateway]:
     """Run a gateway for the duration of the ``async with`` block.
@@ -101,9 +106,13 @@ async def open_gateway(
         executor: instead of ``adapters``, e.g. a worker pool.
         wall_at_start: pretend wall time (tests); defaults to the real clock.
         clock: the clock to use (shared with simulators and adapters); overrides wall_at_start.
-        extra_routes: more HTTP routes (webhooks, tracking, admin), given the gateway.
-        tracking_secret: signs tracking links; from the config or random when unset.
-        events_endpoint: bind a PULL socket here for events from webhook processes.
+        serve_http: serve the admin API, metrics, webhooks and tracking links.
+        tracking_secrets: sign and verify tracking links; the configured (or kept) ones if None.
+        events_endpoint: bind a ROUTER socket here for webhook processes' events.
+
+    Raises:
+        gateway.store.base.JournalError: the journal is missing (and ``store.create`` is off)
+            or a row cannot be read.
     """
     if executor is None:
         if adapters is None:
@@ -114,33 +123,53 @@ async def open_gateway(
     registry = CollectorRegistry()
     metrics = Metrics(registry, {name: p.channel for name, p in config.providers.items()})
     journal = SqliteJournal(config.store.path, synchronous=config.store.synchronous.value)
-    await journal.open()
+    await journal.open(create=config.store.create)
     state = State(horizon_seconds=policy_horizon(config))
     committer = Committer(journal, metrics)
-    secret = tracking_secret
-    if secret is None:
-        configured = config.tracking_secret
-        secret = configured.reveal().encode() if configured is not None else secrets.token_bytes(32)
-    links = LinkSigner(secret, config.http.public_url)
+    links = LinkSigner(
+        tracking_secrets if tracking_secrets is not None else link_secrets(config),
+        config.http.public_url,
+        click_ttl_seconds=config.tracking.click_ttl_seconds,
+        unsubscribe_ttl_seconds=config.tracking.unsubscribe_ttl_seconds,
+    )
+    principals = curve.principals(config)
+    secret_key = config.ingest.curve_secret_key
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
-        async with (
-            zmqio.open_socket(
-                context,
-                zmq.ROUTER,
-                bind=config.ingest.bind,
-                options={
-                    zmq.ROUTER_MANDATORY: 1,  # else replies to vanished peers vanish silently
-                    zmq.RCVHWM: 10_000,
-                    zmq.SNDHWM: 100_000,
-                    zmq.MAXMSGSIZE: 4 * config.ingest.max_frame_bytes,
-                },
-            ) as router_sock,
-            zmqio.open_socket(
-                context, zmq.PUB, bind=config.ingest.status_bind, options={zmq.SNDHWM: 100_000}
-            ) as pub_sock,
-        ):
-            publisher = Publisher(pub_sock, metrics)
+        async with AsyncExitStack() as sockets:
+            zap_sock = None
+            if principals is not None:
+                zap_sock = curve.open_zap_socket(context)
+                sockets.callback(zmqio.close, zap_sock)
+            router_sock = await sockets.enter_async_context(
+                zmqio.open_socket(
+                    context,
+                    zmq.ROUTER,
+                    options={
+                        zmq.ROUTER_MANDATORY: 1,  # else replies to vanished peers vanish silently
+                        zmq.RCVHWM: 10_000,
+                        zmq.SNDHWM: 100_000,
+                        # bytes per part: bigger frames up to this get an `invalid` reply; past
+                        # it libzmq drops the connection (it cannot answer what it refused)
+                        zmq.MAXMSGSIZE: 8 * config.ingest.max_frame_bytes,
+                    },
+                )
+            )
+            pub_sock = await sockets.enter_async_context(
+                zmqio.open_socket(
+                    context,
+                    zmq.XPUB,
+                    options={zmq.SNDHWM: 100_000, zmq.XPUB_MANUAL: 1, zmq.MAXMSGSIZE: 4096},
+                )
+            )
+            if secret_key is not None:
+                curve.make_server(router_sock, secret_key.reveal())
+                curve.make_server(pub_sock, secret_key.reveal())
+            router_sock.bind(config.ingest.bind)
+            pub_sock.bind(config.ingest.status_bind)
+            publisher = Publisher(pub_sock, metrics, principals=principals)
+            queues = DispatchQueues(config)
+            alarm = TimerAlarm()
             router = Router(
                 config=config,
                 state=state,
@@ -149,9 +178,12 @@ async def open_gateway(
                 metrics=metrics,
                 clock=clock,
                 publish=publisher.publish,
+                dispatch=queues,
+                alarm=alarm,
             )
             dispatcher = Dispatcher(
                 config=config,
+                queues=queues,
                 router=router,
                 executor=executor,
                 journal=journal,
@@ -160,9 +192,14 @@ async def open_gateway(
                 links=links,
                 seed=config.simulator.seed,
             )
-            router.submit = dispatcher.submit
-            router.queue_depth = dispatcher.depth
-            timers = TimerService(router, state, clock)
+            timers = TimerService(state, clock, alarm, router.fire_timers)
+            inbox = Inbox(
+                router=router,
+                journal=journal,
+                committer=committer,
+                metrics=metrics,
+                durable_wait_seconds=config.http.durable_wait_seconds,
+            )
             gateway = Gateway(
                 config=config,
                 clock=clock,
@@ -171,6 +208,7 @@ async def open_gateway(
                 committer=committer,
                 dispatcher=dispatcher,
                 journal=journal,
+                inbox=inbox,
                 metrics=metrics,
                 registry=registry,
                 links=links,
@@ -179,11 +217,11 @@ async def open_gateway(
             )
             await _recover(gateway)
             metrics.watch(
-                queue_depth=dispatcher.depth,
+                queue_depth=queues.depth,
                 inflight=dispatcher.inflight,
                 timers=state.pending_timers,
                 active=lambda: len(state.records),
-                deferred=lambda: state.deferred,
+                deferred=state.deferred,
             )
             ingest = Ingest(
                 router_sock,
@@ -191,29 +229,28 @@ async def open_gateway(
                 committer=committer,
                 metrics=metrics,
                 config=config.ingest,
+                principals=principals,
             )
             async with trio.open_nursery() as nursery:
+                if zap_sock is not None and principals is not None:
+                    await nursery.start(curve.serve_zap, zap_sock, principals)
                 await nursery.start(committer.serve)
                 await nursery.start(publisher.serve)
                 await nursery.start(dispatcher.serve)
                 await nursery.start(timers.serve)
                 nursery.start_soon(_housekeeping, gateway)
                 if serve_http:
-                    routes: list[BaseRoute] = [*ops_routes(registry, lambda: gateway.ready)]
-                    if extra_routes is not None:
-                        routes = [*routes, *extra_routes(gateway)]
-                    hypercorn_config = hypercorn.config.Config()
-                    hypercorn_config.bind = [config.http.bind]
-                    hypercorn_config.accesslog = None
-                    hypercorn_config.errorlog = None
-                    binds = await nursery.start(
-                        hypercorn.trio.serve, Starlette(routes=routes), hypercorn_config
-                    )
-                    gateway.http_url = binds[0]
-                    if not config.http.public_url:
-                        links.public_url = gateway.http_url
+                    await _serve_http(nursery, gateway)
                 if events_endpoint is not None:
-                    await nursery.start(_serve_events, context, events_endpoint, router)
+                    events_sock = await sockets.enter_async_context(
+                        zmqio.open_socket(
+                            context,
+                            zmq.ROUTER,
+                            bind=events_endpoint,
+                            options={zmq.RCVHWM: 100_000, zmq.ROUTER_MANDATORY: 1},
+                        )
+                    )
+                    await nursery.start(serve_events, events_sock, inbox)
                 await nursery.start(_serve_ingest, ingest, gateway._ingest_scope)
                 gateway.ready = True
                 log.info(
@@ -221,6 +258,8 @@ async def open_gateway(
                     ingest=gateway.ingest_endpoint,
                     status=gateway.status_endpoint,
                     http=gateway.http_url,
+                    public_http=gateway.public_http_url,
+                    curve=principals is not None,
                     active=len(state.records),
                     resent=gateway.resent_at_start,
                 )
@@ -236,6 +275,52 @@ async def open_gateway(
         context.term()
 
 
+async def _serve_http(nursery: trio.Nursery, gateway: Gateway) -> None:
+    """The admin server (ops + admin API) and the public one (webhooks + tracking links);
+    one server with both when ``http.public_bind`` is empty."""
+    config = gateway.config
+    public: list[BaseRoute] = [
+        *public_routes(
+            config=config, links=gateway.links, sink=gateway.inbox, now=gateway.clock.now
+        )
+    ]
+    admin: list[BaseRoute] = [
+        *ops_routes(gateway.registry, lambda: gateway.ready),
+        *admin_routes(gateway),
+    ]
+    http = config.http
+    separate = bool(http.public_bind)
+    gateway.http_url = await _serve(
+        nursery, config, http.bind, admin if separate else [*admin, *public]
+    )
+    gateway.public_http_url = gateway.http_url
+    if separate:
+        # a load balancer health-checks the public side too; nothing else of ops is there
+        health = [
+            r
+            for r in ops_routes(gateway.registry, lambda: gateway.ready)
+            if getattr(r, "path", "") != "/metrics"
+        ]
+        gateway.public_http_url = await _serve(
+            nursery, config, http.public_bind, [*public, *health]
+        )
+    if not http.public_url:
+        gateway.links.public_url = gateway.public_http_url
+
+
+async def _serve(
+    nursery: trio.Nursery, config: GatewayConfig, bind: str, routes: list[BaseRoute]
+) -> str:
+    hypercorn_config = hypercorn.config.Config()
+    hypercorn_config.bind = [bind]
+    hypercorn_config.accesslog = None
+    hypercorn_config.errorlog = None
+    hypercorn_config.read_timeout = int(max(1, config.http.read_timeout_seconds))
+    app = bounded(Starlette(routes=routes), config.http)
+    binds: list[str] = await nursery.start(hypercorn.trio.serve, app, hypercorn_config)
+    return binds[0]
+
+
 async def _serve_ingest(
     ingest: Ingest,
     scope: trio.CancelScope,
@@ -244,30 +329,6 @@ async def _serve_ingest(
 ) -> None:
     with scope:
         await ingest.serve(task_status=task_status)
-
-
-async def _serve_events(
-    context: zmq.Context[zmq.Socket[bytes]],
-    endpoint: str,
-    router: Router,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Receipts, verdicts and tracking hits from webhook processes, applied by the router."""
-    async with zmqio.open_socket(
-        context, zmq.PULL, bind=endpoint, options={zmq.RCVHWM: 100_000}
-    ) as sock:
-        task_status.started()
-        while True:
-            while zmqio.readable(sock):
-                frame = sock.recv(zmq.NOBLOCK)
-                try:
-                    item = inbound.decoder.decode(frame)
-                except (msgspec.DecodeError, msgspec.ValidationError):
-                    log.error("inbound_event_undecodable", size=len(frame))
-                    continue
-                router.inbound(item)
-            await zmqio.wait_readable(sock)
 
 
 _RECOVERY_PAGE = 10_000
@@ -287,7 +348,8 @@ async def _recover(gateway: Gateway) -> None:
         state.apply_consent(rkey, record)
     for rkey, entry in recovered.sends:
         state.record_send(rkey, entry)
-    state.recipients_by_address.update(recovered.addresses)
+    for address, recipient in recovered.addresses:
+        state.remember_address(address, recipient)
     active = resent = 0
     # page by page: each page's copies are freed before the next page is decoded
     async for records in active_pages(gateway.journal, limit=_RECOVERY_PAGE):
@@ -318,7 +380,10 @@ async def _housekeeping(gateway: Gateway) -> None:
         state.forget_finished(older_than=now - retention)
         if now >= next_prune:
             pruned = await gateway.journal.prune(
-                now=now, retention_seconds=retention, horizon_seconds=state.horizon_seconds
+                now=now,
+                retention_seconds=retention,
+                horizon_seconds=state.horizon_seconds,
+                receipt_retention_seconds=gateway.config.store.receipt_retention_seconds,
             )
             log.info("journal_pruned", messages=pruned)
             next_prune = now + _PRUNE_INTERVAL_SECONDS

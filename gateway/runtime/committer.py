@@ -5,11 +5,17 @@ batch, commits the old one in a thread, then runs its after-commit actions (disp
 publish the status events) and tells listeners (the ingest loop, which then sends the acks). So
 the journal sees one transaction per burst, however many frames, timers and receipts it holds,
 and nothing leaves the process before it is durable.
+
+A commit that fails for a reason that may pass (disk full, an I/O error) is retried, the same
+batch in the same place, until it lands: nothing staged is dropped and nothing is acknowledged
+early. Meanwhile ``unavailable`` says why, so admission answers ``overloaded`` instead of
+piling up work, and the process stays up to recover by itself when space returns.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Final
 
 import structlog
 import trio
@@ -17,9 +23,12 @@ import trio
 from gateway.protocol import StatusEvent
 from gateway.runtime.clock import perf_seconds
 from gateway.runtime.metrics import Metrics
-from gateway.store.base import Batch, Journal, MessageRecord
+from gateway.store.base import Batch, Journal, JournalUnavailable, MessageRecord
 
 log = structlog.get_logger("gateway.committer")
+
+_RETRY_FIRST_SECONDS: Final = 0.05
+_RETRY_MAX_SECONDS: Final = 5.0
 
 
 class Committer:
@@ -29,8 +38,13 @@ class Committer:
         self._current = Batch()
         self._committing: Batch | None = None
         self._staged = trio.Event()
+        self._lock = trio.Lock()
+        """One commit at a time: ``serve`` and a caller of ``flush`` must not interleave, or
+        the batch of one would vanish from ``pending_rows`` while the other's commits."""
         self._listeners: list[Callable[[], None]] = []
         self.commits = 0
+        self.unavailable: str | None = None
+        """Why the last commit failed, while it is being retried; None when healthy."""
 
     @property
     def current(self) -> Batch:
@@ -65,6 +79,15 @@ class Committer:
     def on_commit(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
 
+    async def wait_committed(self, batch: Batch) -> None:
+        """Return once ``batch`` (and so everything staged before it) is durable."""
+        if batch.committed:
+            return
+        done = trio.Event()
+        batch.after.append(done.set)
+        self._staged.set()
+        await done.wait()
+
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
@@ -76,28 +99,49 @@ class Committer:
 
     async def flush(self) -> None:
         """Commit what is staged now and run its after-commit actions."""
-        batch = self._current
-        if not batch:
-            return
-        self._current = Batch()
-        self._committing = batch
-        started = perf_seconds()
-        try:
-            if batch.rows:
-                await self.journal.commit(batch)
-        finally:
-            self._committing = None
-        self.metrics.journal_commit.observe(perf_seconds() - started)
-        self.metrics.journal_rows.inc(batch.rows)
-        self.commits += 1
-        batch.committed = True
-        for action in batch.after:
+        async with self._lock:
+            batch = self._current
+            if not batch:
+                return
+            self._current = Batch()
+            self._committing = batch
+            started = perf_seconds()
             try:
-                action()
-            except Exception:  # one broken action must not strand the rest of the batch
-                log.exception("after_commit_action_failed")
-        for listener in self._listeners:
-            listener()
+                if batch.rows:
+                    await self._commit_until_durable(batch)
+            finally:
+                self._committing = None
+            self.metrics.journal_commit.observe(perf_seconds() - started)
+            self.metrics.journal_rows.inc(batch.rows)
+            self.commits += 1
+            batch.committed = True
+            for action in batch.after:
+                try:
+                    action()
+                except Exception:  # one broken action must not strand the rest of the batch
+                    log.exception("after_commit_action_failed")
+            for listener in self._listeners:
+                listener()
+
+    async def _commit_until_durable(self, batch: Batch) -> None:
+        delay = _RETRY_FIRST_SECONDS
+        while True:
+            try:
+                await self.journal.commit(batch)
+            except JournalUnavailable as exc:
+                if self.unavailable is None:
+                    log.error("journal_commit_failed", error=str(exc), rows=batch.rows)
+                self.unavailable = str(exc)
+                self.metrics.journal_commit_failures.inc()
+                self.metrics.journal_writable.set(0)
+                await trio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX_SECONDS)
+                continue
+            if self.unavailable is not None:
+                log.warning("journal_commit_recovered", rows=batch.rows)
+                self.unavailable = None
+                self.metrics.journal_writable.set(1)
+            return
 
     async def drain(self) -> None:
         """Commit everything staged so far (graceful shutdown)."""

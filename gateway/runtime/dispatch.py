@@ -159,28 +159,15 @@ class _ProviderQueue:
         self.wake = trio.Event()
 
 
-class Dispatcher:
-    def __init__(
-        self,
-        *,
-        config: GatewayConfig,
-        router: ClaimingRouter,
-        executor: Executor,
-        journal: Journal,
-        clock: Clock,
-        metrics: Metrics,
-        links: LinkSigner,
-        seed: int | None = None,
-    ) -> None:
-        self.config = config
-        self.router = router
-        self.executor = executor
-        self.journal = journal
-        self.clock = clock
-        self.metrics = metrics
-        self.links = links
-        self._random = random.Random(seed)
-        self._queues = {
+class DispatchQueues:
+    """The per-provider lane queues: what the router submits cascade steps to.
+
+    Made before the router and the dispatcher, each of which gets it in its constructor: the
+    router only submits and asks how deep a lane is; the dispatcher drains.
+    """
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.by_provider = {
             name: _ProviderQueue(
                 name,
                 provider.channel,
@@ -191,30 +178,59 @@ class Dispatcher:
             )
             for name, provider in config.providers.items()
         }
-        self._providers = {tenant: dict(t.providers) for tenant, t in config.tenants.items()}
-        self._idle = trio.Event()
-        self._retry_due: Deadlines[int] = Deadlines()
-        self._retry_jobs: dict[int, Job] = {}
-        self._retrying: dict[Lane, int] = dict.fromkeys(Lane, 0)
-        self._retry_ids = 0
-        self._retry_wake = trio.Event()
-        self._nursery: trio.Nursery | None = None
-        self._loader = _RequestLoader(journal)
-        self.delivered_jobs = 0
+        self.providers = {tenant: dict(t.providers) for tenant, t in config.tenants.items()}
+        """Provider names per tenant and channel, in failover order."""
+        self.retrying: dict[Lane, int] = dict.fromkeys(Lane, 0)
+        """Jobs per lane waiting out a retry delay (they count toward the lane's depth)."""
 
-    # ------------------------------------------------------------ queueing
     def submit(self, job: Job) -> None:
-        names = self._providers[job.tenant][job.channel]
-        queue = self._queues[names[job.provider_index]]
+        names = self.providers[job.tenant][job.channel]
+        queue = self.by_provider[names[job.provider_index]]
         queue.queue.push(job.lane, job)
         queue.wake.set()
 
     def depth(self, lane: Lane) -> int:
         """Sends waiting in ``lane``: queued at providers or waiting to retry (checked per send)."""
-        return sum(q.queue.depth(lane) for q in self._queues.values()) + self._retrying[lane]
+        return sum(q.queue.depth(lane) for q in self.by_provider.values()) + self.retrying[lane]
 
     def inflight(self) -> int:
-        return sum(q.inflight for q in self._queues.values())
+        return sum(q.inflight for q in self.by_provider.values())
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        *,
+        config: GatewayConfig,
+        queues: DispatchQueues,
+        router: ClaimingRouter,
+        executor: Executor,
+        journal: Journal,
+        clock: Clock,
+        metrics: Metrics,
+        links: LinkSigner,
+        seed: int | None = None,
+    ) -> None:
+        self.config = config
+        self.queues = queues
+        self.router = router
+        self.executor = executor
+        self.journal = journal
+        self.clock = clock
+        self.metrics = metrics
+        self.links = links
+        self._random = random.Random(seed)
+        self._idle = trio.Event()
+        self._retry_due: Deadlines[int] = Deadlines()
+        self._retry_jobs: dict[int, Job] = {}
+        self._retry_ids = 0
+        self._retry_wake = trio.Event()
+        self._loader = _RequestLoader(journal)
+        self.provider_acceptances = 0
+        """Requests a provider took (not deliveries: those come later, as receipts)."""
+
+    def inflight(self) -> int:
+        return self.queues.inflight()
 
     async def wait_idle(self) -> None:
         """Return once no provider request is in flight."""
@@ -225,8 +241,7 @@ class Dispatcher:
     # ------------------------------------------------------------ serving
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            for queue in self._queues.values():
+            for queue in self.queues.by_provider.values():
                 nursery.start_soon(self._drain, queue, nursery)
             nursery.start_soon(self._serve_retries)
             nursery.start_soon(self._loader.serve)
@@ -274,7 +289,10 @@ class Dispatcher:
                     job, permanent=True, detail="request_missing", now=self.clock.now()
                 )
                 return
-        outgoing = self.prepare(job, record, request, provider=queue.name)
+        outgoing = self.prepare(job, record, request, provider=queue.name, now=self.clock.now())
+        # an opt-out that names only the address (SMS STOP, a Viber user leaving) must find
+        # the recipient: remember who this address belongs to before it is used
+        self.router.remember_address(record, outgoing.channel, outgoing.address)
         metrics = self.metrics
         try:
             receipt, duration = await self.executor.send(queue.name, outgoing)
@@ -293,7 +311,7 @@ class Dispatcher:
             )
             return
         metrics.provider_duration.labels(queue.name, queue.channel.value).observe(duration)
-        self.delivered_jobs += 1
+        self.provider_acceptances += 1
         self.router.send_succeeded(
             job,
             provider=queue.name,
@@ -321,7 +339,7 @@ class Dispatcher:
             attempt=job.attempt,
             error=str(exc),  # adapters compose these messages and keep personal data out
         )
-        names = self._providers[job.tenant][job.channel]
+        names = self.queues.providers[job.tenant][job.channel]
         decision = after_failure(
             self.config.dispatch.retry,
             permanent=exc.permanent,
@@ -345,7 +363,7 @@ class Dispatcher:
                     job, provider_index=index, attempt=attempt, request=request
                 )
                 if delay <= 0:
-                    self.submit(retry)
+                    self.queues.submit(retry)
                 else:
                     self._schedule_retry(retry, now + delay)
             case GiveUp(permanent=permanent):
@@ -355,7 +373,7 @@ class Dispatcher:
     def _schedule_retry(self, job: Job, at: float) -> None:
         self._retry_ids += 1
         self._retry_jobs[self._retry_ids] = job
-        self._retrying[job.lane] += 1
+        self.queues.retrying[job.lane] += 1
         self._retry_due.schedule(self._retry_ids, at)
         self._retry_wake.set()
 
@@ -365,8 +383,8 @@ class Dispatcher:
             now = clock.now()
             for retry_id, _ in self._retry_due.pop_due(now):
                 job = self._retry_jobs.pop(retry_id)
-                self._retrying[job.lane] -= 1
-                self.submit(job)
+                self.queues.retrying[job.lane] -= 1
+                self.queues.submit(job)
             deadline = self._retry_due.next_deadline()
             self._retry_wake = trio.Event()
             with trio.move_on_at(
@@ -376,7 +394,7 @@ class Dispatcher:
 
     # ------------------------------------------------------------ building the request
     def prepare(
-        self, job: Job, record: MessageRecord, request_bytes: bytes, *, provider: str
+        self, job: Job, record: MessageRecord, request_bytes: bytes, *, provider: str, now: float
     ) -> Outgoing:
         """Turn the journalled request into one provider request for ``job.channel``."""
         request = _request_decoder.decode(request_bytes)
@@ -386,14 +404,18 @@ class Dispatcher:
         key = job.key
         content = request.content
         address = _address(request, channel)
-        self.router.remember_address(record, channel, address)
+        topic = record.envelope.topic
         link_url = (
-            links.click_url(key, channel, content.link_url)
+            links.click_url(key, channel, content.link_url, now=now)
             if content.link_url is not None
             else None
         )
         unsubscribe_url = (
-            links.unsubscribe_url(key, channel) if request.category.is_marketing else None
+            links.unsubscribe_url(
+                key, channel, recipient_id=request.recipient.id, topic=topic, now=now
+            )
+            if request.category.is_marketing
+            else None
         )
         return Outgoing(
             message_key=key,
@@ -407,8 +429,12 @@ class Dispatcher:
             status_callback_url=links.webhook_url(provider, key),
             link_url=link_url,
             unsubscribe_url=unsubscribe_url,
-            open_pixel_url=links.open_pixel_url(key, channel) if channel is Channel.EMAIL else None,
+            open_pixel_url=(
+                links.open_pixel_url(key, channel, now=now) if channel is Channel.EMAIL else None
+            ),
             campaign=request.campaign,
+            recipient_id=request.recipient.id,
+            topic=topic,
         )
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -19,16 +18,14 @@ from pathlib import Path
 
 import msgspec
 import trio
-from starlette.routing import BaseRoute
 
 from adapters.registry import SIMULATORS, build_adapters
 from adapters.simulators._base import Simulator
 from adapters.simulators.fcm import FcmSimulator
 from gateway.config import ENV_PREFIX, GatewayConfig, Secret
-from gateway.http.admin import admin_routes
-from gateway.http.public import public_routes
 from gateway.runtime.app import Gateway, open_gateway
 from gateway.runtime.clock import Clock
+from gateway.runtime.keyfile import link_secrets
 from gateway.runtime.workers import open_worker_pool
 
 
@@ -69,7 +66,6 @@ async def open_embedded(
     workers: int | None = None,
     config_path: str | None = None,
     environ: Mapping[str, str] | None = None,
-    tracking_secret: bytes | None = None,
     simulator_seed: int | None = None,
 ) -> AsyncIterator[Embedded]:
     """Run simulators (if any provider is simulated), adapters and the gateway together."""
@@ -113,16 +109,14 @@ async def open_embedded(
             )
 
         events_endpoint = None
+        link_keys: list[bytes] | None = None  # open_gateway's own, after the journal opened
         if config.http.webhook_processes:
+            link_keys = link_secrets(config)
             if config_path is None:
                 raise ValueError("webhook processes need the config file path")
             run_dir = Path(config.store.path).parent / "run"
             await trio.Path(run_dir).mkdir(parents=True, exist_ok=True)
             events_endpoint = f"ipc://{run_dir}/events-{os.getpid()}"
-            secret = (
-                config.tracking_secret.reveal() if config.tracking_secret else secrets.token_hex(32)
-            )
-            tracking_secret = secret.encode()
             if not config.http.public_url:
                 http = msgspec.structs.replace(
                     config.http, public_url=f"http://{config.http.webhook_bind}"
@@ -133,7 +127,11 @@ async def open_embedded(
                 **simulated_env(config),
                 "CASCADEGW_CONFIG": config_path,
                 "CASCADEGW_EVENTS": events_endpoint,
-                f"{ENV_PREFIX}TRACKING_SECRET": secret,
+                # the same secrets as the router: links it issues verify in every process
+                f"{ENV_PREFIX}TRACKING__SECRET": link_keys[0].decode(),
+                f"{ENV_PREFIX}TRACKING__PREVIOUS_SECRETS": ",".join(
+                    key.decode() for key in link_keys[1:]
+                ),
                 f"{ENV_PREFIX}HTTP__PUBLIC_URL": json.dumps(config.http.public_url),
             }
             command = [
@@ -150,25 +148,13 @@ async def open_embedded(
             ]
             nursery.start_soon(partial(trio.run_process, command, env=webhook_environ, check=False))
 
-        def routes(gateway: Gateway) -> list[BaseRoute]:
-            return [
-                *public_routes(
-                    config=config,
-                    links=gateway.links,
-                    sink=gateway.router.inbound,
-                    now=gateway.clock.now,
-                ),
-                *admin_routes(gateway),
-            ]
-
         gateway = await stack.enter_async_context(
             open_gateway(
                 config,
                 adapters=adapters if executor is None else None,
                 executor=executor,
                 clock=clock,
-                extra_routes=routes,
-                tracking_secret=tracking_secret,
+                tracking_secrets=link_keys,
                 events_endpoint=events_endpoint,
             )
         )

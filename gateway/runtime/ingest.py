@@ -26,9 +26,13 @@ from gateway.config import IngestConfig
 from gateway.protocol import Result, decode_frame, encode_reply
 from gateway.runtime import zmqio
 from gateway.runtime.committer import Committer
+from gateway.runtime.curve import Principals
 from gateway.runtime.metrics import Metrics
 from gateway.runtime.router import Router, StatusQuery
 from gateway.store.base import Batch
+
+_MAX_ENVELOPE_BYTES = 1024
+"""Correlation frames are echoed with the reply: a client may not make us echo much."""
 
 log = structlog.get_logger("gateway.ingest")
 
@@ -57,16 +61,18 @@ class Ingest:
         committer: Committer,
         metrics: Metrics,
         config: IngestConfig,
+        principals: Principals | None,
     ) -> None:
         self.sock = sock
         self.router = router
         self.committer = committer
         self.metrics = metrics
         self.config = config
+        self.principals = principals
+        """Tenants per client key (CURVE on), or None: every client may act for every tenant."""
         self._pending: deque[_Reply] = deque()
         self._idle: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
-        self.frames = 0
         committer.on_commit(self._wake)
 
     def _wake(self) -> None:
@@ -84,7 +90,7 @@ class Ingest:
                 # loop for seconds while timers, receipts and the critical lane's dispatch wait
                 handled = 0
                 while handled < budget and zmqio.readable(sock):
-                    handled += self._handle(sock.recv_multipart(zmq.NOBLOCK))
+                    handled += self._receive(sock)
                 self._flush()
                 if handled >= budget or zmqio.readable(sock):
                     await trio.lowlevel.checkpoint()
@@ -94,16 +100,51 @@ class Ingest:
                     await zmqio.wait_readable(sock)
                 self._idle = None
 
-    def _handle(self, parts: list[bytes]) -> int:
+    def _receive(self, sock: zmq.Socket[bytes]) -> int:
+        """Take one message off the socket and answer it; returns how many requests it held.
+
+        Parts are received one by one so that a message with more parts than any client
+        needs is dropped without copying them (libzmq cannot bound parts per message, only
+        bytes per part: ``ingest.max_frame_bytes``).
+        """
+        principal: frozenset[str] | None = None
+        if self.principals is None:
+            parts = [sock.recv(zmq.NOBLOCK)]
+        else:
+            # the ZAP handler put the client's key on every part as its User-Id
+            first = sock.recv(zmq.NOBLOCK, copy=False)
+            key = first.get("User-Id")
+            principal = (
+                self.principals.get(key, frozenset()) if isinstance(key, str) else frozenset()
+            )
+            parts = [first.bytes]
+        most = self.config.max_envelope_parts + 2  # identity, envelope, payload
+        count = 1
+        while sock.getsockopt(zmq.RCVMORE):
+            count += 1
+            if count > most:
+                sock.recv(zmq.NOBLOCK, copy=False)  # released at once, never copied
+            else:
+                parts.append(sock.recv(zmq.NOBLOCK))
+        if count > most:
+            self.metrics.ingest_dropped.labels("too_many_parts").inc()
+            log.warning("frame_dropped", reason="too_many_parts", parts=count)
+            return 1
+        return self._handle(parts, principal)
+
+    def _handle(self, parts: list[bytes], principal: frozenset[str] | None) -> int:
         """Answer one frame (the reply waits for durability); returns how many requests it held."""
-        self.frames += 1
         if len(parts) < 2:
             return 1  # a ROUTER always prepends the peer identity; nothing to answer
         identity, envelope, payload = parts[0], parts[1:-1], parts[-1]
+        if sum(len(part) for part in envelope) > _MAX_ENVELOPE_BYTES:
+            self.metrics.ingest_dropped.labels("envelope_too_large").inc()
+            log.warning("frame_dropped", reason="envelope_too_large")
+            return 1
         frame = decode_frame(
             payload, max_frame_bytes=self.config.max_frame_bytes, max_batch=self.config.max_batch
         )
-        results = self.router.handle_frame(frame)
+        results = self.router.handle_frame(frame, principal)
         batch = self.committer.peek()
         reply = _Reply(identity, envelope, batch if batch else None)
         self._pending.append(reply)

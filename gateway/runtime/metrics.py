@@ -35,6 +35,8 @@ RECEIPT_KINDS = (
 )
 WEBHOOK_VERDICTS = ("accepted", "bad_signature", "stale", "malformed", "unknown_message")
 UNSUBSCRIBE_SOURCES = ("api", "one_click", "provider")
+TRACKING_VERDICTS = ("accepted", "bad_token", "expired")
+INGEST_DROPS = ("too_many_parts", "envelope_too_large")
 _LATENCY_BUCKETS = (
     0.005,
     0.01,
@@ -181,6 +183,36 @@ class Metrics:
             "Rows written to the journal.",
             registry=r,
         )
+        self.journal_commit_failures = Counter(
+            "gateway_journal_commit_failures_total",
+            "Journal commits that failed and are being retried (disk full, I/O errors).",
+            registry=r,
+        )
+        self.journal_writable = Gauge(
+            "gateway_journal_writable",
+            "1 while journal commits succeed, 0 while they fail and are retried.",
+            registry=r,
+        )
+        self.journal_writable.set(1)
+        self.receipt_duplicates = Counter(
+            "gateway_receipt_duplicates_total",
+            "Provider events received again (a retried or replayed callback): acknowledged, "
+            "not applied.",
+            ["provider"],
+            registry=r,
+        )
+        self.ingest_dropped = Counter(
+            "gateway_ingest_dropped_total",
+            "ZeroMQ messages dropped unanswered, by reason (answering would echo them).",
+            ["reason"],
+            registry=r,
+        )
+        self.subscriptions = Counter(
+            "gateway_status_subscriptions_total",
+            "Status-event subscriptions by verdict (refused: the key may not see the tenant).",
+            ["verdict"],
+            registry=r,
+        )
         self.webhooks = Counter(
             "gateway_webhook_requests_total",
             "Provider webhook requests by provider and verdict.",
@@ -274,10 +306,16 @@ class Metrics:
                 for depth in range(len(Channel) + 1):
                     self.outcomes.labels(outcome.value, final, str(depth))
         for kind in ("click", "open", "unsubscribe"):
-            for verdict in ("accepted", "bad_token"):
+            for verdict in TRACKING_VERDICTS:
                 self.tracking.labels(kind, verdict)
         for drop_reason in ("peer_gone", "peer_full"):
             self.replies_dropped.labels(drop_reason)
+        for name in providers:
+            self.receipt_duplicates.labels(name)
+        for ingest_reason in INGEST_DROPS:
+            self.ingest_dropped.labels(ingest_reason)
+        for subscription_verdict in ("accepted", "refused"):
+            self.subscriptions.labels(subscription_verdict)
 
     def watch(
         self,

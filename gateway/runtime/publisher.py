@@ -1,50 +1,112 @@
-"""Status events on the PUB socket: topic = tenant, payload = a msgpack array of ``StatusEvent``.
+"""Status events on the XPUB socket: topic = tenant, payload = a msgpack array of ``StatusEvent``.
 
-Publishing never blocks the router: events go through a bounded memory channel to the task that
-owns the socket, and a full channel drops (and counts) the event. Every event is also in the
+Publishing never blocks the router: events go into a bounded queue owned by the one task that
+owns the socket, and a full queue drops (and counts) the event. Every event is also in the
 journal, so a subscriber that missed some can ask for the timeline.
 
-Events are sent in batches, one PUB message per tenant per drain of the channel (in order):
-at campaign rates one ZeroMQ send per event cost more than the rest of an admission.
+Events are sent in batches, one message per tenant per drain of the queue (in order): at
+campaign rates one ZeroMQ send per event cost more than the rest of an admission.
+
+Subscriptions are manual (``XPUB_MANUAL``): the task reads each one and decides. With CURVE on,
+a subscriber gets only the tenants its key is allowed (``gateway.runtime.curve``); subscribing
+to everything ("") means every tenant it may see, and anything else is refused and counted.
+Tenant names never prefix one another (the config refuses it), so a topic matches one tenant.
 """
 
 from __future__ import annotations
 
+from collections import deque
+from typing import Final
+
+import structlog
 import trio
 import zmq
 
 from gateway.protocol import StatusEvent, encode
+from gateway.runtime import zmqio
+from gateway.runtime.curve import Principals
 from gateway.runtime.metrics import Metrics
 
-_MAX_BATCH = 1000
+log = structlog.get_logger("gateway.publisher")
+
+_MAX_BATCH: Final = 1000
+_SUBSCRIBE: Final = 1
+_UNSUBSCRIBE: Final = 0
 
 
 class Publisher:
-    def __init__(self, sock: zmq.Socket[bytes], metrics: Metrics, *, buffer: int = 100_000) -> None:
+    def __init__(
+        self,
+        sock: zmq.Socket[bytes],
+        metrics: Metrics,
+        *,
+        principals: Principals | None,
+        buffer: int = 100_000,
+    ) -> None:
         self.sock = sock
         self.metrics = metrics
-        self._send, self._receive = trio.open_memory_channel[StatusEvent](buffer)
+        self.principals = principals
+        self._queue: deque[StatusEvent] = deque()
+        self._buffer = buffer
+        self._idle: trio.CancelScope | None = None
         self.published = 0
 
     def publish(self, event: StatusEvent) -> None:
-        try:
-            self._send.send_nowait(event)
-        except trio.WouldBlock:
+        if len(self._queue) >= self._buffer:
             self.metrics.status_events_dropped.inc()
+            return
+        self._queue.append(event)
+        if self._idle is not None:
+            self._idle.cancel()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         sock = self.sock
-        receive = self._receive
         task_status.started()
-        async for first in receive:
-            by_tenant: dict[str, list[StatusEvent]] = {first.tenant: [first]}
-            for _ in range(_MAX_BATCH - 1):
-                try:
-                    event = receive.receive_nowait()
-                except trio.WouldBlock:
-                    break
-                by_tenant.setdefault(event.tenant, []).append(event)
-            for tenant, events in by_tenant.items():
-                # PUB drops at its high-water mark instead of blocking: subscribers can't stall us
-                sock.send_multipart([tenant.encode(), encode(events)], zmq.NOBLOCK)
-                self.published += len(events)
+        while True:
+            while zmqio.readable(sock):
+                self._subscription(sock.recv(zmq.NOBLOCK, copy=False))
+            if self._queue:
+                self._send_batch()
+                await trio.lowlevel.checkpoint()
+                continue
+            with trio.CancelScope() as idle:
+                self._idle = idle
+                await zmqio.wait_readable(sock)
+            self._idle = None
+
+    def _send_batch(self) -> None:
+        queue = self._queue
+        by_tenant: dict[str, list[StatusEvent]] = {}
+        for _ in range(min(_MAX_BATCH, len(queue))):
+            event = queue.popleft()
+            by_tenant.setdefault(event.tenant, []).append(event)
+        for tenant, events in by_tenant.items():
+            # XPUB drops at its high-water mark instead of blocking: subscribers can't stall us
+            self.sock.send_multipart([tenant.encode(), encode(events)], zmq.NOBLOCK)
+            self.published += len(events)
+
+    def _subscription(self, message: zmq.Frame) -> None:
+        """Apply (or refuse) one subscription message from a subscriber."""
+        data = message.bytes
+        if not data or data[0] not in (_SUBSCRIBE, _UNSUBSCRIBE):
+            return
+        option = zmq.SUBSCRIBE if data[0] == _SUBSCRIBE else zmq.UNSUBSCRIBE
+        topic = data[1:]
+        if self.principals is None:
+            topics = [topic]
+        else:
+            key = message.get("User-Id")
+            allowed = self.principals.get(key, frozenset()) if isinstance(key, str) else ()
+            if not topic:
+                topics = [tenant.encode() for tenant in sorted(allowed)]
+            elif topic.decode(errors="replace") in allowed:
+                topics = [topic]
+            else:
+                topics = []
+        if option == zmq.SUBSCRIBE:
+            self.metrics.subscriptions.labels("accepted" if topics else "refused").inc()
+            if not topics:
+                log.warning("subscription_refused")
+        for allowed_topic in topics:
+            # XPUB_MANUAL: applies to the subscriber whose message was just read
+            self.sock.setsockopt(option, allowed_topic)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import zoneinfo
 from collections.abc import Callable
 from datetime import tzinfo
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import msgspec
 import structlog
@@ -52,7 +52,6 @@ from gateway.core.model import (
     Channel,
     Envelope,
     Lane,
-    MessageKey,
     Outcome,
     RejectReason,
     TimerKind,
@@ -61,7 +60,14 @@ from gateway.core.model import (
     split_key,
 )
 from gateway.core.policy import Defer, Go, Hold, PolicyRules, Reject, Skip, Stop, decide, gate
-from gateway.http.inbound import HitKind, Inbound, TrackingHit, WebhookReceipts, WebhookVerdict
+from gateway.http.inbound import (
+    HitKind,
+    Inbound,
+    OptOut,
+    TrackingHit,
+    WebhookReceipts,
+    WebhookVerdict,
+)
 from gateway.protocol import (
     FINAL_KIND,
     CancelRequest,
@@ -83,6 +89,7 @@ from gateway.protocol import (
 from gateway.runtime.clock import Clock
 from gateway.runtime.committer import Committer
 from gateway.runtime.metrics import Metrics
+from gateway.runtime.timers import TimerAlarm
 from gateway.store.base import Journal, MessageRecord
 from gateway.store.state import State, address_ref
 
@@ -139,6 +146,21 @@ class Receipt:
         self.detail = detail
 
 
+class DispatchPort(Protocol):
+    """What the router asks of the dispatch queues."""
+
+    def submit(self, job: Job) -> None: ...
+
+    def depth(self, lane: Lane) -> int: ...
+
+
+Principal = frozenset[str] | None
+"""The tenants the client behind a frame may act for; None: unauthenticated, all of them."""
+
+_ADDRESS_INDEXED: Final = frozenset({Channel.VIBER, Channel.SMS})
+"""Channels whose provider opt-outs name only the address (a Viber user id, a phone)."""
+
+
 class StatusQuery:
     """A ``status`` request whose answer needs the journal (see ``Router.answer_status``)."""
 
@@ -160,6 +182,8 @@ class Router:
         metrics: Metrics,
         clock: Clock,
         publish: Callable[[StatusEvent], None],
+        dispatch: DispatchPort,
+        alarm: TimerAlarm,
     ) -> None:
         self.config = config
         self.state = state
@@ -168,11 +192,8 @@ class Router:
         self.metrics = metrics
         self.clock = clock
         self.publish = publish
-        self.submit: Callable[[Job], None] = _no_dispatcher
-        self.queue_depth: Callable[[Lane], int] = lambda lane: 0
-        self.timers_changed: Callable[[float], None] = lambda deadline: None
-        self.spawn: Callable[..., None] | None = None
-        """Starts background work (set to a nursery's ``start_soon`` by the app)."""
+        self.dispatch = dispatch
+        self.alarm = alarm
         self._rules: dict[str, PolicyRules] = {t: config.policy_rules(t) for t in config.tenants}
         self._tenant_cascade: dict[str, tuple[Channel, ...]] = {
             name: tuple(c for c in t.cascade if t.providers.get(c))
@@ -192,17 +213,36 @@ class Router:
         }
 
     # ================================================================ requests
-    def handle_frame(self, frame: Frame) -> list[Result | StatusQuery]:
+    def handle_frame(self, frame: Frame, principal: Principal = None) -> list[Result | StatusQuery]:
         """Answer every request of a frame, in order, without waiting for I/O.
 
         Writes are staged, not yet durable. A ``status`` needs the journal, so it comes back as
-        a ``StatusQuery`` for ``answer_status`` to resolve off the ingest path.
+        a ``StatusQuery`` for ``answer_status`` to resolve off the ingest path. ``principal``
+        is who sent the frame (``gateway.runtime.curve``): a request for any other tenant is
+        refused ``unauthorized`` before anything else looks at it.
         """
         now = self.clock.now()
         self.metrics.frames.inc()
         results: list[Result | StatusQuery] = []
         counters = self._request_counters
         for item, raw in zip(frame.items, frame.raws or [b""] * len(frame.items), strict=True):
+            if (
+                principal is not None
+                and not isinstance(item, Result)
+                and item.tenant not in principal
+            ):
+                op = item.__struct_config__.tag
+                assert isinstance(op, str)
+                if op == "send":
+                    self._admissions["rejected", RejectReason.UNAUTHORIZED.value].inc()
+                result = rejected(
+                    RejectReason.UNAUTHORIZED,
+                    f"this client's key may not act for tenant {item.tenant!r}",
+                    getattr(item, "id", None),
+                )
+                counters[op, result.status].inc()
+                results.append(result)
+                continue
             match item:
                 case Result():
                     result, op = item, "invalid"
@@ -236,12 +276,26 @@ class Router:
 
     def overloaded(self, lane: Lane) -> str | None:
         """Why a new send in ``lane`` must be refused now, or None."""
+        unavailable = self.committer.unavailable
+        if unavailable is not None:
+            return f"the journal cannot commit ({unavailable}); retrying, retry later"
         pending = self.committer.pending_rows
         if pending >= self.config.store.max_pending_rows:
             return f"the journal is {pending} rows behind; retry later"
-        depth = self.queue_depth(lane)
+        # deferred messages wait in memory like queued ones: both count toward the bound
+        depth = self.dispatch.depth(lane) + self.state.deferred(lane)
         if depth >= self._lane_limits[lane]:
-            return f"the {lane} dispatch queue holds {depth} sends; retry later"
+            return f"the {lane} lane holds {depth} queued or deferred sends; retry later"
+        return None
+
+    def _beyond_horizon(self, request: SendRequest, now: float) -> str | None:
+        """A ``send_at``/``expires_at`` too far ahead: it would wait (in memory and in the
+        journal, unpruned) for longer than anyone means to."""
+        horizon = self.config.ingest.max_schedule_ahead_seconds
+        for name, moment in (("send_at", request.send_at), ("expires_at", request.expires_at)):
+            if moment is not None and moment.timestamp() - now > horizon:
+                days = horizon / 86400
+                return f"{name} is more than {days:g} days ahead - at `$.{name}`"
         return None
 
     def _send(self, request: SendRequest, raw: bytes, now: float) -> Result:
@@ -254,6 +308,10 @@ class Router:
             )
         key = message_key(request.tenant, request.id)
         state = self.state
+        too_far = self._beyond_horizon(request, now)
+        if too_far is not None:
+            self._admissions["rejected", RejectReason.INVALID.value].inc()
+            return rejected(RejectReason.INVALID, too_far, request.id)
         if state.finished.get(key) is Outcome.HOLDOUT:
             # a repeat of a held-out message gets the same answer, not "duplicate"
             self._admissions["rejected", "holdout"].inc()
@@ -324,7 +382,6 @@ class Router:
         self._opening(record, StatusKind.ACCEPTED, now)
         if defer_until is not None:
             assert isinstance(decision, Defer)
-            state.deferred += 1
             self._admissions["deferred", decision.why.value].inc()
             self._opening(record, StatusKind.DEFERRED, now, detail=decision.why.value)
         else:
@@ -703,7 +760,11 @@ class Router:
 
     # ================================================================ inbound (HTTP)
     def inbound(self, item: Inbound) -> None:
-        """A verified webhook, a verdict or a tracking hit from the HTTP surface."""
+        """A verified webhook, a verdict, a tracking hit or an opt-out from the HTTP surface.
+
+        Stages its writes like every handler; ``gateway.runtime.inbox`` waits for them to be
+        durable before the HTTP answer says so.
+        """
         now = self.clock.now()
         metrics = self.metrics
         match item:
@@ -714,25 +775,25 @@ class Router:
                 unknown = self.provider_receipts(provider, receipts, now=now)
                 if unknown:
                     metrics.webhooks.labels(provider, "unknown_message").inc(unknown)
-            case TrackingHit(kind=kind, key=None):
-                metrics.tracking.labels(kind.value, "bad_token").inc()
-            case TrackingHit(kind=kind, key=str(key), channel=channel, at=at):
-                metrics.tracking.labels(kind.value, "accepted").inc()
-                if kind is HitKind.UNSUBSCRIBE:
-                    assert channel is not None
-                    self.unsubscribe(
-                        key, channel, source="one_click", at=at, now=now, topic_only=True
-                    )
-                else:
-                    fact = StatusKind.CLICKED if kind is HitKind.CLICK else StatusKind.READ
-                    self.receipt(
-                        Receipt(key, fact, channel=channel, at=at, detail="tracker"), now=now
-                    )
+            case OptOut():
+                metrics.tracking.labels(HitKind.UNSUBSCRIBE.value, "accepted").inc()
+                self.opt_out(item, now=now)
+            case TrackingHit(kind=kind, verdict=verdict, key=None):
+                metrics.tracking.labels(kind.value, verdict).inc()
+            case TrackingHit(kind=kind, verdict=verdict, key=str(key), channel=channel, at=at):
+                metrics.tracking.labels(kind.value, verdict).inc()
+                fact = StatusKind.CLICKED if kind is HitKind.CLICK else StatusKind.READ
+                self.receipt(Receipt(key, fact, channel=channel, at=at, detail="tracker"), now=now)
 
+    # ================================================================ opt-outs
     def provider_receipts(
         self, provider: str, receipts: list[ProviderReceipt], *, now: float
     ) -> int:
-        """Apply receipts parsed from one webhook; returns how many named no known message."""
+        """Apply receipts parsed from one webhook; returns how many named no known message.
+
+        The caller (``gateway.runtime.inbox``) has already dropped events it applied before and
+        filled in the recipient of opt-outs whose message left memory.
+        """
         channel = self.config.providers[provider].channel
         state = self.state
         unknown = 0
@@ -743,12 +804,9 @@ class Router:
             at = receipt.at or now
             kind = receipt.kind
             if kind in (ReceiptKind.UNSUBSCRIBED, ReceiptKind.SPAM_REPORT):
-                if key is not None and state.known(key):
-                    self.unsubscribe(
-                        key, channel, source="provider", at=at, now=now, topic_only=False
-                    )
-                elif not self._unsubscribe_address(channel, receipt.detail, at=at, now=now):
+                if not self._provider_opt_out(provider, channel, key, receipt, at=at, now=now):
                     unknown += 1
+                    log.warning("opt_out_unresolved", provider=provider, message=key)
                 continue
             if key is None or not state.known(key):
                 unknown += 1
@@ -772,89 +830,76 @@ class Router:
             )
         return unknown
 
-    def unsubscribe(
-        self, key: str, channel: Channel, *, source: str, at: float, now: float, topic_only: bool
-    ) -> None:
-        """The recipient opted out through this message: withdraw consent, stop its cascade.
-
-        A one-click link withdraws the message's topic on that channel ("unsubscribe from
-        promotions but keep order updates"); a provider-level opt-out (SendGrid unsubscribe,
-        spam report, Viber unsubscribed) withdraws every topic on the channel.
-        """
-        record = self.state.records.get(key)
-        if record is None:
-            if key in self.state.finished and self.spawn is not None:
-                self.spawn(self._unsubscribe_finished, key, channel, source, at, topic_only)
-            return
-        self._withdraw(
-            record.envelope, channel, source=source, at=at, now=now, topic_only=topic_only
-        )
-        if record.key in self.state.records:
-            self._apply(record, Unsubscribed(), now, detail=source)
-
-    async def _unsubscribe_finished(
-        self, key: str, channel: Channel, source: str, at: float, topic_only: bool
-    ) -> None:
-        stored = await self.journal.message(MessageKey(key))
-        if stored is not None:
-            self._withdraw(
-                stored.record.envelope,
-                channel,
-                source=source,
-                at=at,
-                now=self.clock.now(),
-                topic_only=topic_only,
-            )
-
-    def _withdraw(
+    def _provider_opt_out(
         self,
-        envelope: Envelope,
+        provider: str,
         channel: Channel,
+        key: str | None,
+        receipt: ProviderReceipt,
         *,
-        source: str,
         at: float,
         now: float,
-        topic_only: bool,
-    ) -> None:
-        record = ConsentRecord(
-            kind=ConsentKind.ADVERTISING,
-            action=ConsentAction.WITHDRAW,
-            at=at,
-            source=source,
-            channel=channel,
-            topic=envelope.topic if topic_only else None,
-        )
-        self.change_consent(envelope.tenant, envelope.recipient_id, record, now=now, source=source)
-
-    def _unsubscribe_address(
-        self, channel: Channel, address: str | None, *, at: float, now: float
     ) -> bool:
-        """An opt-out that names only the provider's user (Viber): find the recipient by it."""
-        if address is None:
-            return False
-        rkey = self.state.recipients_by_address.get(address_ref(channel, address))
-        if rkey is None:
-            return False
-        tenant, recipient_id = split_key(rkey)
+        """A recipient opted out with the provider (SendGrid unsubscribe or spam report, a
+        Viber user leaving, an SMS STOP): withdraw advertising consent on the channel, every
+        topic, for whoever the receipt resolves to. Returns False when it resolves to nobody.
+
+        The recipient comes, in order, from the receipt (SendGrid echoes it), from the active
+        message, or from the address index (every recipient of a tenant served by this
+        provider account who was sent to that address).
+        """
+        recipients: list[tuple[str, str]] = []
+        record = self.state.records.get(key) if key is not None else None
+        if receipt.recipient_id is not None and key is not None:
+            recipients.append((split_key(key)[0], receipt.recipient_id))
+        elif record is not None:
+            recipients.append((record.envelope.tenant, record.envelope.recipient_id))
+        elif receipt.detail is not None and channel in _ADDRESS_INDEXED:
+            ref = address_ref(channel, receipt.detail)
+            for rkey in self.state.recipients_by_address.get(ref, ()):
+                tenant, recipient_id = split_key(rkey)
+                served = self.config.tenants.get(tenant)
+                if served is not None and provider in served.providers.get(channel, ()):
+                    recipients.append((tenant, recipient_id))
+        recipients = [(t, r) for t, r in recipients if t in self.config.tenants]
+        for tenant, recipient_id in recipients:
+            self.opt_out(
+                OptOut(tenant, recipient_id, channel, at=at, source="provider", key=key), now=now
+            )
+        return bool(recipients)
+
+    def opt_out(self, opt_out: OptOut, *, now: float) -> None:
+        """The recipient asked to hear no more advertising: withdraw it, stop what runs.
+
+        A one-click link withdraws the message's topic on that channel ("unsubscribe from
+        promotions but keep order updates"); a provider-level opt-out withdraws every topic on
+        the channel. Nothing here needs the message to be active or even stored: the link and
+        the provider name the recipient. The withdrawal reaches every active cascade of the
+        recipient at once; the message the person acted on ends as ``unsubscribed``.
+        """
         record = ConsentRecord(
             kind=ConsentKind.ADVERTISING,
             action=ConsentAction.WITHDRAW,
-            at=at,
-            source="provider",
-            channel=channel,
+            at=opt_out.at,
+            source=opt_out.source,
+            channel=opt_out.channel,
+            topic=opt_out.topic,
         )
-        self.change_consent(tenant, recipient_id, record, now=now, source="provider")
-        return True
+        self.change_consent(
+            opt_out.tenant, opt_out.recipient_id, record, now=now, source=opt_out.source
+        )
+        active = self.state.records.get(opt_out.key) if opt_out.key is not None else None
+        if active is not None and active.envelope.tenant == opt_out.tenant:
+            self._apply(active, Unsubscribed(), now, detail=opt_out.source)
 
     def remember_address(self, record: MessageRecord, channel: Channel, address: str) -> None:
-        """Map a provider-side user id back to the recipient (for opt-outs that name only it)."""
-        if channel is not Channel.VIBER:
+        """Map a provider-side address back to the recipient (for opt-outs that name only it)."""
+        if channel not in _ADDRESS_INDEXED:
             return
         ref = address_ref(channel, address)
         envelope = record.envelope
         rkey = recipient_key(envelope.tenant, envelope.recipient_id)
-        if self.state.recipients_by_address.get(ref) != rkey:
-            self.state.recipients_by_address[ref] = rkey
+        if self.state.remember_address(ref, rkey):
             batch = self.committer.current
             batch.addresses.append((ref, rkey))
             batch.rows += 1
@@ -873,9 +918,7 @@ class Router:
         cascade, commands = before.handle(event, now=now)
         if cascade is before and not commands:
             return
-        if (before.status is Status.DEFERRED) != (cascade.status is Status.DEFERRED):
-            self.state.deferred += 1 if cascade.status is Status.DEFERRED else -1
-        record.cascade = cascade
+        self.state.update(record, cascade)
         self._run(record, commands, now, detail=detail, emit_final=emit_final)
 
     def _run(
@@ -900,7 +943,7 @@ class Router:
                         record.step_due = at
                     else:
                         record.expiry_due = at
-                    self.timers_changed(at)
+                    self.alarm.changed(at)
                 case CancelTimer(kind=kind):
                     state.cancel(key, kind)
                     if kind is TimerKind.STEP:
@@ -928,7 +971,8 @@ class Router:
             # comes (one read per batch of them) instead of holding ~1 KB each meanwhile
             request=None if lane is Lane.BULK else request,
         )
-        self.committer.current.after.append(lambda: self.submit(job))
+        submit = self.dispatch.submit
+        self.committer.current.after.append(lambda: submit(job))
 
     def _finish(
         self, record: MessageRecord, outcome: Outcome, now: float, *, detail: str | None, emit: bool
@@ -1060,9 +1104,7 @@ class Router:
                 state.schedule(record.key, TimerKind.STEP, record.step_due)
             if record.expiry_due is not None:
                 state.schedule(record.key, TimerKind.EXPIRY, record.expiry_due)
-            if status is Status.DEFERRED:
-                state.deferred += 1
-            elif status is Status.SENDING:
+            if status is Status.SENDING:
                 resend.append(record)
         for record in resend:
             self._enqueue(record, record.cascade.channel, record.cascade.step, now, None)
@@ -1074,9 +1116,6 @@ class Router:
         if zone is None:
             zone = self._zones[name] = zoneinfo.ZoneInfo(name)
         return zone
-
-    def tenant_of(self, key: str) -> TenantConfig:
-        return self.config.tenants[split_key(key)[0]]
 
 
 class _Children(dict[tuple[str, ...], Any]):
@@ -1110,7 +1149,3 @@ def _describe(record: MessageRecord) -> MessageState:
 def _first_price(config: GatewayConfig, tenant: TenantConfig, channel: Channel) -> float:
     names = tenant.providers.get(channel, ())
     return config.providers[names[0]].price if names else 0.0
-
-
-def _no_dispatcher(job: Job) -> None:
-    raise RuntimeError("no dispatcher is attached to the router")

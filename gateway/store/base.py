@@ -24,6 +24,30 @@ from gateway.core.model import Envelope, MessageKey, Outcome, RecipientKey
 from gateway.protocol import StatusEvent
 
 
+class JournalError(Exception):
+    """The journal cannot do what was asked; the message is one line for an operator."""
+
+
+class JournalMissing(JournalError):
+    """The journal does not exist and creating one was not asked for."""
+
+
+class JournalCorrupt(JournalError):
+    """A stored row cannot be read; ``table`` and ``row`` name it."""
+
+    def __init__(self, table: str, row: str, detail: str) -> None:
+        super().__init__(
+            f"journal row {table}[{row}] cannot be read ({detail}); "
+            "`cascadegw journal check --quarantine` moves unreadable rows aside"
+        )
+        self.table = table
+        self.row = row
+
+
+class JournalUnavailable(JournalError):
+    """A write failed for a reason that may pass (disk full, I/O error): retry it."""
+
+
 class MessageRecord(msgspec.Struct, gc=False, array_like=True):
     """One message as the router tracks it. Mutable: the router replaces ``cascade`` in place.
 
@@ -60,6 +84,7 @@ class Batch:
         "events",
         "inserts",
         "opening",
+        "receipts",
         "rows",
         "sends",
     )
@@ -76,6 +101,8 @@ class Batch:
         self.sends: list[tuple[RecipientKey, SendEntry]] = []
         self.addresses: list[tuple[str, str]] = []
         """``(address_ref, recipient key)`` pairs to remember."""
+        self.receipts: list[tuple[int, float]] = []
+        """``(digest of a provider event id, when it arrived)``: applied, never again."""
         self.after: list[Callable[[], None]] = []
         """Run in order after the commit: dispatch sends, publish status events."""
         self.rows = 0
@@ -91,7 +118,8 @@ class Recovered(msgspec.Struct):
     finished: dict[str, Outcome]
     consents: list[tuple[RecipientKey, ConsentRecord]]
     sends: list[tuple[RecipientKey, SendEntry]]
-    addresses: dict[str, str] = {}
+    addresses: list[tuple[str, str]] = []
+    """``(address_ref, recipient key)`` pairs; an address may belong to several recipients."""
 
 
 class StoredMessage(msgspec.Struct):
@@ -103,7 +131,13 @@ class StoredMessage(msgspec.Struct):
 class Journal(Protocol):
     """Durable storage of the router's state. All methods may run I/O in threads."""
 
-    async def open(self) -> None: ...
+    async def open(self, *, create: bool = False) -> None:
+        """Open the journal.
+
+        Raises:
+            JournalMissing: it does not exist and ``create`` is false.
+        """
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -125,7 +159,16 @@ class Journal(Protocol):
         ...
 
     async def commit(self, batch: Batch) -> None:
-        """Make the batch durable as one unit."""
+        """Make the batch durable as one unit.
+
+        Raises:
+            JournalUnavailable: nothing of the batch was written; the same batch may be
+                committed again once the cause passes (disk full, I/O error).
+        """
+        ...
+
+    async def known_receipts(self, digests: list[int]) -> set[int]:
+        """Which of these provider-event digests were committed before (and not pruned)."""
         ...
 
     async def message(self, key: MessageKey) -> StoredMessage | None: ...
@@ -152,8 +195,16 @@ class Journal(Protocol):
         """Aggregates for ``gateway.reports.build``."""
         ...
 
-    async def prune(self, *, now: float, retention_seconds: float, horizon_seconds: float) -> int:
-        """Forget finished messages past retention and sends past the cap horizon."""
+    async def prune(
+        self,
+        *,
+        now: float,
+        retention_seconds: float,
+        horizon_seconds: float,
+        receipt_retention_seconds: float,
+    ) -> int:
+        """Forget finished messages past retention, sends past the cap horizon and provider
+        event ids past theirs."""
         ...
 
 

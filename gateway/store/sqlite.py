@@ -24,8 +24,16 @@ import trio
 from gateway.core.caps import SendEntry
 from gateway.core.consent import ConsentRecord
 from gateway.core.model import MessageKey, Outcome, RecipientKey
-from gateway.protocol import StatusEvent
-from gateway.store.base import Batch, MessageRecord, Recovered, StoredMessage
+from gateway.protocol import SendRequest, StatusEvent
+from gateway.store.base import (
+    Batch,
+    JournalCorrupt,
+    JournalMissing,
+    JournalUnavailable,
+    MessageRecord,
+    Recovered,
+    StoredMessage,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -62,10 +70,23 @@ CREATE TABLE IF NOT EXISTS sends (
     body BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sends_at ON sends (at);
-CREATE TABLE IF NOT EXISTS addresses (
-    ref TEXT PRIMARY KEY,
-    recipient TEXT NOT NULL
+CREATE TABLE IF NOT EXISTS address_index (
+    ref TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    PRIMARY KEY (ref, recipient)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS receipts (
+    digest INTEGER PRIMARY KEY,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS receipts_at ON receipts (at);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id INTEGER PRIMARY KEY,
+    source TEXT NOT NULL,
+    row TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    body BLOB
+);
 """
 
 _OPENINGS_IN = "SELECT key, opening FROM messages WHERE key IN ({})"
@@ -91,11 +112,19 @@ class SqliteJournal:
         self._read_lock = trio.CapacityLimiter(1)
 
     # ------------------------------------------------------------ lifecycle
-    async def open(self) -> None:
-        await trio.to_thread.run_sync(self._open_sync, limiter=self._write_lock)
+    async def open(self, *, create: bool = False) -> None:
+        await trio.to_thread.run_sync(self._open_sync, create, limiter=self._write_lock)
 
-    def _open_sync(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def _open_sync(self, create: bool) -> None:
+        if not self.path.exists():
+            if not create:
+                # an empty journal would forget every withdrawn consent: never start one
+                # silently in place of a lost file or an unmounted volume
+                raise JournalMissing(
+                    f"journal {self.path} does not exist; `cascadegw init` creates a new one "
+                    "(or set store.create = true)"
+                )
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         writer = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         writer.execute("PRAGMA journal_mode=WAL")
         writer.execute(f"PRAGMA synchronous={self.synchronous}")
@@ -167,6 +196,7 @@ class SqliteJournal:
             consents,
             sends,
             batch.addresses,
+            batch.receipts,
             limiter=self._write_lock,
         )
 
@@ -180,8 +210,29 @@ class SqliteJournal:
         consents: list[tuple[RecipientKey, bytes]],
         sends: list[tuple[RecipientKey, float, bytes]],
         addresses: list[tuple[str, str]],
+        receipts: list[tuple[int, float]],
     ) -> None:
         db = self._connection(self._writer)
+        try:
+            self._write(db, inserts, updates, events, consents, sends, addresses, receipts)
+        except sqlite3.OperationalError as exc:
+            # disk full, I/O error, locked: the transaction is rolled back and the caller may
+            # commit the same batch again once the cause has passed
+            raise JournalUnavailable(str(exc)) from exc
+
+    @staticmethod
+    def _write(
+        db: sqlite3.Connection,
+        inserts: list[
+            tuple[str, float, bytes, bytes, str | None, str | None, str | None, bytes | None]
+        ],
+        updates: list[tuple[bytes, str | None, str]],
+        events: list[tuple[str, bytes, str, str | None, str | None]],
+        consents: list[tuple[RecipientKey, bytes]],
+        sends: list[tuple[RecipientKey, float, bytes]],
+        addresses: list[tuple[str, str]],
+        receipts: list[tuple[int, float]],
+    ) -> None:
         db.execute("BEGIN")
         try:
             if inserts:
@@ -203,11 +254,16 @@ class SqliteJournal:
                 db.executemany("INSERT INTO sends (recipient, at, body) VALUES (?, ?, ?)", sends)
             if addresses:
                 db.executemany(
-                    "INSERT OR REPLACE INTO addresses (ref, recipient) VALUES (?, ?)", addresses
+                    "INSERT OR IGNORE INTO address_index (ref, recipient) VALUES (?, ?)", addresses
+                )
+            if receipts:
+                db.executemany(
+                    "INSERT OR IGNORE INTO receipts (digest, at) VALUES (?, ?)", receipts
                 )
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # a failed COMMIT may already have rolled back
+                db.execute("ROLLBACK")
             raise
 
     # ------------------------------------------------------------ recovery
@@ -231,16 +287,18 @@ class SqliteJournal:
             )
         }
         consents = [
-            (RecipientKey(recipient), _consent_decoder.decode(body))
-            for recipient, body in db.execute("SELECT recipient, body FROM consents ORDER BY id")
-        ]
-        sends = [
-            (RecipientKey(recipient), _send_decoder.decode(body))
-            for recipient, body in db.execute(
-                "SELECT recipient, body FROM sends WHERE at > ? ORDER BY id", (sends_after,)
+            (RecipientKey(recipient), _decoded(_consent_decoder, body, "consents", row_id))
+            for row_id, recipient, body in db.execute(
+                "SELECT id, recipient, body FROM consents ORDER BY id"
             )
         ]
-        addresses = dict(db.execute("SELECT ref, recipient FROM addresses"))
+        sends = [
+            (RecipientKey(recipient), _decoded(_send_decoder, body, "sends", row_id))
+            for row_id, recipient, body in db.execute(
+                "SELECT id, recipient, body FROM sends WHERE at > ? ORDER BY id", (sends_after,)
+            )
+        ]
+        addresses = db.execute("SELECT ref, recipient FROM address_index").fetchall()
         return Recovered(finished=finished, consents=consents, sends=sends, addresses=addresses)
 
     async def active_page(
@@ -256,13 +314,13 @@ class SqliteJournal:
         rows = (
             self._connection(self._writer)
             .execute(
-                "SELECT rowid, record FROM messages WHERE rowid > ? AND outcome IS NULL"
+                "SELECT rowid, key, record FROM messages WHERE rowid > ? AND outcome IS NULL"
                 " ORDER BY rowid LIMIT ?",
                 (after_rowid, limit),
             )
             .fetchall()
         )
-        records = [_record_decoder.decode(body) for _, body in rows]
+        records = [_decoded(_record_decoder, body, "messages", key) for _, key, body in rows]
         return records, (rows[-1][0] if len(rows) == limit else None)
 
     # ------------------------------------------------------------ reads
@@ -310,6 +368,10 @@ class SqliteJournal:
             found.setdefault(key, []).append(_event_decoder.decode(body))
         return found
 
+    async def known_receipts(self, digests: list[int]) -> set[int]:
+        rows = await self._read_in("SELECT digest FROM receipts WHERE digest IN ({})", digests)
+        return {digest for (digest,) in rows}
+
     async def consent_history(self, recipient: RecipientKey) -> list[ConsentRecord]:
         rows = await self._read(
             "SELECT body FROM consents WHERE recipient = ? ORDER BY id", (recipient,)
@@ -322,7 +384,7 @@ class SqliteJournal:
 
         return await trio.to_thread.run_sync(run, limiter=self._read_lock)
 
-    async def _read_in(self, sql: str, keys: list[str]) -> list[tuple[Any, ...]]:
+    async def _read_in(self, sql: str, keys: list[str] | list[int]) -> list[tuple[Any, ...]]:
         """Run ``sql`` (one ``IN ({})`` slot) for many keys in one thread hop, in chunks.
 
         Each thread hop costs a trip through trio's run queue, which under load is far dearer
@@ -342,18 +404,27 @@ class SqliteJournal:
         return await trio.to_thread.run_sync(run, limiter=self._read_lock)
 
     # ------------------------------------------------------------ housekeeping
-    async def prune(self, *, now: float, retention_seconds: float, horizon_seconds: float) -> int:
+    async def prune(
+        self,
+        *,
+        now: float,
+        retention_seconds: float,
+        horizon_seconds: float,
+        receipt_retention_seconds: float,
+    ) -> int:
         return await trio.to_thread.run_sync(
             self._prune_sync,
             now - retention_seconds,
             now - horizon_seconds,
+            now - receipt_retention_seconds,
             limiter=self._write_lock,
         )
 
-    def _prune_sync(self, retain_after: float, sends_after: float) -> int:
+    def _prune_sync(self, retain_after: float, sends_after: float, receipts_after: float) -> int:
         db = self._connection(self._writer)
         db.execute("BEGIN")
         try:
+            db.execute("DELETE FROM receipts WHERE at < ?", (receipts_after,))
             db.execute(
                 "DELETE FROM events WHERE key IN (SELECT key FROM messages WHERE outcome IS NOT NULL AND accepted_at < ?)",
                 (retain_after,),
@@ -365,7 +436,8 @@ class SqliteJournal:
             db.execute("DELETE FROM sends WHERE at <= ?", (sends_after,))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
         return deleted
 
@@ -402,6 +474,78 @@ class SqliteJournal:
         return connection
 
 
+def _decoded(decoder: msgspec.msgpack.Decoder[Any], body: bytes, table: str, row: object) -> Any:
+    """Decode a stored value, or name the row that cannot be read."""
+    try:
+        return decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        raise JournalCorrupt(table, str(row), str(exc).split("\n")[0][:200]) from exc
+
+
+class Problem(msgspec.Struct, frozen=True):
+    """One unreadable part of a journal, as ``cascadegw journal check`` reports it."""
+
+    table: str
+    row: str
+    detail: str
+
+
+_CHECKS: tuple[tuple[str, str, msgspec.msgpack.Decoder[Any]], ...] = (
+    ("messages", "SELECT key, key, record FROM messages", _record_decoder),
+    ("messages", "SELECT key, key, request FROM messages", msgspec.msgpack.Decoder(SendRequest)),
+    ("events", "SELECT id, key, body FROM events", _event_decoder),
+    ("consents", "SELECT id, recipient, body FROM consents", _consent_decoder),
+    ("sends", "SELECT id, recipient, body FROM sends", _send_decoder),
+)
+
+
+def check_journal(path: str | Path, *, quarantine: bool = False) -> list[Problem]:
+    """Every unreadable row of the journal at ``path`` (and SQLite's own page check).
+
+    With ``quarantine``, each unreadable row is moved into the ``quarantine`` table (kept for
+    inspection) so the gateway can start without it. A quarantined consent row may have been a
+    withdrawal: the report names its recipient so the operator can re-apply it.
+
+    Runs without trio: it is for the command line, with the gateway stopped.
+
+    Raises:
+        JournalMissing: there is no journal at ``path``.
+    """
+    if not Path(path).exists():
+        raise JournalMissing(f"journal {path} does not exist")
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        problems = [
+            Problem("sqlite", "-", line)
+            for (line,) in db.execute("PRAGMA quick_check")
+            if line != "ok"
+        ]
+        bad: list[tuple[str, object, str, str, bytes]] = []
+        for table, sql, decoder in _CHECKS:
+            for row_id, name, body in db.execute(sql):
+                try:
+                    decoder.decode(body)
+                except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+                    detail = str(exc).split("\n")[0][:200]
+                    bad.append((table, row_id, str(name), detail, body))
+                    problems.append(Problem(table, str(name), detail))
+        if quarantine and bad:
+            db.execute("BEGIN")
+            for table, row_id, name, detail, body in bad:
+                db.execute(
+                    "INSERT INTO quarantine (source, row, detail, body) VALUES (?, ?, ?, ?)",
+                    (table, name, detail, body),
+                )
+                column = "key" if table == "messages" else "id"
+                if table == "messages":
+                    db.execute("DELETE FROM events WHERE key = ?", (row_id,))
+                db.execute(f"DELETE FROM {table} WHERE {column} = ?", (row_id,))  # noqa: S608
+            db.execute("COMMIT")
+        return problems
+    finally:
+        db.close()
+
+
 def _migrate(db: sqlite3.Connection) -> None:
     """Bring a journal written by an earlier version up to the current columns."""
     wanted = {
@@ -417,3 +561,12 @@ def _migrate(db: sqlite3.Connection) -> None:
                 db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
     # recovery scans for active rows once at start; an index on them cost every insert
     db.execute("DROP INDEX IF EXISTS messages_active")
+    # the address index was one recipient per address; an address (a family phone, a Viber
+    # user of two brands) may belong to several, and an opt-out must reach every one of them
+    if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'addresses'").fetchone():
+        db.executescript(
+            "CREATE TABLE IF NOT EXISTS address_index (ref TEXT NOT NULL, recipient TEXT NOT NULL,"
+            " PRIMARY KEY (ref, recipient)) WITHOUT ROWID;"
+            "INSERT OR IGNORE INTO address_index SELECT ref, recipient FROM addresses;"
+            "DROP TABLE addresses;"
+        )

@@ -14,8 +14,9 @@ from typing import TypeVar
 import msgspec
 
 from gateway.core.caps import CapHistory, SendEntry
+from gateway.core.cascade import Cascade, Status
 from gateway.core.consent import ConsentRecord, ConsentState
-from gateway.core.model import Channel, MessageKey, Outcome, RecipientKey, TimerKind, recipient_key
+from gateway.core.model import Channel, Lane, Outcome, RecipientKey, TimerKind, recipient_key
 from gateway.core.policy import RecipientState
 from gateway.core.timers import Deadlines
 from gateway.store.base import MessageRecord
@@ -50,15 +51,15 @@ class State:
         self.histories: dict[str, CapHistory] = {}
         self.by_recipient: dict[str, list[str]] = {}
         """Active message keys per recipient: a consent change reaches them at once."""
-        self.recipients_by_address: dict[str, str] = {}
-        """``address_ref(channel, address)`` -> recipient key, for Viber users (opt-outs name
-        only the user)."""
+        self.recipients_by_address: dict[str, tuple[str, ...]] = {}
+        """``address_ref(channel, address)`` -> recipient keys, for the channels whose
+        opt-outs name only the address (a Viber user leaving the bot, an SMS STOP)."""
         self.by_provider_id: dict[str, str] = {}
         """``"{provider}:{provider message id}"`` -> key, for providers whose receipts carry
         only their own id (Viber). Active messages only."""
         self.timers: dict[TimerKind, Deadlines[str]] = {kind: Deadlines() for kind in TimerKind}
         self.horizon_seconds = horizon_seconds
-        self.deferred = 0
+        self._deferred: dict[Lane, int] = dict.fromkeys(Lane, 0)
         self._shared: dict[object, object] = {}
 
     def share(self, value: _Value) -> _Value:
@@ -82,6 +83,20 @@ class State:
         self.by_recipient.setdefault(rkey, []).append(record.key)
         if record.provider is not None and record.provider_message_id is not None:
             self.by_provider_id[f"{record.provider}:{record.provider_message_id}"] = record.key
+        if record.cascade.status is Status.DEFERRED:
+            self._deferred[record.envelope.lane] += 1
+
+    def update(self, record: MessageRecord, cascade: Cascade) -> None:
+        """Give a tracked record its next cascade value (the one place a cascade changes)."""
+        was = record.cascade.status is Status.DEFERRED
+        now = cascade.status is Status.DEFERRED
+        if was != now:
+            self._deferred[record.envelope.lane] += 1 if now else -1
+        record.cascade = cascade
+
+    def deferred(self, lane: Lane | None = None) -> int:
+        """Active messages waiting for a send time (in ``lane``, or in all lanes)."""
+        return self._deferred[lane] if lane is not None else sum(self._deferred.values())
 
     def restore(self, record: MessageRecord) -> None:
         """Track a message decoded from the journal at restart. The decoded record carries its
@@ -112,7 +127,8 @@ class State:
 
     def finish(self, record: MessageRecord, outcome: Outcome, *, now: float) -> None:
         key = record.key
-        self.records.pop(key, None)
+        if self.records.pop(key, None) is not None and record.cascade.status is Status.DEFERRED:
+            self._deferred[record.envelope.lane] -= 1
         self.finished[key] = outcome
         self.remember_finished(key, now)
         rkey = recipient_key(record.envelope.tenant, record.envelope.recipient_id)
@@ -158,6 +174,14 @@ class State:
         self.consents[rkey] = state
         return state
 
+    def remember_address(self, ref: str, rkey: str) -> bool:
+        """Map an address to a recipient; returns whether the pair is new."""
+        known = self.recipients_by_address.get(ref, ())
+        if rkey in known:
+            return False
+        self.recipients_by_address[ref] = (*known, rkey)
+        return True
+
     def record_send(self, rkey: str, entry: SendEntry) -> None:
         history = self.histories.get(rkey, _EMPTY_HISTORY)
         self.histories[rkey] = history.with_entry(entry, horizon_seconds=self.horizon_seconds)
@@ -181,7 +205,3 @@ class State:
         for kind, deadlines in self.timers.items():
             due.extend((key, kind) for key, _ in deadlines.pop_due(now, limit - len(due)))
         return due
-
-
-def message_keys(records: list[MessageRecord]) -> list[MessageKey]:
-    return [MessageKey(record.key) for record in records]

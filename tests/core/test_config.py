@@ -74,7 +74,7 @@ class TestDefaultConfig:
             Channel.SMS: ("twilio_sim",),
         }
         assert expected_providers == config.tenants["demo"].providers
-        assert config.tracking_secret is None
+        assert config.tracking.secret is None
 
     def test_step_timeouts(self) -> None:
         expected = {
@@ -383,7 +383,7 @@ class TestEnvironment:
                 "/var/lib/cascadegw/journal.db",
                 "/var/lib/cascadegw/journal.db",
             ),
-            ("CASCADEGW__INGEST__BIND", "tcp://0.0.0.0:5555", "tcp://0.0.0.0:5555"),
+            ("CASCADEGW__INGEST__BIND", "tcp://127.0.0.2:5555", "tcp://127.0.0.2:5555"),
             ("CASCADEGW__CURRENCY", '"EUR"', "EUR"),
         ],
     )
@@ -486,8 +486,13 @@ FILE_SECRETS: list[tuple[bytes, str]] = [
         "set CASCADEGW__HTTP__ADMIN_TOKEN",
     ),
     (
-        b"tracking_secret = 'hmac'",
-        "tracking_secret: secrets come only from the environment; set CASCADEGW__TRACKING_SECRET",
+        b"[tracking]\nsecret = 'hmac'",
+        "tracking.secret: secrets come only from the environment; set CASCADEGW__TRACKING__SECRET",
+    ),
+    (
+        b"[ingest]\ncurve_secret_key = 'k'",
+        "ingest.curve_secret_key: secrets come only from the environment; "
+        "set CASCADEGW__INGEST__CURVE_SECRET_KEY",
     ),
 ]
 
@@ -498,7 +503,14 @@ class TestSecrets:
     @pytest.mark.parametrize(
         ("toml", "expected"),
         FILE_SECRETS,
-        ids=["api_key", "auth_token", "service_account_json", "admin_token", "tracking_secret"],
+        ids=[
+            "api_key",
+            "auth_token",
+            "service_account_json",
+            "admin_token",
+            "tracking_secret",
+            "curve_secret_key",
+        ],
     )
     def test_a_secret_in_the_file_says_which_variable_to_set(
         self, toml: bytes, expected: str
@@ -507,7 +519,15 @@ class TestSecrets:
 
     @pytest.mark.parametrize(
         "value",
-        ["SG.a1b2c3-secret", "123456", "true", '"quoted"', "[1, 2]", "  spaced  "],
+        # each at least 16 bytes: the tracking secret refuses shorter ones
+        [
+            "SG.a1b2c3-secret-x",
+            "1234567890123456",
+            "true" * 4,
+            '"quoted-but-long-enough"',
+            "[1, 2, 3, 4, 5, 6]",
+            "  spaced  out  value  ",
+        ],
         ids=["plain", "digits", "bool-like", "quoted", "array-like", "spaces"],
     )
     def test_from_the_environment(self, value: str) -> None:
@@ -517,7 +537,7 @@ class TestSecrets:
             CASCADEGW__PROVIDERS__TWILIO_SIM__AUTH_TOKEN=value,
             CASCADEGW__PROVIDERS__FCM_SIM__SERVICE_ACCOUNT_JSON=value,
             CASCADEGW__HTTP__ADMIN_TOKEN=value,
-            CASCADEGW__TRACKING_SECRET=value,
+            CASCADEGW__TRACKING__SECRET=value,
         )
         providers = config.providers
         secrets = [
@@ -525,7 +545,7 @@ class TestSecrets:
             providers["twilio_sim"].auth_token,
             providers["fcm_sim"].service_account_json,
             config.http.admin_token,
-            config.tracking_secret,
+            config.tracking.secret,
         ]
 
         assert [value] * 5 == [s.reveal() if isinstance(s, Secret) else s for s in secrets]
@@ -535,7 +555,7 @@ class TestSecrets:
     def test_config_repr_hides_secrets(self) -> None:
         environ = {
             "CASCADEGW__PROVIDERS__SENDGRID_SIM__API_KEY": "SG.a1b2c3-live-key",
-            "CASCADEGW__TRACKING_SECRET": "tracking-hmac-key",
+            "CASCADEGW__TRACKING__SECRET": "tracking-hmac-key",
         }
 
         config = load_config(GATEWAY_TOML, environ)

@@ -47,5 +47,5 @@ class TestExampleConfig:
         for line in EXAMPLE.read_text().splitlines():
             if line.lstrip().startswith("#"):
                 continue
-            for secret in (*SECRET_KEYS, "tracking_secret"):
+            for secret in SECRET_KEYS:
                 assert not line.strip().startswith(f"{secret} ="), line

@@ -43,6 +43,7 @@ status_bind = "tcp://127.0.0.1:*"
 bind = "127.0.0.1:0"
 public_url = ""
 [store]
+create = true
 path = "{tmp_path / "journal.db"}"
 synchronous = "normal"
 [simulator]

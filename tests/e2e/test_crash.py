@@ -48,6 +48,7 @@ status_bind = "tcp://127.0.0.1:{status_port}"
 bind = "127.0.0.1:{http_port}"
 public_url = "http://127.0.0.1:{http_port}"
 [store]
+create = true
 path = "{tmp_path / "journal.db"}"
 synchronous = "normal"
 [channels.push]

@@ -27,6 +27,7 @@ public_url = ""
 webhook_processes = 2
 webhook_bind = "127.0.0.1:{webhook_port}"
 [store]
+create = true
 path = "{tmp_path / "journal.db"}"
 synchronous = "normal"
 [dispatch]

@@ -29,7 +29,7 @@ async def test_the_readme_example_works(tmp_path: Path) -> None:
         config.ingest, bind="tcp://127.0.0.1:*", status_bind="tcp://127.0.0.1:*"
     )
     http = msgspec.structs.replace(config.http, bind="127.0.0.1:0", public_url="")
-    store = msgspec.structs.replace(config.store, path=str(tmp_path / "journal.db"))
+    store = msgspec.structs.replace(config.store, path=str(tmp_path / "journal.db"), create=True)
     config = msgspec.structs.replace(config, ingest=ports, http=http, store=store)
     async with open_embedded(config) as embedded:
         gateway = embedded.gateway

@@ -9,7 +9,6 @@ import trio
 import trio.testing
 
 from gateway.client import open_client
-from gateway.http.admin import admin_routes
 from gateway.runtime.app import open_gateway
 from tests.support import NOON_UTC, in_test_providers, make_config, promo
 
@@ -26,7 +25,6 @@ class TestConsents:
                 config,
                 adapters=in_test_providers(config),
                 wall_at_start=NOON_UTC,
-                extra_routes=admin_routes,
             ) as gateway,
             httpx.AsyncClient(base_url=gateway.http_url) as http,
         ):
@@ -85,7 +83,6 @@ class TestMessages:
                 config,
                 adapters=in_test_providers(config),
                 wall_at_start=NOON_UTC,
-                extra_routes=admin_routes,
             ) as gateway,
             open_client(gateway.ingest_endpoint, timeout_seconds=1e6) as client,
             httpx.AsyncClient(base_url=gateway.http_url) as http,
@@ -114,7 +111,6 @@ class TestAuthorization:
                 config,
                 adapters=in_test_providers(config),
                 wall_at_start=NOON_UTC,
-                extra_routes=admin_routes,
             ) as gateway,
             httpx.AsyncClient(base_url=gateway.http_url) as http,
         ):

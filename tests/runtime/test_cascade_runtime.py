@@ -298,7 +298,9 @@ class TestPriorityLanes:
         config = make_config(tmp_path, provider_options="", extra="")
         providers = in_test_providers(config, delay_seconds=1.0)
         async with running(config, providers) as (gateway, client):
-            gateway.dispatcher._queues["push1"].concurrency = 1  # one slow request at a time
+            gateway.dispatcher.queues.by_provider[
+                "push1"
+            ].concurrency = 1  # one slow request at a time
             await client.send_batch([promo(f"bulk{i}", priority="bulk") for i in range(50)])
             await trio.sleep(0.5)
             await client.send(promo("otp", category="service", priority="critical"))

@@ -148,7 +148,7 @@ class TestOverload:
         )
         providers = in_test_providers(config, delay_seconds=3600)  # the provider has stalled
         async with open_gateway(config, adapters=providers, wall_at_start=NOON_UTC) as gateway:
-            for queue in gateway.dispatcher._queues.values():
+            for queue in gateway.dispatcher.queues.by_provider.values():
                 queue.concurrency = 1
             async with open_client(gateway.ingest_endpoint, timeout_seconds=1e6) as client:
                 statuses: dict[str, int] = {}

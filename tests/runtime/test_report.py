@@ -30,8 +30,7 @@ import trio.testing
 from gateway.client import open_client
 from gateway.core.control_group import ControlGroup
 from gateway.core.model import Channel
-from gateway.http.admin import admin_routes
-from gateway.http.inbound import HitKind, TrackingHit
+from gateway.http.inbound import OptOut
 from gateway.protocol import StatusKind
 from gateway.runtime.app import Gateway, open_gateway
 from gateway.runtime.router import Receipt
@@ -91,7 +90,9 @@ async def test_a_scripted_campaign_reports_what_happened(
     )
     providers = in_test_providers(config)
     async with open_gateway(
-        config, adapters=providers, wall_at_start=NOON_UTC, extra_routes=admin_routes
+        config,
+        adapters=providers,
+        wall_at_start=NOON_UTC,
     ) as gateway:
         clock = gateway.clock
 
@@ -121,7 +122,15 @@ async def test_a_scripted_campaign_reports_what_happened(
             await at(320)
             fact(gateway, "t1", StatusKind.READ, Channel.EMAIL, "email1")
             gateway.router.inbound(
-                TrackingHit(HitKind.UNSUBSCRIBE, clock.now(), "acme:t4", Channel.EMAIL)
+                OptOut(
+                    "acme",
+                    people["t4"],
+                    Channel.EMAIL,
+                    at=clock.now(),
+                    source="one_click",
+                    topic="promo",
+                    key="acme:t4",
+                )
             )
             await at(330)
             fact(gateway, "t1", StatusKind.CLICKED, Channel.EMAIL, "email1")

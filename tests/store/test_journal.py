@@ -77,7 +77,7 @@ class TestJournal:
         self, open_journal: Callable[..., SqliteJournal]
     ) -> None:
         journal = open_journal()
-        await journal.open()
+        await journal.open(create=True)
         active, done = record("m1"), record("m2", outcome=Outcome.READ)
         batch = batch_with(active, done)
         consent = ConsentRecord(
@@ -94,7 +94,7 @@ class TestJournal:
         await journal.aclose()
 
         again = open_journal()
-        await again.open()
+        await again.open(create=True)
         recovered = await again.recover(
             now=NOW + 10, retention_seconds=86400, horizon_seconds=86400
         )
@@ -102,7 +102,7 @@ class TestJournal:
         assert {"acme:m2": Outcome.READ} == recovered.finished
         assert [(RecipientKey("acme:r-m1"), consent)] == recovered.consents
         assert [(RecipientKey("acme:r-m1"), entry)] == recovered.sends
-        assert {"ref1": "acme:r-m1"} == recovered.addresses
+        assert [("ref1", "acme:r-m1")] == recovered.addresses
         assert [event("m1", StatusKind.ACCEPTED, NOW)] == await again.timeline(
             MessageKey("acme:m1")
         )
@@ -112,7 +112,7 @@ class TestJournal:
         self, open_journal: Callable[..., SqliteJournal]
     ) -> None:
         journal = open_journal()
-        await journal.open()
+        await journal.open(create=True)
         await journal.commit(batch_with(record("m1")))
         await journal.commit(batch_with(record("m1", outcome=Outcome.CANCELLED), new=False))
         stored = await journal.message(MessageKey("acme:m1"))
@@ -127,7 +127,7 @@ class TestJournal:
         self, open_journal: Callable[..., SqliteJournal]
     ) -> None:
         journal = open_journal()
-        await journal.open()
+        await journal.open(create=True)
         await journal.commit(batch_with(record("m1")))
         failing = batch_with(record("m2"), record("m1"))  # m1 again: primary-key violation
         failing.events.append(event("m2", StatusKind.ACCEPTED, NOW))
@@ -140,7 +140,7 @@ class TestJournal:
         self, open_journal: Callable[..., SqliteJournal]
     ) -> None:
         journal = open_journal()
-        await journal.open()
+        await journal.open(create=True)
         old_done = record("old", outcome=Outcome.READ, accepted_at=NOW - 10 * 86400)
         old_active = record("waiting", accepted_at=NOW - 10 * 86400)
         batch = batch_with(old_done, old_active, record("new", outcome=Outcome.READ))
@@ -156,7 +156,10 @@ class TestJournal:
         )
         await journal.commit(batch)
         pruned = await journal.prune(
-            now=NOW, retention_seconds=7 * 86400, horizon_seconds=7 * 86400
+            now=NOW,
+            retention_seconds=7 * 86400,
+            horizon_seconds=7 * 86400,
+            receipt_retention_seconds=7 * 86400,
         )
         recovered = await journal.recover(
             now=NOW, retention_seconds=30 * 86400, horizon_seconds=30 * 86400
@@ -174,7 +177,7 @@ class TestJournal:
         self, open_journal: Callable[..., SqliteJournal], page: int
     ) -> None:
         journal = open_journal()
-        await journal.open()
+        await journal.open(create=True)
         keys = [f"m{index}" for index in (5, 1, 4, 2, 3, 0)]  # admission order, not key order
         await journal.commit(batch_with(*(record(key) for key in keys)))
         await journal.commit(batch_with(record("m4", outcome=Outcome.READ), new=False))
@@ -186,7 +189,7 @@ class TestJournal:
         self, open_journal: Callable[..., SqliteJournal], level: str, expected: int
     ) -> None:
         journal = open_journal(level)
-        await journal.open()
+        await journal.open(create=True)
         assert journal._writer is not None
         assert expected == journal._writer.execute("PRAGMA synchronous").fetchone()[0]
         assert "wal" == journal._writer.execute("PRAGMA journal_mode").fetchone()[0]
@@ -195,7 +198,7 @@ class TestJournal:
         self, open_journal: Callable[..., SqliteJournal]
     ) -> None:
         journal = open_journal()
-        await journal.open()
+        await journal.open(create=True)
         grant = ConsentRecord(ConsentKind.ADVERTISING, ConsentAction.GRANT, NOW, "form")
         withdraw = ConsentRecord(
             ConsentKind.ADVERTISING,
