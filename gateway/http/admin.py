@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Annotated
 
 import msgspec
@@ -24,10 +25,17 @@ from starlette.routing import BaseRoute, Route
 
 from gateway import reports
 from gateway.config import Secret
-from gateway.core.consent import ConsentAction, ConsentKind
+from gateway.core.consent import ConsentAction, ConsentKind, ConsentRecord
 from gateway.core.model import Channel, message_key, recipient_key
 from gateway.http.inbound import SinkFull
-from gateway.protocol import PROTOCOL_VERSION, AwareDatetime, ConsentRequest, Label, validate
+from gateway.protocol import (
+    PROTOCOL_VERSION,
+    AwareDatetime,
+    ConsentRequest,
+    Label,
+    utc,
+    validate,
+)
 
 if TYPE_CHECKING:
     from gateway.runtime.app import Gateway
@@ -46,6 +54,30 @@ class ConsentUpdate(msgspec.Struct, forbid_unknown_fields=True):
 
 
 _updates = msgspec.json.Decoder(list[ConsentUpdate] | ConsentUpdate)
+
+
+class ConsentView(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One consent record as the API shows it: labelled, with an RFC 3339 time."""
+
+    kind: ConsentKind
+    action: ConsentAction
+    at: datetime
+    source: str
+    channel: Channel | None = None
+    topic: str | None = None
+    reason: str | None = None
+
+
+def _view(record: ConsentRecord) -> ConsentView:
+    return ConsentView(
+        kind=record.kind,
+        action=record.action,
+        at=utc(record.at),
+        source=record.source,
+        channel=record.channel,
+        topic=record.topic,
+        reason=record.reason,
+    )
 
 
 def _respond(value: object, status: int = 200) -> Response:
@@ -143,7 +175,8 @@ def admin_routes(gateway: Gateway) -> list[BaseRoute]:
         rkey = recipient_key(request.path_params["tenant"], request.path_params["recipient"])
         current = gateway.state.consents.get(rkey)
         history = await gateway.journal.consent_history(rkey)
-        return _respond({"effective": list(current.records) if current else [], "history": history})
+        effective = [_view(record) for record in current.records] if current else []
+        return _respond({"effective": effective, "history": [_view(r) for r in history]})
 
     async def campaign_report(request: Request) -> Response:
         tenant, campaign = request.path_params["tenant"], request.path_params["campaign"]

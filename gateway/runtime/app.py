@@ -315,7 +315,10 @@ async def _serve(
     hypercorn_config.bind = [bind]
     hypercorn_config.accesslog = None
     hypercorn_config.errorlog = None
+    # a connection that stalls in its headers, or idles between requests, is closed as soon
+    # as one whose body stalls (gateway.http.limits)
     hypercorn_config.read_timeout = int(max(1, config.http.read_timeout_seconds))
+    hypercorn_config.keep_alive_timeout = config.http.read_timeout_seconds
     app = bounded(Starlette(routes=routes), config.http)
     binds: list[str] = await nursery.start(hypercorn.trio.serve, app, hypercorn_config)
     return binds[0]

@@ -23,7 +23,7 @@ import trio
 import zmq
 
 from gateway.config import IngestConfig
-from gateway.protocol import Result, decode_frame, encode_reply
+from gateway.protocol import Result, ResultStatus, decode_frame, encode_reply
 from gateway.runtime import zmqio
 from gateway.runtime.committer import Committer
 from gateway.runtime.curve import Principals
@@ -144,9 +144,16 @@ class Ingest:
         frame = decode_frame(
             payload, max_frame_bytes=self.config.max_frame_bytes, max_batch=self.config.max_batch
         )
-        results = self.router.handle_frame(frame, principal)
         batch = self.committer.peek()
-        reply = _Reply(identity, envelope, batch if batch else None)
+        before = (batch.rows, len(batch.after))
+        results = self.router.handle_frame(frame, principal)
+        # the reply waits for the commit that makes it true; a frame that staged nothing and
+        # was refused outright promises nothing, so its answer need not wait (while the disk
+        # is full, `overloaded` must reach the client, not queue behind the stuck commit)
+        promises = (batch.rows, len(batch.after)) != before or not all(
+            isinstance(item, Result) and item.status is ResultStatus.REJECTED for item in results
+        )
+        reply = _Reply(identity, envelope, batch if batch and promises else None)
         self._pending.append(reply)
         queries = [item for item in results if isinstance(item, StatusQuery)]
         if not queries:

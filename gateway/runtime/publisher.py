@@ -95,7 +95,12 @@ class Publisher:
         if self.principals is None:
             topics = [topic]
         else:
-            key = message.get("User-Id")
+            try:
+                key = message.get("User-Id")
+            except zmq.ZMQError:
+                # libzmq's own messages (a departed subscriber's unsubscriptions) carry no
+                # metadata; its filters went with it
+                key = None
             allowed = self.principals.get(key, frozenset()) if isinstance(key, str) else ()
             if not topic:
                 topics = [tenant.encode() for tenant in sorted(allowed)]

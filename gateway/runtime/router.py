@@ -875,8 +875,12 @@ class Router:
         promotions but keep order updates"); a provider-level opt-out withdraws every topic on
         the channel. Nothing here needs the message to be active or even stored: the link and
         the provider name the recipient. The withdrawal reaches every active cascade of the
-        recipient at once; the message the person acted on ends as ``unsubscribed``.
+        recipient at once; the message the person acted on ends as ``unsubscribed``, or, when
+        it had finished already, gets an ``unsubscribed`` event on its timeline.
         """
+        key = opt_out.key
+        own = key if key is not None and split_key(key)[0] == opt_out.tenant else None
+        was_active = own is not None and own in self.state.records
         record = ConsentRecord(
             kind=ConsentKind.ADVERTISING,
             action=ConsentAction.WITHDRAW,
@@ -888,9 +892,20 @@ class Router:
         self.change_consent(
             opt_out.tenant, opt_out.recipient_id, record, now=now, source=opt_out.source
         )
-        active = self.state.records.get(opt_out.key) if opt_out.key is not None else None
-        if active is not None and active.envelope.tenant == opt_out.tenant:
+        if own is None:
+            return
+        active = self.state.records.get(own)
+        if active is not None:
             self._apply(active, Unsubscribed(), now, detail=opt_out.source)
+        elif not was_active and own in self.state.finished:
+            # the cascade was over, but the CRM still hears that this message lost a subscriber
+            self._emit_key(
+                own,
+                StatusKind.UNSUBSCRIBED,
+                opt_out.at,
+                channel=opt_out.channel,
+                detail=opt_out.source,
+            )
 
     def remember_address(self, record: MessageRecord, channel: Channel, address: str) -> None:
         """Map a provider-side address back to the recipient (for opt-outs that name only it)."""

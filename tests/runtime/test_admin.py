@@ -67,7 +67,7 @@ class TestConsents:
         assert "personal-data consent is not per channel" in invalid.json()["detail"]
         assert 400 == garbage.status_code
         assert 404 == unknown.status_code
-        assert ["grant", "withdraw"] == [record[1] for record in shown["history"]]
+        assert ["grant", "withdraw"] == [record["action"] for record in shown["history"]]
         # email/promo withdrawn, email/news still granted: the API's consents drive admission
         assert ("rejected", "no_consent") == (promo_reply["status"], promo_reply["reason"])
         assert ["email"] == news_reply["channels"]

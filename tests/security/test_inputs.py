@@ -1,0 +1,220 @@
+"""No input exhausts the gateway: bounded bodies, parts, read time and schedules.
+
+The gateway runs as a real process (``cascadegw run``) so its memory can be read from /proc
+while it is attacked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgpack
+import pytest
+import trio
+import trio.testing
+import zmq
+
+from gateway.client import open_client
+from gateway.runtime.app import open_gateway
+from tests.e2e.processes import GatewayProcess, rss_bytes_of, standalone_config
+from tests.support import NOON_UTC, in_test_providers, make_config, promo
+
+MIB = 1024 * 1024
+READ_TIMEOUT_SECONDS = 2
+
+
+@asynccontextmanager
+async def gateway_process(tmp_path: Path) -> AsyncIterator[tuple[GatewayProcess, str]]:
+    path, http_url, ingest = standalone_config(
+        tmp_path,
+        store_extra="create = true",
+        http_extra=f"read_timeout_seconds = {READ_TIMEOUT_SECONDS}",
+    )
+    process = GatewayProcess(path, {}, http_url)
+    await process.start()
+    try:
+        yield process, ingest
+    finally:
+        await process.stop()
+
+
+def pid_of(process: GatewayProcess) -> int:
+    assert process.process is not None
+    return process.process.pid
+
+
+async def post_until_answered(
+    http_url: str, *, chunked: bool, total_bytes: int
+) -> tuple[bytes, int]:
+    """Stream a forged webhook body of ``total_bytes``; stop as soon as the gateway answers.
+
+    Returns the status line and how many body bytes were sent before the answer.
+    """
+    host, port = http_url.removeprefix("http://").split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    length = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {total_bytes}"
+    await stream.send_all(
+        (
+            "POST /webhooks/email1 HTTP/1.1\r\nHost: gateway\r\n"
+            "X-Twilio-Email-Event-Webhook-Signature: Zm9yZ2Vk\r\n"
+            f"X-Twilio-Email-Event-Webhook-Timestamp: 1\r\n{length}\r\n\r\n"
+        ).encode()
+    )
+    chunk = b"[" + b" " * (64 * 1024 - 2) + b"]"
+    answer = b""
+    sent = 0
+    async with trio.open_nursery() as nursery:
+
+        async def read() -> None:
+            nonlocal answer
+            while b"\r\n" not in answer:
+                data = await stream.receive_some(4096)
+                if not data:
+                    break
+                answer += data
+            answered.set()
+            nursery.cancel_scope.cancel()
+
+        answered = trio.Event()
+        nursery.start_soon(read)
+        try:
+            while sent < total_bytes:
+                piece = (b"%x\r\n" % len(chunk)) + chunk + b"\r\n" if chunked else chunk
+                await stream.send_all(piece)
+                sent += len(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the gateway closed the connection after answering
+        await answered.wait()
+    await stream.aclose()
+    return answer.split(b"\r\n")[0], sent
+
+
+class TestHttpBodies:
+    @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+    async def test_a_300_mb_forged_webhook_is_refused_while_read(
+        self, chunked: bool, tmp_path: Path
+    ) -> None:
+        async with gateway_process(tmp_path) as (process, _):
+            before = rss_bytes_of(pid_of(process))
+            status, sent = await post_until_answered(
+                process.http_url, chunked=chunked, total_bytes=300 * MIB
+            )
+            growth = rss_bytes_of(pid_of(process)) - before
+            async with httpx.AsyncClient() as http:
+                health = await http.get(f"{process.http_url}/healthz")
+        assert status.startswith(b"HTTP/1.1 413")
+        assert sent < 16 * MIB  # answered long before the body was through
+        assert growth < 50 * MIB
+        assert 200 == health.status_code
+
+    async def test_stalled_bodies_are_closed_and_health_stays_fast(self, tmp_path: Path) -> None:
+        async with gateway_process(tmp_path) as (process, _):
+            host, port = process.http_url.removeprefix("http://").split(":")
+            stalled = []
+            for _ in range(300):
+                stream = await trio.open_tcp_stream(host, int(port))
+                await stream.send_all(
+                    b"POST /webhooks/email1 HTTP/1.1\r\nHost: gateway\r\n"
+                    b"Content-Length: 100000\r\n\r\n{"
+                )
+                stalled.append(stream)
+            async with httpx.AsyncClient() as http:
+                started = trio.current_time()
+                health = await http.get(f"{process.http_url}/healthz")
+                health_seconds = trio.current_time() - started
+            answers: list[bytes] = []
+            with trio.fail_after(READ_TIMEOUT_SECONDS + 20):
+                for stream in stalled:
+                    answers.append((await stream.receive_some(64)).split(b"\r\n")[0])
+                    await stream.aclose()
+        assert 200 == health.status_code
+        assert health_seconds < 1.0
+        # each stalled body got a 408, or the connection was closed under it
+        assert set(answers) <= {b"HTTP/1.1 408 ", b""}
+        assert answers.count(b"HTTP/1.1 408 ") > 250
+
+
+def reply_to(sock: zmq.Socket[bytes], correlation: bytes) -> list[list[bytes]]:
+    """Every message received until the reply carrying ``correlation`` (blocking, bounded)."""
+    received: list[list[bytes]] = []
+    while sock.poll(30_000):
+        parts = sock.recv_multipart()
+        received.append(parts)
+        if parts[0] == correlation:
+            return received
+    raise AssertionError("no reply")
+
+
+def status_request(correlation: bytes) -> list[bytes]:
+    request = {"v": 1, "op": "status", "id": "nope", "tenant": "acme"}
+    return [correlation, msgpack.packb(request)]
+
+
+class TestZeroMqMessages:
+    async def test_1500_parts_are_dropped_unanswered_and_released(self, tmp_path: Path) -> None:
+        async with gateway_process(tmp_path) as (process, ingest):
+            context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+            sock: zmq.Socket[bytes] = context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(ingest)
+            before = rss_bytes_of(pid_of(process))
+            part = b"x" * MIB
+            payload = msgpack.packb({"v": 1, "op": "status", "id": "m", "tenant": "acme"})
+            await trio.to_thread.run_sync(sock.send_multipart, [part] * 1500 + [payload])
+            # ordered on one connection: an echo of the attack would come before this reply
+            sock.send_multipart(status_request(b"after"))
+            received = await trio.to_thread.run_sync(reply_to, sock, b"after")
+            growth = rss_bytes_of(pid_of(process)) - before
+            sock.close(linger=0)
+            context.term()
+        assert [b"after"] == [parts[0] for parts in received]
+        assert growth < 50 * MIB
+
+    async def test_a_20_mib_frame_gets_an_invalid_answer(self, tmp_path: Path) -> None:
+        async with gateway_process(tmp_path) as (_, ingest):
+            context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+            sock: zmq.Socket[bytes] = context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(ingest)
+            sock.send_multipart([b"big", b"\x91" + b"\xc0" * (20 * MIB)])
+            received = await trio.to_thread.run_sync(reply_to, sock, b"big")
+            sock.close(linger=0)
+            context.term()
+        reply: dict[str, Any] = msgpack.unpackb(received[-1][1])
+        assert ("rejected", "invalid") == (reply["status"], reply["reason"])
+        assert "limit" in reply["detail"]
+
+
+class TestSchedules:
+    """A send may not wait longer than ``ingest.max_schedule_ahead_seconds`` (30 days)."""
+
+    @pytest.mark.parametrize(
+        ("field", "moment"),
+        [
+            ("send_at", datetime(9999, 1, 1, tzinfo=UTC)),
+            ("expires_at", datetime(9999, 12, 31, tzinfo=UTC)),
+            ("send_at", datetime.fromtimestamp(NOON_UTC + 31 * 86400, UTC)),
+        ],
+        ids=["send_at-9999", "expires_at-9999", "send_at-31-days"],
+    )
+    async def test_too_far_ahead_is_invalid(
+        self, field: str, moment: datetime, tmp_path: Path, jumping_clock: trio.testing.MockClock
+    ) -> None:
+        config = make_config(tmp_path)
+        async with (
+            open_gateway(config, adapters=in_test_providers(config), wall_at_start=NOON_UTC) as gw,
+            open_client(gw.ingest_endpoint, timeout_seconds=1e6) as client,
+        ):
+            far: dict[str, Any] = {field: moment}
+            refused = await client.send(promo("far", **far))
+            near = await client.send(
+                promo("near", send_at=datetime.fromtimestamp(NOON_UTC + 29 * 86400, UTC))
+            )
+        assert ("rejected", "invalid") == (refused["status"], refused["reason"])
+        assert f"`$.{field}`" in refused["detail"]
+        assert "accepted" == near["status"]

@@ -1,0 +1,264 @@
+"""Nobody acts for a tenant without its key: CURVE on ZeroMQ, tokens on the admin API.
+
+Real sockets and a real HTTP server; keys are generated per test. Tenant ``acme`` lists the
+key of its CRM, tenant ``beta`` the key of its own; a third key belongs to nobody.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import zmq
+import zmq.utils.monitor
+
+from gateway.client import open_client, open_subscription
+from gateway.config import GatewayConfig
+from gateway.runtime import zmqio
+from gateway.runtime.app import Gateway, open_gateway
+from tests.support import NOON_UTC, in_test_providers, make_config, promo
+
+
+class Keys:
+    def __init__(self) -> None:
+        public, secret = zmq.curve_keypair()
+        self.public, self.secret = public.decode(), secret.decode()
+
+
+SERVER, ACME, BETA, STRANGER = Keys(), Keys(), Keys(), Keys()
+ACME_TOKEN, BETA_TOKEN, OPERATOR_TOKEN = "acme-admin-token", "beta-admin-token", "operator-token"
+
+
+def curve_config(tmp_path: Path) -> GatewayConfig:
+    beta_providers = ", ".join(f'{c} = ["{c}1"]' for c in ("push", "email", "viber", "sms"))
+    return make_config(
+        tmp_path,
+        tenant_extra=f'client_keys = ["{ACME.public}"]\n'
+        f'[tenants.beta]\nbrand = "Beta"\nclient_keys = ["{BETA.public}"]\n'
+        f"providers = {{ {beta_providers} }}\n",
+        environ={
+            "CASCADEGW__INGEST__CURVE_SECRET_KEY": SERVER.secret,
+            "CASCADEGW__TENANTS__ACME__ADMIN_TOKEN": ACME_TOKEN,
+            "CASCADEGW__TENANTS__BETA__ADMIN_TOKEN": BETA_TOKEN,
+            "CASCADEGW__HTTP__ADMIN_TOKEN": OPERATOR_TOKEN,
+        },
+    )
+
+
+@asynccontextmanager
+async def running(tmp_path: Path) -> AsyncIterator[Gateway]:
+    config = curve_config(tmp_path)
+    async with open_gateway(
+        config, adapters=in_test_providers(config), wall_at_start=NOON_UTC
+    ) as gateway:
+        yield gateway
+
+
+def client_for(gateway: Gateway, keys: Keys) -> Any:
+    return open_client(
+        gateway.ingest_endpoint,
+        timeout_seconds=30,
+        server_key=SERVER.public,
+        public_key=keys.public,
+        secret_key=keys.secret,
+    )
+
+
+async def handshake_outcome(endpoint: str, keys: Keys | None) -> int:
+    """Connect a DEALER (plain, or CURVE with ``keys``) and return the first handshake event:
+    ``EVENT_HANDSHAKE_SUCCEEDED`` or one of the ``EVENT_HANDSHAKE_FAILED_*``."""
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock: zmq.Socket[bytes] = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        sock.curve_serverkey = SERVER.public.encode()
+        sock.curve_publickey = keys.public.encode()
+        sock.curve_secretkey = keys.secret.encode()
+    monitor = sock.get_monitor_socket()
+    sock.connect(endpoint)
+    wanted = {
+        zmq.EVENT_HANDSHAKE_SUCCEEDED,
+        zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+        zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+        zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+        zmq.EVENT_DISCONNECTED,
+    }
+    try:
+        with trio.fail_after(30):
+            while True:
+                event = zmq.utils.monitor.parse_monitor_message(await zmqio.recv_multipart(monitor))
+                if event["event"] in wanted:
+                    return int(event["event"])
+    finally:
+        trio.lowlevel.notify_closing(int(monitor.getsockopt(zmq.FD)))
+        sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)
+        context.term()
+
+
+class TestZeroMQ:
+    async def test_a_client_without_a_key_cannot_connect(self, tmp_path: Path) -> None:
+        async with running(tmp_path) as gateway:
+            plain = await handshake_outcome(gateway.ingest_endpoint, None)
+            stranger = await handshake_outcome(gateway.ingest_endpoint, STRANGER)
+            known = await handshake_outcome(gateway.ingest_endpoint, ACME)
+        assert zmq.EVENT_HANDSHAKE_SUCCEEDED != plain
+        assert zmq.EVENT_HANDSHAKE_FAILED_AUTH == stranger
+        assert zmq.EVENT_HANDSHAKE_SUCCEEDED == known
+
+    async def test_a_key_acts_only_for_its_own_tenant(self, tmp_path: Path) -> None:
+        async with running(tmp_path) as gateway, client_for(gateway, ACME) as acme:
+            own = await acme.send(promo("m1"))
+            foreign = await acme.send(promo("m2", tenant="beta"))
+            consent = await acme.consent(
+                "beta", "r1", kind="advertising", action="withdraw", source="attacker"
+            )
+            status = await acme.status("m1", "beta")
+            batch = await acme.send_batch([promo("m3"), promo("m4", tenant="beta")])
+        assert "accepted" == own["status"]
+        for refused in (foreign, consent, status, batch[1]):
+            assert ("rejected", "unauthorized") == (refused["status"], refused["reason"])
+        assert "accepted" == batch[0]["status"]
+        assert "m2" == foreign["id"]
+
+    async def test_a_subscriber_sees_only_its_tenants_events(self, tmp_path: Path) -> None:
+        async with (
+            running(tmp_path) as gateway,
+            client_for(gateway, ACME) as acme,
+            client_for(gateway, BETA) as beta,
+            open_subscription(
+                gateway.status_endpoint,
+                "",
+                server_key=SERVER.public,
+                public_key=ACME.public,
+                secret_key=ACME.secret,
+            ) as everything,
+            open_subscription(
+                gateway.status_endpoint,
+                "beta",
+                server_key=SERVER.public,
+                public_key=ACME.public,
+                secret_key=ACME.secret,
+            ) as foreign,
+        ):
+            await wait_for_subscriptions(gateway, accepted=1, refused=1)
+            # beta's events are published first; acme's after them on the same socket,
+            # so once acme's arrive, any beta event sent to this subscriber would have too
+            await beta.send(promo("b1", tenant="beta"))
+            await acme.send(promo("a1"))
+            seen: list[dict[str, Any]] = []
+            with trio.fail_after(60):
+                while not any(e["id"] == "a1" for e in seen):
+                    seen.append(await everything.receive())
+            leaked = [e for e in drain(everything) + drain(foreign) if e["tenant"] != "acme"]
+        assert {"acme"} == {event["tenant"] for event in seen}
+        assert [] == leaked
+
+
+def drain(channel: trio.MemoryReceiveChannel[Any]) -> list[Any]:
+    found = []
+    while True:
+        try:
+            found.append(channel.receive_nowait())
+        except trio.WouldBlock:
+            return found
+
+
+async def wait_for_subscriptions(gateway: Gateway, *, accepted: int, refused: int) -> None:
+    """Wait until the publisher has read both subscriptions (they travel asynchronously)."""
+    registry = gateway.registry
+    with trio.fail_after(60):
+        while True:
+            seen = [
+                registry.get_sample_value(
+                    "gateway_status_subscriptions_total", {"verdict": verdict}
+                )
+                or 0.0
+                for verdict in ("accepted", "refused")
+            ]
+            if seen[0] >= accepted and seen[1] >= refused:
+                return
+            await trio.sleep(0.01)
+
+
+class TestAdminTokens:
+    @pytest.mark.parametrize(
+        ("token", "tenant", "expected"),
+        [
+            (ACME_TOKEN, "acme", 404),  # allowed: the message just does not exist
+            (ACME_TOKEN, "beta", 403),
+            (BETA_TOKEN, "acme", 403),
+            (OPERATOR_TOKEN, "beta", 404),
+            ("guess", "acme", 401),
+            (None, "acme", 401),
+        ],
+        ids=["own", "other-tenant", "other-way", "operator", "wrong", "none"],
+    )
+    async def test_a_token_reads_only_its_tenant(
+        self,
+        token: str | None,
+        tenant: str,
+        expected: int,
+        tmp_path: Path,
+    ) -> None:
+        headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+        async with (
+            running(tmp_path) as gateway,
+            httpx.AsyncClient(base_url=gateway.http_url, headers=headers) as http,
+        ):
+            read = await http.get(f"/v1/messages/{tenant}/nope")
+            write = await http.put(
+                f"/v1/recipients/{tenant}/r1/consents",
+                json={"kind": "advertising", "action": "withdraw", "source": "crm"},
+            )
+        assert expected == read.status_code
+        assert (200 if expected == 404 else expected) == write.status_code
+
+
+class TestExposure:
+    """A surface beyond loopback without keys or tokens refuses to start, in one line."""
+
+    @pytest.mark.parametrize(
+        ("variable", "value", "named"),
+        [
+            (
+                "CASCADEGW__INGEST__BIND",
+                "tcp://0.0.0.0:5555",
+                "CASCADEGW__INGEST__CURVE_SECRET_KEY",
+            ),
+            (
+                "CASCADEGW__INGEST__STATUS_BIND",
+                "tcp://10.1.2.3:5556",
+                "CASCADEGW__INGEST__CURVE_SECRET_KEY",
+            ),
+            ("CASCADEGW__HTTP__BIND", "0.0.0.0:8080", "CASCADEGW__HTTP__ADMIN_TOKEN"),
+        ],
+        ids=["ingest", "status", "admin"],
+    )
+    def test_refuses_to_start(self, variable: str, value: str, named: str, tmp_path: Path) -> None:
+        config = tmp_path / "gateway.toml"
+        config.write_text(
+            (Path(__file__).resolve().parents[2] / "config" / "gateway.toml").read_text()
+        )
+        for command in ("check-config", "run"):
+            done = subprocess.run(
+                [sys.executable, "-m", "gateway", "--config", str(config), command],
+                env={"PATH": "/usr/bin:/bin", variable: value, "HOME": str(tmp_path)},
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert 2 == done.returncode, done.stderr
+            lines = done.stderr.strip().splitlines()
+            assert 1 == len(lines), done.stderr
+            assert named in lines[0]
+            assert "Traceback" not in done.stderr
