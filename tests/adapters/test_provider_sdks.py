@@ -17,6 +17,7 @@ provider's documented retry window, and the gateway's receipt store applies the 
 
 from __future__ import annotations
 
+import ast
 import base64
 import datetime
 import hashlib
@@ -24,6 +25,7 @@ import json
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from itertools import product
+from pathlib import Path
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode
 
@@ -84,9 +86,36 @@ from gateway.config import ProviderConfig, Secret, SenderConfig
 from gateway.core.model import Category, Channel
 from gateway.protocol import EmailContent, PushContent, SmsContent, ViberContent
 
+ROOT: Final = Path(__file__).resolve().parents[2]
+SDK_MODULES: Final = (
+    "twilio",
+    "sendgrid",
+    "python_http_client",
+    "firebase_admin",
+    "google",
+    "viberbot",
+    "requests",
+)
 NOW: Final = 1_795_435_200.0
 MINUTES: Final = 60.0
 HOURS: Final = 3600.0
+
+
+def test_the_sdks_stay_test_only() -> None:
+    """They are dev dependencies: the gateway and its adapters must run without them."""
+    imported = []
+    for package in ("adapters", "gateway"):
+        for source in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(source.read_text(), filename=str(source))):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                imported += [(str(source.relative_to(ROOT)), name) for name in names]
+    assert ("adapters/_http.py", "httpx") in imported  # the scan sees imports at all
+    assert [] == [(where, name) for where, name in imported if name.split(".")[0] in SDK_MODULES]
 
 
 # ---------------------------------------------------------------- capturing SDK traffic
