@@ -100,6 +100,8 @@ _CODES: Final[Mapping[int, type[ProviderError]]] = {
     21604: InvalidRequest,  # 'To' phone number is required
     21606: InvalidRequest,  # 'From' is not a valid message-capable Twilio number for this To
     21617: InvalidRequest,  # the concatenated body exceeds the 1600 character limit
+    21701: InvalidRequest,  # the Messaging Service does not exist (messaging_service_sid)
+    21705: InvalidRequest,  # the Messaging Service is invalid (not an MG... sid)
 }
 
 RECEIPT_STATUSES: Final[Mapping[str, ReceiptKind]] = {

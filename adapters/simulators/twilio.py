@@ -7,7 +7,7 @@ It answers like api.twilio.com: ``201`` with the Message resource (``sid`` ``SM.
 - ``To`` missing -> 400, 21604; ``To`` not E.164 -> 400, 21211 (also the ``invalid`` fate);
 - neither ``From`` nor ``MessagingServiceSid`` -> 400, 21603; ``From`` neither E.164 nor an
   alphanumeric sender id (1-11 letters, digits or spaces, at least one letter) -> 400, 21212;
-  ``MessagingServiceSid`` not ``MG`` + 32 hex digits -> 400, 21701 (the service sends from
+  ``MessagingServiceSid`` not ``MG`` + 32 hex digits -> 400, 21705 (the service sends from
   ``number``);
 - ``Body`` missing or empty -> 400, 21602; over 1600 characters -> 400, 21617;
 - ``StatusCallback`` not an http(s) URL -> 400, 21609;
@@ -75,7 +75,7 @@ _MESSAGES: Final = {
     21609: "Invalid StatusCallback url",
     21610: "Attempt to send to unsubscribed recipient",
     21617: "The concatenated message body exceeds the 1600 character limit.",
-    21701: "The Messaging Service Sid is invalid.",
+    21705: "The Messaging Service is invalid",
 }
 
 
@@ -106,7 +106,7 @@ def _check_message(fields: dict[str, str]) -> int:
     if sender and not (_E164.match(sender) or _ALPHANUMERIC_SENDER.match(sender)):
         return 21212
     if not sender and service and not _SERVICE_SID.match(service):
-        return 21701
+        return 21705
     body = fields.get("Body")
     if not body:
         return 21602

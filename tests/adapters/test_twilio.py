@@ -198,6 +198,8 @@ class TestParseResponse:
             (400, 21603, InvalidRequest),
             (400, 21604, InvalidRequest),
             (400, 21617, InvalidRequest),
+            (400, 21701, InvalidRequest),
+            (400, 21705, InvalidRequest),
             (400, 99999, InvalidRequest),
             (404, 20404, InvalidRequest),
             (403, 99999, AuthRejected),
@@ -820,7 +822,7 @@ class TestAgainstSimulator:
             ({"To": "+79160000002", "From": "+15005550006"}, 21602),
             ({"To": "+79160000002", "From": "ACME", "Body": "x" * 1601}, 21617),
             ({"To": "+79160000002", "From": "ACME", "Body": "hi", "StatusCallback": "gw"}, 21609),
-            ({"To": "+79160000002", "MessagingServiceSid": "MG12", "Body": "hi"}, 21701),
+            ({"To": "+79160000002", "MessagingServiceSid": "MG12", "Body": "hi"}, 21705),
         ],
     )
     async def test_request_validation(self, fields: dict[str, str], code: int) -> None:
