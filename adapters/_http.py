@@ -1,4 +1,5 @@
-"""Shared HTTP plumbing for adapters: one client factory, one place that maps errors.
+"""Shared HTTP plumbing for adapters: one client factory, one place that maps errors, and the
+freshness rule for signed webhooks.
 
 Foreign exceptions are translated once, here (httpx's ``map_httpcore_exceptions`` idea): the
 rest of the gateway only ever sees ``gateway.core.errors`` types.
@@ -9,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from email.utils import parsedate_to_datetime
+from typing import Final
 
 import httpx
 
+from adapters import WebhookRejected
 from gateway.core.errors import (
     AuthRejected,
     InvalidRequest,
@@ -96,3 +99,27 @@ def error_for_status(
     if status in (401, 403):
         return AuthRejected(message, provider=provider, status_code=status, code=code)
     return InvalidRequest(message, provider=provider, status_code=status, code=code)
+
+
+MAX_CLOCK_AHEAD_SECONDS: Final = 600.0
+"""How far in the future a signed timestamp may be: the provider's clock against ours."""
+
+
+def check_freshness(
+    *, provider: str, signed_at_seconds: float, now: float, tolerance_seconds: float
+) -> None:
+    """Refuse a webhook signed more than ``tolerance_seconds`` before ``now`` or too far after.
+
+    The tolerance must cover the provider's whole retry schedule: a callback retried after an
+    outage carries its original timestamp, and refusing it loses the receipt (an opt-out, say)
+    for good. Replays inside the window are the receipt store's business (it applies each
+    provider event id once), not this check's.
+
+    Raises:
+        WebhookRejected: ``stale``.
+    """
+    age_seconds = now - signed_at_seconds
+    if age_seconds > tolerance_seconds:
+        raise WebhookRejected("stale", f"{provider}: signed {age_seconds:.0f} s ago")
+    if -age_seconds > min(tolerance_seconds, MAX_CLOCK_AHEAD_SECONDS):
+        raise WebhookRejected("stale", f"{provider}: signed {-age_seconds:.0f} s in the future")

@@ -20,7 +20,13 @@ Errors are Google JSON errors; the FCM reason is in ``details[]`` as an ``FcmErr
 The access token comes from the OAuth2 JWT bearer grant (RFC 7523; Google's "Using OAuth 2.0
 for server to server applications"): an RS256 JWT signed with the service account's key is
 exchanged at ``token_uri`` for a bearer token valid about an hour, cached until 60 s before
-it expires and fetched again once when the API answers 401.
+it expires and fetched again once when the API answers 401. The JWT's ``aud`` is always
+Google's current token endpoint, whatever ``token_uri`` a key file names (older files name
+``https://accounts.google.com/o/oauth2/token``), as google-auth does.
+
+``data`` must not use the keys FCM reserves (``from``, ``message_type``, anything starting with
+``google`` or ``gcm``): FCM refuses the whole push with INVALID_ARGUMENT. The admission check
+calls ``reserved_data_keys``; ``build_request`` refuses them too, should one get this far.
 
 FCM sends no webhooks and no delivery receipts: opens come from the app (the ``event`` op) or
 from the tracked link in ``data["link"]``.
@@ -58,6 +64,9 @@ KIND: Final = "fcm"
 CHANNEL: Final = Channel.PUSH
 DEFAULT_BASE_URL: Final = "https://fcm.googleapis.com"
 DEFAULT_TOKEN_URI: Final = "https://oauth2.googleapis.com/token"  # noqa: S105 (a URL)
+TOKEN_AUDIENCE: Final = DEFAULT_TOKEN_URI
+"""The assertion's ``aud``: google-auth always uses the current endpoint here, also when the
+key file's ``token_uri`` is a legacy one (the POST still goes to ``token_uri``)."""
 SCOPE: Final = "https://www.googleapis.com/auth/firebase.messaging"
 JWT_BEARER_GRANT: Final = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 ASSERTION_LIFETIME_SECONDS: Final = 3600  # Google accepts at most one hour
@@ -69,6 +78,22 @@ KEY_DATA: Final = "cgw_key"
 """``data`` key carrying the message key, so the app can report the open with the ``event`` op."""
 LINK_DATA: Final = "link"
 """``data`` key carrying the tracked click URL (the gateway's click tracker)."""
+RESERVED_DATA_KEYS: Final = frozenset({"from", "message_type"})
+RESERVED_DATA_KEY_PREFIXES: Final = ("google", "gcm")
+"""``data`` keys FCM refuses: "The key should not be a reserved word ("from", "message_type",
+or any word starting with "google" or "gcm")" (FCM's data message docs; the v1 reference names
+the narrower ``google.`` and ``gcm.notification.``, so the wider rule is the safe one). Compared
+without case: a refused push fails for good, while a key that only looks reserved is easily
+renamed by the CRM."""
+
+
+def reserved_data_keys(data: Mapping[str, str]) -> list[str]:
+    """The keys of a push's ``data`` that FCM reserves, sorted; empty when there are none."""
+    return sorted(
+        key
+        for key in data
+        if key.lower() in RESERVED_DATA_KEYS or key.lower().startswith(RESERVED_DATA_KEY_PREFIXES)
+    )
 
 
 # ---------------------------------------------------------------- service account and JWT
@@ -181,7 +206,7 @@ def assertion_claims(account: ServiceAccount, *, now: float) -> dict[str, object
     return {
         "iss": account.client_email,
         "scope": SCOPE,
-        "aud": account.token_uri,
+        "aud": TOKEN_AUDIENCE,
         "iat": issued_at,
         "exp": issued_at + ASSERTION_LIFETIME_SECONDS,
     }
@@ -241,6 +266,16 @@ def parse_token_response(response: httpx.Response, *, provider: str) -> AccessTo
 
 
 # ---------------------------------------------------------------- messages:send
+def refuse_reserved_data_keys(content: PushContent, *, provider: str) -> None:
+    """Raise ``InvalidRequest`` when ``content.data`` uses keys FCM reserves."""
+    reserved = reserved_data_keys(content.data)
+    if reserved:
+        # key names are the CRM's schema, not personal data
+        raise InvalidRequest(
+            f"{provider}: data uses reserved keys {', '.join(reserved)}", provider=provider
+        )
+
+
 def build_request(
     outgoing: Outgoing, *, config: ProviderConfig, base_url: str, access_token: str
 ) -> httpx.Request:
@@ -248,11 +283,14 @@ def build_request(
 
     Raises:
         ConfigError: no project id.
+        InvalidRequest: ``data`` uses keys FCM reserves (``reserved_data_keys``); admission
+            should have refused the message already.
         TypeError: ``outgoing.content`` is not push content.
     """
     content = outgoing.content
     if not isinstance(content, PushContent):
         raise TypeError(f"fcm sends push content, not {type(content).__name__}")
+    refuse_reserved_data_keys(content, provider=KIND)
     # FCM data values must be strings (INVALID_ARGUMENT otherwise); ours win over the CRM's
     data = {**content.data, KEY_DATA: outgoing.message_key}
     if outgoing.link_url is not None:
@@ -459,8 +497,11 @@ class FcmAdapter:
 
         Raises:
             gateway.core.errors.ProviderError: see ``parse_response``; ``AuthRejected`` when
-                the token endpoint refuses the service account.
+                the token endpoint refuses the service account; ``InvalidRequest`` for
+                reserved ``data`` keys, before any request.
         """
+        if isinstance(outgoing.content, PushContent):
+            refuse_reserved_data_keys(outgoing.content, provider=self.name)
         token = await self._access_token()
         response = await self._post(outgoing, token)
         if (

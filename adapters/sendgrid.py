@@ -4,7 +4,10 @@ Wire format (https://www.twilio.com/docs/sendgrid/api-reference/mail-send/mail-s
 
     POST {base}/v3/mail/send
     Authorization: Bearer <api key>
-    {"personalizations": [{"to": [{"email": "..."}], "custom_args": {"cgw_key": "<tenant>:<id>"}}],
+    {"personalizations": [{"to": [{"email": "..."}],
+                           "custom_args": {"cgw_key": "<tenant>:<id>",     # always
+                                           "cgw_rcpt": "<recipient id>",   # when known
+                                           "cgw_topic": "<consent topic>"}}],  # when known
      "from": {"email": "<sender.email_from>", "name": "<sender.email_name or brand>"},
      "subject": "...",
      "content": [{"type": "text/plain", "value": "..."}, {"type": "text/html", "value": "..."}],
@@ -24,9 +27,16 @@ events are a second signal for the same facts (READ and CLICKED are idempotent i
 and forcing it either way would override the account owner's privacy choice.
 
 Receipts (https://www.twilio.com/docs/sendgrid/for-developers/tracking-events/event) come as a
-JSON array of events, each carrying our ``custom_args`` as top-level keys (so ``cgw_key``),
-signed with ECDSA P-256 / SHA-256 over ``timestamp + body``
+JSON array of events, each carrying our ``custom_args`` as top-level keys (so ``cgw_key``,
+``cgw_rcpt``, ``cgw_topic``) and SendGrid's own ``sg_event_id``, signed with ECDSA P-256 /
+SHA-256 over ``timestamp + body``
 (https://www.twilio.com/docs/sendgrid/for-developers/tracking-events/getting-started-event-webhook-security-features).
+
+Freshness: SendGrid retries a POST that got no 2xx "at increasing intervals for up to 24 hours
+after the event occurs" (Event Webhook troubleshooting), so the default tolerance is that day
+plus an hour's margin (``DEFAULT_TOLERANCE_SECONDS``). A retry inside the window is accepted
+again by verification; the gateway's idempotent receipt store applies each ``sg_event_id``
+once, which is what makes replays harmless (SendGrid itself says to de-duplicate on it).
 """
 
 from __future__ import annotations
@@ -45,7 +55,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from adapters import Outgoing, ProviderReceipt, ReceiptKind, SendReceipt, WebhookRejected
-from adapters._http import error_for_status, map_httpx_errors, retry_after_seconds
+from adapters._http import (
+    check_freshness,
+    error_for_status,
+    map_httpx_errors,
+    retry_after_seconds,
+)
 from gateway.config import ProviderConfig
 from gateway.core.errors import (
     AuthRejected,
@@ -64,6 +79,14 @@ CHANNEL: Final = Channel.EMAIL
 DEFAULT_BASE_URL: Final = "https://api.sendgrid.com"
 KEY_ARG: Final = "cgw_key"
 """``custom_args`` key carrying the message key; SendGrid echoes it in every event."""
+RECIPIENT_ARG: Final = "cgw_rcpt"
+"""``custom_args`` key carrying the CRM's recipient id, so an opt-out resolves to the recipient
+even when the message has left the journal."""
+TOPIC_ARG: Final = "cgw_topic"
+"""``custom_args`` key carrying the message's consent topic."""
+RETRY_WINDOW_SECONDS: Final = 24 * 3600.0
+"""SendGrid retries an Event Webhook POST for up to 24 hours after the event."""
+DEFAULT_TOLERANCE_SECONDS: Final = RETRY_WINDOW_SECONDS + 3600.0
 SIGNATURE_HEADER: Final = "x-twilio-email-event-webhook-signature"
 TIMESTAMP_HEADER: Final = "x-twilio-email-event-webhook-timestamp"
 
@@ -126,10 +149,13 @@ def build_request(
     name = sender.email_name or outgoing.brand
     if name:
         from_["name"] = name
+    custom_args = {KEY_ARG: outgoing.message_key}
+    if outgoing.recipient_id is not None:
+        custom_args[RECIPIENT_ARG] = outgoing.recipient_id
+    if outgoing.topic is not None:
+        custom_args[TOPIC_ARG] = outgoing.topic
     payload: dict[str, Any] = {
-        "personalizations": [
-            {"to": [{"email": outgoing.address}], "custom_args": {KEY_ARG: outgoing.message_key}}
-        ],
+        "personalizations": [{"to": [{"email": outgoing.address}], "custom_args": custom_args}],
         "from": from_,
         "subject": content.subject,
         "content": parts,
@@ -265,13 +291,15 @@ def verify_webhook(
         url: the URL the request came to (unused: SendGrid signs the body only).
         headers: the request headers; any case (they are lowercased here).
         body: the raw body, exactly as received (the signature covers the bytes).
-        config: needs ``webhook_public_key``; ``webhook_tolerance_seconds`` bounds replays.
+        config: needs ``webhook_public_key``; ``webhook_tolerance_seconds`` bounds the
+            signature's age (unset: ``DEFAULT_TOLERANCE_SECONDS``).
         now: POSIX seconds.
 
     Raises:
         WebhookRejected: ``bad_signature`` (a header missing, no key configured, or the
-            signature does not verify), ``stale`` (signed more than the tolerance away from
-            ``now``), ``malformed`` (not a JSON array of event objects).
+            signature does not verify), ``stale`` (signed longer ago than the tolerance, or
+            more than ``MAX_CLOCK_AHEAD_SECONDS`` ahead of ``now``), ``malformed`` (not a JSON
+            array of event objects).
     """
     lowered = _lowered(headers)
     signature = lowered.get(SIGNATURE_HEADER)
@@ -293,8 +321,13 @@ def verify_webhook(
         signed_at = float(timestamp)
     except ValueError as exc:  # signed, yet garbage: SendGrid never sends this
         raise WebhookRejected("malformed", "sendgrid: the timestamp is not a number") from exc
-    if abs(now - signed_at) > config.webhook_tolerance_seconds:
-        raise WebhookRejected("stale", "sendgrid: signed outside the tolerance window")
+    tolerance = config.webhook_tolerance_seconds
+    check_freshness(
+        provider=KIND,
+        signed_at_seconds=signed_at,
+        now=now,
+        tolerance_seconds=DEFAULT_TOLERANCE_SECONDS if tolerance is None else tolerance,
+    )
     _events(body)
 
 
@@ -302,6 +335,10 @@ def _message_id(event: Mapping[str, Any]) -> str | None:
     """``sg_message_id`` is ``<X-Message-Id>.<filter and instance>``: keep what send returned."""
     value = event.get("sg_message_id")
     return value.split(".", 1)[0] if isinstance(value, str) and value else None
+
+
+def _string(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _seconds(value: object) -> float | None:
@@ -334,8 +371,10 @@ def parse_webhook(*, url: str, headers: Mapping[str, str], body: bytes) -> list[
     """Receipts for our messages from a verified Event Webhook body.
 
     Events without ``cgw_key`` were not sent by this gateway and are skipped, and so are the
-    event types that change nothing (``processed``, ``deferred``, ...). ``at`` is the event's
-    ``timestamp``, else the signature timestamp.
+    event types that change nothing (``processed``, ``deferred``, ...). ``unsubscribe``,
+    ``group_unsubscribe`` and ``spamreport`` are receipts like the others. ``at`` is the event's
+    ``timestamp``, else the signature timestamp; ``event_id`` is ``sg_event_id``;
+    ``recipient_id`` and ``topic`` are the echoed ``cgw_rcpt`` and ``cgw_topic``.
 
     Raises:
         WebhookRejected: ``malformed`` when the body is not a JSON array of objects.
@@ -359,6 +398,9 @@ def parse_webhook(*, url: str, headers: Mapping[str, str], body: bytes) -> list[
                 message_key=key,
                 provider_message_id=_message_id(event),
                 detail=_detail(name, event),
+                event_id=_string(event.get("sg_event_id")),
+                recipient_id=_string(event.get(RECIPIENT_ARG)),
+                topic=_string(event.get(TOPIC_ARG)),
             )
         )
     return receipts

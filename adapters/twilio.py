@@ -5,19 +5,34 @@ Wire format (twilio.com/docs/messaging/api/message-resource, /docs/usage/webhook
 
 - ``POST {base}/2010-04-01/Accounts/{AccountSid}/Messages.json``, HTTP basic auth
   ``AccountSid:AuthToken``, form-encoded ``To`` (E.164), ``From`` (a number or an alphanumeric
-  sender id), ``Body`` and ``StatusCallback``. The gateway's callback URL already names the
-  message (``?m=<message key>``), so callbacks need no lookup by SID.
+  sender id) or, when the provider has ``messaging_service_sid``, ``MessagingServiceSid``
+  instead (Twilio picks the sender from the service's pool), ``Body`` and ``StatusCallback``.
+  The gateway's callback URL already names the message (``?m=<message key>``), so callbacks
+  need no lookup by SID.
 - Success is ``201`` with JSON ``{"sid": "SM...", "status": "queued", ...}``; failure is
   ``{"code": 21211, "message": ..., "more_info": ..., "status": 400}`` (table ``_CODES``).
 - Status callbacks are form POSTs to ``StatusCallback`` with ``MessageSid``, ``MessageStatus``
   (queued, sending, sent, delivered, undelivered, failed; read on some channels),
-  ``ErrorCode``, ``To``, ``From``, ``AccountSid``, ... and the header ``X-Twilio-Signature`` =
-  base64(HMAC-SHA1(auth token, URL + every POST parameter's name and value, sorted by name)).
-  The URL is the full URL Twilio requested, query string included.
+  ``ErrorCode``, ``To``, ``From``, ``AccountSid``, ...
+- Inbound messages (twilio.com/docs/messaging/guides/webhook-request) are form POSTs to the
+  number's (or Messaging Service's) incoming-message webhook, which is the same gateway
+  endpoint: ``MessageSid``, ``SmsSid``, ``SmsStatus=received``, ``From``, ``To``, ``Body``,
+  ``NumMedia``, ... and, for a Messaging Service with Advanced Opt-Out, ``OptOutType``
+  (``STOP``, ``START`` or ``HELP``). A STOP is the recipient's opt-out and becomes an
+  ``UNSUBSCRIBED`` receipt naming the phone number (``parse_webhook``).
+- Every webhook carries ``X-Twilio-Signature`` = base64(HMAC(key, URL + each POST parameter's
+  name and value, sorted by name, then by value, identical pairs once)), the URL being the full
+  URL Twilio requested, query string included. The key is the auth token and the HMAC SHA-1,
+  unless a Webhooks rule matched the URL: then Twilio signs with the rule's SharedKey and
+  algorithm (HMAC-SHA256) and says so in ``X-Twilio-Webhooks-Signature-Settings:
+  key=<SharedKey id>,algorithm=HMAC_SHA256`` (twilio.com/docs/usage/webhooks/webhook-shared-keys).
+  A JSON body is not signed as parameters: its hex SHA-256 is the URL's ``bodySHA256`` query
+  parameter, and the signature covers the URL alone. ``verify_webhook`` accepts exactly what
+  twilio-python's ``RequestValidator`` accepts (``tests/adapters/test_provider_sdks.py``).
 
 Twilio signatures carry no timestamp, so a callback cannot be checked for freshness. Replays
-are absorbed by idempotency instead: a repeated ``delivered`` or ``failed`` for a message is a
-no-op in the router. Do not invent a timestamp check.
+are absorbed by idempotency instead: every receipt carries ``event_id`` = ``MessageSid:status``
+and the gateway's receipt store applies each once. Do not invent a timestamp check.
 """
 
 from __future__ import annotations
@@ -52,6 +67,21 @@ CHANNEL: Final = Channel.SMS
 DEFAULT_URL: Final = "https://api.twilio.com"
 API_VERSION: Final = "2010-04-01"
 SIGNATURE_HEADER: Final = "x-twilio-signature"
+SIGNATURE_SETTINGS_HEADER: Final = "x-twilio-webhooks-signature-settings"
+HMAC_SHA1: Final = "HMAC_SHA1"
+HMAC_SHA256: Final = "HMAC_SHA256"
+_DIGESTS: Final = {HMAC_SHA1: hashlib.sha1, HMAC_SHA256: hashlib.sha256}
+BODY_HASH_PARAM: Final = "bodySHA256"
+
+OPT_OUT_KEYWORDS: Final = frozenset(
+    {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "OPTOUT", "REVOKE"}
+)
+"""Twilio's default opt-out keywords (twilio.com/docs/messaging/tutorials/advanced-opt-out;
+help.twilio.com "Twilio support for opt-out keywords"). Twilio acts on a message only when its
+whole body is one of them, in any case ("Stop please" does nothing), so the same rule applies
+here; "STOP ALL" is not on Twilio's list (two words), unlike some other carriers'."""
+INBOUND_STATUS: Final = "received"
+"""``SmsStatus`` of an inbound message (status callbacks of our own messages never have it)."""
 
 # Twilio's error dictionary (twilio.com/docs/api/errors/<code>). Twilio warns that codes get
 # refined over time (2024: new codes split out of 21211/21212/21606/21614), so anything not
@@ -70,6 +100,8 @@ _CODES: Final[Mapping[int, type[ProviderError]]] = {
     21604: InvalidRequest,  # 'To' phone number is required
     21606: InvalidRequest,  # 'From' is not a valid message-capable Twilio number for this To
     21617: InvalidRequest,  # the concatenated body exceeds the 1600 character limit
+    21701: InvalidRequest,  # the Messaging Service does not exist (messaging_service_sid)
+    21705: InvalidRequest,  # the Messaging Service is invalid (not an MG... sid)
 }
 
 RECEIPT_STATUSES: Final[Mapping[str, ReceiptKind]] = {
@@ -94,12 +126,22 @@ _failure_decoder: Final = msgspec.json.Decoder(_Failure)
 
 
 # ---------------------------------------------------------------- pure functions
-def form_fields(outgoing: Outgoing) -> dict[str, str]:
-    """The form fields of one ``Messages.json`` request."""
+def form_fields(outgoing: Outgoing, *, messaging_service_sid: str | None = None) -> dict[str, str]:
+    """The form fields of one ``Messages.json`` request.
+
+    With ``messaging_service_sid`` the message names the Messaging Service instead of a
+    ``From``: Twilio then sends from the service's sender pool (and applies its Advanced
+    Opt-Out), so the tenant's ``sms_from`` is not used.
+    """
     content = outgoing.content
     if not isinstance(content, SmsContent):
         raise TypeError(f"twilio can't send {type(content).__name__}")
-    fields = {"To": outgoing.address, "From": outgoing.sender.sms_from, "Body": content.text}
+    fields = {"To": outgoing.address}
+    if messaging_service_sid:
+        fields["MessagingServiceSid"] = messaging_service_sid
+    else:
+        fields["From"] = outgoing.sender.sms_from
+    fields["Body"] = content.text
     if outgoing.status_callback_url:
         fields["StatusCallback"] = outgoing.status_callback_url
     return fields
@@ -112,7 +154,8 @@ def build_request(
 
     Args:
         outgoing: an SMS; ``address`` is the E.164 phone, ``sender.sms_from`` the sender.
-        config: supplies ``account_sid``.
+        config: supplies ``account_sid``, and ``messaging_service_sid`` when the sender is a
+            Messaging Service.
         base_url: e.g. ``https://api.twilio.com`` or a simulator's address.
         auth_token: the account's auth token (basic-auth password).
 
@@ -126,7 +169,7 @@ def build_request(
     return httpx.Request(
         "POST",
         f"{base_url.rstrip('/')}/{API_VERSION}/Accounts/{account_sid}/Messages.json",
-        data=form_fields(outgoing),
+        data=form_fields(outgoing, messaging_service_sid=config.messaging_service_sid),
         headers={"Authorization": f"Basic {credentials}", "Accept": "application/json"},
     )
 
@@ -167,16 +210,35 @@ def parse_response(response: httpx.Response, *, provider: str) -> SendReceipt:
     )
 
 
-def signature(url: str, params: Sequence[tuple[str, str]], auth_token: str) -> str:
+def signature(
+    url: str, params: Sequence[tuple[str, str]], key: str, *, algorithm: str = HMAC_SHA1
+) -> str:
     """``X-Twilio-Signature`` for a POST to ``url`` with form ``params``.
 
     The signed string is the URL (with its query string) followed by each parameter's name and
-    value, no separators, sorted by name (and by value for a repeated name, as Twilio's own
-    helper libraries do).
+    value, no separators, sorted by name, then by value; a pair repeated identically counts
+    once (twilio-python's ``RequestValidator.compute_signature`` sorts ``set(values)``).
+    ``key`` is the auth token, or the SharedKey secret with ``HMAC_SHA256``.
+
+    Raises:
+        ValueError: an algorithm other than ``HMAC_SHA1`` or ``HMAC_SHA256``.
     """
-    data = url + "".join(name + value for name, value in sorted(params))
-    digest = hmac.new(auth_token.encode(), data.encode(), hashlib.sha1).digest()
-    return base64.b64encode(digest).decode()
+    digest = _DIGESTS.get(algorithm.upper())
+    if digest is None:
+        raise ValueError(f"unsupported webhook signature algorithm {algorithm!r}")
+    data = url + "".join(name + value for name, value in sorted(set(params)))
+    return base64.b64encode(hmac.new(key.encode(), data.encode(), digest).digest()).decode()
+
+
+def signature_algorithm(settings: str | None) -> str:
+    """The algorithm ``X-Twilio-Webhooks-Signature-Settings`` names (``key=...,algorithm=...``);
+    ``HMAC_SHA1`` when the header or its ``algorithm`` is absent (twilio-python's
+    ``get_signature_algorithm``)."""
+    for part in (settings or "").split(","):
+        name, separator, value = part.partition("=")
+        if separator and name.strip() == "algorithm" and value.strip():
+            return value.strip()
+    return HMAC_SHA1
 
 
 def _params(body: bytes) -> list[tuple[str, str]]:
@@ -187,91 +249,140 @@ def _params(body: bytes) -> list[tuple[str, str]]:
 
 
 def _url_variants(url: str) -> tuple[str, ...]:
-    """``url`` as given, plus with its default port added or removed.
-
-    Twilio's helper libraries accept both because "sig generation on back end is inconsistent"
-    about ``:443`` (twilio-python ``RequestValidator.validate``).
-    """
+    """``url`` without its port and with one (the default port of the scheme when it names
+    none), the two forms twilio-python's ``RequestValidator.validate`` checks because "sig
+    generation on back end is inconsistent" about ports."""
     parts = urlsplit(url)
-    default_port = {"https": 443, "http": 80}.get(parts.scheme)
-    host = parts.hostname
-    if default_port is None or host is None or parts.username is not None:
+    if not parts.netloc or "@" in parts.netloc:
         return (url,)
     try:
         port = parts.port
     except ValueError:
         return (url,)
-    host = f"[{host}]" if ":" in host else host
-    if port is None:
-        other = parts._replace(netloc=f"{host}:{default_port}")
-    elif port == default_port:
-        other = parts._replace(netloc=host)
-    else:
-        return (url,)
-    return (url, urlunsplit(other))
+    # the netloc's own spelling (case, IPv6 brackets), as twilio-python keeps it
+    host = parts.netloc.rsplit(":", 1)[0] if port is not None else parts.netloc
+    with_port = port if port is not None else (443 if parts.scheme == "https" else 80)
+    without = urlunsplit(parts._replace(netloc=host))
+    return (without, urlunsplit(parts._replace(netloc=f"{host}:{with_port}")))
+
+
+def _signing_key(lowered: Mapping[str, str], config: ProviderConfig) -> tuple[str, str]:
+    """``(key, algorithm)``: the SharedKey and its algorithm when the settings header is there,
+    else the auth token and HMAC-SHA1."""
+    settings = lowered.get(SIGNATURE_SETTINGS_HEADER)
+    if settings is None:
+        if config.auth_token is None:
+            raise WebhookRejected("bad_signature", "no auth_token configured to check signatures")
+        return config.auth_token.reveal(), HMAC_SHA1
+    algorithm = signature_algorithm(settings).upper()
+    if algorithm not in _DIGESTS:
+        raise WebhookRejected("bad_signature", f"unsupported signature algorithm {algorithm}")
+    if config.webhook_shared_key is None:
+        raise WebhookRejected(
+            "bad_signature", "signed with a SharedKey, but no webhook_shared_key is configured"
+        )
+    return config.webhook_shared_key.reveal(), algorithm
 
 
 def verify_webhook(
     *, url: str, headers: Mapping[str, str], body: bytes, config: ProviderConfig, now: float
 ) -> None:
-    """Check that a status callback comes from Twilio.
+    """Check that a webhook (status callback or inbound message) comes from Twilio.
 
     Args:
         url: the full URL Twilio was given and requested, query string included (the
             ``StatusCallback`` as sent, i.e. the gateway's public URL, not the address a proxy
             forwarded to).
         headers: the request headers, any case.
-        body: the raw form body.
-        config: the provider whose ``auth_token`` keys the signature.
+        body: the raw body: a form, or JSON when ``url`` carries ``bodySHA256``.
+        config: ``auth_token`` keys HMAC-SHA1 signatures; ``webhook_shared_key`` keys those
+            whose ``X-Twilio-Webhooks-Signature-Settings`` names a SharedKey.
         now: unused: Twilio signs no timestamp, so there is no staleness to check (replays are
-            absorbed by the router's idempotency).
+            absorbed by the receipt store's idempotency on ``event_id``).
 
     Raises:
-        WebhookRejected: ``bad_signature`` (missing, wrong, or no token to check with) or
-            ``malformed`` (the body is not a form).
+        WebhookRejected: ``bad_signature`` (missing, wrong, an unknown algorithm, no key to
+            check with, or a body that does not match ``bodySHA256``) or ``malformed`` (the
+            body is not a form).
     """
     del now
     lowered = {name.lower(): value for name, value in headers.items()}
     given = lowered.get(SIGNATURE_HEADER)
     if given is None:
         raise WebhookRejected("bad_signature", "no X-Twilio-Signature header")
-    if config.auth_token is None:
-        raise WebhookRejected("bad_signature", "no auth_token configured to check signatures")
-    params = _params(body)
-    token = config.auth_token.reveal()
+    key, algorithm = _signing_key(lowered, config)
+    body_hashes = parse_qs(urlsplit(url).query).get(BODY_HASH_PARAM)
+    if body_hashes:
+        # a JSON body: its hash is in the signed URL, and there are no parameters to sign
+        params: list[tuple[str, str]] = []
+        body_ok = hmac.compare_digest(
+            body_hashes[0].encode(), hashlib.sha256(body).hexdigest().encode()
+        )
+    else:
+        params = _params(body)
+        body_ok = True
     given_bytes = given.strip().encode()
     valid = False
     for candidate in _url_variants(url):
         # Constant time, and every variant is checked: no early exit to time.
-        valid |= hmac.compare_digest(given_bytes, signature(candidate, params, token).encode())
-    if not valid:
+        expected = signature(candidate, params, key, algorithm=algorithm)
+        valid |= hmac.compare_digest(given_bytes, expected.encode())
+    if not (valid and body_ok):
         raise WebhookRejected("bad_signature", "X-Twilio-Signature does not match")
 
 
+def is_opt_out(fields: Mapping[str, str]) -> bool:
+    """Whether an inbound message is the sender's opt-out.
+
+    ``OptOutType`` (Advanced Opt-Out) decides when Twilio sent it: ``STOP`` is an opt-out,
+    ``START`` and ``HELP`` are not, whatever the body says (the service may have custom
+    keywords). Without it, the body decides: one of ``OPT_OUT_KEYWORDS``, trimmed, any case.
+    """
+    opt_out_type = fields.get("OptOutType")
+    if opt_out_type:
+        return opt_out_type.strip().upper() == "STOP"
+    return fields.get("Body", "").strip().upper() in OPT_OUT_KEYWORDS
+
+
 def parse_webhook(*, url: str, headers: Mapping[str, str], body: bytes) -> list[ProviderReceipt]:
-    """The receipt in one verified status callback, if its status is one.
+    """The receipt in one verified webhook, if it holds one.
 
-    ``delivered`` -> DELIVERED; ``undelivered``/``failed`` -> FAILED with ``detail`` = Twilio's
-    ``ErrorCode`` (a code such as ``30003``, never personal data); ``read`` -> READ; every
-    other status -> no receipt. ``message_key`` is the ``m`` query parameter of ``url`` (the
-    gateway put it into ``StatusCallback``); ``provider_message_id`` is ``MessageSid``.
+    Status callbacks: ``delivered`` -> DELIVERED; ``undelivered``/``failed`` -> FAILED with
+    ``detail`` = Twilio's ``ErrorCode`` (a code such as ``30003``, never personal data);
+    ``read`` -> READ; every other status -> no receipt. ``message_key`` is the ``m`` query
+    parameter of ``url`` (the gateway put it into ``StatusCallback``); ``provider_message_id``
+    is ``MessageSid``.
 
-    ``at`` is ``0.0``: Twilio's callbacks carry no event time, and this function gets no
-    clock, so the webhook route substitutes the time it received the callback.
+    Inbound messages (``SmsStatus=received``): an opt-out (``is_opt_out``) -> one UNSUBSCRIBED
+    naming no message, with ``detail`` = the sender's phone (``From``; personal data, never
+    logged); START, HELP and every other inbound message -> no receipt.
+
+    ``event_id`` is ``MessageSid:status`` (Twilio sends the same again when it retries).
+    ``at`` is ``0.0``: Twilio's webhooks carry no event time, and this function gets no
+    clock, so the webhook route substitutes the time it received the request.
 
     Raises:
-        WebhookRejected: ``malformed`` when the body is not a form or has no ``MessageStatus``.
+        WebhookRejected: ``malformed`` when the body is not a form, has no ``MessageStatus``
+            or ``SmsStatus``, or is an opt-out without ``From``.
     """
     del headers
     fields = dict(_params(body))
     status = fields.get("MessageStatus") or fields.get("SmsStatus")
     if not status:
-        raise WebhookRejected("malformed", "status callback without MessageStatus")
+        raise WebhookRejected("malformed", "webhook without MessageStatus or SmsStatus")
+    sid = fields.get("MessageSid") or fields.get("SmsSid") or None
+    event_id = f"{sid}:{status}" if sid else None
+    if status == INBOUND_STATUS:
+        if not is_opt_out(fields):
+            return []
+        phone = fields.get("From")
+        if not phone:
+            raise WebhookRejected("malformed", "inbound opt-out without From")
+        return [ProviderReceipt(ReceiptKind.UNSUBSCRIBED, 0.0, detail=phone, event_id=event_id)]
     kind = RECEIPT_STATUSES.get(status)
     if kind is None:
         return []
     keys = parse_qs(urlsplit(url).query).get("m")
-    sid = fields.get("MessageSid") or fields.get("SmsSid") or None
     detail = (fields.get("ErrorCode") or None) if kind is ReceiptKind.FAILED else None
     return [
         ProviderReceipt(
@@ -280,6 +391,7 @@ def parse_webhook(*, url: str, headers: Mapping[str, str], body: bytes) -> list[
             message_key=keys[0] if keys else None,
             provider_message_id=sid,
             detail=detail,
+            event_id=event_id,
         )
     ]
 

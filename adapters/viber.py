@@ -13,7 +13,15 @@ https://developers.viber.com/docs/api/rest-bot-api/):
   signed with ``X-Viber-Content-Signature`` = hex HMAC-SHA256 of the raw body keyed with the
   bot's auth token. ``delivered``/``seen``/``failed`` name the message by ``message_token``
   only (``tracking_data`` comes back with user replies, never with receipts), so receipts
-  carry ``provider_message_id`` and the router resolves it to the message.
+  carry ``provider_message_id`` and the router resolves it to the message. Each receipt's
+  ``event_id`` is ``message_token:event:timestamp``, the same in every retry of the callback.
+
+Freshness: "when a webhook appears offline, Viber will retry the callback several times for an
+hour" (Viber's developer FAQ), and a retry carries the original ``timestamp``. The default
+tolerance is that hour plus an hour's margin (``DEFAULT_TOLERANCE_SECONDS``); a retry inside it
+is accepted again by verification and applied once by the gateway's idempotent receipt store,
+which is what makes replays harmless. A shorter window would refuse the retried
+``unsubscribed`` of an outage: a lost opt-out.
 """
 
 from __future__ import annotations
@@ -22,12 +30,13 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 from typing import Final
+from urllib.parse import urlsplit
 
 import httpx
 import msgspec
 
 from adapters import Outgoing, ProviderReceipt, ReceiptKind, SendReceipt, WebhookRejected
-from adapters._http import error_for_status, map_httpx_errors
+from adapters._http import check_freshness, error_for_status, map_httpx_errors
 from gateway.config import ProviderConfig
 from gateway.core.errors import (
     AuthRejected,
@@ -48,13 +57,21 @@ SIGNATURE_HEADER: Final = "x-viber-content-signature"
 
 MAX_SENDER_NAME_CHARS: Final = 28
 """``sender.name``: "Required. Max 28 characters" (send_message docs)."""
+MAX_TEXT_CHARS: Final = 7000
+"""A text message's ``text``: "Max length 7,000 characters" (send_message docs)."""
 MAX_PICTURE_TEXT_CHARS: Final = 768
 """A picture message's ``text`` (its caption) holds at most 768 characters."""
 MAX_TRACKING_DATA_CHARS: Final = 4000
+PICTURE_EXTENSIONS: Final = (".jpeg", ".png", ".gif")
+"""``media`` of a picture: "The URL must have a resource with a .jpeg, .png or .gif file
+extension as the last path segment" (send_message docs); other images go out as text."""
 
-RECEIPT_EVENTS: Final = ("delivered", "seen", "failed")
-"""The callbacks ``set_webhook`` subscribes to; ``message``, ``subscribed`` and
-``unsubscribed`` are mandatory and always come."""
+RECEIPT_EVENTS: Final = ("delivered", "seen", "failed", "unsubscribed")
+"""The callbacks ``set_webhook`` subscribes to. ``unsubscribed`` is named although Viber says it
+always comes: it is the opt-out, and asking for it explicitly costs nothing."""
+RETRY_WINDOW_SECONDS: Final = 3600.0
+"""Viber retries a callback "several times for an hour" while the webhook looks offline."""
+DEFAULT_TOLERANCE_SECONDS: Final = RETRY_WINDOW_SECONDS + 3600.0
 
 # Viber's status codes (creators.viber.com/docs/bots-api/errors; the same table ships in
 # Viber's own SDKs). What each means for us:
@@ -108,18 +125,32 @@ def message_body(outgoing: Outgoing) -> dict[str, object]:
 
     A button (``button_text`` with a ``link_url``) is sent as text, not as a Viber keyboard:
     ``"{text}\\n\\n{button_text}: {link}"`` unless the text already carries the link. Keyboards
-    need newer clients (``min_api_version``) and are not worth that here.
+    need newer clients (``min_api_version``) and are not worth that here. When the line would
+    take the text past Viber's 7,000 characters it is left out: the message still goes, with
+    the CRM's text whole (cutting it could cut the advertiser's name or the terms).
 
-    An image makes a ``picture`` message whose caption is the text; a caption longer than
-    Viber's 768 characters would be refused, so such a message goes out as text without the
-    image rather than not at all.
+    An image makes a ``picture`` message whose caption is the text when Viber can take it: a
+    caption of at most 768 characters and a media URL whose last path segment ends in .jpeg,
+    .png or .gif. Otherwise the message goes out as text without the image rather than not at
+    all.
+
+    Raises:
+        InvalidRequest: the text itself is over 7,000 characters (after ``{link}`` became the
+            tracked URL); Viber would refuse it with status 3.
+        TypeError: ``outgoing.content`` is not Viber content.
     """
     content = outgoing.content
     if not isinstance(content, ViberContent):
         raise TypeError(f"viber can't send {type(content).__name__}")
     text = content.text
+    if len(text) > MAX_TEXT_CHARS:
+        raise InvalidRequest(
+            f"viber: the text has {len(text)} characters, over {MAX_TEXT_CHARS}", provider=KIND
+        )
     if content.button_text and outgoing.link_url and outgoing.link_url not in text:
-        text = f"{text}\n\n{content.button_text}: {outgoing.link_url}"
+        with_button = f"{text}\n\n{content.button_text}: {outgoing.link_url}"
+        if len(with_button) <= MAX_TEXT_CHARS:
+            text = with_button
     body: dict[str, object] = {
         "receiver": outgoing.address,
         "min_api_version": 1,
@@ -127,7 +158,11 @@ def message_body(outgoing: Outgoing) -> dict[str, object]:
         # Comes back only with the user's replies; the message key is no personal data.
         "tracking_data": outgoing.message_key[:MAX_TRACKING_DATA_CHARS],
     }
-    if content.image_url is not None and len(text) <= MAX_PICTURE_TEXT_CHARS:
+    if (
+        content.image_url is not None
+        and len(text) <= MAX_PICTURE_TEXT_CHARS
+        and picture_url_accepted(content.image_url)
+    ):
         body["type"] = "picture"
         body["text"] = text
         body["media"] = content.image_url
@@ -135,6 +170,12 @@ def message_body(outgoing: Outgoing) -> dict[str, object]:
         body["type"] = "text"
         body["text"] = text
     return body
+
+
+def picture_url_accepted(url: str) -> bool:
+    """Whether Viber takes ``url`` as a picture's ``media`` (see ``PICTURE_EXTENSIONS``)."""
+    last_segment = urlsplit(url).path.rsplit("/", 1)[-1]
+    return last_segment.lower().endswith(PICTURE_EXTENSIONS)
 
 
 def build_request(
@@ -228,13 +269,14 @@ def verify_webhook(
         headers: the request headers, any case.
         body: the raw request body, exactly as received.
         config: the provider whose ``auth_token`` keys the signature and whose
-            ``webhook_tolerance_seconds`` bounds the callback's age.
+            ``webhook_tolerance_seconds`` bounds the callback's age (unset:
+            ``DEFAULT_TOLERANCE_SECONDS``).
         now: wall time, POSIX seconds.
 
     Raises:
         WebhookRejected: ``bad_signature`` (missing, wrong, or no token to check with),
             ``malformed`` (signed, but not a Viber callback), ``stale`` (its ``timestamp`` is
-            further from ``now`` than the tolerance, either way: a replay or a broken clock).
+            older than the tolerance, or too far in the future: a broken clock).
     """
     del url
     lowered = {name.lower(): value for name, value in headers.items()}
@@ -247,9 +289,13 @@ def verify_webhook(
     if not hmac.compare_digest(given.strip().lower().encode(), expected.encode()):
         raise WebhookRejected("bad_signature", "X-Viber-Content-Signature does not match")
     callback = _callback(body)
-    age_seconds = now - callback.timestamp / 1000.0
-    if abs(age_seconds) > config.webhook_tolerance_seconds:
-        raise WebhookRejected("stale", f"callback timestamp is {age_seconds:.0f} s from now")
+    tolerance = config.webhook_tolerance_seconds
+    check_freshness(
+        provider=KIND,
+        signed_at_seconds=callback.timestamp / 1000.0,
+        now=now,
+        tolerance_seconds=DEFAULT_TOLERANCE_SECONDS if tolerance is None else tolerance,
+    )
 
 
 def _callback(body: bytes) -> _Callback:
@@ -272,7 +318,8 @@ def parse_webhook(*, url: str, headers: Mapping[str, str], body: bytes) -> list[
     - ``webhook``, ``subscribed``, ``conversation_started``, ``message`` and unknown events:
       no receipts.
 
-    ``at`` is the callback's ``timestamp`` (milliseconds) in POSIX seconds.
+    ``at`` is the callback's ``timestamp`` (milliseconds) in POSIX seconds; ``event_id`` is
+    ``message_token:event:timestamp`` (None for a callback without ``message_token``).
 
     Raises:
         WebhookRejected: ``malformed`` when the body is not a Viber callback.
@@ -281,20 +328,39 @@ def parse_webhook(*, url: str, headers: Mapping[str, str], body: bytes) -> list[
     callback = _callback(body)
     at = callback.timestamp / 1000.0
     token = None if callback.message_token is None else str(callback.message_token)
+    # the user id stays out of the event id: it is personal data, and the token identifies
+    # the callback already
+    event_id = None if token is None else f"{token}:{callback.event}:{callback.timestamp}"
     match callback.event:
         case "delivered" | "seen" | "failed" if token is None:
             raise WebhookRejected("malformed", f"{callback.event} callback without message_token")
         case "delivered":
-            return [ProviderReceipt(ReceiptKind.DELIVERED, at, provider_message_id=token)]
+            return [
+                ProviderReceipt(
+                    ReceiptKind.DELIVERED, at, provider_message_id=token, event_id=event_id
+                )
+            ]
         case "seen":
-            return [ProviderReceipt(ReceiptKind.READ, at, provider_message_id=token)]
+            return [
+                ProviderReceipt(ReceiptKind.READ, at, provider_message_id=token, event_id=event_id)
+            ]
         case "failed":
             detail = callback.desc[:256] if callback.desc else None
             return [
-                ProviderReceipt(ReceiptKind.FAILED, at, provider_message_id=token, detail=detail)
+                ProviderReceipt(
+                    ReceiptKind.FAILED,
+                    at,
+                    provider_message_id=token,
+                    detail=detail,
+                    event_id=event_id,
+                )
             ]
         case "unsubscribed" if callback.user_id:
-            return [ProviderReceipt(ReceiptKind.UNSUBSCRIBED, at, detail=callback.user_id)]
+            return [
+                ProviderReceipt(
+                    ReceiptKind.UNSUBSCRIBED, at, detail=callback.user_id, event_id=event_id
+                )
+            ]
         case "unsubscribed":
             raise WebhookRejected("malformed", "unsubscribed callback without user_id")
         case _:
@@ -321,9 +387,12 @@ class ViberAdapter:
         Raises:
             gateway.core.errors.ProviderError: see ``parse_response`` and ``map_httpx_errors``.
         """
-        request = build_request(
-            outgoing, config=self.config, base_url=self._base_url, auth_token=self._auth_token
-        )
+        try:
+            request = build_request(
+                outgoing, config=self.config, base_url=self._base_url, auth_token=self._auth_token
+            )
+        except InvalidRequest as exc:
+            raise InvalidRequest(str(exc).replace(KIND, self.name, 1), provider=self.name) from exc
         with map_httpx_errors(self.name):
             response = await self._client.send(request)
         return parse_response(response, provider=self.name)

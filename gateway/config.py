@@ -241,6 +241,7 @@ SECRET_KEYS: Final = frozenset(
         "curve_secret_key",
         "secret",
         "previous_secrets",
+        "webhook_shared_key",
     }
 )
 
@@ -259,11 +260,20 @@ class ProviderConfig(_Config, frozen=True):
     timeout_seconds: Positive = 10.0
     project_id: str | None = None  # fcm
     account_sid: str | None = None  # twilio
+    messaging_service_sid: str | None = None
+    """Twilio: send through this Messaging Service (``MG...``) instead of ``From`` = the
+    tenant's ``sms_from``; Twilio then picks the sender from the service's pool."""
     webhook_public_key: str | None = None  # sendgrid: the ECDSA key of the signed event webhook
-    webhook_tolerance_seconds: Positive = 600.0
-    """Receipts signed longer ago than this are replays and get rejected."""
+    webhook_tolerance_seconds: Positive | None = None
+    """Receipts signed longer ago than this are rejected as ``stale``. Unset: the provider's
+    documented retry window plus a margin (SendGrid 25 h, Viber 2 h), so a callback the
+    provider retries after an outage is still accepted; replays inside the window are
+    absorbed by the gateway's idempotent receipt store, not by this check."""
     api_key: Secret | None = None  # sendgrid
     auth_token: Secret | None = None  # viber, twilio
+    webhook_shared_key: Secret | None = None
+    """Twilio: the SharedKey secret that signs webhooks matched by a Webhooks rule (those
+    carry ``X-Twilio-Webhooks-Signature-Settings``); the others are signed with ``auth_token``."""
     service_account_json: Secret | None = None  # fcm
 
     @property

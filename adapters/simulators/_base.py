@@ -21,11 +21,23 @@ probabilities (``[simulator]`` in the config) with a seeded RNG.
 | ``throttle`` | the API answers 429 with ``Retry-After: 1`` the first time, then accepts |
 
 Phones carry no letters, so a phone's last four digits select the same fates:
-``...0001`` read (clicked link), ``...0002`` ignore, ``...0003`` bounce (undelivered),
-``...0004`` invalid, ``...0005`` fail, ``...0006`` throttle. Others are delivered.
+
+| phone ends in | fate |
+|---|---|
+| ``0001`` | delivered, read, the tracked link clicked |
+| ``0002`` | ignore |
+| ``0003`` | bounce (undelivered) |
+| ``0004`` | invalid |
+| ``0005`` | fail |
+| ``0006`` | throttle |
+| ``0007`` | delivered, then the recipient texts STOP (Twilio: an inbound message to the webhook) |
+
+Other phones are delivered.
 
 Tests can also queue exact answers: ``script.append(Scripted(status=503, ...))`` makes the next
-API request get that answer, whatever the address.
+API request get that answer, whatever the address. ``replay(times)`` (or ``POST /_sim/replay``
+with ``{"times": N}``) posts the last webhook again, byte for byte, as a provider retrying it
+would.
 """
 
 from __future__ import annotations
@@ -34,7 +46,7 @@ import enum
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import hypercorn.config
@@ -60,6 +72,7 @@ class Fate(enum.Enum):
     INVALID = "invalid"
     FAIL = "fail"
     THROTTLE = "throttle"
+    STOP_REPLY = "stop-reply"  # phones only (0007): delivered, then the recipient texts STOP
     DELIVER = "deliver"  # delivered; read/click drawn from probabilities
 
 
@@ -80,6 +93,7 @@ _PHONE_SUFFIXES = {
     "0004": Fate.INVALID,
     "0005": Fate.FAIL,
     "0006": Fate.THROTTLE,
+    "0007": Fate.STOP_REPLY,
 }
 
 
@@ -89,6 +103,10 @@ class Scripted(msgspec.Struct):
     status: int
     body: dict[str, Any] = {}
     headers: dict[str, str] = {}
+
+
+class _Replay(msgspec.Struct):
+    times: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
 
 
 class Recorded(msgspec.Struct):
@@ -127,6 +145,8 @@ class Simulator:
         self.script: deque[Scripted] = deque()
         self.webhook_statuses: list[int] = []
         """HTTP status of every receipt the gateway answered (200 expected)."""
+        self.last_webhook: tuple[str, bytes, dict[str, str]] | None = None
+        """``(url, body, headers)`` of the last webhook posted, for ``replay``."""
         self.clicks: list[int] = []
         """HTTP status the gateway's click tracker answered for every tapped link (0 = no answer)."""
         self._throttled: set[str] = set()
@@ -186,7 +206,7 @@ class Simulator:
                 return True, False, False, False, False
             case Fate.BOUNCE:
                 return False, False, False, True, False
-            case Fate.UNSUBSCRIBE:
+            case Fate.UNSUBSCRIBE | Fate.STOP_REPLY:
                 return True, False, False, False, True
             case _:
                 if r() < b.bounce_probability:
@@ -226,6 +246,7 @@ class Simulator:
     async def post_webhook(self, url: str, *, content: bytes, headers: Mapping[str, str]) -> int:
         client = self._client
         assert client is not None, "the simulator is not serving"
+        self.last_webhook = (url, content, dict(headers))
         try:
             response = await client.post(url, content=content, headers=dict(headers))
         except httpx.HTTPError:
@@ -233,6 +254,20 @@ class Simulator:
             return 0
         self.webhook_statuses.append(response.status_code)
         return response.status_code
+
+    async def replay(self, times: int = 1) -> list[int]:
+        """Post the last webhook ``times`` more times, unchanged (same body, same signature),
+        as a provider does when it retries a callback; the gateway's answers, in order.
+
+        Raises:
+            LookupError: nothing was posted yet.
+        """
+        if self.last_webhook is None:
+            raise LookupError("no webhook posted yet")
+        url, content, headers = self.last_webhook
+        return [
+            await self.post_webhook(url, content=content, headers=headers) for _ in range(times)
+        ]
 
     async def tap(self, url: str) -> None:
         """The recipient taps a tracked link: a GET, redirects not followed (a browser would go
@@ -274,11 +309,22 @@ class Simulator:
             self.script.append(msgspec.convert(await request.json(), Scripted))
             return JSONResponse({"queued": len(self.script)})
 
+        async def replay(request: Request) -> Response:
+            try:
+                times = msgspec.convert(await request.json(), _Replay).times
+            except (ValueError, msgspec.ValidationError):
+                return JSONResponse({"error": 'expected {"times": <1..1000>}'}, status_code=400)
+            try:
+                return JSONResponse({"statuses": await self.replay(times)})
+            except LookupError:
+                return JSONResponse({"error": "no webhook posted yet"}, status_code=409)
+
         return Starlette(
             routes=[
                 *self.routes(),
                 Route("/_sim/requests", recorded, methods=["GET"]),
                 Route("/_sim/script", script, methods=["POST"]),
+                Route("/_sim/replay", replay, methods=["POST"]),
             ]
         )
 

@@ -44,7 +44,8 @@ from gateway.core.model import split_key
 TOKEN_LIFETIME_SECONDS: Final = 3600
 CLOCK_SKEW_SECONDS: Final = 60.0
 MAX_PAYLOAD_BYTES: Final = 4096  # notification + data, keys and values (FCM limit)
-_RESERVED_DATA_KEYS: Final = frozenset({"from"})  # and any "google" or "gcm" prefix
+GOOGLE_TOKEN_AUDIENCE: Final = "https://oauth2.googleapis.com/token"  # noqa: S105 (a URL)
+_RESERVED_DATA_KEYS: Final = frozenset({"from", "message_type"})  # and "google"/"gcm" prefixes
 _MESSAGE_FIELDS: Final = frozenset(
     {
         "name",
@@ -204,7 +205,9 @@ class FcmSimulator(Simulator):
             return _oauth_error("invalid_grant", "Invalid JWT Signature.")
         if claims.get("iss") != self.client_email:
             return _oauth_error("invalid_grant", "Invalid grant: account not found")
-        if claims.get("aud") != self.token_uri:
+        # Google's token endpoint wants its own current URL as the audience, whichever URL
+        # the grant was posted to (google-auth always sends that one)
+        if claims.get("aud") != GOOGLE_TOKEN_AUDIENCE:
             return _oauth_error("invalid_grant", "Invalid JWT: audience mismatch.")
         if SCOPE not in str(claims.get("scope", "")).split():
             return _oauth_error("invalid_scope", "Invalid OAuth scope or ID token audience.")
@@ -389,7 +392,9 @@ def _validate(body: bytes) -> tuple[dict[str, Any] | None, dict[str, Any] | None
         if key in _RESERVED_DATA_KEYS or key.startswith(("google", "gcm")):
             return None, _invalid(f"Invalid data payload key: {key}", "message.data")
     android = message.get("android", {})
-    if not isinstance(android, dict) or android.get("priority", "NORMAL") not in ("NORMAL", "HIGH"):
+    # the published enum is NORMAL/HIGH; firebase-admin sends "normal"/"high" and FCM takes both
+    priority = android.get("priority", "NORMAL") if isinstance(android, dict) else None
+    if not isinstance(priority, str) or priority.upper() not in ("NORMAL", "HIGH"):
         return None, _invalid(
             "Invalid value at 'message.android.priority'", "message.android.priority"
         )

@@ -9,8 +9,10 @@ Accepted mail gets a ``202`` and an ``X-Message-Id``; then, per the address's fa
 simulator posts event batches to ``webhook_url``: ``processed`` + ``delivered`` (or
 ``bounce``), later ``open`` and ``click`` (the first link to the gateway's click tracker, only
 when the request left the account's open/click tracking on), or ``unsubscribe``. Every batch is
-a JSON array carrying the request's ``custom_args`` as top-level keys, signed with the
-simulator's P-256 key over ``timestamp + body`` exactly like SendGrid's Signed Event Webhook.
+a JSON array carrying the request's ``custom_args`` as top-level keys and a fresh
+``sg_event_id`` per event, signed with the simulator's P-256 key over ``timestamp + body``
+exactly like SendGrid's Signed Event Webhook (``replay`` re-posts a batch unchanged, as
+SendGrid's retries do).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import base64
 import re
 import secrets
+import uuid
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -70,6 +73,12 @@ def default_error(status: int) -> dict[str, Any]:
             return sendgrid_errors((None, "Internal server error"))
         case _:
             return sendgrid_errors((None, "Bad Request"))
+
+
+def event_id() -> str:
+    """An ``sg_event_id``: "a UUIDv4 string that is Base64url encoded" (Event Webhook
+    troubleshooting); SendGrid sends the same one again when it retries the batch."""
+    return base64.urlsafe_b64encode(str(uuid.uuid4()).encode()).decode().rstrip("=")
 
 
 def tracked_link(html: str) -> str | None:
@@ -191,7 +200,7 @@ class SendgridSimulator(Simulator):
                 **base,
                 "event": name,
                 "timestamp": int(self.wall_now()),
-                "sg_event_id": secrets.token_urlsafe(16),
+                "sg_event_id": event_id(),
                 **fields,
             }
 

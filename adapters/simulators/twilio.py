@@ -5,8 +5,10 @@ It answers like api.twilio.com: ``201`` with the Message resource (``sid`` ``SM.
 ``queued``), or an error ``{"code", "message", "more_info", "status"}``:
 - basic auth missing or wrong, or the URL's AccountSid not the caller's -> 401, 20003;
 - ``To`` missing -> 400, 21604; ``To`` not E.164 -> 400, 21211 (also the ``invalid`` fate);
-- ``From`` missing -> 400, 21603; ``From`` neither E.164 nor an alphanumeric sender id (1-11
-  letters, digits or spaces, at least one letter) -> 400, 21212;
+- neither ``From`` nor ``MessagingServiceSid`` -> 400, 21603; ``From`` neither E.164 nor an
+  alphanumeric sender id (1-11 letters, digits or spaces, at least one letter) -> 400, 21212;
+  ``MessagingServiceSid`` not ``MG`` + 32 hex digits -> 400, 21705 (the service sends from
+  ``number``);
 - ``Body`` missing or empty -> 400, 21602; over 1600 characters -> 400, 21617;
 - ``StatusCallback`` not an http(s) URL -> 400, 21609;
 - a recipient who unsubscribed (replied STOP) -> 400, 21610;
@@ -16,9 +18,16 @@ Later it POSTs form-encoded status callbacks to the message's ``StatusCallback``
 then ``delivered`` or, for a bounce, ``undelivered`` with ``ErrorCode`` 30003 (unreachable
 handset) or 30005 (unknown handset). Each carries ``X-Twilio-Signature`` computed exactly as
 Twilio does: base64(HMAC-SHA1(auth token, the callback URL with its query string + each
-parameter's name and value, sorted by name)). SMS has no read receipts; for a click fate the
-simulated recipient opens the tracked link in the body. An unsubscribe is a STOP reply: Twilio
-sends no status callback for it, but refuses later messages to that number with 21610.
+parameter's name and value, sorted by name, then value)). SMS has no read receipts; for a
+click fate the simulated recipient opens the tracked link in the body.
+
+An unsubscribe (the ``0007`` phones, or ``unsubscribe_probability``) is the recipient texting
+STOP: Twilio posts that inbound message (``SmsStatus=received``, ``From`` = the recipient,
+``Body=STOP``), signed the same way, to the number's messaging webhook, which is the
+simulator's ``webhook_url``, and refuses later messages to that number with 21610. ``POST
+/_sim/inbound`` with ``{"from": "+7...", "body": "STOP"}`` (optional ``"opt_out_type"``, as
+Advanced Opt-Out adds it) posts such an inbound message on demand and answers the gateway's
+HTTP status; START/UNSTOP opt the number back in.
 """
 
 from __future__ import annotations
@@ -32,9 +41,10 @@ import secrets
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from functools import partial
-from typing import Final
+from typing import Final, Literal
 from urllib.parse import parse_qsl, urlencode
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -44,6 +54,12 @@ from gateway.config import Secret, SimulatorConfig
 
 API_VERSION: Final = "2010-04-01"
 _E164: Final = re.compile(r"^\+[1-9][0-9]{6,14}$")
+_SERVICE_SID: Final = re.compile(r"^MG[0-9a-f]{32}$")
+OPT_OUT_KEYWORDS: Final = frozenset(
+    {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "OPTOUT", "REVOKE"}
+)
+"""Twilio's default opt-out keywords (the simulator's own copy, like ``signature``)."""
+OPT_IN_KEYWORDS: Final = frozenset({"START", "YES", "UNSTOP"})
 _ALPHANUMERIC_SENDER: Final = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9 ]{1,11}$")
 _TRACKED_LINK: Final = re.compile(r"https?://[^\s]+/t/c/[^\s]+")
 _MESSAGES: Final = {
@@ -59,6 +75,7 @@ _MESSAGES: Final = {
     21609: "Invalid StatusCallback url",
     21610: "Attempt to send to unsubscribed recipient",
     21617: "The concatenated message body exceeds the 1600 character limit.",
+    21705: "The Messaging Service is invalid",
 }
 
 
@@ -83,10 +100,13 @@ def _check_message(fields: dict[str, str]) -> int:
     if not _E164.match(to):
         return 21211
     sender = fields.get("From")
-    if not sender:
+    service = fields.get("MessagingServiceSid")
+    if not sender and not service:
         return 21603
-    if not (_E164.match(sender) or _ALPHANUMERIC_SENDER.match(sender)):
+    if sender and not (_E164.match(sender) or _ALPHANUMERIC_SENDER.match(sender)):
         return 21212
+    if not sender and service and not _SERVICE_SID.match(service):
+        return 21705
     body = fields.get("Body")
     if not body:
         return 21602
@@ -100,8 +120,9 @@ def _check_message(fields: dict[str, str]) -> int:
 
 def signature(url: str, params: list[tuple[str, str]], auth_token: str) -> str:
     """Twilio's request signature (the simulator's own copy, so a bug in the adapter's
-    verification can't hide behind shared code)."""
-    data = url + "".join(name + value for name, value in sorted(params))
+    verification can't hide behind shared code); an identical pair counts once, as in
+    twilio-python's ``RequestValidator``."""
+    data = url + "".join(name + value for name, value in sorted(set(params)))
     return base64.b64encode(
         hmac.new(auth_token.encode(), data.encode(), hashlib.sha1).digest()
     ).decode()
@@ -130,10 +151,11 @@ class TwilioSimulator(Simulator):
         )
         self.account_sid = "AC" + secrets.token_hex(16)
         self.auth_token = secrets.token_hex(16)
-        """Wall time minus ``trio.current_time()``; fixed when serving starts unless given."""
+        self.number = "+15005550006"
+        """The account's phone number: where inbound messages go when no message of ours
+        names a sender to reply to (Twilio's magic test number)."""
         self.opted_out: set[str] = set()
         """Numbers that replied STOP: further messages to them get 21610."""
-        """HTTP status of every tracked link the simulated recipients opened."""
 
     def credentials(self) -> dict[str, object]:
         return {
@@ -148,7 +170,8 @@ class TwilioSimulator(Simulator):
                 f"/{API_VERSION}/Accounts/{{account_sid}}/Messages.json",
                 self._create_message,
                 methods=["POST"],
-            )
+            ),
+            Route("/_sim/inbound", self._inbound_route, methods=["POST"]),
         ]
 
     # ------------------------------------------------------------ API
@@ -200,8 +223,8 @@ class TwilioSimulator(Simulator):
                 "direction": "outbound-api",
                 "error_code": None,
                 "error_message": None,
-                "from": fields["From"],
-                "messaging_service_sid": None,
+                "from": fields.get("From") or self.number,
+                "messaging_service_sid": fields.get("MessagingServiceSid"),
                 "num_media": "0",
                 "num_segments": "1",
                 "price": None,
@@ -232,7 +255,7 @@ class TwilioSimulator(Simulator):
             params = [
                 ("AccountSid", self.account_sid),
                 ("ApiVersion", API_VERSION),
-                ("From", fields["From"]),
+                ("From", fields.get("From") or self.number),
                 ("MessageSid", sid),
                 ("MessageStatus", status),
                 ("SmsSid", sid),
@@ -274,4 +297,75 @@ class TwilioSimulator(Simulator):
             if link is not None:
                 self.later(at + self.jitter(b.read_delay_seconds), partial(self.tap, link.group(0)))
         if unsubscribed:
-            self.opted_out.add(to)  # a STOP reply: no status callback, later sends get 21610
+            # the recipient texts STOP back to the number that wrote to them
+            sender = fields.get("From", "")
+            reply_to = sender if _E164.match(sender) else self.number
+            at += self.jitter(b.read_delay_seconds)
+
+            async def reply_stop() -> None:
+                await self.inbound(to, "STOP", to_number=reply_to)
+
+            self.later(at, reply_stop)
+
+    # ------------------------------------------------------------ inbound messages
+    async def inbound(
+        self,
+        phone: str,
+        body: str,
+        *,
+        opt_out_type: str | None = None,
+        to_number: str | None = None,
+    ) -> int:
+        """``phone`` texts ``body`` to the account: Twilio's opt-out bookkeeping, then the
+        signed incoming-message webhook to ``webhook_url``; the gateway's HTTP status (0: no
+        answer, or no webhook configured)."""
+        keyword = body.strip().upper()
+        if opt_out_type == "STOP" or (opt_out_type is None and keyword in OPT_OUT_KEYWORDS):
+            self.opted_out.add(phone)
+        elif opt_out_type == "START" or (opt_out_type is None and keyword in OPT_IN_KEYWORDS):
+            self.opted_out.discard(phone)
+        if not self.webhook_url:
+            return 0
+        sid = "SM" + secrets.token_hex(16)
+        params = [
+            ("AccountSid", self.account_sid),
+            ("ApiVersion", API_VERSION),
+            ("Body", body),
+            ("From", phone),
+            ("MessageSid", sid),
+            ("NumMedia", "0"),
+            ("NumSegments", "1"),
+            ("SmsMessageSid", sid),
+            ("SmsSid", sid),
+            ("SmsStatus", "received"),
+            ("To", to_number or self.number),
+        ]
+        if opt_out_type is not None:
+            params.append(("OptOutType", opt_out_type))
+        headers = {
+            "Content-Type": "application/x-www-form-urlencoded",
+            "X-Twilio-Signature": signature(self.webhook_url, params, self.auth_token),
+            "I-Twilio-Idempotency-Token": secrets.token_hex(16),
+        }
+        return await self.post_webhook(
+            self.webhook_url, content=urlencode(params).encode(), headers=headers
+        )
+
+    async def _inbound_route(self, request: Request) -> Response:
+        try:
+            wanted = msgspec.json.decode(await request.body(), type=_Inbound)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        status = await self.inbound(
+            wanted.from_, wanted.body, opt_out_type=wanted.opt_out_type, to_number=wanted.to
+        )
+        return JSONResponse({"status": status})
+
+
+class _Inbound(msgspec.Struct):
+    """``POST /_sim/inbound``: who texts what (``opt_out_type`` as Advanced Opt-Out adds it)."""
+
+    from_: str = msgspec.field(name="from")
+    body: str
+    opt_out_type: Literal["STOP", "START", "HELP"] | None = None
+    to: str | None = None

@@ -14,7 +14,9 @@ Validation, like the real API:
 - ``receiver``, ``type``, ``sender.name``, ``text`` (text, picture) or ``media`` (picture)
   missing -> status 4 (missingData);
 - ``sender.name`` over 28 characters, ``text`` over 7000 (768 for a picture caption),
-  ``tracking_data`` over 4000, an unsupported ``type`` -> status 3.
+  ``tracking_data`` over 4000, an unsupported ``type``, a picture whose ``media`` URL does not
+  end its last path segment in .jpeg, .png or .gif (Viber's documented requirement; the real
+  service fails such a picture, the simulator refuses it at once) -> status 3.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import msgspec
 from starlette.requests import Request
@@ -42,6 +45,7 @@ EVENT_TYPES: Final = frozenset(
 """Callbacks ``set_webhook`` can filter; ``message``, ``subscribed`` and ``unsubscribed`` always
 come (Viber's set_webhook docs)."""
 _TRACKED_LINK: Final = re.compile(r"https?://[^\s]+/t/c/[^\s]+")
+_PICTURE_TYPES: Final = (".jpeg", ".png", ".gif")
 _STATUS_NAMES: Final = {
     0: "ok",
     1: "invalidUrl",
@@ -93,6 +97,8 @@ def _check_message(body: object) -> int:
             if not isinstance(text, str) or len(text) > 768:
                 return 3
             if not isinstance(media, str) or not media.startswith(("http://", "https://")):
+                return 3
+            if not urlsplit(media).path.rsplit("/", 1)[-1].lower().endswith(_PICTURE_TYPES):
                 return 3
         case _:
             return 3

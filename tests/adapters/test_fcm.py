@@ -47,6 +47,7 @@ from adapters.fcm import (
     parse_token_response,
     parse_webhook,
     project_id,
+    reserved_data_keys,
     verify_webhook,
 )
 from adapters.simulators._base import Scripted
@@ -217,6 +218,48 @@ class TestBuildRequest:
         with pytest.raises(TypeError):
             build_request(email, config=fcm_config(), base_url="http://x", access_token="t")
 
+    def test_refuses_reserved_data_keys(self) -> None:
+        with pytest.raises(InvalidRequest, match="message_type"):
+            build_request(
+                push(data={"message_type": "x", "screen": "sale"}),
+                config=fcm_config(),
+                base_url="http://x",
+                access_token="t",
+            )
+
+
+class TestReservedDataKeys:
+    """FCM refuses a whole push whose data uses its reserved keys: they are found before that."""
+
+    @pytest.mark.parametrize(
+        ("data", "reserved"),
+        [
+            ({}, []),
+            ({"screen": "sale", "fromage": "brie", "message": "x", "agcm": "1"}, []),
+            ({"from": "x"}, ["from"]),
+            ({"message_type": "x"}, ["message_type"]),
+            (
+                {"google.c.a.e": "1", "gcm.notification.title": "t"},
+                ["gcm.notification.title", "google.c.a.e"],
+            ),
+            ({"googleId": "1", "gcmx": "1", "screen": "s"}, ["gcmx", "googleId"]),
+            (
+                {"From": "x", "Google.x": "1", "MESSAGE_TYPE": "y"},
+                ["From", "Google.x", "MESSAGE_TYPE"],
+            ),
+        ],
+    )
+    def test_found(self, data: dict[str, str], reserved: list[str]) -> None:
+        assert reserved == reserved_data_keys(data)
+
+    async def test_the_adapter_refuses_them_before_any_request(self) -> None:
+        fake = FakeFcm()
+        async with fake_adapter(fake, lambda: NOW) as adapter:
+            with pytest.raises(InvalidRequest) as caught:
+                await adapter.send(push(data={"from": "crm"}))
+        assert "push1: data uses reserved keys from" == str(caught.value)
+        assert (0, []) == (fake.token_calls, fake.send_tokens)
+
 
 class TestServiceAccount:
     """The key file is parsed once, at adapter construction, and its problems are ConfigErrors."""
@@ -286,10 +329,21 @@ class TestJwt:
         assert {
             "iss": "gw@acme-app.iam.gserviceaccount.com",
             "scope": SCOPE,
-            "aud": "https://oauth2.example/token",
+            "aud": "https://oauth2.googleapis.com/token",
             "iat": int(NOW),
             "exp": int(NOW) + 3600,
         } == claims
+
+    def test_a_legacy_token_uri_is_posted_to_but_not_the_audience(self) -> None:
+        legacy = "https://accounts.google.com/o/oauth2/token"
+        account = load_service_account(
+            fcm_config(service_account_json=Secret(account_json(token_uri=legacy)))
+        )
+        request = build_token_request(account, private_key=_KEY, now=NOW)
+        assert legacy == str(request.url)
+        assertion = parse_qs(request.content.decode())["assertion"][0]
+        _, claims = decode_jwt(assertion, public_key=_KEY.public_key())
+        assert "https://oauth2.googleapis.com/token" == claims["aud"]
 
     def test_wrong_key_fails(self) -> None:
         token = encode_jwt({"a": 1}, private_key=_KEY, key_id="k")
@@ -840,6 +894,10 @@ class TestSimulatorValidates:
                         ({"message": {"token": "t", "bogus": 1}}, None),
                         ({"message": {"token": "t", "data": {"n": 12}}}, "message.data[0].value"),
                         ({"message": {"token": "t", "data": {"google.x": "1"}}}, "message.data"),
+                        (
+                            {"message": {"token": "t", "data": {"message_type": "1"}}},
+                            "message.data",
+                        ),
                         ({"message": {"token": "t", "data": []}}, "message.data"),
                         (
                             {"message": {"token": "t", "notification": {"title": 1}}},
@@ -882,7 +940,7 @@ class TestSimulatorValidates:
                 good = {
                     "iss": sim.client_email,
                     "scope": SCOPE,
-                    "aud": sim.token_uri,
+                    "aud": "https://oauth2.googleapis.com/token",
                     "iat": int(now),
                     "exp": int(now) + 3600,
                 }
@@ -897,6 +955,8 @@ class TestSimulatorValidates:
                         sim.private_key_id,
                         sim.private_key,
                     ),
+                    # the URL the grant went to is not the audience Google wants
+                    ({**good, "aud": sim.token_uri}, sim.private_key_id, sim.private_key),
                     (
                         {**good, "iat": int(now) - 7200, "exp": int(now) - 3600},
                         sim.private_key_id,

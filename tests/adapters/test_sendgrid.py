@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -81,6 +82,8 @@ def mail(
     marketing_links: bool = True,
     sender: SenderConfig | None = None,
     campaign: str | None = "black-friday",
+    recipient_id: str | None = None,
+    topic: str | None = None,
 ) -> Outgoing:
     return Outgoing(
         message_key=key,
@@ -96,6 +99,8 @@ def mail(
         unsubscribe_url=UNSUB if marketing_links else None,
         open_pixel_url=PIXEL if marketing_links else None,
         campaign=campaign,
+        recipient_id=recipient_id,
+        topic=topic,
     )
 
 
@@ -165,6 +170,26 @@ class TestBuildRequest:
             },
             "categories": ["black-friday"],
         } == msgspec.json.decode(request.content)
+
+    @pytest.mark.parametrize(
+        ("recipient_id", "topic", "custom_args"),
+        [
+            ("cust-1", "promo", {"cgw_key": "acme:m1", "cgw_rcpt": "cust-1", "cgw_topic": "promo"}),
+            ("cust-1", None, {"cgw_key": "acme:m1", "cgw_rcpt": "cust-1"}),
+            (None, "promo", {"cgw_key": "acme:m1", "cgw_topic": "promo"}),
+        ],
+    )
+    def test_recipient_and_topic_ride_in_custom_args(
+        self, recipient_id: str | None, topic: str | None, custom_args: dict[str, str]
+    ) -> None:
+        request = build_request(
+            mail(recipient_id=recipient_id, topic=topic),
+            config=sendgrid_config(),
+            base_url="https://api.sendgrid.com",
+            api_key="SG.k",
+        )
+        (personalization,) = msgspec.json.decode(request.content)["personalizations"]
+        assert custom_args == personalization["custom_args"]
 
     def test_service_mail_has_no_unsubscribe_headers(self) -> None:
         outgoing = mail(category=Category.SERVICE, marketing_links=False, campaign=None)
@@ -434,9 +459,23 @@ class TestVerifyWebhook:
             verify_webhook(url="u", headers=headers, body=body, config=config, now=NOW)
         assert "bad_signature" == caught.value.verdict
 
-    @pytest.mark.parametrize("skew", [-601.0, 601.0])
-    def test_stale(self, skew: float) -> None:
-        headers, body = signed([{**EVENT, "event": "delivered"}], timestamp=NOW + skew)
+    @pytest.mark.parametrize(
+        "age_seconds",
+        [
+            50 * 60.0,  # an unsubscribe retried after a 50-minute outage
+            24 * 3600.0,  # SendGrid's last retry
+            25 * 3600.0,  # and the margin past it
+            -600.0,  # a clock ten minutes ahead of ours
+        ],
+    )
+    def test_late_retries_inside_sendgrids_retry_window_pass(self, age_seconds: float) -> None:
+        events = [{**EVENT, "event": "unsubscribe", "timestamp": int(NOW - age_seconds)}]
+        headers, body = signed(events, timestamp=NOW - age_seconds)
+        verify_webhook(url="u", headers=headers, body=body, config=sendgrid_config(), now=NOW)
+
+    @pytest.mark.parametrize("age_seconds", [25 * 3600.0 + 1, -601.0])
+    def test_stale(self, age_seconds: float) -> None:
+        headers, body = signed([{**EVENT, "event": "delivered"}], timestamp=NOW - age_seconds)
         with pytest.raises(WebhookRejected) as caught:
             verify_webhook(url="u", headers=headers, body=body, config=sendgrid_config(), now=NOW)
         assert "stale" == caught.value.verdict
@@ -444,9 +483,17 @@ class TestVerifyWebhook:
     def test_tolerance_is_configurable(self) -> None:
         headers, body = signed([{**EVENT, "event": "delivered"}], timestamp=NOW - 100)
         config = sendgrid_config(webhook_tolerance_seconds=60.0)
-        with pytest.raises(WebhookRejected):
+        with pytest.raises(WebhookRejected) as caught:
             verify_webhook(url="u", headers=headers, body=body, config=config, now=NOW)
+        assert "stale" == caught.value.verdict
         verify_webhook(url="u", headers=headers, body=body, config=sendgrid_config(), now=NOW)
+
+    def test_a_short_tolerance_also_bounds_the_future(self) -> None:
+        headers, body = signed([{**EVENT, "event": "delivered"}], timestamp=NOW + 100)
+        config = sendgrid_config(webhook_tolerance_seconds=60.0)
+        with pytest.raises(WebhookRejected) as caught:
+            verify_webhook(url="u", headers=headers, body=body, config=config, now=NOW)
+        assert "stale" == caught.value.verdict
 
     @pytest.mark.parametrize(
         "body", [b"not json", b'{"event": "delivered"}', b"[1, 2]", b'[{"a": 1}, "x"]']
@@ -520,8 +567,45 @@ class TestParseWebhook:
                 message_key="acme:m1",
                 provider_message_id="MSGID",
                 detail=detail,
+                event_id="e1",
             )
         ] == parse_webhook(url="u", headers=headers, body=body)
+
+    @pytest.mark.parametrize(
+        ("event", "kind"),
+        [
+            ({"event": "unsubscribe"}, ReceiptKind.UNSUBSCRIBED),
+            ({"event": "group_unsubscribe", "asm_group_id": 7}, ReceiptKind.UNSUBSCRIBED),
+            ({"event": "spamreport"}, ReceiptKind.SPAM_REPORT),
+        ],
+    )
+    def test_opt_outs_name_the_recipient_and_topic(
+        self, event: dict[str, Any], kind: ReceiptKind
+    ) -> None:
+        opt_out = {**EVENT, **event, "sg_event_id": "ZmFrZS1ldmVudA", "cgw_rcpt": "cust-1"}
+        body = msgspec.json.encode([opt_out | {"cgw_topic": "promo"}])
+        (receipt,) = parse_webhook(url="u", headers={}, body=body)
+        assert (kind, "acme:m1", "ZmFrZS1ldmVudA", "cust-1", "promo") == (
+            receipt.kind,
+            receipt.message_key,
+            receipt.event_id,
+            receipt.recipient_id,
+            receipt.topic,
+        )
+
+    def test_echoed_ids_are_none_when_absent_or_not_strings(self) -> None:
+        events = [
+            {**EVENT, "event": "delivered", "sg_event_id": 5, "cgw_rcpt": "", "cgw_topic": ["x"]},
+            {k: v for k, v in EVENT.items() if k != "sg_event_id"} | {"event": "open"},
+        ]
+        receipts = parse_webhook(url="u", headers={}, body=msgspec.json.encode(events))
+        assert [(None, None, None)] * 2 == [(r.event_id, r.recipient_id, r.topic) for r in receipts]
+
+    def test_each_event_of_a_batch_has_its_own_id(self) -> None:
+        events = [{**EVENT, "event": "delivered"}, {**EVENT, "event": "open", "sg_event_id": "e2"}]
+        headers, body = signed(events)
+        receipts = parse_webhook(url="u", headers=headers, body=body)
+        assert ["e1", "e2"] == [r.event_id for r in receipts]
 
     def test_skips_what_is_not_ours_or_changes_nothing(self) -> None:
         events = [
@@ -895,6 +979,60 @@ class TestReceipts:
                 await adapter.send(mail("ann+ignore@example.com"))
                 await eventually(lambda: bool(inbox.posts))
         assert [["black-friday"]] * 2 == [e["category"] for e in sim.events_posted[0]]
+
+    async def test_receipts_carry_event_ids_and_the_echoed_recipient(self) -> None:
+        sim, inbox = simulator(), WebhookInbox()
+        with trio.fail_after(10):
+            async with serving(sim, inbox) as (adapter, config):
+                await adapter.send(mail("dan+unsub@example.com", recipient_id="c-9", topic="promo"))
+                await eventually(lambda: len(inbox.posts) >= 2)
+        receipts = []
+        for headers, body in inbox.posts:
+            verify_webhook(url="u", headers=headers, body=body, config=config, now=wall_time())
+            receipts += parse_webhook(url="u", headers=headers, body=body)
+        assert sorted([ReceiptKind.DELIVERED, ReceiptKind.UNSUBSCRIBED]) == sorted(
+            r.kind for r in receipts
+        )
+        assert {("c-9", "promo")} == {(r.recipient_id, r.topic) for r in receipts}
+        event_ids = [r.event_id for r in receipts]
+        assert len(set(event_ids)) == len(event_ids)
+        for event_id in event_ids:
+            # a Base64url-encoded UUIDv4, as SendGrid documents sg_event_id
+            assert event_id is not None
+            decoded = base64.urlsafe_b64decode(event_id + "=" * (-len(event_id) % 4))
+            assert 4 == uuid.UUID(decoded.decode()).version
+
+    async def test_replay_reposts_the_last_batch_unchanged(self) -> None:
+        sim, inbox = simulator(), WebhookInbox()
+        with trio.fail_after(10):
+            async with serving(sim, inbox) as (adapter, config), httpx.AsyncClient() as http:
+                await adapter.send(mail("eve+ignore@example.com"))
+                await eventually(lambda: len(inbox.posts) == 1)
+                assert [200, 200] == await sim.replay(2)
+                answer = await http.post(f"{sim.url}/_sim/replay", json={"times": 3})
+                assert {"statuses": [200] * 3} == answer.json()
+                refused = await http.post(f"{sim.url}/_sim/replay", json={"times": 0})
+                assert 400 == refused.status_code
+        assert 6 == len(inbox.posts)
+        (first_headers, first_body), *retries = inbox.posts
+        signature = "x-twilio-email-event-webhook-signature"
+        for headers, body in retries:
+            assert (first_body, first_headers[signature]) == (body, headers[signature])
+        receipts = [parse_webhook(url="u", headers=h, body=b) for h, b in inbox.posts]
+        assert all(r == receipts[0] for r in receipts)
+        # SendGrid's retries keep their first timestamp: 50 minutes later they still verify
+        verify_webhook(
+            url="u", headers=first_headers, body=first_body, config=config, now=wall_time() + 3000
+        )
+
+    async def test_nothing_to_replay_yet(self) -> None:
+        sim = simulator()
+        with trio.fail_after(10):
+            async with serving(sim), httpx.AsyncClient() as http:
+                answer = await http.post(f"{sim.url}/_sim/replay", json={"times": 1})
+                assert 409 == answer.status_code
+                with pytest.raises(LookupError):
+                    await sim.replay()
 
     async def test_no_webhook_url_posts_nothing(self) -> None:
         sim = simulator()

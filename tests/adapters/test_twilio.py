@@ -9,6 +9,8 @@ import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Final
 from urllib.parse import parse_qs, parse_qsl, urlencode
 
 import httpx
@@ -41,7 +43,11 @@ from gateway.protocol import SmsContent, ViberContent
 
 SID = "AC" + "0123456789abcdef" * 2
 AUTH = "f" * 32
-CONFIG = ProviderConfig(kind="twilio", account_sid=SID, auth_token=Secret(AUTH))
+SHARED_KEY = "sk-" + "e" * 40
+CONFIG = ProviderConfig(
+    kind="twilio", account_sid=SID, auth_token=Secret(AUTH), webhook_shared_key=Secret(SHARED_KEY)
+)
+INBOUND_URL = "https://gw.example/webhooks/sms1"
 CALLBACK = "https://gw.example/webhooks/sms1?m=acme%2Fmsg-1"
 FAST = SimulatorConfig(receipt_delay_seconds=0.01, read_delay_seconds=0.02, latency_seconds=0)
 NOW = 1_795_435_200.0
@@ -67,13 +73,36 @@ def outgoing(
     )
 
 
-def reference_signature(url: str, params: list[tuple[str, str]], auth: str) -> str:
-    """Twilio's documented scheme, written out independently of the adapter."""
+def reference_signature(
+    url: str, params: list[tuple[str, str]], auth: str, digest: str = "sha1"
+) -> str:
+    """Twilio's documented scheme, written out independently of the adapter: sorted names,
+    each name's distinct values sorted (twilio-python's ``RequestValidator``)."""
     data = url
     for name in sorted({name for name, _ in params}):
-        for value in sorted(value for n, value in params if n == name):
+        for value in sorted({value for n, value in params if n == name}):
             data += name + value
-    return base64.b64encode(hmac.new(auth.encode(), data.encode(), hashlib.sha1).digest()).decode()
+    return base64.b64encode(hmac.new(auth.encode(), data.encode(), digest).digest()).decode()
+
+
+def inbound_form(body: str, **extra: str) -> list[tuple[str, str]]:
+    """An incoming message as Twilio posts it to the number's messaging webhook."""
+    sid = "SM" + "7" * 32
+    params = [
+        ("AccountSid", SID),
+        ("ApiVersion", "2010-04-01"),
+        ("Body", body),
+        ("From", "+79161234567"),
+        ("FromCountry", "RU"),
+        ("MessageSid", sid),
+        ("NumMedia", "0"),
+        ("NumSegments", "1"),
+        ("SmsMessageSid", sid),
+        ("SmsSid", sid),
+        ("SmsStatus", "received"),
+        ("To", "+15005550006"),
+    ]
+    return params + list(extra.items())
 
 
 def status_form(status: str, **extra: str) -> list[tuple[str, str]]:
@@ -128,6 +157,19 @@ class TestBuildRequest:
         with pytest.raises(TypeError):
             twilio.form_fields(wrong)
 
+    def test_a_messaging_service_replaces_from(self) -> None:
+        service = "MG" + "a" * 32
+        config = msgspec.structs.replace(CONFIG, messaging_service_sid=service)
+        request = twilio.build_request(
+            outgoing(), config=config, base_url="https://api.twilio.com", auth_token=AUTH
+        )
+        assert parse_qsl(request.content.decode(), strict_parsing=True) == [
+            ("To", "+79160000002"),
+            ("MessagingServiceSid", service),
+            ("Body", "Your code is 1234"),
+            ("StatusCallback", CALLBACK),
+        ]
+
 
 class TestParseResponse:
     """parse_response maps Twilio's answers to receipts or precise errors."""
@@ -156,6 +198,8 @@ class TestParseResponse:
             (400, 21603, InvalidRequest),
             (400, 21604, InvalidRequest),
             (400, 21617, InvalidRequest),
+            (400, 21701, InvalidRequest),
+            (400, 21705, InvalidRequest),
             (400, 99999, InvalidRequest),
             (404, 20404, InvalidRequest),
             (403, 99999, AuthRejected),
@@ -227,6 +271,35 @@ class TestSignature:
     def test_repeated_names_sort_by_value(self) -> None:
         params = [("b", "2"), ("a", "z"), ("a", "y")]
         assert twilio.signature("u", params, AUTH) == reference_signature("u", params, AUTH)
+
+    def test_an_identical_repeated_pair_is_signed_once(self) -> None:
+        once = twilio.signature("u", [("a", "1"), ("b", "2")], AUTH)
+        assert once == twilio.signature("u", [("a", "1"), ("b", "2"), ("a", "1")], AUTH)
+        assert once != twilio.signature("u", [("a", "1"), ("b", "2"), ("a", "0")], AUTH)
+
+    def test_hmac_sha256(self) -> None:
+        params = status_form("delivered")
+        assert reference_signature(CALLBACK, params, SHARED_KEY, "sha256") == twilio.signature(
+            CALLBACK, params, SHARED_KEY, algorithm="HMAC_SHA256"
+        )
+        with pytest.raises(ValueError, match="HMAC_MD5"):
+            twilio.signature(CALLBACK, params, SHARED_KEY, algorithm="HMAC_MD5")
+
+    @pytest.mark.parametrize(
+        ("settings", "algorithm"),
+        [
+            (None, "HMAC_SHA1"),
+            ("", "HMAC_SHA1"),
+            ("key=webhooks_sharedkey_01abc", "HMAC_SHA1"),
+            ("key=webhooks_sharedkey_01abc,algorithm=HMAC_SHA256", "HMAC_SHA256"),
+            (" algorithm = HMAC_SHA256 , key=k", "HMAC_SHA256"),
+            ("algorithm=", "HMAC_SHA1"),
+        ],
+    )
+    def test_the_settings_header_names_the_algorithm(
+        self, settings: str | None, algorithm: str
+    ) -> None:
+        assert algorithm == twilio.signature_algorithm(settings)
 
 
 class TestVerifyWebhook:
@@ -306,17 +379,20 @@ class TestVerifyWebhook:
             ("https://gw.example/webhooks/sms1?m=k", "https://gw.example:443/webhooks/sms1?m=k"),
             ("http://gw.example/webhooks/sms1?m=k", "http://gw.example:80/webhooks/sms1?m=k"),
             ("https://[::1]:443/webhooks/sms1", "https://[::1]/webhooks/sms1"),
+            ("https://GW.example/webhooks/sms1", "https://GW.example:443/webhooks/sms1"),
+            # twilio-python also accepts the URL without its port, whatever the port
+            ("https://gw.example/webhooks/sms1", "https://gw.example:8443/webhooks/sms1"),
         ],
     )
-    def test_default_port_either_way(self, signed_url: str, given_url: str) -> None:
+    def test_port_either_way(self, signed_url: str, given_url: str) -> None:
         params = status_form("delivered")
         self.verify(urlencode(params).encode(), self.signed(params, url=signed_url), url=given_url)
 
     @pytest.mark.parametrize(
         ("signed_url", "given_url"),
         [
-            ("https://gw.example/webhooks/sms1", "https://gw.example:8443/webhooks/sms1"),
             ("https://gw.example:8443/webhooks/sms1", "https://gw.example/webhooks/sms1"),
+            ("https://gw.example:80/webhooks/sms1", "https://gw.example/webhooks/sms1"),
             ("https://gw.example/webhooks/sms1", "https://gw.example:bad/webhooks/sms1"),
             ("https://gw.example/webhooks/sms1", "ftp://gw.example/webhooks/sms1"),
             ("https://gw.example/webhooks/sms1", "https://u:p@gw.example/webhooks/sms1"),
@@ -329,6 +405,93 @@ class TestVerifyWebhook:
                 urlencode(params).encode(), self.signed(params, url=signed_url), url=given_url
             )
         assert caught.value.verdict == "bad_signature"
+
+
+SETTINGS: Final = MappingProxyType(
+    {"X-Twilio-Webhooks-Signature-Settings": "key=webhooks_sharedkey_01,algorithm=HMAC_SHA256"}
+)
+
+
+class TestSharedKeySignatures:
+    """Webhooks a Twilio Webhooks rule matches are signed with its SharedKey, HMAC-SHA256."""
+
+    def verify(
+        self,
+        headers: dict[str, str],
+        params: list[tuple[str, str]],
+        config: ProviderConfig = CONFIG,
+    ) -> None:
+        body = urlencode(params).encode()
+        twilio.verify_webhook(url=CALLBACK, headers=headers, body=body, config=config, now=NOW)
+
+    def test_signed_with_the_shared_key_passes(self) -> None:
+        params = status_form("delivered")
+        signature = reference_signature(CALLBACK, params, SHARED_KEY, "sha256")
+        self.verify({**SETTINGS, "X-Twilio-Signature": signature}, params)
+
+    def test_the_settings_header_may_name_sha1(self) -> None:
+        params = status_form("delivered")
+        signature = reference_signature(CALLBACK, params, SHARED_KEY)
+        settings = {"x-twilio-webhooks-signature-settings": "key=k,algorithm=HMAC_SHA1"}
+        self.verify({**settings, "X-Twilio-Signature": signature}, params)
+
+    @pytest.mark.parametrize(
+        ("key", "digest", "settings"),
+        [
+            (AUTH, "sha256", True),  # the auth token does not sign SharedKey webhooks
+            (SHARED_KEY, "sha1", True),  # the header says SHA-256
+            (SHARED_KEY, "sha256", False),  # without the header, the auth token and SHA-1
+        ],
+    )
+    def test_anything_else_does_not_verify(self, key: str, digest: str, settings: bool) -> None:
+        params = status_form("delivered")
+        headers = {"X-Twilio-Signature": reference_signature(CALLBACK, params, key, digest)}
+        if settings:
+            headers.update(SETTINGS)
+        with pytest.raises(WebhookRejected) as caught:
+            self.verify(headers, params)
+        assert "bad_signature" == caught.value.verdict
+
+    def test_an_unknown_algorithm_does_not_verify(self) -> None:
+        params = status_form("delivered")
+        headers = {
+            "X-Twilio-Signature": reference_signature(CALLBACK, params, SHARED_KEY, "sha512"),
+            "X-Twilio-Webhooks-Signature-Settings": "key=k,algorithm=HMAC_SHA512",
+        }
+        with pytest.raises(WebhookRejected, match="HMAC_SHA512") as caught:
+            self.verify(headers, params)
+        assert "bad_signature" == caught.value.verdict
+
+    def test_without_a_shared_key_configured_nothing_signed_with_one_verifies(self) -> None:
+        params = status_form("delivered")
+        signature = reference_signature(CALLBACK, params, SHARED_KEY, "sha256")
+        config = msgspec.structs.replace(CONFIG, webhook_shared_key=None)
+        with pytest.raises(WebhookRejected, match="webhook_shared_key") as caught:
+            self.verify({**SETTINGS, "X-Twilio-Signature": signature}, params, config)
+        assert "bad_signature" == caught.value.verdict
+
+
+class TestJsonBodies:
+    """A JSON webhook is signed over the URL alone; its body's SHA-256 is in ``bodySHA256``."""
+
+    BODY = b'{"MessageSid": "SM1", "MessageStatus": "delivered"}'
+
+    def url(self, body: bytes = BODY) -> str:
+        return f"{INBOUND_URL}?bodySHA256={hashlib.sha256(body).hexdigest()}"
+
+    def test_genuine_passes(self) -> None:
+        headers = {"X-Twilio-Signature": reference_signature(self.url(), [], AUTH)}
+        twilio.verify_webhook(
+            url=self.url(), headers=headers, body=self.BODY, config=CONFIG, now=NOW
+        )
+
+    def test_another_body_does_not_verify(self) -> None:
+        headers = {"X-Twilio-Signature": reference_signature(self.url(), [], AUTH)}
+        with pytest.raises(WebhookRejected) as caught:
+            twilio.verify_webhook(
+                url=self.url(), headers=headers, body=self.BODY + b" ", config=CONFIG, now=NOW
+            )
+        assert "bad_signature" == caught.value.verdict
 
 
 class TestParseWebhook:
@@ -344,8 +507,14 @@ class TestParseWebhook:
                 0.0,
                 message_key="acme/msg-1",
                 provider_message_id="SM" + "1" * 32,
+                event_id="SM" + "1" * 32 + ":delivered",
             )
         ]
+
+    def test_the_event_id_is_the_sid_and_the_status(self) -> None:
+        (failed,) = self.parse(status_form("failed", ErrorCode="30005"))
+        (legacy,) = self.parse([("SmsSid", "SM9"), ("SmsStatus", "read")])
+        assert ["SM" + "1" * 32 + ":failed", "SM9:read"] == [failed.event_id, legacy.event_id]
 
     @pytest.mark.parametrize("status", ["undelivered", "failed"])
     def test_failures_carry_the_error_code(self, status: str) -> None:
@@ -372,11 +541,85 @@ class TestParseWebhook:
         (receipt,) = self.parse([("SmsSid", "SM9"), ("SmsStatus", "delivered")])
         assert (receipt.kind, receipt.provider_message_id) == (ReceiptKind.DELIVERED, "SM9")
 
-    @pytest.mark.parametrize("body", [b"MessageSid=SM1", b"", b"\xff"])
+    @pytest.mark.parametrize(
+        "body", [b"MessageSid=SM1", b"", b"\xff", b"SmsStatus=received&Body=STOP&MessageSid=SM1"]
+    )
     def test_malformed(self, body: bytes) -> None:
         with pytest.raises(WebhookRejected) as caught:
             twilio.parse_webhook(url=CALLBACK, headers={}, body=body)
         assert caught.value.verdict == "malformed"
+
+
+class TestInboundStop:
+    """An inbound STOP (the same webhook endpoint as status callbacks) is the sender's opt-out."""
+
+    def parse(self, params: list[tuple[str, str]]) -> list[ProviderReceipt]:
+        return twilio.parse_webhook(url=INBOUND_URL, headers={}, body=urlencode(params).encode())
+
+    @pytest.mark.parametrize(
+        "body",
+        [
+            "STOP",
+            "stop",
+            "  Stop \n",
+            "STOPALL",
+            "UNSUBSCRIBE",
+            "cancel",
+            "End",
+            "QUIT",
+            "OPTOUT",
+            "revoke",
+        ],
+    )
+    def test_the_default_keywords(self, body: str) -> None:
+        assert [
+            ProviderReceipt(
+                ReceiptKind.UNSUBSCRIBED,
+                0.0,
+                detail="+79161234567",
+                event_id="SM" + "7" * 32 + ":received",
+            )
+        ] == self.parse(inbound_form(body))
+
+    @pytest.mark.parametrize(
+        "body", ["STOP please", "please stop", "STOP ALL", "START", "UNSTOP", "HELP", "Hi!", ""]
+    )
+    def test_anything_else_is_no_receipt(self, body: str) -> None:
+        assert [] == self.parse(inbound_form(body))
+
+    @pytest.mark.parametrize(
+        ("opt_out_type", "body", "opted_out"),
+        [
+            ("STOP", "STOP", True),
+            ("STOP", "BASTA", True),  # a custom Advanced Opt-Out keyword
+            ("START", "START", False),
+            ("HELP", "HELP", False),
+            ("START", "STOP", False),  # Twilio's classification wins over the body
+        ],
+    )
+    def test_advanced_opt_out_decides_when_present(
+        self, opt_out_type: str, body: str, opted_out: bool
+    ) -> None:
+        receipts = self.parse(inbound_form(body, OptOutType=opt_out_type))
+        assert opted_out == ([ReceiptKind.UNSUBSCRIBED] == [r.kind for r in receipts]), receipts
+
+    def test_an_inbound_stop_without_message_status_is_still_found(self) -> None:
+        params = [p for p in inbound_form("STOP") if p[0] not in ("SmsStatus",)]
+        params.append(("MessageStatus", "received"))
+        (receipt,) = self.parse(params)
+        assert ("+79161234567", None, None) == (
+            receipt.detail,
+            receipt.message_key,
+            receipt.provider_message_id,
+        )
+
+    def test_signed_by_twilio_it_verifies_at_the_same_endpoint(self) -> None:
+        params = inbound_form("STOP")
+        headers = {"X-Twilio-Signature": reference_signature(INBOUND_URL, params, AUTH)}
+        body = urlencode(params).encode()
+        twilio.verify_webhook(url=INBOUND_URL, headers=headers, body=body, config=CONFIG, now=NOW)
+        (receipt,) = twilio.parse_webhook(url=INBOUND_URL, headers=headers, body=body)
+        assert ReceiptKind.UNSUBSCRIBED is receipt.kind
 
 
 class TestAdapterConstruction:
@@ -459,6 +702,9 @@ class Rig:
 
     def callback_url(self, key: str = "acme/msg-1") -> str:
         return f"{self.gateway.url}/webhooks/sms1?m={key.replace('/', '%2F')}"
+
+    def inbound_url(self) -> str:
+        return f"{self.gateway.url}/webhooks/sms1"
 
     def verified(self, hit: Hit, *, url: str | None = None) -> list[ProviderReceipt]:
         """Verify against the URL the gateway handed to Twilio, as the webhook route will."""
@@ -551,6 +797,15 @@ class TestAgainstSimulator:
                 await adapter.send(outgoing())
             assert (caught.value.code, caught.value.status_code) == ("20003", 401)
 
+    async def test_a_messaging_service_sends_from_its_own_number(self) -> None:
+        async with rig() as r, make_client(timeout_seconds=5) as client:
+            service = "MG" + "0123456789abcdef" * 2
+            config = msgspec.structs.replace(r.config, messaging_service_sid=service)
+            await twilio.TwilioAdapter("sms1", config, client).send(outgoing(callback=""))
+            (recorded,) = r.sim.requests
+            form = parse_qs(recorded.body.decode())
+            assert ([service], None) == (form["MessagingServiceSid"], form.get("From"))
+
     async def test_invalid_sender_is_invalid_request(self) -> None:
         async with rig() as r:
             with pytest.raises(InvalidRequest) as caught:
@@ -567,6 +822,7 @@ class TestAgainstSimulator:
             ({"To": "+79160000002", "From": "+15005550006"}, 21602),
             ({"To": "+79160000002", "From": "ACME", "Body": "x" * 1601}, 21617),
             ({"To": "+79160000002", "From": "ACME", "Body": "hi", "StatusCallback": "gw"}, 21609),
+            ({"To": "+79160000002", "MessagingServiceSid": "MG12", "Body": "hi"}, 21705),
         ],
     )
     async def test_request_validation(self, fields: dict[str, str], code: int) -> None:
@@ -611,6 +867,7 @@ class TestCallbacksFromSimulator:
                     0.0,
                     message_key="acme/msg-1",
                     provider_message_id=receipt.provider_message_id,
+                    event_id=f"{receipt.provider_message_id}:delivered",
                 )
             ]
             await r.gateway.nothing_more()
@@ -643,7 +900,7 @@ class TestCallbacksFromSimulator:
             with pytest.raises(WebhookRejected):
                 r.verified(hit, url=r.callback_url("acme/msg-2"))
 
-    async def test_unsubscribe_refuses_later_messages(self) -> None:
+    async def test_an_unsubscribe_is_an_inbound_stop_then_21610(self) -> None:
         behaviour = msgspec.structs.replace(
             FAST,
             deliver_probability=1.0,
@@ -652,10 +909,73 @@ class TestCallbacksFromSimulator:
             bounce_probability=0.0,
         )
         async with rig(behaviour) as r:
-            await r.adapter.send(outgoing(phone="+79161234567", callback=""))
+            r.sim.webhook_url = r.inbound_url()
+            await r.adapter.send(
+                outgoing(phone="+79161234567", callback="", sms_from="+15551230000")
+            )
+            (hit,) = await r.gateway.hits(1)
+            (stop,) = r.verified(hit)
+            assert (ReceiptKind.UNSUBSCRIBED, "+79161234567") == (stop.kind, stop.detail)
+            assert "+15551230000" == parse_qs(hit.body.decode())["To"][0]  # a reply to our number
             with pytest.raises(InvalidRecipient) as caught:
                 await r.adapter.send(outgoing(phone="+79161234567", callback=""))
             assert caught.value.code == "21610"
+
+    async def test_0007_phones_text_stop_after_delivery(self) -> None:
+        async with rig() as r:
+            r.sim.webhook_url = r.inbound_url()
+            url = r.callback_url()
+            await r.adapter.send(outgoing(phone="+79160000007", callback=url))
+            hits = await r.gateway.hits(3)
+            inbound = [h for h in hits if "SmsStatus=received" in h.body.decode()]
+            status = [h for h in hits if h not in inbound]
+            receipts = [x for hit in status for x in r.verified(hit, url=url)]
+            receipts += [x for hit in inbound for x in r.verified(hit, url=r.inbound_url())]
+            assert sorted([ReceiptKind.DELIVERED, ReceiptKind.UNSUBSCRIBED]) == sorted(
+                x.kind for x in receipts
+            )
+            (stop,) = [x for x in receipts if x.kind is ReceiptKind.UNSUBSCRIBED]
+            assert ("+79160000007", None) == (stop.detail, stop.message_key)
+            (stop_hit,) = inbound
+            assert stop_hit.url == r.inbound_url()  # the messaging webhook, not StatusCallback
+            await r.gateway.nothing_more()
+
+    async def test_inbound_on_demand(self) -> None:
+        async with rig() as r, httpx.AsyncClient() as http:
+            r.sim.webhook_url = r.inbound_url()
+            answer = await http.post(
+                f"{r.sim.url}/_sim/inbound", json={"from": "+79165550101", "body": "Stop"}
+            )
+            assert {"status": 200} == answer.json()
+            (hit,) = await r.gateway.hits(1)
+            (stop,) = r.verified(hit)
+            assert (ReceiptKind.UNSUBSCRIBED, "+79165550101") == (stop.kind, stop.detail)
+            assert "+79165550101" in r.sim.opted_out
+            # Advanced Opt-Out's classification rides along when asked for
+            await http.post(
+                f"{r.sim.url}/_sim/inbound",
+                json={"from": "+79165550101", "body": "START", "opt_out_type": "START"},
+            )
+            (start,) = await r.gateway.hits(1)
+            assert ["START"] == parse_qs(start.body.decode())["OptOutType"]
+            assert [] == r.verified(start)
+            assert "+79165550101" not in r.sim.opted_out
+            refused = await http.post(f"{r.sim.url}/_sim/inbound", json={"body": "STOP"})
+            assert 400 == refused.status_code
+
+    async def test_a_replayed_stop_is_the_same_event(self) -> None:
+        async with rig() as r, httpx.AsyncClient() as http:
+            r.sim.webhook_url = r.inbound_url()
+            assert 200 == await r.sim.inbound("+79165550101", "STOP")
+            answer = await http.post(f"{r.sim.url}/_sim/replay", json={"times": 2})
+            assert {"statuses": [200, 200]} == answer.json()
+            first, *retries = await r.gateway.hits(3)
+        receipts = [r.verified(hit) for hit in (first, *retries)]
+        assert all(hit.body == first.body for hit in retries)
+        assert [1, 1, 1] == [len(batch) for batch in receipts]
+        (event_id,) = {x.event_id for batch in receipts for x in batch}
+        sid = parse_qs(first.body.decode())["MessageSid"][0]
+        assert f"{sid}:received" == event_id
 
     async def test_no_callback_url_no_callbacks(self) -> None:
         async with rig() as r:

@@ -40,7 +40,7 @@ from gateway.protocol import SmsContent, ViberContent
 from gateway.runtime.clock import wall_time
 
 BOT_AUTH = "445da6az1s345z78-dazcczb2542zv51a-e0vc5fva17480im9"
-CONFIG = ProviderConfig(kind="viber", auth_token=Secret(BOT_AUTH), webhook_tolerance_seconds=600.0)
+CONFIG = ProviderConfig(kind="viber", auth_token=Secret(BOT_AUTH))
 NOW = 1_795_435_200.0
 FAST = SimulatorConfig(receipt_delay_seconds=0.01, read_delay_seconds=0.02, latency_seconds=0)
 LINK = "http://gateway.test/t/c/abc.def"
@@ -107,7 +107,7 @@ class TestBuildRequest:
 
     def test_picture_message(self) -> None:
         request = viber.build_request(
-            outgoing(image_url="https://cdn.test/a.jpg"),
+            outgoing(image_url="https://cdn.test/a.jpeg"),
             config=CONFIG,
             base_url="http://sim",
             auth_token=BOT_AUTH,
@@ -117,7 +117,26 @@ class TestBuildRequest:
             body["type"],
             body["media"],
             body["text"],
-        ) == ("picture", "https://cdn.test/a.jpg", "Hello {name}")
+        ) == ("picture", "https://cdn.test/a.jpeg", "Hello {name}")
+
+    @pytest.mark.parametrize(
+        ("image_url", "picture"),
+        [
+            ("https://cdn.test/a.jpeg", True),
+            ("https://cdn.test/a.PNG", True),
+            ("https://cdn.test/x/a.gif?v=2#top", True),
+            ("https://cdn.test/a.jpg", False),  # not among Viber's documented extensions
+            ("https://cdn.test/image?id=5.png", False),  # the extension is in the query
+            ("https://cdn.test/a.png/view", False),
+            ("https://cdn.test/", False),
+            ("https://cdn.test/a.webp", False),
+        ],
+    )
+    def test_a_picture_needs_a_media_url_viber_takes(self, image_url: str, picture: bool) -> None:
+        body = viber.message_body(outgoing(image_url=image_url))
+        expected = ("picture", image_url) if picture else ("text", None)
+        assert expected == (body["type"], body.get("media"))
+        assert "Hello {name}" == body["text"]
 
     def test_a_caption_too_long_for_a_picture_goes_as_text(self) -> None:
         text = "x" * 769
@@ -126,12 +145,26 @@ class TestBuildRequest:
         assert "media" not in body
 
     def test_a_caption_of_768_characters_still_goes_as_a_picture(self) -> None:
-        body = viber.message_body(outgoing(text="x" * 768, image_url="https://cdn.test/a.jpg"))
+        body = viber.message_body(outgoing(text="x" * 768, image_url="https://cdn.test/a.png"))
         assert body["type"] == "picture"
 
     def test_button_becomes_a_link_line(self) -> None:
         body = viber.message_body(outgoing(text="Sale!", button_text="Shop", link_url=LINK))
         assert f"Sale!\n\nShop: {LINK}" == body["text"]
+
+    def test_button_line_is_left_out_when_it_would_pass_7000_characters(self) -> None:
+        line = f"\n\nShop: {LINK}"
+        fits = "x" * (7000 - len(line))
+        body = viber.message_body(outgoing(text=fits, button_text="Shop", link_url=LINK))
+        assert (fits + line, 7000) == (body["text"], len(str(body["text"])))
+        longer = fits + "y"
+        body = viber.message_body(outgoing(text=longer, button_text="Shop", link_url=LINK))
+        assert longer == body["text"]
+
+    def test_a_text_over_7000_characters_is_refused(self) -> None:
+        with pytest.raises(InvalidRequest, match="7001 characters"):
+            viber.message_body(outgoing(text="x" * 7001))
+        assert "x" * 7000 == viber.message_body(outgoing(text="x" * 7000))["text"]
 
     def test_button_does_not_repeat_a_link_already_in_the_text(self) -> None:
         body = viber.message_body(outgoing(text=f"Sale! {LINK}", button_text="Shop", link_url=LINK))
@@ -157,7 +190,7 @@ class TestBuildRequest:
         assert request.headers["x-viber-auth-token"] == BOT_AUTH
         assert json.loads(request.content) == {
             "url": "https://gw/webhooks/v",
-            "event_types": ["delivered", "seen", "failed"],
+            "event_types": ["delivered", "seen", "failed", "unsubscribed"],
             "send_name": False,
             "send_photo": False,
         }
@@ -312,9 +345,20 @@ class TestVerifyWebhook:
 
     @pytest.mark.parametrize(
         ("age_seconds", "verdict"),
-        [(0.0, None), (599.0, None), (-599.0, None), (601.0, "stale"), (-601.0, "stale")],
+        [
+            (0.0, None),
+            (601.0, None),  # refused before: a retry after a 10-minute outage
+            (50 * 60.0, None),
+            (3600.0, None),  # Viber's retries end here
+            (7200.0, None),  # and the margin here
+            (7201.0, "stale"),
+            (-600.0, None),
+            (-601.0, "stale"),  # a clock more than ten minutes ahead
+        ],
     )
-    def test_freshness(self, age_seconds: float, verdict: str | None) -> None:
+    def test_freshness_covers_vibers_hour_of_retries(
+        self, age_seconds: float, verdict: str | None
+    ) -> None:
         body = callback("seen", message_token=1, timestamp_ms=int((NOW - age_seconds) * 1000))
         headers = {"X-Viber-Content-Signature": sign(body)}
         if verdict is None:
@@ -323,6 +367,26 @@ class TestVerifyWebhook:
         with pytest.raises(WebhookRejected) as caught:
             self.verify(body, headers)
         assert verdict == caught.value.verdict
+
+    def test_an_unsubscribed_retried_50_minutes_late_is_accepted(self) -> None:
+        body = callback(
+            "unsubscribed",
+            user_id="jc9HsWTZ2Yf2NkRZ8KcNug==",
+            message_token=5,
+            timestamp_ms=int((NOW - 3000) * 1000),
+        )
+        self.verify(body, {"X-Viber-Content-Signature": sign(body)})
+
+    def test_tolerance_is_configurable(self) -> None:
+        body = callback("seen", message_token=1, timestamp_ms=int((NOW - 100) * 1000))
+        config = ProviderConfig(
+            kind="viber", auth_token=Secret(BOT_AUTH), webhook_tolerance_seconds=60.0
+        )
+        headers = {"X-Viber-Content-Signature": sign(body)}
+        with pytest.raises(WebhookRejected) as caught:
+            viber.verify_webhook(url="", headers=headers, body=body, config=config, now=NOW)
+        assert "stale" == caught.value.verdict
+        self.verify(body, headers)
 
     @pytest.mark.parametrize(
         "body",
@@ -352,13 +416,24 @@ class TestParseWebhook:
             event, timestamp_ms=1457764197627, message_token=4912661846655238145, user_id="u1"
         )
         assert [
-            ProviderReceipt(kind, 1457764197.627, provider_message_id="4912661846655238145")
+            ProviderReceipt(
+                kind,
+                1457764197.627,
+                provider_message_id="4912661846655238145",
+                event_id=f"4912661846655238145:{event}:1457764197627",
+            )
         ] == self.parse(body)
 
     def test_failed_keeps_the_description(self) -> None:
         body = callback("failed", message_token=7, user_id="u1", desc="failure desc")
         assert [
-            ProviderReceipt(ReceiptKind.FAILED, NOW, provider_message_id="7", detail="failure desc")
+            ProviderReceipt(
+                ReceiptKind.FAILED,
+                NOW,
+                provider_message_id="7",
+                detail="failure desc",
+                event_id=f"7:failed:{int(NOW * 1000)}",
+            )
         ] == self.parse(body)
 
     def test_failed_without_description(self) -> None:
@@ -373,8 +448,22 @@ class TestParseWebhook:
     def test_unsubscribed_names_the_user_not_a_message(self) -> None:
         body = callback("unsubscribed", user_id="jc9HsWTZ2Yf2NkRZ8KcNug==", message_token=99)
         assert [
-            ProviderReceipt(ReceiptKind.UNSUBSCRIBED, NOW, detail="jc9HsWTZ2Yf2NkRZ8KcNug==")
+            ProviderReceipt(
+                ReceiptKind.UNSUBSCRIBED,
+                NOW,
+                detail="jc9HsWTZ2Yf2NkRZ8KcNug==",
+                event_id=f"99:unsubscribed:{int(NOW * 1000)}",
+            )
         ] == self.parse(body)
+
+    def test_the_event_id_never_holds_the_user_id(self) -> None:
+        (receipt,) = self.parse(callback("unsubscribed", user_id="jc9HsWTZ2Yf2NkRZ8KcNug=="))
+        assert (ReceiptKind.UNSUBSCRIBED, None) == (receipt.kind, receipt.event_id)
+
+    def test_the_same_event_at_another_time_is_another_event(self) -> None:
+        first = self.parse(callback("seen", message_token=3, timestamp_ms=1000))
+        later = self.parse(callback("seen", message_token=3, timestamp_ms=2000))
+        assert ["3:seen:1000", "3:seen:2000"] == [r.event_id for r in first + later]
 
     @pytest.mark.parametrize(
         "event", ["webhook", "subscribed", "conversation_started", "message", "client_status"]
@@ -386,7 +475,7 @@ class TestParseWebhook:
         "body",
         [
             callback("delivered", user_id="u"),
-            callback("unsubscribed"),
+            callback("unsubscribed", message_token=3),
             b"not json",
             b'{"timestamp": 1}',
         ],
@@ -511,11 +600,23 @@ class TestAgainstSimulator:
             assert receipt.provider_message_id is not None
             assert int(receipt.provider_message_id) > 0
 
-    async def test_picture_is_accepted(self) -> None:
+    @pytest.mark.parametrize(
+        ("image_url", "sent_as"),
+        [("https://cdn.test/a.png", "picture"), ("https://cdn.test/image?id=5", "text")],
+    )
+    async def test_images_are_accepted_as_pictures_or_sent_as_text(
+        self, image_url: str, sent_as: str
+    ) -> None:
         async with rig() as r:
-            await r.adapter.send(
-                outgoing(address="vb-ignore-1", image_url="https://cdn.test/a.jpg")
-            )
+            await r.adapter.send(outgoing(address="vb-ignore-1", image_url=image_url))
+            (recorded,) = r.sim.requests
+            assert sent_as == json.loads(recorded.body)["type"]
+
+    async def test_an_overlong_text_is_refused_before_any_request(self) -> None:
+        async with rig() as r:
+            with pytest.raises(InvalidRequest, match=r"^viber1: "):
+                await r.adapter.send(outgoing(address="vb-ignore-1", text="x" * 7001))
+            assert [] == r.sim.requests
 
     @pytest.mark.parametrize(
         ("address", "error", "code", "status_code"),
@@ -584,7 +685,9 @@ class TestAgainstSimulator:
             ({"min_api_version": "1"}, 3),
             ({"type": "picture"}, 4),
             ({"type": "picture", "media": "ftp://x/a.jpg"}, 3),
-            ({"type": "picture", "media": "https://x/a.jpg", "text": "x" * 769}, 3),
+            ({"type": "picture", "media": "https://x/a.jpeg", "text": "x" * 769}, 3),
+            ({"type": "picture", "media": "https://x/image?id=1"}, 3),
+            ({"type": "picture", "media": "https://x/a.gif"}, 0),
         ],
     )
     async def test_request_validation(self, change: dict[str, object], status: int) -> None:
@@ -625,7 +728,9 @@ class TestWebhooksFromSimulator:
             assert r.verified(check) == []
             assert json.loads(check.body)["event"] == "webhook"
             assert r.webhook_url() == r.sim.webhook_url
-            assert {"delivered", "seen", "failed"} == r.sim.event_types
+            assert {"delivered", "seen", "failed"} == r.sim.event_types  # unsubscribed: always
+            (request,) = [x for x in r.sim.requests if x.path == "/pa/set_webhook"]
+            assert "unsubscribed" in json.loads(request.body)["event_types"]
 
     async def test_set_webhook_refused_when_the_url_does_not_answer_200(self) -> None:
         async with rig() as r:
@@ -686,6 +791,35 @@ class TestWebhooksFromSimulator:
                 unsub.provider_message_id,
                 unsub.detail,
             ) == (None, None, "vb-unsub-1")
+
+    async def test_a_replayed_unsubscribed_is_the_same_event_and_still_verifies(self) -> None:
+        async with rig() as r:
+            r.sim.webhook_url = r.webhook_url()
+            await r.adapter.send(outgoing(address="vb-unsub-1"))
+            hits = await r.gateway.hits(2)
+            unsubscribed = next(h for h in hits if json.loads(h.body)["event"] == "unsubscribed")
+            await r.gateway.nothing_more()
+            assert [200, 200] == await r.sim.replay(2)  # the last webhook: the unsubscribed
+            retries = await r.gateway.hits(2)
+        assert all(unsubscribed.body == retry.body for retry in retries)
+        (first,) = r.verified(unsubscribed)
+        assert first.event_id is not None
+        assert first.event_id.split(":")[1:] == [
+            "unsubscribed",
+            str(json.loads(unsubscribed.body)["timestamp"]),
+        ]
+        for retry in retries:
+            # Viber retries for an hour: 50 minutes on, a retry still verifies
+            viber.verify_webhook(
+                url=retry.url,
+                headers=retry.headers,
+                body=retry.body,
+                config=r.config,
+                now=wall_time() + 3000,
+            )
+            assert [first] == viber.parse_webhook(
+                url=retry.url, headers=retry.headers, body=retry.body
+            )
 
     async def test_filtered_event_types_are_not_sent(self) -> None:
         async with rig() as r:

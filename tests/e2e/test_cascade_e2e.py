@@ -359,9 +359,9 @@ class TestWebhookSecurity:
                     data={"MessageStatus": "delivered"},
                     headers={"X-Twilio-Signature": "bm90IGl0"},
                 )
-            # a receipt genuinely signed with the simulator's key, but two hours old
+            # a receipt genuinely signed with the simulator's key, but signed longer ago than SendGrid retries (24 h + margin)
             simulator = embedded.simulators["email1"]
-            old = str(int(gateway.clock.now() - 2 * HOUR))
+            old = str(int(gateway.clock.now() - 26 * HOUR))
             signature = sign_events(simulator.signing_key, timestamp=old, body=body)  # type: ignore[attr-defined]
             async with httpx.AsyncClient() as http:
                 stale = await http.post(
