@@ -471,6 +471,20 @@ class TestJournal:
         assert {} == await journal.timelines([])
         assert [] == await journal.timeline(MessageKey("acme:m3"))
 
+    async def test_a_key_asked_for_twice_gets_its_timeline_once_however_long_the_list(
+        self, backend: Backend
+    ) -> None:
+        journal = await backend.opened()
+        batch = batch_with(record("m1"))
+        batch.opening["acme:m1"] = [event("m1", StatusKind.ACCEPTED)]
+        batch.events.append(event("m1", StatusKind.SENT, NOW + 1))
+        await journal.commit(batch)
+        # one burst of status queries may name a message twice, far apart in the list
+        keys = ["acme:m1", *(f"acme:other{n}" for n in range(600)), "acme:m1"]
+        assert {
+            "acme:m1": [event("m1", StatusKind.ACCEPTED), event("m1", StatusKind.SENT, NOW + 1)]
+        } == await journal.timelines(keys)
+
     async def test_consent_history_keeps_every_record_in_order(self, backend: Backend) -> None:
         journal = await backend.opened()
         grant = ConsentRecord(ConsentKind.ADVERTISING, ConsentAction.GRANT, NOW, "form")
@@ -707,6 +721,25 @@ class TestJournal:
         with pytest.raises(JournalCorrupt) as corrupt:
             await again.recover(now=NOW, retention_seconds=DAY, horizon_seconds=DAY)
         assert (table, "2") == (corrupt.value.table, corrupt.value.row)
+
+    @pytest.mark.parametrize("read", ["message", "consent_history"])
+    async def test_an_unreadable_row_is_named_by_the_reads_that_meet_it_too(
+        self, backend: Backend, read: str
+    ) -> None:
+        # a finished message's record is never decoded at start, so a damaged one is first
+        # met by a status query or an opt-out's lookup; it should say which row, and what to do
+        journal = await backend.opened()
+        batch = batch_with(record("m1", outcome=Outcome.READ))
+        batch.consents.append((RecipientKey("acme:r1"), consent()))
+        await journal.commit(batch)
+        if read == "message":
+            backend.plant("messages", "acme:m1", b"\xc1")
+            with pytest.raises(JournalCorrupt, match=r"messages\[acme:m1\]"):
+                await journal.message(MessageKey("acme:m1"))
+        else:
+            backend.plant("consents", "1", b"\xc1")
+            with pytest.raises(JournalCorrupt, match=r"consents\[1\]"):
+                await journal.consent_history(RecipientKey("acme:r1"))
 
 
 def _null_first(row: tuple[Any, ...]) -> tuple[tuple[bool, Any], ...]:
