@@ -1,0 +1,75 @@
+"""The committer's retry path, on the memory journal under a hand-driven clock.
+
+``MemoryJournal`` has no threads, so ``wait_all_tasks_blocked`` means "the committer is
+asleep in its back-off", and time moves only when the test jumps it.
+"""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+from prometheus_client import CollectorRegistry
+
+from gateway.core.cascade import Cascade
+from gateway.core.model import Category, Channel, Envelope, Lane, MessageKey
+from gateway.runtime.committer import Committer
+from gateway.runtime.metrics import Metrics
+from gateway.store.base import MessageRecord
+from gateway.store.memory import MemoryJournal, MemoryStore
+
+NOW = 1_795_435_200.0
+FULL = "database or disk is full"
+
+
+def record(key: str) -> MessageRecord:
+    cascade, _ = Cascade.start(plan=(Channel.SMS,), timeouts=(300.0,), allowed=0b1111, now=NOW)
+    envelope = Envelope("acme", "r1", Category.PROMO, "promo", Lane.NORMAL, (Channel.SMS,))
+    return MessageRecord(key, envelope, "UTC", cascade, NOW)
+
+
+async def test_a_failing_commit_is_retried_with_back_off_until_the_cause_passes(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    store = MemoryStore()
+    journal = MemoryJournal(store)
+    await journal.open(create=True)
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, {})
+    committer = Committer(journal, metrics)
+    store.fail_commits = FULL
+    ran: list[str] = []
+
+    def unavailable() -> str | None:  # read afresh each time: it changes while we await
+        return committer.unavailable
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(committer.serve)
+        batch = committer.current
+        batch.inserts["acme:m1"] = b"request"
+        batch.dirty["acme:m1"] = record("acme:m1")
+        batch.rows += 1
+        batch.after.append(lambda: ran.append("dispatched"))
+
+        await trio.testing.wait_all_tasks_blocked()
+        assert FULL == unavailable()  # admission reads this to answer "overloaded"
+        assert 1 == committer.pending_rows  # nothing staged is dropped
+        assert [] == ran  # nothing leaves the process before it is durable
+        mock_clock.jump(0.05)
+        await trio.testing.wait_all_tasks_blocked()
+        mock_clock.jump(0.05)  # the second wait is twice the first: not yet
+        await trio.testing.wait_all_tasks_blocked()
+        assert 2 == registry.get_sample_value("gateway_journal_commit_failures_total")
+        assert await journal.message(MessageKey("acme:m1")) is None
+
+        store.fail_commits = None
+        mock_clock.jump(0.05)
+        await trio.testing.wait_all_tasks_blocked()
+        assert unavailable() is None
+        assert ["dispatched"] == ran
+        assert 0 == committer.pending_rows
+        nursery.cancel_scope.cancel()
+    restarted = MemoryJournal(store)  # durable: a restart on the same store finds it
+    await restarted.open()
+    found = await restarted.message(MessageKey("acme:m1"))
+    assert found is not None
+    assert b"request" == found.request
