@@ -38,7 +38,6 @@ from gateway.runtime.metrics import Metrics
 from gateway.runtime.publisher import Publisher
 from gateway.runtime.router import Router
 from gateway.runtime.timers import TimerAlarm, TimerService
-from gateway.store.base import active_pages
 from gateway.store.sqlite import SqliteJournal
 from gateway.store.state import State
 from gateway.tracking import LinkSigner
@@ -215,7 +214,7 @@ async def open_gateway(
                 ingest_endpoint=zmqio.bound_endpoint(router_sock),
                 status_endpoint=zmqio.bound_endpoint(pub_sock),
             )
-            await _recover(gateway)
+            gateway.resent_at_start = await router.recover(now=clock.now())
             metrics.watch(
                 queue_depth=queues.depth,
                 inflight=dispatcher.inflight,
@@ -332,40 +331,6 @@ async def _serve_ingest(
 ) -> None:
     with scope:
         await ingest.serve(task_status=task_status)
-
-
-_RECOVERY_PAGE = 10_000
-
-
-async def _recover(gateway: Gateway) -> None:
-    config = gateway.config
-    state = gateway.state
-    now = gateway.clock.now()
-    recovered = await gateway.journal.recover(
-        now=now,
-        retention_seconds=config.store.idempotency_retention_seconds,
-        horizon_seconds=state.horizon_seconds,
-    )
-    state.finished.update(recovered.finished)
-    for rkey, record in recovered.consents:
-        state.apply_consent(rkey, record)
-    for rkey, entry in recovered.sends:
-        state.record_send(rkey, entry)
-    for address, recipient in recovered.addresses:
-        state.remember_address(address, recipient)
-    active = resent = 0
-    # page by page: each page's copies are freed before the next page is decoded
-    async for records in active_pages(gateway.journal, limit=_RECOVERY_PAGE):
-        active += len(records)
-        resent += len(gateway.router.restore(records, now=now))
-    gateway.resent_at_start = resent
-    if active or recovered.finished:
-        log.info(
-            "journal_recovered",
-            active=active,
-            finished=len(recovered.finished),
-            resent=resent,
-        )
 
 
 async def _housekeeping(gateway: Gateway) -> None:

@@ -90,7 +90,7 @@ from gateway.runtime.clock import Clock
 from gateway.runtime.committer import Committer
 from gateway.runtime.metrics import Metrics
 from gateway.runtime.timers import TimerAlarm
-from gateway.store.base import Journal, MessageRecord
+from gateway.store.base import Journal, JournalCorrupt, MessageRecord, active_pages
 from gateway.store.state import State, address_ref
 
 if TYPE_CHECKING:
@@ -99,6 +99,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("gateway.router")
 
 _OK: Final = Result(ResultStatus.OK)
+_RECOVERY_PAGE: Final = 10_000
 _HOLDOUT_DETAIL: Final = "the recipient is in this period's control group"
 _STATE_NAMES: Final = {
     Status.DEFERRED: "deferred",
@@ -268,7 +269,15 @@ class Router:
 
     async def answer_status(self, queries: list[StatusQuery]) -> list[Result]:
         """Resolve status queries with one journal read for all of them."""
-        states = await self.message_states([query.key for query in queries])
+        try:
+            states = await self.message_states([query.key for query in queries])
+        except JournalCorrupt as exc:
+            # one unreadable row must not take the ingest loop (and the gateway) down
+            log.error("status_unreadable", error=str(exc))
+            return [
+                rejected(RejectReason.NOT_FOUND, f"unreadable: {exc}", query.message_id)
+                for query in queries
+            ]
         return [
             Result(ResultStatus.OK, id=query.message_id, message=states.get(query.key))
             for query in queries
@@ -480,6 +489,11 @@ class Router:
         records = self.state.records
         wanted = set(keys)
         staged = self._staged_events(wanted)
+        committer = self.committer
+        # a record staged now may commit while the reads run, and the read may have taken its
+        # snapshot before: such a row is read again below (read-your-writes for a status asked
+        # right after a receipt finished the message)
+        staged_before = {key for key in keys if committer.staged_record(key) is not None}
         archived = [key for key in keys if key not in records]
         stored = await self.journal.messages(archived) if archived else {}
         timelines = await self.journal.timelines(keys)
@@ -495,7 +509,9 @@ class Router:
         late = [
             k
             for k in keys
-            if k not in records and k not in stored and self.committer.staged_record(k) is None
+            if k not in records
+            and committer.staged_record(k) is None
+            and (k not in stored or k in staged_before)
         ]
         if late:
             stored.update(await self.journal.messages(late))
@@ -1104,6 +1120,42 @@ class Router:
             batch.rows += 1
 
     # ================================================================ recovery
+    async def recover(self, *, now: float) -> int:
+        """Rebuild the state from the journal at start; returns how many steps are sent again.
+
+        Active messages come page by page, so each page's copies are freed before the next is
+        decoded.
+        """
+        state = self.state
+        recovered = await self.journal.recover(
+            now=now,
+            retention_seconds=self.config.store.idempotency_retention_seconds,
+            horizon_seconds=state.horizon_seconds,
+        )
+        state.finished.update(recovered.finished)
+        for key in recovered.finished:
+            # finish times are not journalled: each key is kept a full retention from now,
+            # longer than needed, never shorter (without this they were never forgotten)
+            state.remember_finished(key, now)
+        for rkey, consent in recovered.consents:
+            state.apply_consent(rkey, consent)
+        for rkey, entry in recovered.sends:
+            state.record_send(rkey, entry)
+        for address, recipient in recovered.addresses:
+            state.remember_address(address, recipient)
+        active = resent = 0
+        async for records in active_pages(self.journal, limit=_RECOVERY_PAGE):
+            active += len(records)
+            resent += len(self.restore(records, now=now))
+        if active or recovered.finished:
+            log.info(
+                "journal_recovered",
+                active=active,
+                finished=len(recovered.finished),
+                resent=resent,
+            )
+        return resent
+
     def restore(self, records: list[MessageRecord], *, now: float) -> list[MessageRecord]:
         """Rebuild timers and indexes from recovered records; returns those caught mid-send.
 

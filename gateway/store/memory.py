@@ -16,12 +16,9 @@ Fidelity: values are msgpack-encoded on commit and decoded on every read, as SQL
 them, so a test cannot pass because the router mutated an object the journal still holds.
 Row ids, orderings, boundary comparisons, the aggregate rows of ``campaign_rows`` and which
 reads check the journal is open follow ``gateway.store.sqlite`` line by line;
-``tests/store/test_journal.py`` runs the same conformance cases against both. Where SQLite's
-behaviour departs from what ``gateway.store.base`` says, this follows ``base`` and the suite
-holds a case that SQLite fails: a key asked for twice gets its timeline once (SQLite repeats
-its events when the copies fall in different 500-key chunks), and an unreadable row is a
-``JournalCorrupt`` on every read, not only at recovery. ``active_page`` refuses a limit below 1
-(SQLite fails on 0 with an IndexError and reads a negative limit as none).
+``tests/store/test_journal.py`` runs the same conformance cases against both: a key asked
+for twice gets its timeline once, and an unreadable row is a ``JournalCorrupt`` on every read,
+not only at recovery. ``active_page`` refuses a limit below 1.
 
 Test hooks, on the store:
 - ``MemoryStore.fail_commits``: a reason; while it is set every commit raises

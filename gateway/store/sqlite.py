@@ -332,7 +332,9 @@ class SqliteJournal:
             "SELECT key, record, request, outcome FROM messages WHERE key IN ({})", keys
         )
         return {
-            key: StoredMessage(_record_decoder.decode(record), request, outcome is not None)
+            key: StoredMessage(
+                _decoded(_record_decoder, record, "messages", key), request, outcome is not None
+            )
             for key, record, request, outcome in rows
         }
 
@@ -344,6 +346,9 @@ class SqliteJournal:
         return (await self.timelines([key])).get(key, [])
 
     async def timelines(self, keys: list[str]) -> dict[str, list[StatusEvent]]:
+        # a key asked for twice must not come back with its events twice (two status
+        # queries for one message may share a read)
+        keys = list(dict.fromkeys(keys))
         if not keys:
             return {}
 
@@ -363,9 +368,9 @@ class SqliteJournal:
         found: dict[str, list[StatusEvent]] = {}
         for key, opening in openings:
             if opening is not None:
-                found[key] = _events_decoder.decode(opening)
+                found[key] = _decoded(_events_decoder, opening, "messages", key)
         for key, body in rows:
-            found.setdefault(key, []).append(_event_decoder.decode(body))
+            found.setdefault(key, []).append(_decoded(_event_decoder, body, "events", key))
         return found
 
     async def known_receipts(self, digests: list[int]) -> set[int]:
@@ -374,9 +379,9 @@ class SqliteJournal:
 
     async def consent_history(self, recipient: RecipientKey) -> list[ConsentRecord]:
         rows = await self._read(
-            "SELECT body FROM consents WHERE recipient = ? ORDER BY id", (recipient,)
+            "SELECT id, body FROM consents WHERE recipient = ? ORDER BY id", (recipient,)
         )
-        return [_consent_decoder.decode(body) for (body,) in rows]
+        return [_decoded(_consent_decoder, body, "consents", row_id) for row_id, body in rows]
 
     async def _read(self, sql: str, params: Iterable[object]) -> list[tuple[Any, ...]]:
         def run() -> list[tuple[Any, ...]]:
@@ -493,6 +498,11 @@ class Problem(msgspec.Struct, frozen=True):
 _CHECKS: tuple[tuple[str, str, msgspec.msgpack.Decoder[Any]], ...] = (
     ("messages", "SELECT key, key, record FROM messages", _record_decoder),
     ("messages", "SELECT key, key, request FROM messages", msgspec.msgpack.Decoder(SendRequest)),
+    (
+        "messages",
+        "SELECT key, key, opening FROM messages WHERE opening IS NOT NULL",
+        _events_decoder,
+    ),
     ("events", "SELECT id, key, body FROM events", _event_decoder),
     ("consents", "SELECT id, recipient, body FROM consents", _consent_decoder),
     ("sends", "SELECT id, recipient, body FROM sends", _send_decoder),
