@@ -173,7 +173,7 @@ async def test_prometheus_sees_what_the_campaign_did(tmp_path: Path) -> None:
     assert recorded is not None, health
     assert recorded > 0
     assert {} == failures
-    assert 19 + len(dashboard_expressions()) == len(expressions)
+    assert 20 + len(dashboard_expressions()) == len(expressions)
     assert len(dashboard_expressions()) >= 30
     assert {"cascadegw.rates", "cascadegw.alerts"} == {group["name"] for group in rules}
     lint = await trio.run_process(
@@ -192,7 +192,7 @@ def test_promtool_accepts_the_rules() -> None:
         [PROMTOOL, "check", "rules", str(RULES)], capture_output=True, check=False
     )
     assert 0 == checked.returncode, checked.stdout.decode() + checked.stderr.decode()
-    assert b"SUCCESS: 19 rules found" in checked.stdout
+    assert b"SUCCESS: 20 rules found" in checked.stdout
 
 
 async def test_logs_carry_no_personal_data(tmp_path: Path) -> None:
@@ -236,7 +236,7 @@ def test_every_alert_has_a_summary_and_a_runbook_in_the_readme() -> None:
         for line in rules.splitlines()
         if line.strip().startswith("- alert:")
     ]
-    assert 7 == len(alerts)
+    assert 8 == len(alerts)
     for alert in alerts:
         assert f"#### {alert}\n" in readme, alert
         assert f'runbook: "README.md#{alert.lower()}"' in rules, alert
