@@ -25,8 +25,9 @@ Google's current token endpoint, whatever ``token_uri`` a key file names (older 
 ``https://accounts.google.com/o/oauth2/token``), as google-auth does.
 
 ``data`` must not use the keys FCM reserves (``from``, ``message_type``, anything starting with
-``google`` or ``gcm``): FCM refuses the whole push with INVALID_ARGUMENT. The admission check
-calls ``reserved_data_keys``; ``build_request`` refuses them too, should one get this far.
+``google`` or ``gcm``): FCM refuses the whole push with INVALID_ARGUMENT. Admission refuses
+them (``gateway.protocol.reserved_data_keys``); ``build_request`` refuses them too, should one
+get this far.
 
 FCM sends no webhooks and no delivery receipts: opens come from the app (the ``event`` op) or
 from the tracked link in ``data["link"]``.
@@ -57,7 +58,7 @@ from gateway.core.errors import (
     RateLimited,
 )
 from gateway.core.model import Category, Channel
-from gateway.protocol import PushContent
+from gateway.protocol import PushContent, reserved_data_keys
 from gateway.runtime.clock import wall_time
 
 KIND: Final = "fcm"
@@ -78,22 +79,6 @@ KEY_DATA: Final = "cgw_key"
 """``data`` key carrying the message key, so the app can report the open with the ``event`` op."""
 LINK_DATA: Final = "link"
 """``data`` key carrying the tracked click URL (the gateway's click tracker)."""
-RESERVED_DATA_KEYS: Final = frozenset({"from", "message_type"})
-RESERVED_DATA_KEY_PREFIXES: Final = ("google", "gcm")
-"""``data`` keys FCM refuses: "The key should not be a reserved word ("from", "message_type",
-or any word starting with "google" or "gcm")" (FCM's data message docs; the v1 reference names
-the narrower ``google.`` and ``gcm.notification.``, so the wider rule is the safe one). Compared
-without case: a refused push fails for good, while a key that only looks reserved is easily
-renamed by the CRM."""
-
-
-def reserved_data_keys(data: Mapping[str, str]) -> list[str]:
-    """The keys of a push's ``data`` that FCM reserves, sorted; empty when there are none."""
-    return sorted(
-        key
-        for key in data
-        if key.lower() in RESERVED_DATA_KEYS or key.lower().startswith(RESERVED_DATA_KEY_PREFIXES)
-    )
 
 
 # ---------------------------------------------------------------- service account and JWT

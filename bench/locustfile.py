@@ -114,9 +114,7 @@ class CrmUser(User):
             gevent.spawn(self.environment.runner.quit)
             raise StopUser
 
-        frame = msgpack.packb(
-            [send_request(first + offset) for offset in range(BATCH)], datetime=True
-        )
+        frame = msgpack.packb([send_request(first + offset) for offset in range(BATCH)])
         correlation = next(self.correlation).to_bytes(8, "big")
         started = time.perf_counter()
         exception: Exception | None = None

@@ -57,12 +57,25 @@ def secure(
     sock.curve_secretkey = secret_key.encode()
 
 
+def rfc3339(moment: datetime) -> str:
+    """A time as the protocol carries it: an RFC 3339 string in UTC."""
+    if moment.tzinfo is None:
+        raise ValueError("times must be timezone-aware")
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _default(value: object) -> object:
+    if isinstance(value, datetime):
+        return rfc3339(value)  # the protocol's times are strings, never msgpack timestamps
+    raise TypeError(f"can't encode {type(value).__name__}")
+
+
 def _pack(value: object) -> bytes:
-    return msgpack.packb(value, datetime=True, use_bin_type=True)  # type: ignore[no-any-return]
+    return msgpack.packb(value, default=_default, use_bin_type=True)  # type: ignore[no-any-return]
 
 
 def _unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, timestamp=3)
+    return msgpack.unpackb(data, raw=False)
 
 
 # ---------------------------------------------------------------- request builders
@@ -114,7 +127,7 @@ def event_request(
     if channel is not None:
         request["channel"] = channel
     if at is not None:
-        request["at"] = at.astimezone(UTC)
+        request["at"] = rfc3339(at)
     return request
 
 
@@ -143,7 +156,7 @@ def consent_request(
         if value is not None:
             request[key] = value
     if at is not None:
-        request["at"] = at.astimezone(UTC)
+        request["at"] = rfc3339(at)
     return request
 
 

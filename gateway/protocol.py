@@ -7,18 +7,28 @@ array. Nothing a client sends can make the decoder raise: garbage, wrong types, 
 unknown fields and oversize frames each come back as a ``rejected``/``invalid`` result whose
 ``detail`` names the problem and where it is (``- at `$.recipient.email```).
 
+Times are RFC 3339 strings in both directions (``2026-12-05T09:30:00Z``, an offset or ``Z``
+required, fractions to nanoseconds accepted and kept to microseconds): every msgpack library
+and every JSON Schema validator reads a string the same way, while msgpack timestamps decode
+differently per language (JavaScript's Date drops microseconds). A msgpack timestamp in a
+request is refused ``invalid``.
+
 Status events are stored for the timeline and published on the PUB socket as two-frame
-messages: the tenant (the topic), then a msgpack array of ``StatusEvent`` maps, oldest first. ``config/schema/cascadegw.schema.json`` is generated from these Structs
-(``cascadegw schema``) and a test keeps it in sync.
+messages: the tenant (the topic), then a msgpack array of ``StatusEvent`` maps, oldest first.
+``config/schema/cascadegw.schema.json`` is generated from these Structs (``cascadegw schema``)
+and a test keeps it in sync; every rule the gateway checks that JSON Schema can say is in it
+(``_SCHEMA_RULES``), and ``docs/protocol.md`` lists the few it cannot.
 """
 
 from __future__ import annotations
 
 import enum
-import zoneinfo
+import re
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from functools import cache
-from typing import Annotated, Final
+from importlib import resources
+from typing import Annotated, Any, Final
 
 import msgspec
 
@@ -48,8 +58,23 @@ Phone = Annotated[
 ]
 Token = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
 Url = Annotated[str, msgspec.Meta(max_length=2048, pattern=r"^https?://")]
-AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
+_TIME_PATTERN: Final = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-5][0-9](\.[0-9]{1,9})?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})$"
+)
+Timestamp = Annotated[
+    str,
+    msgspec.Meta(
+        max_length=64,
+        description="RFC 3339 date-time with an offset or Z, e.g. 2026-12-05T09:30:00Z "
+        "(no leap seconds; fractions beyond microseconds are dropped)",
+        # checked by validate(), which can say what is wrong in words rather than a regex
+        extra_json_schema={"format": "date-time", "pattern": _TIME_PATTERN},
+    ),
+]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=30 * 86400)]
+Version = Annotated[int, msgspec.Meta(extra_json_schema={"const": 1})]
+"""The protocol version; checked in ``validate`` so the answer says which one is spoken."""
 
 
 class _Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -57,14 +82,36 @@ class _Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defa
 
 
 @cache
-def _time_zones() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones())
+def time_zones() -> frozenset[str]:
+    """The IANA zone names a recipient may have: those of the ``tzdata`` package, pinned, so
+    the gateway and the published schema agree on every machine whatever its system tzdata
+    (``zoneinfo`` loads any of them: it falls back to the package)."""
+    listing = resources.files("tzdata").joinpath("zones").read_text()
+    return frozenset(line.strip() for line in listing.splitlines() if line.strip())
+
+
+RESERVED_DATA_KEYS: Final = frozenset({"from", "message_type"})
+RESERVED_DATA_KEY_PREFIXES: Final = ("google", "gcm")
+"""Push ``data`` keys FCM refuses: "The key should not be a reserved word ("from",
+"message_type", or any word starting with "google" or "gcm")" (FCM's data message docs; the v1
+reference names the narrower ``google.`` and ``gcm.notification.``, so the wider rule is the
+safe one). Compared without case: a refused push fails for good, while a key that only looks
+reserved is easily renamed by the CRM."""
+
+
+def reserved_data_keys(data: Mapping[str, str]) -> list[str]:
+    """The keys of a push's ``data`` that FCM reserves, sorted; empty when there are none."""
+    return sorted(
+        key
+        for key in data
+        if key.lower() in RESERVED_DATA_KEYS or key.lower().startswith(RESERVED_DATA_KEY_PREFIXES)
+    )
 
 
 # ---------------------------------------------------------------- send
 class Recipient(_Struct, frozen=True):
     id: RecipientId
-    tz: str = "UTC"
+    tz: Annotated[str, msgspec.Meta(extra_json_schema={"enum": sorted(time_zones())})] = "UTC"
     """IANA time zone of the recipient, for quiet hours (e.g. ``Europe/Moscow``)."""
     push_tokens: Annotated[list[Token], msgspec.Meta(max_length=16)] = []
     email: Email | None = None
@@ -119,7 +166,7 @@ class Content(_Struct, frozen=True):
 
 
 class SendRequest(_Struct, frozen=True, tag_field="op", tag="send"):
-    v: int
+    v: Version
     id: MessageId
     """The CRM's message id; the idempotency key within the tenant."""
     tenant: TenantName
@@ -129,12 +176,21 @@ class SendRequest(_Struct, frozen=True, tag_field="op", tag="send"):
     topic: Label | None = None
     """Consent topic (e.g. ``promo``, ``orders``); defaults to the category."""
     priority: Lane = Lane.NORMAL
-    channels: Annotated[list[Channel], msgspec.Meta(min_length=1, max_length=4)] | None = None
+    channels: (
+        Annotated[
+            list[Channel],
+            msgspec.Meta(min_length=1, max_length=4, extra_json_schema={"uniqueItems": True}),
+        ]
+        | None
+    ) = None
     """Cascade order; defaults to the tenant's order. Every channel listed needs content."""
-    step_timeout_seconds: dict[Channel, Seconds] = {}
+    step_timeout_seconds: Annotated[
+        dict[Channel, Seconds],
+        msgspec.Meta(extra_json_schema={"propertyNames": {"enum": [c.value for c in Channel]}}),
+    ] = {}
     """Unread timeout per channel, overriding the configured ones."""
-    send_at: AwareDatetime | None = None
-    expires_at: AwareDatetime | None = None
+    send_at: Timestamp | None = None
+    expires_at: Timestamp | None = None
     campaign: Label | None = None
     variant: Label | None = None
     metadata: Annotated[dict[str, str], msgspec.Meta(max_length=32)] = {}
@@ -146,7 +202,7 @@ class SendRequest(_Struct, frozen=True, tag_field="op", tag="send"):
 
 # ---------------------------------------------------------------- other requests
 class CancelRequest(_Struct, frozen=True, tag_field="op", tag="cancel"):
-    v: int
+    v: Version
     id: MessageId
     tenant: TenantName
     reason: Label | None = None
@@ -161,17 +217,17 @@ class EventKind(enum.StrEnum):
 
 
 class EventRequest(_Struct, frozen=True, tag_field="op", tag="event"):
-    v: int
+    v: Version
     id: MessageId
     tenant: TenantName
     kind: EventKind
     channel: Channel | None = None
     """Where it was read; defaults to the channel of the current step."""
-    at: AwareDatetime | None = None
+    at: Timestamp | None = None
 
 
 class ConsentRequest(_Struct, frozen=True, tag_field="op", tag="consent"):
-    v: int
+    v: Version
     tenant: TenantName
     recipient_id: RecipientId
     kind: ConsentKind
@@ -182,12 +238,12 @@ class ConsentRequest(_Struct, frozen=True, tag_field="op", tag="consent"):
     topic: Label | None = None
     """Advertising consent only; ``None`` means every topic."""
     reason: Annotated[str, msgspec.Meta(max_length=1000)] | None = None
-    at: AwareDatetime | None = None
+    at: Timestamp | None = None
     """When the customer acted; defaults to when the gateway received it."""
 
 
 class StatusRequest(_Struct, frozen=True, tag_field="op", tag="status"):
-    v: int
+    v: Version
     id: MessageId
     tenant: TenantName
 
@@ -333,11 +389,13 @@ def decode_frame(
     try:
         raws = _raw_list_decoder.decode(data)
     except _MALFORMED as exc:
-        return Frame(False, [invalid(f"malformed msgpack: {exc}")])
+        # an array that cannot be read: its requests cannot be counted, but the client sent
+        # a batch and gets a list back
+        return Frame(True, [invalid(f"malformed msgpack: {exc}")])
     if len(raws) > max_batch:
-        return Frame(
-            False, [invalid(f"batch of {len(raws)} requests exceeds the limit of {max_batch}")]
-        )
+        # one result per request, as for any batch: each says why the whole batch was refused
+        detail = f"batch of {len(raws)} requests exceeds the limit of {max_batch}"
+        return Frame(True, [invalid(detail, _salvage_id(raw)) for raw in raws])
     return Frame(True, [_decode_one(raw) for raw in raws], [bytes(raw) for raw in raws])
 
 
@@ -345,7 +403,10 @@ def _decode_one(data: bytes | memoryview | msgspec.Raw) -> Request | Result:
     try:
         request: Request = _request_decoder.decode(data)
     except msgspec.ValidationError as exc:
-        return invalid(str(exc), _salvage_id(data))
+        detail = str(exc)
+        if detail.startswith(("Expected `str`, got `ext`", "Expected `str | null`, got `ext`")):
+            detail += " (times are RFC 3339 strings, not msgpack timestamps)"
+        return invalid(detail, _salvage_id(data))
     except _MALFORMED as exc:
         return invalid(f"malformed msgpack: {exc}")
     problem = validate(request)
@@ -364,8 +425,19 @@ def validate(request: Request) -> str | None:
         return f"unsupported protocol version {request.v}, this gateway speaks {PROTOCOL_VERSION} - at `$.v`"
     match request:
         case SendRequest(recipient=recipient, content=content, channels=channels):
-            if recipient.tz != "UTC" and recipient.tz not in _time_zones():
+            if recipient.tz != "UTC" and recipient.tz not in time_zones():
                 return f"unknown IANA time zone {recipient.tz!r} - at `$.recipient.tz`"
+            for name in ("send_at", "expires_at"):
+                problem = _time_problem(getattr(request, name), name)
+                if problem is not None:
+                    return problem
+            if content.push is not None:
+                reserved = reserved_data_keys(content.push.data)
+                if reserved:
+                    return (
+                        f"FCM reserves the data keys {', '.join(map(repr, reserved))} (from, "
+                        "message_type, google*, gcm*) - at `$.content.push.data`"
+                    )
             if content.email is not None and not (content.email.html or content.email.text):
                 return "email content needs `html` or `text` - at `$.content.email`"
             if channels is not None:
@@ -381,11 +453,48 @@ def validate(request: Request) -> str | None:
                 and content.sms is None
             ):
                 return "no content for any channel - at `$.content`"
-        case ConsentRequest(kind=ConsentKind.PERSONAL_DATA, channel=scope, topic=topic):
-            if scope is not None or topic is not None:
+        case ConsentRequest(kind=kind, channel=scope, topic=topic, at=at):
+            if kind is ConsentKind.PERSONAL_DATA and (scope is not None or topic is not None):
                 return "personal-data consent is not per channel or topic - at `$.kind`"
+            return _time_problem(at, "at")
+        case EventRequest(at=at):
+            return _time_problem(at, "at")
         case _:
             pass
+    return None
+
+
+_FRACTION: Final = re.compile(r"\.([0-9]+)")
+_TIME: Final = re.compile(_TIME_PATTERN)
+
+
+def parse_time(text: str) -> datetime:
+    """An RFC 3339 string (``Timestamp``) as an aware datetime; fractions kept to microseconds.
+
+    Raises:
+        ValueError: not a real date and time (the pattern already holds, e.g. February 30).
+    """
+    fraction = _FRACTION.search(text)
+    if fraction is not None and len(fraction.group(1)) > 6:
+        text = text[: fraction.start(1) + 6] + text[fraction.end(1) :]
+    moment = datetime.fromisoformat(text.upper())
+    if moment.tzinfo is None:  # the pattern requires an offset; belt and braces
+        raise ValueError("no UTC offset")
+    return moment
+
+
+def _time_problem(text: str | None, name: str) -> str | None:
+    if text is None:
+        return None
+    if not _TIME.match(text):
+        return (
+            f"{text[:40]!r} is not an RFC 3339 date-time with an offset or Z "
+            f"(e.g. 2026-12-05T09:30:00Z) - at `$.{name}`"
+        )
+    try:
+        parse_time(text)
+    except ValueError:
+        return f"{text!r} is not a real date and time - at `$.{name}`"
     return None
 
 
@@ -398,16 +507,19 @@ def _salvage_id(data: bytes | memoryview | msgspec.Raw) -> str | None:
 
 def encode_reply(frame_is_batch: bool, results: list[Result]) -> bytes:
     if frame_is_batch:
-        return _encoder.encode(results)
-    return _encoder.encode(results[0])
+        return encode(results)
+    return encode(results[0])
 
 
 def encode(value: object) -> bytes:
-    return _encoder.encode(value)
+    """Msgpack for the wire: times become RFC 3339 strings (the journal keeps msgpack
+    timestamps, so its rows stay as earlier versions wrote them)."""
+    return _encoder.encode(msgspec.to_builtins(value))
 
 
-def epoch(moment: datetime | None) -> float | None:
-    return None if moment is None else moment.timestamp()
+def epoch(moment: str | None) -> float | None:
+    """POSIX seconds of a validated ``Timestamp``."""
+    return None if moment is None else parse_time(moment).timestamp()
 
 
 def utc(seconds: float) -> datetime:
@@ -415,29 +527,124 @@ def utc(seconds: float) -> datetime:
 
 
 # ---------------------------------------------------------------- schema
+_ANY_CHANNEL_CONTENT: Final = {
+    "anyOf": [{"required": [channel.value]} for channel in Channel],
+    "description": "Content for at least one channel; with `channels`, for each listed one.",
+}
+_SCHEMA_RULES: Final[dict[str, dict[str, Any]]] = {
+    # validate() checks each of these; the schema says them too, so a client validating
+    # against the schema is never surprised by an `invalid` (tests/contract checks both agree)
+    "Content": _ANY_CHANNEL_CONTENT,
+    "EmailContent": {"anyOf": [{"required": ["html"]}, {"required": ["text"]}]},
+    "ConsentRequest": {
+        "if": {"properties": {"kind": {"const": "personal_data"}}, "required": ["kind"]},
+        "then": {"not": {"anyOf": [{"required": ["channel"]}, {"required": ["topic"]}]}},
+        "description": "Personal-data consent is never per channel or topic.",
+    },
+}
+_RESERVED_KEYS_PATTERN: Final = "^([Ff][Rr][Oo][Mm]|[Mm][Ee][Ss][Ss][Aa][Gg][Ee]_[Tt][Yy][Pp][Ee])$|^([Gg][Oo][Oo][Gg][Ll][Ee]|[Gg][Cc][Mm])"
+_EXAMPLES: Final[dict[str, list[dict[str, Any]]]] = {
+    "SendRequest": [
+        {
+            "v": 1,
+            "op": "send",
+            "id": "order-42-promo",
+            "tenant": "demo",
+            "recipient": {
+                "id": "customer-1",
+                "tz": "Europe/Moscow",
+                "push_tokens": ["fcm-registration-token"],
+                "email": "ann@example.com",
+                "phone": "+79161234567",
+            },
+            "category": "promo",
+            "content": {
+                "push": {"title": "Sale", "body": "-50% {link}", "data": {"screen": "sale"}},
+                "email": {"subject": "Sale", "html": "<a href='{link}'>Shop</a>"},
+                "sms": {"text": "Sale -50% {link}"},
+                "link_url": "https://shop.example/sale",
+            },
+            "campaign": "spring-sale",
+            "send_at": "2026-12-05T09:30:00Z",
+        }
+    ],
+    "CancelRequest": [
+        {"v": 1, "op": "cancel", "id": "order-42-promo", "tenant": "demo", "reason": "bought"}
+    ],
+    "EventRequest": [
+        {"v": 1, "op": "event", "id": "order-42-promo", "tenant": "demo", "kind": "opened"}
+    ],
+    "ConsentRequest": [
+        {
+            "v": 1,
+            "op": "consent",
+            "tenant": "demo",
+            "recipient_id": "customer-1",
+            "kind": "advertising",
+            "action": "grant",
+            "source": "signup-form",
+            "channel": "email",
+            "at": "2026-12-01T18:04:05.123456+03:00",
+        }
+    ],
+    "StatusRequest": [{"v": 1, "op": "status", "id": "order-42-promo", "tenant": "demo"}],
+}
+
+
+def _without_discriminators(node: object) -> object:
+    """msgspec marks tagged unions with OpenAPI's ``discriminator``, which is not JSON Schema:
+    strict validators (ajv) refuse it; the ``op`` const of each branch says the same."""
+    if isinstance(node, dict):
+        return {k: _without_discriminators(v) for k, v in node.items() if k != "discriminator"}
+    if isinstance(node, list):
+        return [_without_discriminators(item) for item in node]
+    return node
+
+
 def json_schema() -> dict[str, object]:
-    """JSON Schema for every wire type: requests, a request frame, results and status events."""
+    """JSON Schema for every wire type: requests, a request frame, results and status events.
+
+    It describes the wire exactly: times are RFC 3339 strings, every rule of ``validate`` that
+    JSON Schema can express is in it, and it loads in ajv's strict mode and in Python's
+    ``jsonschema`` (both checked by tests/contract).
+    """
     (request, result, event), components = msgspec.json.schema_components(
         [Request, Result, StatusEvent], ref_template="#/$defs/{name}"
     )
-    return {
+    components = {name: dict(schema) for name, schema in components.items()}
+    for name, rules in _SCHEMA_RULES.items():
+        components[name].update(rules)
+    push_data = components["PushContent"]["properties"]["data"]
+    push_data["propertyNames"] = {
+        "not": {"pattern": _RESERVED_KEYS_PATTERN},
+        "description": "FCM reserves from, message_type and keys starting with google or gcm.",
+    }
+    for name, examples in _EXAMPLES.items():
+        components[name]["examples"] = examples
+    batch = {"type": "array", "items": request, "maxItems": DEFAULT_MAX_BATCH}
+    schema = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://cascadegw.dev/schema/v1",
         "title": "cascadegw wire protocol v1 (msgpack over ZeroMQ)",
         "description": (
-            "A request frame is one Request map or an array of them; the reply is one Result "
-            "or an array of Results in the same order. StatusEvents are published on the PUB "
-            "socket with the tenant as topic."
+            "A request frame is one Request map or an array of at most 1000 of them; the reply "
+            "is one Result for a map, or an array with one Result per request, in order, for "
+            "an array. Status events are published on the XPUB socket as two frames: the "
+            "tenant name (the topic) and a StatusEventMessage. Times are RFC 3339 strings. "
+            "See docs/protocol.md."
         ),
-        "oneOf": [request, {"type": "array", "items": request}],
+        "oneOf": [request, batch],
         "$defs": {
             **components,
             "Request": request,
-            "RequestFrame": {"oneOf": [request, {"type": "array", "items": request}]},
+            "RequestFrame": {"oneOf": [request, batch]},
             "ReplyFrame": {"oneOf": [result, {"type": "array", "items": result}]},
             "StatusEventMessage": {"type": "array", "items": event},
         },
     }
+    cleaned = _without_discriminators(schema)
+    assert isinstance(cleaned, dict)
+    return cleaned
 
 
 __all__ = [

@@ -30,9 +30,9 @@ from gateway.core.model import Channel, message_key, recipient_key
 from gateway.http.inbound import SinkFull
 from gateway.protocol import (
     PROTOCOL_VERSION,
-    AwareDatetime,
     ConsentRequest,
     Label,
+    Timestamp,
     utc,
     validate,
 )
@@ -50,7 +50,7 @@ class ConsentUpdate(msgspec.Struct, forbid_unknown_fields=True):
     channel: Channel | None = None
     topic: Label | None = None
     reason: Annotated[str, msgspec.Meta(max_length=1000)] | None = None
-    at: AwareDatetime | None = None
+    at: Timestamp | None = None
 
 
 _updates = msgspec.json.Decoder(list[ConsentUpdate] | ConsentUpdate)

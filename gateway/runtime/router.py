@@ -302,7 +302,8 @@ class Router:
         journal, unpruned) for longer than anyone means to."""
         horizon = self.config.ingest.max_schedule_ahead_seconds
         for name, moment in (("send_at", request.send_at), ("expires_at", request.expires_at)):
-            if moment is not None and moment.timestamp() - now > horizon:
+            seconds = epoch(moment)
+            if seconds is not None and seconds - now > horizon:
                 days = horizon / 86400
                 return f"{name} is more than {days:g} days ahead - at `$.{name}`"
         return None

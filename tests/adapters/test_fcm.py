@@ -47,7 +47,6 @@ from adapters.fcm import (
     parse_token_response,
     parse_webhook,
     project_id,
-    reserved_data_keys,
     verify_webhook,
 )
 from adapters.simulators._base import Scripted
@@ -64,7 +63,7 @@ from gateway.core.errors import (
     RateLimited,
 )
 from gateway.core.model import Category, Channel
-from gateway.protocol import EmailContent, PushContent
+from gateway.protocol import EmailContent, PushContent, reserved_data_keys
 from gateway.runtime import zmqio
 from gateway.runtime.clock import wall_time
 

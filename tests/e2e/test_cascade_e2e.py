@@ -18,6 +18,7 @@ import trio
 import trio.testing
 
 from adapters.sendgrid import sign_events
+from gateway.client import rfc3339
 from gateway.core.model import RecipientKey
 from tests.e2e.simulated import (
     HOUR,
@@ -214,7 +215,7 @@ class TestPolicy:
             assert ["acme:otp"] == keys_sent(fcm)
             await trio.sleep_until(embedded.gateway.clock.trio_deadline(morning + 60))
             assert ["acme:otp", "acme:m1"] == keys_sent(fcm)
-        assert datetime.fromtimestamp(morning, UTC) == promo_reply["deferred_until"]
+        assert rfc3339(datetime.fromtimestamp(morning, UTC)) == promo_reply["deferred_until"]
         assert "accepted" == otp_reply["status"]
         assert "deferred_until" not in otp_reply
 
@@ -234,7 +235,7 @@ class TestPolicy:
         assert ("rejected", "capped") == (second["status"], second["reason"])
         assert "accepted" == content1["status"]
         assert "accepted" == content2["status"]
-        assert datetime.fromtimestamp(NOON_UTC + 3600, UTC) == content2["deferred_until"]
+        assert rfc3339(datetime.fromtimestamp(NOON_UTC + 3600, UTC)) == content2["deferred_until"]
 
     async def test_holdout_duplicate_and_cancel(
         self, tmp_path: Path, jumping_clock: trio.testing.MockClock

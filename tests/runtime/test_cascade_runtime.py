@@ -11,7 +11,7 @@ from typing import Any
 import trio
 import trio.testing
 
-from gateway.client import AsyncClient, open_client, open_subscription
+from gateway.client import AsyncClient, open_client, open_subscription, rfc3339
 from gateway.config import GatewayConfig
 from gateway.core.errors import InvalidRecipient, ProviderUnavailable, RateLimited
 from gateway.core.model import Channel
@@ -192,7 +192,7 @@ class TestTiming:
             assert [] == providers["push1"].sent
             await trio.sleep_until(at_clock(gateway, 3601))
             assert ["acme:m1"] == providers["push1"].keys()
-        assert send_at == reply["deferred_until"]
+        assert "2026-11-23T13:00:00Z" == reply["deferred_until"]  # times are RFC 3339 strings
 
     async def test_quiet_hours_defer_to_the_recipients_morning(
         self, tmp_path: Path, jumping_clock: trio.testing.MockClock
@@ -219,7 +219,7 @@ class TestTiming:
             assert ["acme:otp"] == providers["push1"].keys()
             await trio.sleep_until(gateway.clock.trio_deadline(morning + 1))
             assert ["acme:otp", "acme:m1"] == providers["push1"].keys()
-        assert datetime.fromtimestamp(morning, UTC) == reply["deferred_until"]
+        assert rfc3339(datetime.fromtimestamp(morning, UTC)) == reply["deferred_until"]
         assert "deferred_until" not in otp
 
     async def test_expiry_ends_a_cascade(
