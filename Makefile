@@ -15,7 +15,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
-test: $(STAMP) $(BENCH_STAMP)
+# the Node CRM of the contract tests (tests/contract/node): npm packages from its lock file
+NODE_DIR := tests/contract/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
+
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		npm ci --prefix $(NODE_DIR) --no-audit --no-fund --loglevel=error && touch $@; \
+	elif [ "$$CI" = "true" ]; then \
+		echo "npm is required (the Node contract test); install Node.js" >&2; exit 1; \
+	else \
+		echo "npm not found: the Node contract test will be skipped"; \
+	fi
+
+test: $(STAMP) $(BENCH_STAMP) $(NODE_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

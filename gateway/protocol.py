@@ -74,6 +74,8 @@ Timestamp = Annotated[
 ]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=30 * 86400)]
 Version = Annotated[int, msgspec.Meta(extra_json_schema={"const": 1})]
+UtcTime = Annotated[datetime, msgspec.Meta(tz=True)]
+"""A time the gateway sends: always UTC, an RFC 3339 string on the wire."""
 """The protocol version; checked in ``validate`` so the answer says which one is spoken."""
 
 
@@ -295,7 +297,7 @@ class StatusEvent(msgspec.Struct, frozen=True, omit_defaults=True):
     tenant: str
     id: str
     kind: StatusKind
-    at: datetime
+    at: UtcTime
     final: bool = False
     channel: Channel | None = None
     provider: str | None = None
@@ -317,7 +319,7 @@ class MessageState(msgspec.Struct, frozen=True, omit_defaults=True):
     channel: Channel | None = None
     outcome: Outcome | None = None
     channels: list[Channel] = []
-    deferred_until: datetime | None = None
+    deferred_until: UtcTime | None = None
     timeline: list[StatusEvent] = []
 
 
@@ -328,7 +330,7 @@ class Result(msgspec.Struct, frozen=True, omit_defaults=True):
     detail: str | None = None
     channels: list[Channel] | None = None
     """For ``accepted``: the channels the cascade may use, in order."""
-    deferred_until: datetime | None = None
+    deferred_until: UtcTime | None = None
     message: MessageState | None = None
     """For ``duplicate`` and ``status``: the message's current state."""
 
@@ -527,18 +529,27 @@ def utc(seconds: float) -> datetime:
 
 
 # ---------------------------------------------------------------- schema
-_ANY_CHANNEL_CONTENT: Final = {
-    "anyOf": [{"required": [channel.value]} for channel in Channel],
-    "description": "Content for at least one channel; with `channels`, for each listed one.",
-}
+def _present(name: str) -> dict[str, Any]:
+    """A subschema saying "``name`` is there" that strict validators accept (ajv's
+    strictRequired wants every required property defined where it is required)."""
+    return {"type": "object", "required": [name], "properties": {name: True}}
+
+
 _SCHEMA_RULES: Final[dict[str, dict[str, Any]]] = {
     # validate() checks each of these; the schema says them too, so a client validating
     # against the schema is never surprised by an `invalid` (tests/contract checks both agree)
-    "Content": _ANY_CHANNEL_CONTENT,
-    "EmailContent": {"anyOf": [{"required": ["html"]}, {"required": ["text"]}]},
+    "Content": {
+        "anyOf": [_present(channel.value) for channel in Channel],
+        "description": "Content for at least one channel; with `channels`, for each listed one.",
+    },
+    "EmailContent": {"anyOf": [_present("html"), _present("text")]},
     "ConsentRequest": {
-        "if": {"properties": {"kind": {"const": "personal_data"}}, "required": ["kind"]},
-        "then": {"not": {"anyOf": [{"required": ["channel"]}, {"required": ["topic"]}]}},
+        "if": {
+            "type": "object",
+            "required": ["kind"],
+            "properties": {"kind": {"const": "personal_data"}},
+        },
+        "then": {"not": {"anyOf": [_present("channel"), _present("topic")]}},
         "description": "Personal-data consent is never per channel or topic.",
     },
 }

@@ -127,6 +127,7 @@ class RejectReason(enum.StrEnum):
     QUIET_HOURS = "quiet_hours"  # the quiet-hours rule for this channel and category says drop
     NOT_FOUND = "not_found"  # cancel/event/status for a message id the gateway never accepted
     UNAUTHORIZED = "unauthorized"  # the client's key may not act for this tenant
+    CONFLICT = "conflict"  # a message id reused with a different request
 
 
 class DeferReason(enum.StrEnum):

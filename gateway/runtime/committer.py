@@ -76,6 +76,13 @@ class Committer:
             record = self._committing.dirty.get(key)
         return record
 
+    def staged_request(self, key: str) -> bytes | None:
+        """The request of a message admitted but not yet durable, if any."""
+        request = self._current.inserts.get(key)
+        if request is None and self._committing is not None:
+            request = self._committing.inserts.get(key)
+        return request
+
     def on_commit(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
 

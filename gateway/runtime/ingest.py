@@ -28,7 +28,7 @@ from gateway.runtime import zmqio
 from gateway.runtime.committer import Committer
 from gateway.runtime.curve import Principals
 from gateway.runtime.metrics import Metrics
-from gateway.runtime.router import Router, StatusQuery
+from gateway.runtime.router import JournalQuery, Router
 from gateway.store.base import Batch
 
 _MAX_ENVELOPE_BYTES = 1024
@@ -155,11 +155,11 @@ class Ingest:
         )
         reply = _Reply(identity, envelope, batch if batch and promises else None)
         self._pending.append(reply)
-        queries = [item for item in results if isinstance(item, StatusQuery)]
+        queries = [item for item in results if not isinstance(item, Result)]
         if not queries:
             reply.payload = encode_reply(frame.batch, cast("list[Result]", results))
             return len(results)
-        # status needs the journal: answer it beside the loop, never by awaiting in it
+        # these need the journal: answer them beside the loop, never by awaiting in it
         assert self._nursery is not None
         self._nursery.start_soon(self._answer, reply, frame.batch, results, queries)
         return len(results)
@@ -168,11 +168,11 @@ class Ingest:
         self,
         reply: _Reply,
         batch: bool,
-        results: list[Result | StatusQuery],
-        queries: list[StatusQuery],
+        results: list[Result | JournalQuery],
+        queries: list[JournalQuery],
     ) -> None:
-        answers = iter(await self.router.answer_status(queries))
-        final = [next(answers) if isinstance(item, StatusQuery) else item for item in results]
+        answers = iter(await self.router.answer(queries))
+        final = [item if isinstance(item, Result) else next(answers) for item in results]
         reply.payload = encode_reply(batch, final)
         self._wake()
 

@@ -99,6 +99,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("gateway.router")
 
 _OK: Final = Result(ResultStatus.OK)
+_request_decoder: Final = msgspec.msgpack.Decoder(SendRequest)
 _RECOVERY_PAGE: Final = 10_000
 _HOLDOUT_DETAIL: Final = "the recipient is in this period's control group"
 _STATE_NAMES: Final = {
@@ -163,13 +164,27 @@ _ADDRESS_INDEXED: Final = frozenset({Channel.VIBER, Channel.SMS})
 
 
 class StatusQuery:
-    """A ``status`` request whose answer needs the journal (see ``Router.answer_status``)."""
+    """A ``status`` request whose answer needs the journal (see ``Router.answer``)."""
 
     __slots__ = ("key", "message_id")
 
     def __init__(self, key: str, message_id: str) -> None:
         self.key = key
         self.message_id = message_id
+
+
+class DuplicateQuery:
+    """A ``send`` whose id is taken: ``duplicate`` if it is the same request, ``conflict`` if
+    not (Stripe's idempotency keys); telling them apart reads the original from the journal."""
+
+    __slots__ = ("key", "request")
+
+    def __init__(self, key: str, request: SendRequest) -> None:
+        self.key = key
+        self.request = request
+
+
+JournalQuery = StatusQuery | DuplicateQuery
 
 
 class Router:
@@ -214,17 +229,20 @@ class Router:
         }
 
     # ================================================================ requests
-    def handle_frame(self, frame: Frame, principal: Principal = None) -> list[Result | StatusQuery]:
+    def handle_frame(
+        self, frame: Frame, principal: Principal = None
+    ) -> list[Result | JournalQuery]:
         """Answer every request of a frame, in order, without waiting for I/O.
 
-        Writes are staged, not yet durable. A ``status`` needs the journal, so it comes back as
-        a ``StatusQuery`` for ``answer_status`` to resolve off the ingest path. ``principal``
+        Writes are staged, not yet durable. A ``status``, and a ``send`` whose id is taken,
+        need the journal, so they come back as queries for ``answer`` to resolve off the ingest
+        path. ``principal``
         is who sent the frame (``gateway.runtime.curve``): a request for any other tenant is
         refused ``unauthorized`` before anything else looks at it.
         """
         now = self.clock.now()
         self.metrics.frames.inc()
-        results: list[Result | StatusQuery] = []
+        results: list[Result | JournalQuery] = []
         counters = self._request_counters
         for item, raw in zip(frame.items, frame.raws or [b""] * len(frame.items), strict=True):
             if (
@@ -244,11 +262,28 @@ class Router:
                 counters[op, result.status].inc()
                 results.append(result)
                 continue
+            if not isinstance(item, Result) and item.tenant not in self.config.tenants:
+                op = item.__struct_config__.tag
+                assert isinstance(op, str)
+                if op == "send":
+                    self._admissions["rejected", RejectReason.UNKNOWN_TENANT.value].inc()
+                result = rejected(
+                    RejectReason.UNKNOWN_TENANT,
+                    f"tenant {item.tenant!r} is not configured",
+                    getattr(item, "id", None),
+                )
+                counters[op, result.status].inc()
+                results.append(result)
+                continue
             match item:
                 case Result():
                     result, op = item, "invalid"
                 case SendRequest():
-                    result, op = self._send(item, raw, now), "send"
+                    sent = self._send(item, raw, now)
+                    if isinstance(sent, DuplicateQuery):
+                        results.append(sent)  # counted once answered
+                        continue
+                    result, op = sent, "send"
                 case CancelRequest():
                     result, op = self._cancel(item, now), "cancel"
                 case EventRequest():
@@ -267,21 +302,53 @@ class Router:
             results.append(result)
         return results
 
-    async def answer_status(self, queries: list[StatusQuery]) -> list[Result]:
-        """Resolve status queries with one journal read for all of them."""
+    async def answer(self, queries: list[JournalQuery]) -> list[Result]:
+        """Resolve the queries of a frame that need the journal, one read per kind."""
+        statuses = [q for q in queries if isinstance(q, StatusQuery)]
+        duplicates = [q for q in queries if isinstance(q, DuplicateQuery)]
         try:
-            states = await self.message_states([query.key for query in queries])
+            states = await self.message_states([q.key for q in statuses]) if statuses else {}
+            originals = await self._originals([q.key for q in duplicates]) if duplicates else {}
         except JournalCorrupt as exc:
             # one unreadable row must not take the ingest loop (and the gateway) down
-            log.error("status_unreadable", error=str(exc))
+            log.error("query_unreadable", error=str(exc))
             return [
-                rejected(RejectReason.NOT_FOUND, f"unreadable: {exc}", query.message_id)
-                for query in queries
+                rejected(RejectReason.NOT_FOUND, f"unreadable: {exc}", split_key(q.key)[1])
+                for q in queries
             ]
-        return [
-            Result(ResultStatus.OK, id=query.message_id, message=states.get(query.key))
-            for query in queries
-        ]
+        answers: list[Result] = []
+        counters = self._request_counters
+        for query in queries:
+            message_id = split_key(query.key)[1]
+            if isinstance(query, StatusQuery):
+                answers.append(
+                    Result(ResultStatus.OK, id=message_id, message=states.get(query.key))
+                )
+                continue
+            original = originals.get(query.key)
+            if original is not None and original != query.request:
+                self._admissions["rejected", RejectReason.CONFLICT.value].inc()
+                answer = rejected(
+                    RejectReason.CONFLICT,
+                    "this id was used for a different request; a retry must repeat it exactly",
+                    message_id,
+                )
+            else:
+                self._admissions["duplicate", "none"].inc()
+                answer = Result(
+                    ResultStatus.DUPLICATE, id=message_id, message=self._brief(query.key)
+                )
+            counters["send", answer.status].inc()
+            answers.append(answer)
+        return answers
+
+    async def _originals(self, keys: list[str]) -> dict[str, SendRequest]:
+        """The requests first sent under these keys: staged ones, else the journal's."""
+        raws = {key: raw for key in keys if (raw := self.committer.staged_request(key))}
+        missing = [key for key in keys if key not in raws]
+        if missing:
+            raws.update(await self.journal.requests(missing))
+        return {key: _request_decoder.decode(raw) for key, raw in raws.items()}
 
     def overloaded(self, lane: Lane) -> str | None:
         """Why a new send in ``lane`` must be refused now, or None."""
@@ -308,14 +375,8 @@ class Router:
                 return f"{name} is more than {days:g} days ahead - at `$.{name}`"
         return None
 
-    def _send(self, request: SendRequest, raw: bytes, now: float) -> Result:
-        tenant = self.config.tenants.get(request.tenant)
-        if tenant is None:
-            return rejected(
-                RejectReason.UNKNOWN_TENANT,
-                f"tenant {request.tenant!r} is not configured",
-                request.id,
-            )
+    def _send(self, request: SendRequest, raw: bytes, now: float) -> Result | DuplicateQuery:
+        tenant = self.config.tenants[request.tenant]
         key = message_key(request.tenant, request.id)
         state = self.state
         too_far = self._beyond_horizon(request, now)
@@ -327,8 +388,7 @@ class Router:
             self._admissions["rejected", "holdout"].inc()
             return rejected(RejectReason.HOLDOUT, _HOLDOUT_DETAIL, request.id)
         if key in state.records or key in state.finished:
-            self._admissions["duplicate", "none"].inc()
-            return Result(ResultStatus.DUPLICATE, id=request.id, message=self._brief(key))
+            return DuplicateQuery(key, request)
         lane = request.priority
         overload = self.overloaded(lane)
         if overload is not None:

@@ -91,7 +91,6 @@ class Engine:
         """Hand a batch frame to the router; returns the (not yet durable) results."""
         frame = decode_frame(msgspec.msgpack.encode(list(requests)))
         results = self.router.handle_frame(frame, principal)
-        assert all(isinstance(r, Result) for r in results), "status needs the journal: use Gateway"
         return [r for r in results if isinstance(r, Result)]
 
     def inbound(self, item: Inbound) -> None:

@@ -20,14 +20,21 @@ REPLAYS = 5
 
 
 class Recorded:
-    """Every webhook request a simulator posts, as sent (URL, body, headers)."""
+    """Every webhook request a simulator posts, as sent (URL, body, headers).
 
-    def __init__(self, simulator: Simulator) -> None:
+    ``held`` (a byte string) keeps matching requests from reaching the gateway, as if it were
+    down when the provider first called: they are recorded, answered 503, and left for the
+    test to deliver later.
+    """
+
+    def __init__(self, simulator: Simulator, *, held: bytes | None = None) -> None:
         self.posts: list[tuple[str, bytes, dict[str, str]]] = []
         original = simulator.post_webhook
 
         async def recording(url: str, *, content: bytes, headers: Mapping[str, str]) -> int:
             self.posts.append((url, content, dict(headers)))
+            if held is not None and held in content:
+                return 503
             return await original(url, content=content, headers=headers)
 
         setattr(simulator, "post_webhook", recording)  # noqa: B010 - patching an instance
@@ -71,3 +78,49 @@ async def test_a_callback_replayed_five_times_is_stored_once(
     kinds = [event["kind"] for event in message["timeline"]]
     assert 1 == kinds.count("delivered")
     assert REPLAYS == duplicates
+
+
+@pytest.mark.parametrize(
+    ("provider", "channel", "address", "opt_out"),
+    [
+        ("email1", "email", {"email": "unsub@example.com"}, b'"unsubscribe"'),
+        ("viber1", "viber", {"viber": "vb-unsub"}, b'"unsubscribed"'),
+    ],
+    ids=["sendgrid-unsubscribe", "viber-unsubscribed"],
+)
+async def test_an_opt_out_retried_50_minutes_late_is_applied_once(
+    provider: str,
+    channel: str,
+    address: dict[str, Any],
+    opt_out: bytes,
+    tmp_path: Path,
+    jumping_clock: trio.testing.MockClock,
+) -> None:
+    """The gateway was unreachable when the provider first called; the provider retries
+    within its documented window (SendGrid 24 h, Viber 1 h), twice."""
+    async with gateway_with_simulators(e2e_config(tmp_path)) as (embedded, client):
+        recorder = Recorded(embedded.simulators[provider], held=opt_out)
+        await client.send(promo("m1", recipient_id="r1", channels=[channel], **address))
+        for _ in range(3600):
+            if any(opt_out in body for _, body, _ in recorder.posts):
+                break
+            await trio.sleep(1)
+        url, body, headers = next(p for p in recorder.posts if opt_out in p[1])
+        await trio.sleep(50 * 60)
+        async with httpx.AsyncClient() as http:
+            answers = [
+                (await http.post(url, content=body, headers=headers)).status_code for _ in range(2)
+            ]
+            consents = (
+                await http.get(f"{embedded.gateway.http_url}/v1/recipients/acme/r1/consents")
+            ).json()
+        refused = await client.send(promo("m2", recipient_id="r1", channels=[channel], **address))
+        duplicates = embedded.gateway.registry.get_sample_value(
+            "gateway_receipt_duplicates_total", {"provider": provider}
+        )
+    assert [200, 200] == answers
+    withdrawals = [c for c in consents["history"] if c["action"] == "withdraw"]
+    assert 1 == len(withdrawals)
+    assert channel == withdrawals[0]["channel"]
+    assert 1 == duplicates
+    assert ("rejected", "no_consent") == (refused["status"], refused["reason"])

@@ -1,0 +1,31 @@
+"""A live gateway for contract tests: the shipped default config (tenant ``demo``, the four
+provider simulators) on ephemeral ports and a fresh journal, on the real clock."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import msgspec
+
+from gateway.config import load_config
+from gateway.runtime.embedded import Embedded, open_embedded
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA = ROOT / "config" / "schema" / "cascadegw.schema.json"
+
+
+@asynccontextmanager
+async def live_gateway(tmp_path: Path) -> AsyncIterator[Embedded]:
+    config = load_config((ROOT / "config" / "gateway.toml").read_bytes(), {})
+    config = msgspec.structs.replace(
+        config,
+        ingest=msgspec.structs.replace(
+            config.ingest, bind="tcp://127.0.0.1:*", status_bind="tcp://127.0.0.1:*"
+        ),
+        http=msgspec.structs.replace(config.http, bind="127.0.0.1:0", public_url=""),
+        store=msgspec.structs.replace(config.store, path=str(tmp_path / "journal.db"), create=True),
+    )
+    async with open_embedded(config) as embedded:
+        yield embedded

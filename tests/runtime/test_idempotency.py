@@ -1,0 +1,102 @@
+"""A message id is an idempotency key: the same request again is a ``duplicate``, a different
+request under the same id a ``conflict``; and every op names an unknown tenant the same way.
+
+On the threadless engine: requests in, results out, no sockets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio.testing
+
+from gateway.protocol import Result, decode_frame, encode
+from gateway.runtime.clock import Clock
+from gateway.runtime.router import DuplicateQuery
+from gateway.store.memory import MemoryStore
+from tests.runtime.engine import Engine
+from tests.support import NOON_UTC, make_config, promo
+
+
+@pytest.fixture
+async def engine(tmp_path: Path, mock_clock: trio.testing.MockClock) -> Engine:
+    return await Engine.start(make_config(tmp_path), MemoryStore(), Clock(NOON_UTC))
+
+
+async def answer(engine: Engine, request: dict[str, Any]) -> Result:
+    """One request through the router, its journal query (if any) resolved."""
+    (item,) = engine.router.handle_frame(decode_frame(encode(request)))
+    if isinstance(item, Result):
+        return item
+    (resolved,) = await engine.router.answer([item])
+    return resolved
+
+
+class TestRepeatedIds:
+    @pytest.mark.parametrize("when", ["staged", "committed", "finished", "restarted"])
+    async def test_same_request_is_a_duplicate_a_changed_one_a_conflict(
+        self, engine: Engine, when: str
+    ) -> None:
+        first = promo("m1")
+        assert "accepted" == (await answer(engine, first)).status
+        if when != "staged":
+            await engine.commit()
+        if when == "finished":
+            cancelled = await answer(engine, {"v": 1, "op": "cancel", "id": "m1", "tenant": "acme"})
+            assert "finished" == (cancelled.message.state if cancelled.message else None)
+            await engine.commit()
+        if when == "restarted":
+            engine = await engine.restart()
+        same = await answer(engine, promo("m1"))
+        other = await answer(engine, promo("m1", category="content"))
+        assert ("duplicate", "m1") == (same.status, same.id)
+        assert same.message is not None
+        assert ("rejected", "conflict", "m1") == (other.status, other.reason, other.id)
+        assert other.detail is not None
+        assert "different request" in other.detail
+
+    async def test_the_repeat_is_a_query_not_a_second_admission(self, engine: Engine) -> None:
+        await answer(engine, promo("m1"))
+        (item,) = engine.router.handle_frame(decode_frame(encode(promo("m1"))))
+        assert isinstance(item, DuplicateQuery)
+        assert 1 == len(engine.state.records)
+
+    async def test_duplicates_and_conflicts_are_counted(self, engine: Engine) -> None:
+        await answer(engine, promo("m1"))
+        await answer(engine, promo("m1"))
+        await answer(engine, promo("m1", topic="other"))
+        sample = engine.registry.get_sample_value
+        assert 1 == sample("gateway_admissions_total", {"outcome": "duplicate", "reason": "none"})
+        assert 1 == sample(
+            "gateway_admissions_total", {"outcome": "rejected", "reason": "conflict"}
+        )
+
+
+class TestUnknownTenant:
+    @pytest.mark.parametrize(
+        "request_",
+        [
+            promo("m1", tenant="nobody"),
+            {"v": 1, "op": "cancel", "id": "m1", "tenant": "nobody"},
+            {"v": 1, "op": "event", "id": "m1", "tenant": "nobody", "kind": "opened"},
+            {
+                "v": 1,
+                "op": "consent",
+                "tenant": "nobody",
+                "recipient_id": "r1",
+                "kind": "advertising",
+                "action": "grant",
+                "source": "crm",
+            },
+            {"v": 1, "op": "status", "id": "m1", "tenant": "nobody"},
+        ],
+        ids=["send", "cancel", "event", "consent", "status"],
+    )
+    async def test_every_op_says_unknown_tenant(
+        self, engine: Engine, request_: dict[str, Any]
+    ) -> None:
+        result = await answer(engine, request_)
+        assert ("rejected", "unknown_tenant") == (result.status, result.reason)
+        assert result.detail == "tenant 'nobody' is not configured"
