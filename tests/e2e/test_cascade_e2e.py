@@ -253,7 +253,10 @@ class TestPolicy:
             service = await client.send(
                 promo("svc", recipient_id=f"person{replies.index(held[0])}", category="service")
             )
-            duplicate = await client.send(promo(kept[0]["id"], recipient_id="whoever"))
+            first = kept[0]["id"]
+            recipient = f"person{replies.index(kept[0])}"
+            duplicate = await client.send(promo(first, recipient_id=recipient))
+            conflict = await client.send(promo(first, recipient_id="whoever"))
             await client.cancel(kept[1]["id"], "acme", reason="bought already")
             await wait_until(embedded, 10 * HOUR)
             cancelled = await outcome(client, kept[1]["id"])
@@ -262,6 +265,7 @@ class TestPolicy:
         assert {"holdout"} == {r["reason"] for r in held}
         assert "accepted" == service["status"]  # service messages are never held out
         assert "duplicate" == duplicate["status"]
+        assert ("rejected", "conflict") == (conflict["status"], conflict["reason"])
         assert 1 == keys_sent(fcm).count(f"acme:{kept[0]['id']}")
         assert "cancelled" == cancelled["outcome"]
         assert f"acme:{kept[1]['id']}" not in keys_sent(email1)
