@@ -1,4 +1,9 @@
-"""The ``cascadegw`` command line."""
+"""The ``cascadegw`` command line.
+
+Failures an operator can fix (a port in use, a bad config value, a missing journal, an
+unwritable data directory) end in one line naming the cause and the key or flag to change, and
+exit code 2; ``--debug`` shows the traceback instead. Ctrl-C stops any command quietly.
+"""
 
 from __future__ import annotations
 
@@ -8,27 +13,39 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 
 import msgspec
 
 from gateway import __version__
-from gateway.config import GatewayConfig, load_config
+from gateway.config import DEFAULT_CONFIG, GatewayConfig, default_config_bytes, load_config
 from gateway.core.errors import ConfigError
 from gateway.store.base import JournalError
 
-DEFAULT_CONFIG = "config/gateway.toml"
+
+def _load(path: str | None) -> GatewayConfig:
+    if path is None:
+        return load_config(default_config_bytes(), os.environ)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror})") from exc
+    return load_config(data, os.environ)
 
 
-def _load(path: str) -> GatewayConfig:
-    return load_config(Path(path).read_bytes(), os.environ)
+def _config_file(args: argparse.Namespace) -> str:
+    """A file path for processes that read the config themselves (workers, webhooks)."""
+    if args.config is not None:
+        return str(args.config)
+    return str(resources.files("gateway.defaults").joinpath("gateway.toml"))
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
     tenants = ", ".join(sorted(config.tenants)) or "none"
     providers = ", ".join(f"{n} ({p.kind})" for n, p in sorted(config.providers.items()))
-    print(f"{args.config}: ok")
+    print(f"{args.config or DEFAULT_CONFIG}: ok")
     print(
         f"  store: {config.store.backend} at {config.store.path} (synchronous={config.store.synchronous})"
     )
@@ -116,22 +133,43 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         async with open_embedded(
-            config, workers=args.workers, config_path=args.config, environ=os.environ
+            config, workers=args.workers, config_path=_config_file(args), environ=os.environ
         ) as embedded:
             gateway = embedded.gateway
             # what recovery loaded (possibly a million cascades) lives for the process: keep
             # the cyclic collector from re-scanning it on every full collection
             gc.freeze()
-            print(
-                f"cascadegw {__version__} listening\n"
-                f"  requests (ZeroMQ ROUTER): {gateway.ingest_endpoint}\n"
-                f"  status events (ZeroMQ PUB): {gateway.status_endpoint}\n"
-                f"  HTTP (metrics, health, webhooks, admin): {gateway.http_url}\n"
-                f"  journal: {config.store.path} (synchronous={config.store.synchronous})\n"
-                f"  dispatch: {f'{args.workers} worker processes' if args.workers else 'in-process'}\n"
-                f"  simulated providers: {', '.join(sorted(embedded.simulators)) or 'none'}",
-                flush=True,
-            )
+            http = config.http
+            lines = [
+                f"cascadegw {__version__} listening",
+                f"  requests (ZeroMQ ROUTER): {gateway.ingest_endpoint}",
+                f"  status events (ZeroMQ XPUB): {gateway.status_endpoint}",
+            ]
+            if gateway.public_http_url != gateway.http_url:
+                lines.append(f"  HTTP admin (metrics, health, /v1 API): {gateway.http_url}")
+                lines.append(f"  HTTP public (webhooks, tracking links): {gateway.public_http_url}")
+            else:
+                lines.append(
+                    f"  HTTP (metrics, health, webhooks, links, /v1 API): {gateway.http_url}"
+                )
+            if http.webhook_processes:
+                lines.append(
+                    f"  webhook processes ({http.webhook_processes}): http://{http.webhook_bind}"
+                )
+            dispatch = f"{args.workers} worker processes" if args.workers else "in-process"
+            lines += [
+                f"  links and webhooks are addressed to: {gateway.links.public_url}",
+                f"  journal: {config.store.path} (synchronous={config.store.synchronous})",
+                f"  dispatch: {dispatch}",
+                f"  ZeroMQ authentication: {'CURVE' if config.ingest.curve_secret_key else 'none (loopback)'}",
+            ]
+            for name, simulator in sorted(embedded.simulators.items()):
+                lines.append(
+                    f"  simulated {simulator.kind} provider {name}: {simulator.url} "
+                    f"(scripted answers: POST {simulator.url}/_sim/script, "
+                    f"requests seen: GET {simulator.url}/_sim/requests)"
+                )
+            print("\n".join(lines), flush=True)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
                     break
@@ -236,7 +274,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cascadegw", description=__doc__)
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="TOML config file")
+    parser.add_argument(
+        "--config", default=None, help="TOML config file (default: the built-in one)"
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks instead of one-line errors"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     check_config = commands.add_parser("check-config", help="validate the config and summarise it")
     check_config.set_defaults(func=_cmd_check_config)
@@ -332,15 +375,25 @@ def _operator_error(exc: BaseException) -> str | None:
     return None
 
 
+def _interrupted(exc: BaseException) -> bool:
+    """Ctrl-C, however deep in a nursery it was raised."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_interrupted(inner) for inner in exc.exceptions)
+    return isinstance(exc, KeyboardInterrupt)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         result: int = args.func(args)
     except BaseException as exc:
+        if _interrupted(exc):
+            print("cascadegw: interrupted", file=sys.stderr)
+            return 130
         line = _operator_error(exc)
-        if line is None:
+        if line is None or args.debug:
             raise
-        print(f"cascadegw: {line}", file=sys.stderr)
+        print(f"cascadegw: {line} (--debug shows the traceback)", file=sys.stderr)
         return 2
     return result

@@ -19,6 +19,8 @@ import re
 import tomllib
 from collections.abc import Mapping
 from datetime import time
+from importlib import resources
+from pathlib import Path
 from typing import Annotated, Any, Final, Literal, cast
 
 import msgspec
@@ -134,7 +136,12 @@ class Synchronous(enum.StrEnum):
 
 class StoreConfig(_Config, frozen=True):
     backend: Literal["sqlite"] = "sqlite"
-    path: str = "var/cascadegw.db"
+    data_dir: str = ""
+    """Where the journal and the tracking key live. Empty: ``$STATE_DIRECTORY`` (systemd's
+    ``StateDirectory``), else ``$XDG_STATE_HOME/cascadegw``, else ``~/.local/state/cascadegw``.
+    Never the directory a command happens to be started in."""
+    path: str = "cascadegw.db"
+    """The journal file; a relative path is inside ``data_dir``. After loading it is absolute."""
     synchronous: Synchronous = Synchronous.FULL
     create: bool = False
     """Create the journal when the file does not exist. Off, a missing journal refuses to
@@ -421,8 +428,40 @@ def load_config(toml_bytes: bytes, environ: Mapping[str, str]) -> GatewayConfig:
         config = msgspec.convert(data, GatewayConfig, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"config: {_dotted(str(exc), data)}") from exc
+    config = _resolve_store(config, environ)
     _validate(config)
     return config
+
+
+def data_directory(configured: str, environ: Mapping[str, str]) -> Path:
+    """The data directory: configured, else systemd's, else XDG's state directory."""
+    if configured:
+        return Path(configured).expanduser()
+    state = environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if state:
+        return Path(state)
+    xdg = environ.get("XDG_STATE_HOME", "")
+    if xdg:
+        return Path(xdg) / "cascadegw"
+    home = environ.get("HOME", "")
+    if home:
+        return Path(home) / ".local" / "state" / "cascadegw"
+    return Path("/var/lib/cascadegw")
+
+
+def _resolve_store(config: GatewayConfig, environ: Mapping[str, str]) -> GatewayConfig:
+    """Make ``store.path`` absolute, inside the data directory when it was relative."""
+    store = config.store
+    base = data_directory(store.data_dir, environ)
+    if not base.is_absolute():
+        raise ConfigError(
+            f"store.data_dir = {store.data_dir!r}: must be an absolute path "
+            f"(a relative one would depend on where the command is started)"
+        )
+    path = Path(store.path).expanduser()
+    resolved = path if path.is_absolute() else base / path
+    store = msgspec.structs.replace(store, data_dir=str(base), path=str(resolved))
+    return msgspec.structs.replace(config, store=store)
 
 
 def _refuse_file_secrets(node: object, path: tuple[str, ...]) -> None:
@@ -638,5 +677,9 @@ def tracking_secrets(tracking: TrackingConfig) -> list[bytes]:
     return secrets + [secret.reveal().encode() for secret in _previous_secrets(tracking)]
 
 
-def default_config_path() -> str:
-    return "config/gateway.toml"
+DEFAULT_CONFIG: Final = "the built-in default (gateway/defaults/gateway.toml)"
+
+
+def default_config_bytes() -> bytes:
+    """The embedded default config, shipped inside the package."""
+    return resources.files("gateway.defaults").joinpath("gateway.toml").read_bytes()

@@ -161,6 +161,15 @@ class Funnel:
     def finished(self) -> int:
         return sum(self.outcomes.values())
 
+    def progress(self, out: TextIO, *, elapsed: float) -> None:
+        """One compact line (for a log or a pipe, where redrawing the table makes noise)."""
+        sent = sum(self.kinds[channel]["sent"] for channel in _CHANNELS)
+        out.write(
+            f"demo {elapsed:5.1f} s: {len(self.accepted)} accepted, {sent} sent, "
+            f"{self.finished} finished, cost {self.cost:.2f}\n"
+        )
+        out.flush()
+
     def render(self, out: TextIO, *, elapsed: float, clear: bool) -> None:
         lines = []
         if clear:
@@ -202,7 +211,14 @@ async def run_demo(
         store = msgspec.structs.replace(
             config.store, path=str(Path(scratch) / "demo.db"), create=True
         )
-        config = msgspec.structs.replace(config, store=store)
+        # ephemeral ports: the demo runs beside a `cascadegw run` on the default ones
+        ingest = msgspec.structs.replace(
+            config.ingest, bind="tcp://127.0.0.1:*", status_bind="tcp://127.0.0.1:*"
+        )
+        http = msgspec.structs.replace(
+            config.http, bind="127.0.0.1:0", public_bind="", public_url=""
+        )
+        config = msgspec.structs.replace(config, store=store, ingest=ingest, http=http)
         tenant = config.tenants["demo"]
         prices = {name: provider.price for name, provider in config.providers.items()}
         sms_names = tenant.providers.get(Channel.SMS, ())
@@ -221,14 +237,18 @@ async def run_demo(
                 consents, sends = campaign(messages, now=gateway.clock.now(), seed=2026)
                 await _push(client, consents, sends, funnel)
                 started = trio.current_time()
-                clear = out.isatty()
+                live = out.isatty()  # a terminal redraws the table; anything else gets lines
                 with trio.move_on_after(max_seconds):
                     # deferred messages wait for their recipients' morning; the rest play out now
                     while funnel.finished < funnel.admissions["admitted"]:
-                        with trio.move_on_after(0.5):
+                        with trio.move_on_after(0.5 if live else 1.0):
                             while True:
                                 funnel.event(await events.receive())
-                        funnel.render(out, elapsed=trio.current_time() - started, clear=clear)
+                        elapsed = trio.current_time() - started
+                        if live:
+                            funnel.render(out, elapsed=elapsed, clear=True)
+                        else:
+                            funnel.progress(out, elapsed=elapsed)
                 funnel.render(out, elapsed=trio.current_time() - started, clear=False)
             out.write(
                 "\nDeferred messages wait for 09:00 in their recipients' time zones (quiet hours); "

@@ -1,8 +1,11 @@
 """Campaign reports: the marketer's funnel, per variant and channel, with the control group.
 
-The formulas are DOMAIN.md's: deliverability = delivered / sent; open rate = opens / delivered;
-click rate = unique clicks / delivered; conversion = conversions / delivered; unsubscribe rate =
-unsubscribes / delivered. Counts are distinct messages; cost counts every provider request
+The formulas are docs/domain.md's: deliverability = delivered / sent; open rate = opens /
+delivered; click rate = unique clicks / delivered; conversion = conversions / delivered;
+unsubscribe rate = unsubscribes / delivered. Push reports no delivery (FCM accepts and never
+confirms), so its deliverability is unknown (``None``), never 0, and its rates are per message
+sent: the rates' base is "delivered, or sent where delivery is never reported" (``reached``),
+which is also what totals over several channels use. Counts are distinct messages; cost counts every provider request
 (a resend after a crash is paid for twice). The incremental effect compares the conversion of
 treated recipients with that of the control group, whose messages were never sent but whose
 purchases the CRM reports like anyone else's (``event`` op, ``converted``).
@@ -17,11 +20,15 @@ from typing import Any
 
 import msgspec
 
+from gateway.core.model import Channel
+
 _NO_VARIANT = "-"
 
 
 class ChannelFigures(msgspec.Struct):
     sent: int = 0
+    sent_with_delivery_reports: int = 0
+    """Sent on channels whose providers report delivery (all but push)."""
     delivered: int = 0
     opened: int = 0
     clicked: int = 0
@@ -36,15 +43,16 @@ class ChannelFigures(msgspec.Struct):
     unsubscribe_rate: float | None = None
 
     def with_rates(self) -> ChannelFigures:
-        delivered = self.delivered
+        # delivered, or sent where delivery is never reported (push)
+        reached = self.delivered + self.sent - self.sent_with_delivery_reports
         return msgspec.structs.replace(
             self,
             cost=round(self.cost, 6),
-            deliverability=_ratio(delivered, self.sent),
-            open_rate=_ratio(self.opened, delivered),
-            click_rate=_ratio(self.clicked, delivered),
-            conversion_rate=_ratio(self.converted, delivered),
-            unsubscribe_rate=_ratio(self.unsubscribed, delivered),
+            deliverability=_ratio(self.delivered, self.sent_with_delivery_reports),
+            open_rate=_ratio(self.opened, reached),
+            click_rate=_ratio(self.clicked, reached),
+            conversion_rate=_ratio(self.converted, reached),
+            unsubscribe_rate=_ratio(self.unsubscribed, reached),
         )
 
 
@@ -117,6 +125,8 @@ def build(
             setattr(figures, field, getattr(figures, field) + distinct)
         if kind == "sent":
             figures.cost += events * prices.get(provider or "", 0.0)
+            if _reports_delivery(channel):
+                figures.sent_with_delivery_reports += distinct
     names = sorted(set(sizes) | set(control) | set(channels))
     variants = {
         name: _variant(
@@ -168,7 +178,17 @@ def _sum_channels(per_variant: Iterable[Mapping[str, ChannelFigures]]) -> dict[s
     return summed
 
 
-_COUNTED = ("sent", "delivered", "opened", "clicked", "converted", "unsubscribed", "failed", "cost")
+_COUNTED = (
+    "sent",
+    "sent_with_delivery_reports",
+    "delivered",
+    "opened",
+    "clicked",
+    "converted",
+    "unsubscribed",
+    "failed",
+    "cost",
+)
 
 
 def _add(into: ChannelFigures, figures: ChannelFigures) -> None:
@@ -182,6 +202,13 @@ def _sum_groups(groups: Iterable[Group]) -> Group:
         total.size += group.size
         total.converted += group.converted
     return total
+
+
+def _reports_delivery(channel: str) -> bool:
+    try:
+        return Channel(channel).reports_delivery
+    except ValueError:  # a channel this version does not know: assume it reports
+        return True
 
 
 def _ratio(numerator: int, denominator: int) -> float | None:

@@ -54,6 +54,12 @@ class Channel(enum.StrEnum):
         """SMS reports delivery only; the others can tell us the message was read."""
         return self is not Channel.SMS
 
+    @property
+    def reports_delivery(self) -> bool:
+        """FCM accepts a push and never confirms delivery: push deliverability is unknown,
+        never zero, and opens (the app, clicks) are push's only signal."""
+        return self is not Channel.PUSH
+
 
 ALL_CHANNELS: Final = tuple(Channel)
 DEFAULT_CASCADE: Final = (Channel.PUSH, Channel.EMAIL, Channel.VIBER, Channel.SMS)

@@ -21,8 +21,9 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
 from adapters import Adapter
-from gateway.config import GatewayConfig
+from gateway.config import ENV_PREFIX, GatewayConfig
 from gateway.core.caps import horizon_seconds
+from gateway.core.errors import ConfigError
 from gateway.http.admin import admin_routes
 from gateway.http.limits import bounded
 from gateway.http.ops import ops_routes
@@ -164,8 +165,8 @@ async def open_gateway(
             if secret_key is not None:
                 curve.make_server(router_sock, secret_key.reveal())
                 curve.make_server(pub_sock, secret_key.reveal())
-            router_sock.bind(config.ingest.bind)
-            pub_sock.bind(config.ingest.status_bind)
+            _bind(router_sock, "ingest.bind", config.ingest.bind)
+            _bind(pub_sock, "ingest.status_bind", config.ingest.status_bind)
             publisher = Publisher(pub_sock, metrics, principals=principals)
             queues = DispatchQueues(config)
             alarm = TimerAlarm()
@@ -290,7 +291,7 @@ async def _serve_http(nursery: trio.Nursery, gateway: Gateway) -> None:
     http = config.http
     separate = bool(http.public_bind)
     gateway.http_url = await _serve(
-        nursery, config, http.bind, admin if separate else [*admin, *public]
+        nursery, config, "http.bind", admin if separate else [*admin, *public]
     )
     gateway.public_http_url = gateway.http_url
     if separate:
@@ -301,15 +302,32 @@ async def _serve_http(nursery: trio.Nursery, gateway: Gateway) -> None:
             if getattr(r, "path", "") != "/metrics"
         ]
         gateway.public_http_url = await _serve(
-            nursery, config, http.public_bind, [*public, *health]
+            nursery, config, "http.public_bind", [*public, *health]
         )
     if not http.public_url:
         gateway.links.public_url = gateway.public_http_url
 
 
+def _first_leaf(group: BaseException) -> BaseException:
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group
+
+
+def _bind(sock: zmq.Socket[bytes], key: str, address: str) -> None:
+    try:
+        sock.bind(address)
+    except zmq.ZMQError as exc:
+        raise ConfigError(
+            f"{key} = {address!r}: {exc.strerror.lower()} (another process holds it?); "
+            f"stop it or set {ENV_PREFIX}{key.upper().replace('.', '__')}"
+        ) from exc
+
+
 async def _serve(
-    nursery: trio.Nursery, config: GatewayConfig, bind: str, routes: list[BaseRoute]
+    nursery: trio.Nursery, config: GatewayConfig, key: str, routes: list[BaseRoute]
 ) -> str:
+    bind = config.http.bind if key == "http.bind" else config.http.public_bind
     hypercorn_config = hypercorn.config.Config()
     hypercorn_config.bind = [bind]
     hypercorn_config.accesslog = None
@@ -319,7 +337,15 @@ async def _serve(
     hypercorn_config.read_timeout = int(max(1, config.http.read_timeout_seconds))
     hypercorn_config.keep_alive_timeout = config.http.read_timeout_seconds
     app = bounded(Starlette(routes=routes), config.http)
-    binds: list[str] = await nursery.start(hypercorn.trio.serve, app, hypercorn_config)
+    try:
+        binds: list[str] = await nursery.start(hypercorn.trio.serve, app, hypercorn_config)
+    except* OSError as failed:  # hypercorn binds inside nurseries of its own
+        exc = _first_leaf(failed)
+        reason = (getattr(exc, "strerror", None) or str(exc)).lower()
+        raise ConfigError(
+            f"{key} = {bind!r}: {reason} (another process holds it?); "
+            f"stop it or set {ENV_PREFIX}{key.upper().replace('.', '__')}"
+        ) from exc
     return binds[0]
 
 

@@ -35,12 +35,17 @@ def load_or_create(path: Path) -> bytes:
         return _read(path)
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_hex(32)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:  # another process made it first: use theirs
         return _read(path)
+    except PermissionError as exc:
+        raise ConfigError(
+            f"{path}: cannot write the tracking key ({exc.strerror}); make the data directory "
+            "writable, or set CASCADEGW__TRACKING__SECRET"
+        ) from exc
     with os.fdopen(descriptor, "w") as file:
         file.write(secret + "\n")
         file.flush()

@@ -281,7 +281,9 @@ class Metrics:
             self.gate_verdicts.labels("hold", defer_reason.value)
         for channel in Channel:
             for kind in RECEIPT_KINDS:
-                self.receipts.labels(channel.value, kind)
+                # push reports no delivery: no series at 0 to be mistaken for "none delivered"
+                if kind != "delivered" or channel.reports_delivery:
+                    self.receipts.labels(channel.value, kind)
             for step_result in ("sent", "failed", "skipped", "timed_out", "read", "delivered"):
                 self.steps.labels(channel.value, step_result)
             for source in UNSUBSCRIBE_SOURCES:

@@ -13,7 +13,9 @@ message content for later cascade steps) through another, which WAL lets run bes
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from gateway.protocol import SendRequest, StatusEvent
 from gateway.store.base import (
     Batch,
     JournalCorrupt,
+    JournalError,
     JournalMissing,
     JournalUnavailable,
     MessageRecord,
@@ -80,6 +83,10 @@ CREATE TABLE IF NOT EXISTS receipts (
     at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS receipts_at ON receipts (at);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS quarantine (
     id INTEGER PRIMARY KEY,
     source TEXT NOT NULL,
@@ -116,10 +123,26 @@ class SqliteJournal:
         await trio.to_thread.run_sync(self._open_sync, create, limiter=self._write_lock)
 
     def _open_sync(self, create: bool) -> None:
+        try:
+            self._open_files(create)
+        except (OSError, sqlite3.OperationalError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise JournalError(
+                f"journal {self.path}: cannot open it ({reason}); make its directory writable "
+                "for this user, or set store.data_dir / store.path"
+            ) from exc
+
+    def _open_files(self, create: bool) -> None:
+        marker = self.path.with_name(self.path.name + ".id")
         if not self.path.exists():
+            if marker.exists():
+                # the directory had a journal: a lost file is never replaced by an empty one,
+                # whatever store.create says (that would forget every withdrawn consent)
+                raise JournalMissing(
+                    f"journal {self.path} is missing, but {marker.name} beside it says there "
+                    f"was one; restore it from a backup, or delete {marker} to start empty"
+                )
             if not create:
-                # an empty journal would forget every withdrawn consent: never start one
-                # silently in place of a lost file or an unmounted volume
                 raise JournalMissing(
                     f"journal {self.path} does not exist; `cascadegw init` creates a new one "
                     "(or set store.create = true)"
@@ -133,6 +156,7 @@ class SqliteJournal:
         writer.execute("PRAGMA journal_size_limit=67108864")
         _migrate(writer)
         writer.executescript(_SCHEMA)
+        _check_identity(writer, marker)
         self._writer = writer
         reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         reader.execute("PRAGMA query_only=ON")
@@ -554,6 +578,29 @@ def check_journal(path: str | Path, *, quarantine: bool = False) -> list[Problem
         return problems
     finally:
         db.close()
+
+
+def _check_identity(db: sqlite3.Connection, marker: Path) -> None:
+    """Give the journal an id, kept inside it and in a marker file beside it, so that a
+    missing journal, or another one put in its place, is noticed at start."""
+    row = db.execute("SELECT value FROM meta WHERE key = 'journal_id'").fetchone()
+    if row is None:
+        db.execute("INSERT INTO meta (key, value) VALUES ('journal_id', ?)", (uuid.uuid4().hex,))
+        row = db.execute("SELECT value FROM meta WHERE key = 'journal_id'").fetchone()
+    journal_id: str = row[0]
+    if marker.exists():
+        expected = marker.read_text().strip()
+        if expected != journal_id:
+            raise JournalError(
+                f"journal {marker.with_suffix('')} is not the one this directory had "
+                f"({marker.name} names {expected}, the file is {journal_id}); put the right one "
+                f"back, or delete {marker} to accept this one"
+            )
+        return
+    with marker.open("w") as file:
+        file.write(journal_id + "\n")
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def _migrate(db: sqlite3.Connection) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import msgspec
 
-from gateway.config import load_config
+from gateway.config import default_config_bytes, load_config
 from gateway.runtime.embedded import Embedded, open_embedded
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,7 +18,7 @@ SCHEMA = ROOT / "config" / "schema" / "cascadegw.schema.json"
 
 @asynccontextmanager
 async def live_gateway(tmp_path: Path) -> AsyncIterator[Embedded]:
-    config = load_config((ROOT / "config" / "gateway.toml").read_bytes(), {})
+    config = load_config(default_config_bytes(), {})
     config = msgspec.structs.replace(
         config,
         ingest=msgspec.structs.replace(

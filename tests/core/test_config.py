@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 from datetime import time
-from pathlib import Path
 
+import msgspec
 import pytest
 
 from gateway.config import (
@@ -16,6 +16,7 @@ from gateway.config import (
     Secret,
     Synchronous,
     _dotted,
+    default_config_bytes,
     load_config,
     policy_rules,
 )
@@ -28,7 +29,7 @@ from gateway.core.policy import PolicyRules, QuietAction, QuietRule
 from gateway.core.quiet_hours import QuietWindow
 from gateway.core.retry import RetryPolicy
 
-GATEWAY_TOML = (Path(__file__).parents[2] / "config" / "gateway.toml").read_bytes()
+GATEWAY_TOML = default_config_bytes()
 
 # A small valid config the error tables below break one key at a time.
 TENANT = b"""
@@ -132,11 +133,54 @@ percent = 7.0
         assert policy_rules(config.policy) == PolicyRules()
 
     def test_empty_file_gives_the_defaults(self) -> None:
-        config = load()
+        config = load_config(b"", {"HOME": "/home/ann"})
+        data_dir = "/home/ann/.local/state/cascadegw"
+        store = msgspec.structs.replace(
+            GatewayConfig().store, data_dir=data_dir, path=f"{data_dir}/cascadegw.db"
+        )
 
-        assert GatewayConfig() == config
+        assert msgspec.structs.replace(GatewayConfig(), store=store) == config
         assert ChannelConfig(unread_timeout_seconds=300.0) == config.channels[Channel.PUSH]
         assert isinstance(config.dispatch.retry, RetryPolicy)  # what the dispatcher takes
+
+
+class TestDataDirectory:
+    """The journal lives in a data directory, never where a command happens to start."""
+
+    @pytest.mark.parametrize(
+        ("environ", "toml", "expected"),
+        [
+            ({"HOME": "/home/ann"}, b"", "/home/ann/.local/state/cascadegw/cascadegw.db"),
+            (
+                {"HOME": "/home/ann", "XDG_STATE_HOME": "/xdg"},
+                b"",
+                "/xdg/cascadegw/cascadegw.db",
+            ),
+            (
+                {"HOME": "/home/ann", "STATE_DIRECTORY": "/var/lib/cascadegw:/other"},
+                b"",
+                "/var/lib/cascadegw/cascadegw.db",
+            ),
+            ({}, b"", "/var/lib/cascadegw/cascadegw.db"),
+            ({"HOME": "/h"}, b'[store]\ndata_dir = "/srv/cg"', "/srv/cg/cascadegw.db"),
+            ({"HOME": "/h"}, b'[store]\npath = "j/x.db"', "/h/.local/state/cascadegw/j/x.db"),
+            ({"HOME": "/h"}, b'[store]\npath = "/abs/x.db"', "/abs/x.db"),
+            (
+                {"HOME": "/h", "CASCADEGW__STORE__DATA_DIR": "/env"},
+                b"",
+                "/env/cascadegw.db",
+            ),
+        ],
+        ids=["home", "xdg", "systemd", "nothing", "configured", "relative", "absolute", "env"],
+    )
+    def test_where_the_journal_goes(
+        self, environ: dict[str, str], toml: bytes, expected: str
+    ) -> None:
+        assert expected == load_config(toml, environ).store.path
+
+    def test_a_relative_data_dir_is_refused(self) -> None:
+        with pytest.raises(ConfigError, match=r"store\.data_dir = 'var': must be an absolute path"):
+            load_config(b'[store]\ndata_dir = "var"', {})
 
 
 UNKNOWN_KEYS: dict[str, tuple[bytes, str]] = {

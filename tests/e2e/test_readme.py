@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 import trio
 
-from gateway.config import load_config
+from gateway.config import default_config_bytes, load_config
 from gateway.runtime.embedded import open_embedded
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,7 +24,7 @@ def readme_example() -> str:
 
 
 async def test_the_readme_example_works(tmp_path: Path) -> None:
-    config = load_config((ROOT / "config" / "gateway.toml").read_bytes(), {})
+    config = load_config(default_config_bytes(), {})
     ports = msgspec.structs.replace(
         config.ingest, bind="tcp://127.0.0.1:*", status_bind="tcp://127.0.0.1:*"
     )

@@ -75,10 +75,16 @@ class TestMissingJournal:
                 )["status"]
             )
         await process.stop()
-        (tmp_path / "var" / "journal.db").unlink()
+        for suffix in ("", "-wal", "-shm"):
+            (tmp_path / "var" / f"journal.db{suffix}").unlink(missing_ok=True)
         refused = cli(config, "run")
-        assert 2 == refused.returncode
-        assert "does not exist" in one_line(refused)
+        # even a config that creates journals on first start will not replace a lost one
+        config.write_text(config.read_text().replace("[store]\n", "[store]\ncreate = true\n"))
+        still = cli(config, "run")
+        for done in (refused, still):
+            assert 2 == done.returncode
+            assert "is missing, but journal.db.id beside it says there was one" in one_line(done)
+            assert "restore it from a backup" in one_line(done)
 
 
 class TestCorruptRow:

@@ -20,7 +20,7 @@ import zmq
 import zmq.utils.monitor
 
 from gateway.client import open_client, open_subscription
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, default_config_bytes
 from gateway.runtime import zmqio
 from gateway.runtime.app import Gateway, open_gateway
 from tests.support import NOON_UTC, in_test_providers, make_config, promo
@@ -245,9 +245,7 @@ class TestExposure:
     )
     def test_refuses_to_start(self, variable: str, value: str, named: str, tmp_path: Path) -> None:
         config = tmp_path / "gateway.toml"
-        config.write_text(
-            (Path(__file__).resolve().parents[2] / "config" / "gateway.toml").read_text()
-        )
+        config.write_bytes(default_config_bytes())
         for command in ("check-config", "run"):
             done = subprocess.run(
                 [sys.executable, "-m", "gateway", "--config", str(config), command],
