@@ -39,11 +39,15 @@ PROTOCOL_VERSION: Final = 1
 DEFAULT_MAX_FRAME_BYTES: Final = 4 * 1024 * 1024
 DEFAULT_MAX_BATCH: Final = 1000
 
+# Patterns end in ``$(?!\n)``: Python's ``$`` also matches before a final newline, JavaScript's
+# does not, and the schema must mean the same in both (``"+79161234567\n"`` is not a phone).
+# Whitespace is spelled out for the same reason: ``\s`` differs between the two engines.
+_SPACE: Final = r"\x00-\x20\x7f-\x9f\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
 MessageId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 TenantName = Annotated[
     str,
     msgspec.Meta(
-        pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$(?!\n)",
         description="lowercase letters, digits, '-' and '_'; at most 64 characters",
     ),
 ]
@@ -51,23 +55,26 @@ RecipientId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Label = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Email = Annotated[
     str,
-    msgspec.Meta(max_length=254, pattern=r"^[^@\s\x00-\x1f]+@[^@\s\x00-\x1f]+\.[^@\s\x00-\x1f]+$"),
+    msgspec.Meta(max_length=254, pattern=f"^[^@{_SPACE}]+@[^@{_SPACE}]+\\.[^@{_SPACE}]+$(?!\\n)"),
 ]
 Phone = Annotated[
-    str, msgspec.Meta(pattern=r"^\+[1-9][0-9]{6,14}$", description="E.164, e.g. +79161234567")
+    str,
+    msgspec.Meta(pattern=r"^\+[1-9][0-9]{6,14}$(?!\n)", description="E.164, e.g. +79161234567"),
 ]
 Token = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+ShortText = Annotated[str, msgspec.Meta(max_length=1024)]
 Url = Annotated[str, msgspec.Meta(max_length=2048, pattern=r"^https?://")]
 _TIME_PATTERN: Final = (
-    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-5][0-9](\.[0-9]{1,9})?"
-    r"([Zz]|[+-][0-9]{2}:[0-9]{2})$"
+    # years 1970 to 2999: every such time converts to and from POSIX seconds on any platform
+    r"^(19[7-9][0-9]|2[0-9]{3})-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-5][0-9]"
+    r"(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})$(?!\n)"
 )
 Timestamp = Annotated[
     str,
     msgspec.Meta(
         max_length=64,
         description="RFC 3339 date-time with an offset or Z, e.g. 2026-12-05T09:30:00Z "
-        "(no leap seconds; fractions beyond microseconds are dropped)",
+        "(years 1970-2999, no leap seconds; fractions beyond microseconds are dropped)",
         # checked by validate(), which can say what is wrong in words rather than a regex
         extra_json_schema={"format": "date-time", "pattern": _TIME_PATTERN},
     ),
@@ -135,7 +142,11 @@ class Recipient(_Struct, frozen=True):
 class PushContent(_Struct, frozen=True):
     title: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
     body: Annotated[str, msgspec.Meta(min_length=1, max_length=4000)]
-    data: dict[str, str] = {}
+    data: Annotated[
+        dict[Annotated[str, msgspec.Meta(min_length=1, max_length=128)], ShortText],
+        msgspec.Meta(max_length=32),
+    ] = {}
+    """Key-value data for the app (FCM carries at most 4 KB in all)."""
 
 
 class EmailContent(_Struct, frozen=True):
@@ -195,7 +206,10 @@ class SendRequest(_Struct, frozen=True, tag_field="op", tag="send"):
     expires_at: Timestamp | None = None
     campaign: Label | None = None
     variant: Label | None = None
-    metadata: Annotated[dict[str, str], msgspec.Meta(max_length=32)] = {}
+    metadata: Annotated[
+        dict[Annotated[str, msgspec.Meta(min_length=1, max_length=128)], ShortText],
+        msgspec.Meta(max_length=32),
+    ] = {}
 
     @property
     def effective_topic(self) -> str:
@@ -382,11 +396,13 @@ def decode_frame(
     size = len(data)
     if size == 0:
         return Frame(False, [invalid("empty frame")])
+    batch = data[0] in _ARRAY_MARKERS
     if size > max_frame_bytes:
-        return Frame(
-            False, [invalid(f"frame of {size} bytes exceeds the {max_frame_bytes}-byte limit")]
-        )
-    if data[0] not in _ARRAY_MARKERS:
+        detail = f"frame of {size} bytes exceeds the {max_frame_bytes}-byte limit"
+        if not batch:
+            return Frame(False, [invalid(detail)])
+        return Frame(True, _refuse_all(data, detail))
+    if not batch:
         return Frame(False, [_decode_one(data)], [bytes(data)])
     try:
         raws = _raw_list_decoder.decode(data)
@@ -397,8 +413,18 @@ def decode_frame(
     if len(raws) > max_batch:
         # one result per request, as for any batch: each says why the whole batch was refused
         detail = f"batch of {len(raws)} requests exceeds the limit of {max_batch}"
-        return Frame(True, [invalid(detail, _salvage_id(raw)) for raw in raws])
+        return Frame(True, _refuse_all(data, detail))
     return Frame(True, [_decode_one(raw) for raw in raws], [bytes(raw) for raw in raws])
+
+
+def _refuse_all(data: bytes | memoryview, detail: str) -> list[Request | Result]:
+    """One ``invalid`` per request of a batch refused whole (each keeps its id), or one for
+    an array that cannot even be read."""
+    try:
+        raws = _raw_list_decoder.decode(data)
+    except _MALFORMED:
+        return [invalid(detail)]
+    return [invalid(detail, _salvage_id(raw)) for raw in raws]
 
 
 def _decode_one(data: bytes | memoryview | msgspec.Raw) -> Request | Result:
@@ -485,6 +511,17 @@ def parse_time(text: str) -> datetime:
     return moment
 
 
+_CLOCK_SKEW_SECONDS: Final = 300.0
+
+
+def future_time(moment: str | None, now: float) -> str | None:
+    """Why ``moment`` (when a customer or the app acted) cannot be taken at ``now``: it lies
+    in the future, beyond the clock skew tolerated between machines."""
+    if moment is not None and (epoch(moment) or 0.0) > now + _CLOCK_SKEW_SECONDS:
+        return f"{moment!r} is in the future; when something happened cannot be - at `$.at`"
+    return None
+
+
 def _time_problem(text: str | None, name: str) -> str | None:
     if text is None:
         return None
@@ -524,32 +561,50 @@ def epoch(moment: str | None) -> float | None:
     return None if moment is None else parse_time(moment).timestamp()
 
 
+_LAST_SECOND: Final = 32503680000.0 - 1  # 2999-12-31T23:59:59Z
+
+
 def utc(seconds: float) -> datetime:
-    return datetime.fromtimestamp(seconds, UTC)
+    """POSIX seconds as an aware UTC datetime; clamped to the protocol's years, so that no
+    time a provider or a client sends can make a status event fail to encode."""
+    return datetime.fromtimestamp(min(max(seconds, 0.0), _LAST_SECOND), UTC)
 
 
 # ---------------------------------------------------------------- schema
-def _present(name: str) -> dict[str, Any]:
-    """A subschema saying "``name`` is there" that strict validators accept (ajv's
-    strictRequired wants every required property defined where it is required)."""
-    return {"type": "object", "required": [name], "properties": {name: True}}
+def _present(name: str, value: dict[str, Any]) -> dict[str, Any]:
+    """A subschema saying "``name`` is there, and ``value``" (the gateway takes a field
+    that is null, or an empty text, as missing; ajv's strictRequired wants every required
+    property defined where it is required)."""
+    return {"type": "object", "required": [name], "properties": {name: value}}
 
 
 _SCHEMA_RULES: Final[dict[str, dict[str, Any]]] = {
     # validate() checks each of these; the schema says them too, so a client validating
     # against the schema is never surprised by an `invalid` (tests/contract checks both agree)
     "Content": {
-        "anyOf": [_present(channel.value) for channel in Channel],
+        "anyOf": [_present(channel.value, {"type": "object"}) for channel in Channel],
         "description": "Content for at least one channel; with `channels`, for each listed one.",
     },
-    "EmailContent": {"anyOf": [_present("html"), _present("text")]},
+    "EmailContent": {
+        "anyOf": [
+            _present("html", {"type": "string", "minLength": 1}),
+            _present("text", {"type": "string", "minLength": 1}),
+        ]
+    },
     "ConsentRequest": {
         "if": {
             "type": "object",
             "required": ["kind"],
             "properties": {"kind": {"const": "personal_data"}},
         },
-        "then": {"not": {"anyOf": [_present("channel"), _present("topic")]}},
+        "then": {
+            "not": {
+                "anyOf": [
+                    _present("channel", {"not": {"type": "null"}}),
+                    _present("topic", {"not": {"type": "null"}}),
+                ]
+            }
+        },
         "description": "Personal-data consent is never per channel or topic.",
     },
 }

@@ -33,6 +33,7 @@ from gateway.protocol import (
     ConsentRequest,
     Label,
     Timestamp,
+    future_time,
     utc,
     validate,
 )
@@ -160,11 +161,12 @@ def admin_routes(gateway: Gateway) -> list[BaseRoute]:
             for update in updates
         ]
         for consent in requests:
-            problem = validate(consent)
+            problem = validate(consent) or future_time(consent.at, now)
             if problem is not None:
                 return _problem(400, "invalid", problem)
         for consent in requests:
-            router.consent(consent, now)
+            result = router.consent(consent, now)
+            assert result.reason is None, result  # everything it refuses was checked above
         try:
             await gateway.inbox.durable()  # durable before we say so
         except SinkFull:

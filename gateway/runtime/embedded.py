@@ -17,16 +17,39 @@ from functools import partial
 from pathlib import Path
 
 import msgspec
+import structlog
 import trio
 
+from adapters import Adapter
 from adapters.registry import SIMULATORS, build_adapters
 from adapters.simulators._base import Simulator
 from adapters.simulators.fcm import FcmSimulator
+from adapters.viber import ViberAdapter
 from gateway.config import ENV_PREFIX, GatewayConfig, Secret
+from gateway.core.errors import ProviderError
 from gateway.runtime.app import Gateway, open_gateway
 from gateway.runtime.clock import Clock
 from gateway.runtime.keyfile import link_secrets
 from gateway.runtime.workers import open_worker_pool
+
+log = structlog.get_logger("gateway.embedded")
+
+
+async def _register_webhooks(adapters: Mapping[str, Adapter], gateway: Gateway) -> None:
+    """Tell providers that register webhooks by API (Viber's set_webhook) where to call,
+    with every event kind the gateway needs (``unsubscribed`` included: an opt-out). A
+    failure is logged, not fatal: the provider may be unreachable now and the operator can
+    restart once it is (Viber also refuses a URL it cannot reach over HTTPS)."""
+    for name, adapter in adapters.items():
+        if not isinstance(adapter, ViberAdapter):
+            continue
+        url = gateway.links.webhook_url(name)
+        try:
+            await adapter.set_webhook(url)
+        except ProviderError as exc:
+            log.warning("webhook_not_registered", provider=name, error=str(exc))
+        else:
+            log.info("webhook_registered", provider=name)
 
 
 @dataclass
@@ -162,4 +185,5 @@ async def open_embedded(
             simulator.webhook_url = gateway.links.webhook_url(name)
             if isinstance(simulator, FcmSimulator):
                 simulator.ingest_endpoint = gateway.ingest_endpoint
+        await _register_webhooks(adapters, gateway)
         yield Embedded(gateway, simulators)

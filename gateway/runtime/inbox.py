@@ -128,7 +128,12 @@ class Inbox:
             self._release([(digest, ours.pop(digest))], applied=True)
         if duplicates:
             self.metrics.receipt_duplicates.labels(provider).inc(duplicates)
-        self.router.inbound(msgspec.structs.replace(item, receipts=receipts))
+        try:
+            self.router.inbound(msgspec.structs.replace(item, receipts=receipts))
+        except Exception:
+            # a bug: the provider gets a 500 and retries; the ids must stay retryable
+            self._release(ours.items(), applied=False)
+            raise
         batch = self.committer.current
         now = self.router.clock.now()
         new = [(digest, now) for digest in ours]

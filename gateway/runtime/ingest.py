@@ -23,7 +23,7 @@ import trio
 import zmq
 
 from gateway.config import IngestConfig
-from gateway.protocol import Result, ResultStatus, decode_frame, encode_reply
+from gateway.protocol import Result, ResultStatus, decode_frame, encode_reply, invalid
 from gateway.runtime import zmqio
 from gateway.runtime.committer import Committer
 from gateway.runtime.curve import Principals
@@ -146,7 +146,13 @@ class Ingest:
         )
         batch = self.committer.peek()
         before = (batch.rows, len(batch.after))
-        results = self.router.handle_frame(frame, principal)
+        try:
+            results = self.router.handle_frame(frame, principal)
+        except Exception:
+            # a bug must cost this frame, not the gateway: every client shares this loop
+            log.exception("frame_failed", requests=len(frame.items))
+            failed = invalid("the gateway could not process this request; the error is logged")
+            results = [failed] * len(frame.items)
         # the reply waits for the commit that makes it true; a frame that staged nothing and
         # was refused outright promises nothing, so its answer need not wait (while the disk
         # is full, `overloaded` must reach the client, not queue behind the stuck commit)

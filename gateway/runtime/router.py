@@ -83,6 +83,7 @@ from gateway.protocol import (
     StatusKind,
     StatusRequest,
     epoch,
+    future_time,
     rejected,
     utc,
 )
@@ -326,7 +327,7 @@ class Router:
                 )
                 continue
             original = originals.get(query.key)
-            if original is not None and original != query.request:
+            if original is not None and _canonical(original) != _canonical(query.request):
                 self._admissions["rejected", RejectReason.CONFLICT.value].inc()
                 answer = rejected(
                     RejectReason.CONFLICT,
@@ -502,7 +503,10 @@ class Router:
 
     def _event(self, request: EventRequest, now: float) -> Result:
         key = message_key(request.tenant, request.id)
-        at = epoch(request.at) or now
+        problem = future_time(request.at, now)
+        if problem is not None:
+            return rejected(RejectReason.INVALID, problem, request.id)
+        at = min(epoch(request.at) or now, now)
         record = self.state.records.get(key)
         if record is None and key not in self.state.finished:
             return rejected(RejectReason.NOT_FOUND, f"no message {request.id!r}", request.id)
@@ -523,10 +527,15 @@ class Router:
             return rejected(
                 RejectReason.UNKNOWN_TENANT, f"tenant {request.tenant!r} is not configured"
             )
+        problem = future_time(request.at, now)
+        if problem is not None:
+            return rejected(RejectReason.INVALID, problem)
         record = ConsentRecord(
             kind=request.kind,
             action=request.action,
-            at=epoch(request.at) or now,
+            # the latest record wins: a time ahead of ours (within the clock skew allowed)
+            # would outrank a withdrawal received after it, so it counts from now
+            at=min(epoch(request.at) or now, now),
             source=request.source,
             channel=request.channel,
             topic=request.topic,
@@ -878,7 +887,8 @@ class Router:
             key = receipt.message_key
             if key is None and receipt.provider_message_id is not None:
                 key = state.by_provider_id.get(f"{provider}:{receipt.provider_message_id}")
-            at = receipt.at or now
+            # a provider's clock (or a forged-but-signed body) may say anything: not the future
+            at = min(receipt.at, now) if receipt.at > 0 else now
             kind = receipt.kind
             if kind in (ReceiptKind.UNSUBSCRIBED, ReceiptKind.SPAM_REPORT):
                 if not self._provider_opt_out(provider, channel, key, receipt, at=at, now=now):
@@ -1257,6 +1267,19 @@ class _Children(dict[tuple[str, ...], Any]):
     def __missing__(self, labels: tuple[str, ...]) -> Any:
         child = self[labels] = self.metric.labels(*labels)
         return child
+
+
+def _canonical(request: SendRequest) -> SendRequest:
+    """The request with its times as instants: the same moment written with another offset
+    is the same request (a retry may be re-serialised by another library)."""
+
+    def instant(moment: str | None) -> str | None:
+        seconds = epoch(moment)
+        return None if seconds is None else repr(seconds)
+
+    return msgspec.structs.replace(
+        request, send_at=instant(request.send_at), expires_at=instant(request.expires_at)
+    )
 
 
 def _describe(record: MessageRecord) -> MessageState:

@@ -57,7 +57,8 @@ def changed(base: dict[str, Any], path: str, value: object) -> dict[str, Any]:
 
 
 def gateway_accepts(frame: object) -> bool:
-    decoded = decode_frame(msgpack.packb(frame))
+    # surrogatepass: pack a lone surrogate the way JavaScript's msgpack library does
+    decoded = decode_frame(msgpack.packb(frame, unicode_errors="surrogatepass"))
     return not any(isinstance(item, Result) for item in decoded.items)
 
 
@@ -69,6 +70,22 @@ ACCEPTED = {
     "null send_at": changed(SEND, "send_at", None),
     "push data key merely containing google": changed(
         SEND, "content.push.data", {"screen": "sale", "not_google": "1"}
+    ),
+    "personal data with explicit nulls": {
+        "v": 1,
+        "op": "consent",
+        "tenant": "demo",
+        "recipient_id": "r1",
+        "kind": "personal_data",
+        "action": "grant",
+        "source": "form",
+        "channel": None,
+        "topic": None,
+    },
+    "1970 and 2999": changed(
+        changed(SEND, "send_at", "1970-01-01T00:00:00+01:00"),
+        "expires_at",
+        "2999-12-31T23:59:59-01:00",
     ),
     "personal data unscoped": {
         "v": 1,
@@ -104,11 +121,29 @@ REFUSED = {
     "personal data per channel": changed(EXAMPLES["ConsentRequest"], "kind", "personal_data"),
     "missing tenant": changed(EXAMPLES["StatusRequest"], "tenant", ...),
     "event kind unknown": changed(EXAMPLES["EventRequest"], "kind", "liked"),
+    "null content only": changed(SEND, "content", {"push": None}),
+    "null content twice": changed(SEND, "content", {"email": None, "sms": None}),
+    "empty email html": changed(SEND, "content.email", {"subject": "s", "html": ""}),
+    "empty email text": changed(SEND, "content.email", {"subject": "s", "text": ""}),
+    "null email html": changed(SEND, "content.email", {"subject": "s", "html": None}),
+    "email with NEL": changed(SEND, "recipient.email", "a\u0085b@example.com"),
+    "email with BOM": changed(SEND, "recipient.email", "a\ufeffb@example.com"),
+    "email with newline": changed(SEND, "recipient.email", "a@example.com\n"),
+    "phone with newline": changed(SEND, "recipient.phone", "+79161234567\n"),
+    "tenant with newline": changed(SEND, "tenant", "demo\n"),
+    "year 0000": changed(SEND, "send_at", "0000-01-01T00:00:00Z"),
+    "year 9999": changed(EXAMPLES["EventRequest"], "at", "9999-12-31T23:59:59-01:00"),
+    "year 1969": changed(EXAMPLES["ConsentRequest"], "at", "1969-12-31T23:59:59Z"),
+    "time with newline": changed(SEND, "send_at", "2026-12-05T09:30:00Z\n"),
+    "huge metadata value": changed(SEND, "metadata", {"k": "x" * 1025}),
+    "huge push data value": changed(SEND, "content.push.data", {"k": "x" * 1025}),
 }
 CANNOT_SAY = {
     # a channel in `channels` without its content: the schema cannot relate the array's items
     # to the keys of another object (docs/protocol.md, "Rules beyond the schema")
     "requested channel without content": changed(SEND, "channels", ["viber"]),
+    # msgpack cannot carry a lone surrogate (it is not UTF-8): the frame is malformed
+    "lone surrogate": changed(SEND, "campaign", "spring\ud800"),
 }
 
 

@@ -423,7 +423,7 @@ REJECTIONS: dict[str, tuple[object, Result]] = {
     "bad tenant name": (
         with_(STATUS, "tenant", "Demo Shop"),
         invalid(
-            "Expected `str` matching regex '^[a-z0-9][a-z0-9_-]{0,63}$' - at `$.tenant`",
+            "Expected `str` matching regex '^[a-z0-9][a-z0-9_-]{0,63}$(?!\\\\n)' - at `$.tenant`",
             "order-1001",
         ),
     ),

@@ -6,12 +6,15 @@ On the threadless engine: requests in, results out, no sockets.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio.testing
 
+from adapters import ProviderReceipt, ReceiptKind
+from gateway.http.inbound import WebhookReceipts
 from gateway.protocol import Result, decode_frame, encode
 from gateway.runtime.clock import Clock
 from gateway.runtime.router import DuplicateQuery
@@ -100,3 +103,63 @@ class TestUnknownTenant:
         result = await answer(engine, request_)
         assert ("rejected", "unknown_tenant") == (result.status, result.reason)
         assert result.detail == "tenant 'nobody' is not configured"
+
+
+class TestTimesFromOutside:
+    """Times the gateway did not make: never in the future, never able to crash it."""
+
+    async def test_the_same_instant_with_another_offset_is_a_duplicate(
+        self, engine: Engine
+    ) -> None:
+        await answer(engine, promo("m1", send_at="2026-11-23T15:00:00+03:00"))
+        same = await answer(engine, promo("m1", send_at="2026-11-23T12:00:00.000Z"))
+        assert "duplicate" == same.status
+
+    async def test_a_consent_from_the_future_is_refused(self, engine: Engine) -> None:
+        grant = await answer(engine, consent("grant", at="2099-01-01T00:00:00Z"))
+        assert ("rejected", "invalid") == (grant.status, grant.reason)
+        assert grant.detail is not None
+        assert "in the future" in grant.detail
+
+    async def test_a_slightly_early_clock_cannot_outrank_a_later_withdrawal(
+        self, engine: Engine, mock_clock: trio.testing.MockClock
+    ) -> None:
+        """A grant stamped 4 minutes ahead (within the skew allowed) counts from now, so a
+        withdrawal received a minute later wins."""
+        ahead = datetime.fromtimestamp(engine.now + 240, UTC).isoformat()
+        assert "ok" == (await answer(engine, consent("grant", at=ahead))).status
+        mock_clock.jump(60)
+        assert "ok" == (await answer(engine, consent("withdraw"))).status
+        refused = await answer(engine, promo("m1", recipient_id="r1"))
+        assert ("rejected", "no_consent") == (refused.status, refused.reason)
+
+    async def test_a_provider_timestamp_in_year_10000_is_taken_as_now(self, engine: Engine) -> None:
+        await answer(engine, promo("m1", channels=["email"]))
+        await engine.commit()
+        for job in engine.take_jobs():
+            record = engine.claim(job)
+            assert record is not None
+            engine.router.send_succeeded(job, provider="email1", price=0.0, now=engine.now)
+        receipt = ProviderReceipt(
+            ReceiptKind.DELIVERED, 253402300800.0, message_key="acme:m1", event_id="e1"
+        )
+        engine.inbound(WebhookReceipts("email1", [receipt], engine.now))
+        await engine.commit()
+        delivered = [event for event in engine.published if event.kind == "delivered"]
+        assert 1 == len(delivered)
+        assert abs(engine.now - delivered[0].at.timestamp()) < 1e-3  # microseconds
+
+
+def consent(action: str, *, at: str | None = None) -> dict[str, Any]:
+    request: dict[str, Any] = {
+        "v": 1,
+        "op": "consent",
+        "tenant": "acme",
+        "recipient_id": "r1",
+        "kind": "advertising",
+        "action": action,
+        "source": "crm",
+    }
+    if at is not None:
+        request["at"] = at
+    return request
