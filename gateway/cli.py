@@ -57,13 +57,19 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 def _cmd_init(args: argparse.Namespace) -> int:
     import trio
 
-    from gateway.runtime.keyfile import link_secrets
+    from gateway.config import tracking_secrets
+    from gateway.runtime.keyfile import KEY_FILE, link_secrets
     from gateway.store.sqlite import SqliteJournal
 
     config = _load(args.config)
     path = Path(config.store.path)
     if path.exists():
-        print(f"{path}: a journal exists already; nothing to do")
+        key = path.parent / KEY_FILE
+        if tracking_secrets(config.tracking) or key.exists():
+            print(f"{path}: a journal exists already; nothing to do")
+            return 0
+        link_secrets(config, journal_is_new=True)
+        print(f"{key}: a new tracking key (links signed with a lost one no longer work)")
         return 0
 
     async def create() -> None:
@@ -72,7 +78,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
         await journal.aclose()
 
     trio.run(create)
-    link_secrets(config)  # the tracking key beside it, unless one is configured
+    link_secrets(config, journal_is_new=True)  # the tracking key beside it, unless configured
     print(f"{path}: a new, empty journal")
     return 0
 
@@ -96,14 +102,18 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _cmd_journal_check(args: argparse.Namespace) -> int:
+    from gateway.runtime.clock import wall_time
     from gateway.store.sqlite import check_journal
 
     config = _load(args.config)
-    problems = check_journal(config.store.path, quarantine=args.quarantine)
+    problems = check_journal(config.store.path, now=wall_time(), quarantine=args.quarantine)
     for problem in problems:
         print(f"{problem.table}[{problem.row}]: {problem.detail}")
         if problem.table == "consents" and args.quarantine:
-            print(f"  recipient {problem.row}: re-apply its consents from the CRM")
+            print(
+                "  in its place, the recipient's advertising consent is withdrawn on every "
+                "channel (the safe side) until the CRM grants it again"
+            )
     if not problems:
         print(f"{config.store.path}: ok")
         return 0
@@ -203,6 +213,30 @@ def tune_gc() -> None:
     in profiles under load, showed up as a tenth of the CPU at allocation sites.
     """
     gc.set_threshold(50_000, 20, 100)
+    _return_large_frees()
+
+
+def _return_large_frees() -> None:
+    """Give memory of large blocks back to the system as soon as they are freed.
+
+    glibc raises its mmap threshold after each large free, so after one burst of big
+    ZeroMQ messages (a hostile client's many-part message, held whole by libzmq) later blocks
+    of that size come from the heap and stay resident. A fixed threshold keeps the burst's
+    memory returnable. Nothing happens on a C library without ``mallopt``.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    libc = ctypes.CDLL(name)
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, 256 * 1024)
+
+
+_M_MMAP_THRESHOLD = -3
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -385,6 +419,9 @@ def _interrupted(exc: BaseException) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # the journal, its WAL and the tracking key hold personal data and secrets: whatever the
+    # gateway creates is for its own user only
+    os.umask(0o077)
     try:
         result: int = args.func(args)
     except BaseException as exc:

@@ -14,6 +14,7 @@ impossible values. Every error names the key, e.g.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import itertools
 import re
 import tomllib
@@ -556,17 +557,20 @@ def _culprit(data: dict[str, object], table: dict[str, object], message: str) ->
     raise KeyError(message)
 
 
-_LOOPBACK_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
-
-
 def is_loopback(address: str) -> bool:
     """Whether a bind address (``tcp://host:port``, ``host:port``, ``ipc://...``) is reachable
-    only from this machine."""
+    only from this machine: ``localhost`` or a loopback IP, never a name that merely starts
+    like one (``127.0.0.1.nip.io``)."""
     scheme, sep, rest = address.partition("://")
     if sep and scheme in ("ipc", "inproc"):
         return True
-    host = (rest if sep else address).rsplit(":", 1)[0]
-    return host in _LOOPBACK_HOSTS or host.startswith("127.")
+    host = (rest if sep else address).rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _validate_exposure(config: GatewayConfig) -> None:
@@ -580,9 +584,16 @@ def _validate_exposure(config: GatewayConfig) -> None:
                     f"authenticated: set {ENV_PREFIX}INGEST__CURVE_SECRET_KEY "
                     "(cascadegw keys generate) and tenants' client_keys"
                 )
-    tokens = config.http.admin_token is not None or any(
-        t.admin_token is not None for t in config.tenants.values()
-    )
+    named_tokens = [("http.admin_token", config.http.admin_token)] + [
+        (f"tenants.{name}.admin_token", t.admin_token) for name, t in config.tenants.items()
+    ]
+    for key, token in named_tokens:
+        if token is not None and len(token.reveal()) < _MIN_TOKEN_CHARS:
+            raise ConfigError(
+                f"{key}: at least {_MIN_TOKEN_CHARS} characters (a bearer token is guessed "
+                "otherwise); e.g. `python3 -c 'import secrets; print(secrets.token_urlsafe())'`"
+            )
+    tokens = any(token is not None for _, token in named_tokens)
     if not tokens and not is_loopback(config.http.bind):
         raise ConfigError(
             f"http.bind = {config.http.bind!r} is not loopback, but the admin API has no token: "
@@ -598,6 +609,7 @@ def _validate_exposure(config: GatewayConfig) -> None:
         )
 
 
+_MIN_TOKEN_CHARS: Final = 16
 _Z85_KEY: Final = re.compile(r"[0-9a-zA-Z.:+=^!/*?&<>()\[\]{}@%$#-]{40}")
 
 

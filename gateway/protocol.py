@@ -53,13 +53,17 @@ TenantName = Annotated[
 ]
 RecipientId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Label = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-Email = Annotated[
-    str,
-    msgspec.Meta(max_length=254, pattern=f"^[^@{_SPACE}]+@[^@{_SPACE}]+\\.[^@{_SPACE}]+$(?!\\n)"),
-]
+_EMAIL_PATTERN: Final = f"^[^@{_SPACE}]+@[^@{_SPACE}]+\\.[^@{_SPACE}]+$(?!\\n)"
+_PHONE_PATTERN: Final = r"^\+[1-9][0-9]{6,14}$(?!\n)"
+# the patterns are checked by validate(), which says what is wrong in words, not in a regex
+Email = Annotated[str, msgspec.Meta(max_length=254, extra_json_schema={"pattern": _EMAIL_PATTERN})]
 Phone = Annotated[
     str,
-    msgspec.Meta(pattern=r"^\+[1-9][0-9]{6,14}$(?!\n)", description="E.164, e.g. +79161234567"),
+    msgspec.Meta(
+        max_length=16,
+        description="E.164, e.g. +79161234567",
+        extra_json_schema={"pattern": _PHONE_PATTERN},
+    ),
 ]
 Token = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
 ShortText = Annotated[str, msgspec.Meta(max_length=1024)]
@@ -120,7 +124,9 @@ def reserved_data_keys(data: Mapping[str, str]) -> list[str]:
 # ---------------------------------------------------------------- send
 class Recipient(_Struct, frozen=True):
     id: RecipientId
-    tz: Annotated[str, msgspec.Meta(extra_json_schema={"enum": sorted(time_zones())})] = "UTC"
+    tz: Annotated[
+        str, msgspec.Meta(max_length=64, extra_json_schema={"enum": sorted(time_zones())})
+    ] = "UTC"
     """IANA time zone of the recipient, for quiet hours (e.g. ``Europe/Moscow``)."""
     push_tokens: Annotated[list[Token], msgspec.Meta(max_length=16)] = []
     email: Email | None = None
@@ -353,7 +359,21 @@ def rejected(reason: RejectReason, detail: str, message_id: str | None = None) -
     return Result(ResultStatus.REJECTED, id=message_id, reason=reason, detail=detail)
 
 
+_MAX_DETAIL_CHARS: Final = 300
+
+
 def invalid(detail: str, message_id: str | None = None) -> Result:
+    """An ``invalid`` result. Whatever of the request it quotes is clipped: a reply must never
+    echo a client's megabytes back (a 4 MiB id, field name or time-zone value)."""
+    if len(detail) > _MAX_DETAIL_CHARS:
+        # keep where it is (" - at `$.path`"), clip what it quotes
+        what, at, where = detail.rpartition(" - at `")
+        if not at:
+            what, where = detail, ""
+        where = (at + where)[:120]
+        detail = what[: _MAX_DETAIL_CHARS - len(where) - 3] + "..." + where
+    if message_id is not None and not 1 <= len(message_id) <= 128:
+        message_id = None  # not a valid id: not echoed either
     return rejected(RejectReason.INVALID, detail, message_id)
 
 
@@ -453,8 +473,12 @@ def validate(request: Request) -> str | None:
         return f"unsupported protocol version {request.v}, this gateway speaks {PROTOCOL_VERSION} - at `$.v`"
     match request:
         case SendRequest(recipient=recipient, content=content, channels=channels):
+            if recipient.email is not None and not _EMAIL.match(recipient.email):
+                return "not an email address - at `$.recipient.email`"
+            if recipient.phone is not None and not _PHONE.match(recipient.phone):
+                return "not an E.164 phone number (e.g. +79161234567) - at `$.recipient.phone`"
             if recipient.tz != "UTC" and recipient.tz not in time_zones():
-                return f"unknown IANA time zone {recipient.tz!r} - at `$.recipient.tz`"
+                return f"unknown IANA time zone {recipient.tz[:64]!r} - at `$.recipient.tz`"
             for name in ("send_at", "expires_at"):
                 problem = _time_problem(getattr(request, name), name)
                 if problem is not None:
@@ -494,6 +518,8 @@ def validate(request: Request) -> str | None:
 
 _FRACTION: Final = re.compile(r"\.([0-9]+)")
 _TIME: Final = re.compile(_TIME_PATTERN)
+_EMAIL: Final = re.compile(_EMAIL_PATTERN)
+_PHONE: Final = re.compile(_PHONE_PATTERN)
 
 
 def parse_time(text: str) -> datetime:

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from gateway.runtime.app import Gateway
 
 _json = msgspec.json.Encoder()
+_MAX_UPDATES = 1000
 
 
 class ConsentUpdate(msgspec.Struct, forbid_unknown_fields=True):
@@ -122,7 +123,10 @@ def admin_routes(gateway: Gateway) -> list[BaseRoute]:
         async def check(request: Request) -> Response:
             tenant = request.path_params.get("tenant")
             if not open_api:
-                who = holder(request.headers.get("authorization", "").encode())
+                scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+                # the scheme is case-insensitive (RFC 9110 section 11.1)
+                given = f"Bearer {credentials.strip()}" if scheme.lower() == "bearer" else ""
+                who = holder(given.encode())
                 if who is None:
                     return _problem(401, "unauthorized", "the admin API needs a bearer token")
                 if who not in ("*", tenant):
@@ -148,18 +152,28 @@ def admin_routes(gateway: Gateway) -> list[BaseRoute]:
         except msgspec.DecodeError as exc:
             return _problem(400, "invalid", f"malformed JSON: {exc}")
         updates = decoded if isinstance(decoded, list) else [decoded]
+        if len(updates) > _MAX_UPDATES:
+            return _problem(400, "invalid", f"at most {_MAX_UPDATES} consent records per request")
         now = gateway.clock.now()
         tenant, recipient = request.path_params["tenant"], request.path_params["recipient"]
-        # the same request the ZeroMQ `consent` op carries: one validation, one code path
-        requests = [
-            ConsentRequest(
-                v=PROTOCOL_VERSION,
-                tenant=tenant,
-                recipient_id=recipient,
-                **msgspec.structs.asdict(update),
-            )
-            for update in updates
-        ]
+        # the same request the ZeroMQ `consent` op carries, validated the same way (its
+        # length limits included: building a Struct checks nothing, converting does)
+        try:
+            requests = [
+                msgspec.convert(
+                    {
+                        "v": PROTOCOL_VERSION,
+                        "op": "consent",
+                        "tenant": tenant,
+                        "recipient_id": recipient,
+                        **msgspec.structs.asdict(update),
+                    },
+                    ConsentRequest,
+                )
+                for update in updates
+            ]
+        except msgspec.ValidationError as exc:
+            return _problem(400, "invalid", str(exc)[:300])
         for consent in requests:
             problem = validate(consent) or future_time(consent.at, now)
             if problem is not None:

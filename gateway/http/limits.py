@@ -4,8 +4,12 @@ An ASGI middleware in front of each HTTP server. It reads the request body itsel
 route sees it: a declared ``Content-Length`` over the route's limit is answered 413 without
 reading a byte, a body that grows past it is answered 413 while it is read (a 300 MB POST
 with a forged signature costs a buffer, not 300 MB), and a body that stalls is answered 408
-after ``http.read_timeout_seconds``. Past ``http.max_concurrent_requests`` a request is
-answered 503 at once. Routes then read ``request.body()`` as usual, from memory.
+after ``http.read_timeout_seconds``. Past ``http.max_concurrent_requests`` requests being
+read or worked on, a request is answered 503 at once, except the health checks, which are cheap
+and must answer most when the server is busiest. A request gives its slot back when its
+response starts: a client that never reads its response (hypercorn shields the write, so it
+cannot be timed out from here) then holds its own connection, not everyone's capacity. Routes
+read ``request.body()`` as usual, from memory.
 
 Headers that stall are hypercorn's to time out (``read_timeout``, set from the same key).
 """
@@ -42,6 +46,9 @@ async def _answer(send: Send, status: int, text: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+_HEALTH = frozenset({"/healthz", "/readyz"})
+
+
 def _declared_length(scope: Scope) -> int | None:
     for name, value in scope.get("headers", ()):
         if name == b"content-length":
@@ -73,14 +80,30 @@ class Limits:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if scope["path"] in _HEALTH:
+            await self.app(scope, receive, send)
+            return
         if self.active >= self.max_concurrent_requests:
             await _answer(send, 503, "too many requests at once, retry later")
             return
         self.active += 1
+        holding = True
+
+        def release() -> None:
+            nonlocal holding
+            if holding:
+                holding = False
+                self.active -= 1
+
+        async def send_releasing(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                release()
+            await send(message)
+
         try:
-            await self._bounded(scope, receive, send)
+            await self._bounded(scope, receive, send_releasing)
         finally:
-            self.active -= 1
+            release()
 
     async def _bounded(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = self.body_limit(scope["path"])

@@ -70,8 +70,14 @@ class Gateway:
     public_http_url: str = ""
     """Where webhooks and tracking links are served (``http_url`` without a public bind)."""
     ready: bool = False
+    """Recovered and serving; ``accepting`` also needs the journal to be writable."""
     resent_at_start: int = 0
     _ingest_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    def accepting(self) -> bool:
+        """What /readyz reports: a load balancer should send traffic elsewhere while the
+        journal cannot commit (every send would be refused as overloaded)."""
+        return self.ready and self.committer.unavailable is None
 
     async def shutdown(self, *, grace_seconds: float = 10.0) -> None:
         """Stop taking requests, let in-flight provider requests finish, commit what is staged."""
@@ -127,7 +133,9 @@ async def open_gateway(
     state = State(horizon_seconds=policy_horizon(config))
     committer = Committer(journal, metrics)
     links = LinkSigner(
-        tracking_secrets if tracking_secrets is not None else link_secrets(config),
+        tracking_secrets
+        if tracking_secrets is not None
+        else link_secrets(config, journal_is_new=journal.created),
         config.http.public_url,
         click_ttl_seconds=config.tracking.click_ttl_seconds,
         unsubscribe_ttl_seconds=config.tracking.unsubscribe_ttl_seconds,
@@ -147,8 +155,10 @@ async def open_gateway(
                     zmq.ROUTER,
                     options={
                         zmq.ROUTER_MANDATORY: 1,  # else replies to vanished peers vanish silently
-                        zmq.RCVHWM: 10_000,
-                        zmq.SNDHWM: 100_000,
+                        # per client: frames waiting to be read, replies waiting to be taken
+                        # (a client that stops reading loses replies past this, counted)
+                        zmq.RCVHWM: 1_000,
+                        zmq.SNDHWM: 1_000,
                         # bytes per part: bigger frames up to this get an `invalid` reply; past
                         # it libzmq drops the connection (it cannot answer what it refused)
                         zmq.MAXMSGSIZE: 8 * config.ingest.max_frame_bytes,
@@ -285,7 +295,7 @@ async def _serve_http(nursery: trio.Nursery, gateway: Gateway) -> None:
         )
     ]
     admin: list[BaseRoute] = [
-        *ops_routes(gateway.registry, lambda: gateway.ready),
+        *ops_routes(gateway.registry, gateway.accepting),
         *admin_routes(gateway),
     ]
     http = config.http
@@ -298,7 +308,7 @@ async def _serve_http(nursery: trio.Nursery, gateway: Gateway) -> None:
         # a load balancer health-checks the public side too; nothing else of ops is there
         health = [
             r
-            for r in ops_routes(gateway.registry, lambda: gateway.ready)
+            for r in ops_routes(gateway.registry, gateway.accepting)
             if getattr(r, "path", "") != "/metrics"
         ]
         gateway.public_http_url = await _serve(

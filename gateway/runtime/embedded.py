@@ -134,7 +134,8 @@ async def open_embedded(
         events_endpoint = None
         link_keys: list[bytes] | None = None  # open_gateway's own, after the journal opened
         if config.http.webhook_processes:
-            link_keys = link_secrets(config)
+            journal_is_new = not await trio.Path(config.store.path).exists()
+            link_keys = link_secrets(config, journal_is_new=journal_is_new)
             if config_path is None:
                 raise ValueError("webhook processes need the config file path")
             run_dir = Path(config.store.path).parent / "run"

@@ -28,7 +28,7 @@ from gateway.runtime import zmqio
 from gateway.runtime.committer import Committer
 from gateway.runtime.curve import Principals
 from gateway.runtime.metrics import Metrics
-from gateway.runtime.router import JournalQuery, Router
+from gateway.runtime.router import JournalQuery, Router, StatusQuery
 from gateway.store.base import Batch
 
 _MAX_ENVELOPE_BYTES = 1024
@@ -157,7 +157,9 @@ class Ingest:
         # was refused outright promises nothing, so its answer need not wait (while the disk
         # is full, `overloaded` must reach the client, not queue behind the stuck commit)
         promises = (batch.rows, len(batch.after)) != before or not all(
-            isinstance(item, Result) and item.status is ResultStatus.REJECTED for item in results
+            isinstance(item, StatusQuery)
+            or (isinstance(item, Result) and item.status is ResultStatus.REJECTED)
+            for item in results
         )
         reply = _Reply(identity, envelope, batch if batch and promises else None)
         self._pending.append(reply)

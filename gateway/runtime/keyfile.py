@@ -21,20 +21,34 @@ log = structlog.get_logger("gateway.keyfile")
 KEY_FILE = "tracking.key"
 
 
-def link_secrets(config: GatewayConfig) -> list[bytes]:
-    """The secrets that sign and verify links: configured ones, else the kept one."""
+def link_secrets(config: GatewayConfig, *, journal_is_new: bool) -> list[bytes]:
+    """The secrets that sign and verify links: configured ones, else the kept one.
+
+    A key is made only beside a new journal: next to an existing one, a missing key means it
+    was lost, and a new one would silently break every unsubscribe link already sent.
+
+    Raises:
+        ConfigError: the key is missing beside an existing journal.
+    """
     configured = tracking_secrets(config.tracking)
     if configured:
         return configured
-    return [load_or_create(Path(config.store.path).parent / KEY_FILE)]
+    path = Path(config.store.path).parent / KEY_FILE
+    return [load_or_create(path, create=journal_is_new)]
 
 
-def load_or_create(path: Path) -> bytes:
-    """The secret in ``path``; a new random one written there (0600) if there is none."""
+def load_or_create(path: Path, *, create: bool = True) -> bytes:
+    """The secret in ``path``; a new random one written there (0600) if there is none and
+    ``create`` allows it."""
     try:
         return _read(path)
     except FileNotFoundError:
-        pass
+        if not create:
+            raise ConfigError(
+                f"{path} is missing beside an existing journal; restore it (every link in "
+                "messages already sent depends on it), or set CASCADEGW__TRACKING__SECRET, or "
+                "run `cascadegw init` to make a new one (old links then stop working)"
+            ) from None
     secret = secrets.token_hex(32)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ RECEIPT_KINDS = (
 )
 WEBHOOK_VERDICTS = ("accepted", "bad_signature", "stale", "malformed", "unknown_message")
 UNSUBSCRIBE_SOURCES = ("api", "one_click", "provider")
-TRACKING_VERDICTS = ("accepted", "bad_token", "expired")
+TRACKING_VERDICTS = ("accepted", "bad_token", "expired", "repeat")
 INGEST_DROPS = ("too_many_parts", "envelope_too_large")
 _LATENCY_BUCKETS = (
     0.005,

@@ -14,6 +14,7 @@ commands it returns (``Send`` -> dispatch queue, ``StartTimer``/``CancelTimer`` 
 from __future__ import annotations
 
 import zoneinfo
+from collections import OrderedDict
 from collections.abc import Callable
 from datetime import tzinfo
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -92,7 +93,7 @@ from gateway.runtime.committer import Committer
 from gateway.runtime.metrics import Metrics
 from gateway.runtime.timers import TimerAlarm
 from gateway.store.base import Journal, JournalCorrupt, MessageRecord, active_pages
-from gateway.store.state import State, address_ref
+from gateway.store.state import State
 
 if TYPE_CHECKING:
     from gateway.runtime.dispatch import Job
@@ -102,6 +103,9 @@ log = structlog.get_logger("gateway.router")
 _OK: Final = Result(ResultStatus.OK)
 _request_decoder: Final = msgspec.msgpack.Decoder(SendRequest)
 _RECOVERY_PAGE: Final = 10_000
+_REMEMBERED_HITS: Final = 200_000
+"""Tracking hits remembered to drop repeats (~150 bytes each): a day of a large campaign's
+first opens and clicks; a repeat older than that is applied again, harmlessly."""
 _HOLDOUT_DETAIL: Final = "the recipient is in this period's control group"
 _STATE_NAMES: Final = {
     Status.DEFERRED: "deferred",
@@ -223,6 +227,7 @@ class Router:
             name: _first_price(config, t, Channel.SMS) for name, t in config.tenants.items()
         }
         self._admissions = _Children(metrics.admissions)
+        self._hits: OrderedDict[tuple[HitKind, str, Channel | None], None] = OrderedDict()
         self._request_counters = {
             (op, status): metrics.requests.labels(op, status.value)
             for op in ("send", "cancel", "event", "consent", "status", "invalid")
@@ -867,9 +872,27 @@ class Router:
             case TrackingHit(kind=kind, verdict=verdict, key=None):
                 metrics.tracking.labels(kind.value, verdict).inc()
             case TrackingHit(kind=kind, verdict=verdict, key=str(key), channel=channel, at=at):
+                if not self._first_hit(kind, key, channel):
+                    # the fact is known: a reopened email or a link tapped again (or a script
+                    # hammering it) is counted, not journalled and published once more
+                    metrics.tracking.labels(kind.value, "repeat").inc()
+                    return
                 metrics.tracking.labels(kind.value, verdict).inc()
                 fact = StatusKind.CLICKED if kind is HitKind.CLICK else StatusKind.READ
                 self.receipt(Receipt(key, fact, channel=channel, at=at, detail="tracker"), now=now)
+
+    def _first_hit(self, kind: HitKind, key: str, channel: Channel | None) -> bool:
+        """Whether this is the first click (or open) of this message on this channel that
+        the gateway remembers; the memory holds the latest ``_REMEMBERED_HITS``."""
+        hit = (kind, key, channel)
+        seen = self._hits
+        if hit in seen:
+            seen.move_to_end(hit)
+            return False
+        seen[hit] = None
+        if len(seen) > _REMEMBERED_HITS:
+            seen.popitem(last=False)
+        return True
 
     # ================================================================ opt-outs
     def provider_receipts(
@@ -942,8 +965,7 @@ class Router:
         elif record is not None:
             recipients.append((record.envelope.tenant, record.envelope.recipient_id))
         elif receipt.detail is not None and channel in _ADDRESS_INDEXED:
-            ref = address_ref(channel, receipt.detail)
-            for rkey in self.state.recipients_by_address.get(ref, ()):
+            for rkey in self.state.recipients_of(channel, receipt.detail):
                 tenant, recipient_id = split_key(rkey)
                 served = self.config.tenants.get(tenant)
                 if served is not None and provider in served.providers.get(channel, ()):
@@ -998,7 +1020,7 @@ class Router:
         """Map a provider-side address back to the recipient (for opt-outs that name only it)."""
         if channel not in _ADDRESS_INDEXED:
             return
-        ref = address_ref(channel, address)
+        ref = self.state.address_refs(channel, address)[0]
         envelope = record.envelope
         rkey = recipient_key(envelope.tenant, envelope.recipient_id)
         if self.state.remember_address(ref, rkey):
@@ -1212,6 +1234,7 @@ class Router:
             state.apply_consent(rkey, consent)
         for rkey, entry in recovered.sends:
             state.record_send(rkey, entry)
+        state.address_key = recovered.address_key
         for address, recipient in recovered.addresses:
             state.remember_address(address, recipient)
         active = resent = 0

@@ -120,6 +120,8 @@ class Recovered(msgspec.Struct):
     sends: list[tuple[RecipientKey, SendEntry]]
     addresses: list[tuple[str, str]] = []
     """``(address_ref, recipient key)`` pairs; an address may belong to several recipients."""
+    address_key: bytes = b""
+    """The journal's own secret for ``address_ref`` (made with the journal, kept inside it)."""
 
 
 class StoredMessage(msgspec.Struct):

@@ -28,6 +28,7 @@ Test hooks, on the store:
 
 from __future__ import annotations
 
+import secrets
 from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass
@@ -121,6 +122,8 @@ class MemoryStore:
         self._sends: list[_Send] = []
         self._addresses: set[tuple[str, str]] = set()
         self._receipts: dict[int, float] = {}
+        self.address_key = secrets.token_bytes(32)
+        """The journal's secret for keyed address hashes (SQLite keeps it in ``meta``)."""
 
     def plant(self, table: Literal["messages", "consents", "sends"], row: str, blob: bytes) -> None:
         """Test hook: store ``blob`` as the value of one row, as a damaged file would hold it.
@@ -295,7 +298,13 @@ class MemoryJournal:
         ]
         # SQLite reads the WITHOUT ROWID table in primary-key order
         addresses = sorted(store._addresses)
-        return Recovered(finished=finished, consents=consents, sends=sends, addresses=addresses)
+        return Recovered(
+            finished=finished,
+            consents=consents,
+            sends=sends,
+            addresses=addresses,
+            address_key=store.address_key,
+        )
 
     async def active_page(
         self, cursor: int | None, *, limit: int

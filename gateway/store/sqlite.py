@@ -14,17 +14,18 @@ message content for later cascade steps) through another, which WAL lets run bes
 from __future__ import annotations
 
 import os
+import secrets
 import sqlite3
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import trio
 
 from gateway.core.caps import SendEntry
-from gateway.core.consent import ConsentRecord
+from gateway.core.consent import ConsentAction, ConsentKind, ConsentRecord
 from gateway.core.model import MessageKey, Outcome, RecipientKey
 from gateway.protocol import SendRequest, StatusEvent
 from gateway.store.base import (
@@ -98,6 +99,7 @@ CREATE TABLE IF NOT EXISTS quarantine (
 
 _OPENINGS_IN = "SELECT key, opening FROM messages WHERE key IN ({})"
 _EVENTS_IN = "SELECT key, body FROM events WHERE key IN ({}) ORDER BY id"
+_T = TypeVar("_T")
 _IN_CHUNK = 500  # keys per IN (...) query; well under SQLite's bound-parameter limit
 _encoder = msgspec.msgpack.Encoder()
 _record_decoder = msgspec.msgpack.Decoder(MessageRecord)
@@ -115,6 +117,8 @@ class SqliteJournal:
             raise ValueError(f"synchronous must be normal or full, not {synchronous!r}")
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
+        self.created = False
+        """Whether ``open`` made a new journal (the file did not exist)."""
         self._write_lock = trio.CapacityLimiter(1)
         self._read_lock = trio.CapacityLimiter(1)
 
@@ -125,11 +129,20 @@ class SqliteJournal:
     def _open_sync(self, create: bool) -> None:
         try:
             self._open_files(create)
-        except (OSError, sqlite3.OperationalError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        except sqlite3.OperationalError as exc:
             raise JournalError(
-                f"journal {self.path}: cannot open it ({reason}); make its directory writable "
+                f"journal {self.path}: cannot open it ({exc}); make its directory writable "
                 "for this user, or set store.data_dir / store.path"
+            ) from exc
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(
+                f"journal {self.path} is not a readable SQLite database ({exc}); "
+                "restore it from a backup"
+            ) from exc
+        except OSError as exc:
+            raise JournalError(
+                f"journal {self.path}: cannot open it ({exc.strerror or exc}); make its "
+                "directory writable for this user, or set store.data_dir / store.path"
             ) from exc
 
     def _open_files(self, create: bool) -> None:
@@ -147,7 +160,10 @@ class SqliteJournal:
                     f"journal {self.path} does not exist; `cascadegw init` creates a new one "
                     "(or set store.create = true)"
                 )
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # the journal holds requests (addresses, texts): for this user's eyes only
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.path.touch(mode=0o600)
+            self.created = True
         writer = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         writer.execute("PRAGMA journal_mode=WAL")
         writer.execute(f"PRAGMA synchronous={self.synchronous}")
@@ -295,7 +311,7 @@ class SqliteJournal:
         self, *, now: float, retention_seconds: float, horizon_seconds: float
     ) -> Recovered:
         return await trio.to_thread.run_sync(
-            self._recover_sync,
+            _readable(self.path, self._recover_sync),
             now - retention_seconds,
             now - horizon_seconds,
             limiter=self._write_lock,
@@ -323,13 +339,22 @@ class SqliteJournal:
             )
         ]
         addresses = db.execute("SELECT ref, recipient FROM address_index").fetchall()
-        return Recovered(finished=finished, consents=consents, sends=sends, addresses=addresses)
+        return Recovered(
+            finished=finished,
+            consents=consents,
+            sends=sends,
+            addresses=addresses,
+            address_key=_address_key(db),
+        )
 
     async def active_page(
         self, cursor: int | None, *, limit: int
     ) -> tuple[list[MessageRecord], int | None]:
         return await trio.to_thread.run_sync(
-            self._active_page_sync, cursor or 0, limit, limiter=self._write_lock
+            _readable(self.path, self._active_page_sync),
+            cursor or 0,
+            limit,
+            limiter=self._write_lock,
         )
 
     def _active_page_sync(
@@ -507,8 +532,23 @@ def _decoded(decoder: msgspec.msgpack.Decoder[Any], body: bytes, table: str, row
     """Decode a stored value, or name the row that cannot be read."""
     try:
         return decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+    except _UNREADABLE as exc:
         raise JournalCorrupt(table, str(row), str(exc).split("\n")[0][:200]) from exc
+
+
+def _readable(path: Path, read: Callable[..., _T]) -> Callable[..., _T]:
+    """``read``, with a damaged file (not a database, a malformed page) named in one line."""
+
+    def guarded(*args: Any) -> _T:
+        try:
+            return read(*args)
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(
+                f"journal {path} cannot be read ({exc}); `cascadegw journal check` says where, "
+                "or restore it from a backup"
+            ) from exc
+
+    return guarded
 
 
 class Problem(msgspec.Struct, frozen=True):
@@ -520,6 +560,7 @@ class Problem(msgspec.Struct, frozen=True):
 
 
 _CHECKS: tuple[tuple[str, str, msgspec.msgpack.Decoder[Any]], ...] = (
+    # (table, SELECT row id, name shown, body) - names as JournalCorrupt gives them at start
     ("messages", "SELECT key, key, record FROM messages", _record_decoder),
     ("messages", "SELECT key, key, request FROM messages", msgspec.msgpack.Decoder(SendRequest)),
     (
@@ -527,26 +568,40 @@ _CHECKS: tuple[tuple[str, str, msgspec.msgpack.Decoder[Any]], ...] = (
         "SELECT key, key, opening FROM messages WHERE opening IS NOT NULL",
         _events_decoder,
     ),
-    ("events", "SELECT id, key, body FROM events", _event_decoder),
-    ("consents", "SELECT id, recipient, body FROM consents", _consent_decoder),
-    ("sends", "SELECT id, recipient, body FROM sends", _send_decoder),
+    ("events", "SELECT id, id, body FROM events", _event_decoder),
+    ("consents", "SELECT id, id, body FROM consents", _consent_decoder),
+    ("sends", "SELECT id, id, body FROM sends", _send_decoder),
 )
+_UNREADABLE = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, TypeError)
+"""What decoding a damaged value raises (TypeError: a TEXT where a BLOB belongs)."""
 
 
-def check_journal(path: str | Path, *, quarantine: bool = False) -> list[Problem]:
+def check_journal(path: str | Path, *, now: float, quarantine: bool = False) -> list[Problem]:
     """Every unreadable row of the journal at ``path`` (and SQLite's own page check).
 
     With ``quarantine``, each unreadable row is moved into the ``quarantine`` table (kept for
-    inspection) so the gateway can start without it. A quarantined consent row may have been a
-    withdrawal: the report names its recipient so the operator can re-apply it.
+    inspection) so the gateway can start without it. An unreadable consent row may have been a
+    withdrawal: in its place the recipient's advertising consent is withdrawn on every channel
+    and topic (at ``now``), the safe side of the law until the CRM grants again; the problem
+    names the recipient.
 
     Runs without trio: it is for the command line, with the gateway stopped.
 
     Raises:
         JournalMissing: there is no journal at ``path``.
+        JournalError: the file is not a readable SQLite database at all.
     """
     if not Path(path).exists():
         raise JournalMissing(f"journal {path} does not exist")
+    try:
+        return _check(path, now=now, quarantine=quarantine)
+    except sqlite3.DatabaseError as exc:
+        raise JournalError(
+            f"journal {path} is not a readable SQLite database ({exc}); restore it from a backup"
+        ) from exc
+
+
+def _check(path: str | Path, *, now: float, quarantine: bool) -> list[Problem]:
     db = sqlite3.connect(path, isolation_level=None)
     try:
         problems = [
@@ -554,30 +609,67 @@ def check_journal(path: str | Path, *, quarantine: bool = False) -> list[Problem
             for (line,) in db.execute("PRAGMA quick_check")
             if line != "ok"
         ]
-        bad: list[tuple[str, object, str, str, bytes]] = []
+        bad: list[tuple[str, object, str, bytes]] = []
         for table, sql, decoder in _CHECKS:
             for row_id, name, body in db.execute(sql):
                 try:
                     decoder.decode(body)
-                except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+                except _UNREADABLE as exc:
                     detail = str(exc).split("\n")[0][:200]
-                    bad.append((table, row_id, str(name), detail, body))
+                    if table == "consents":
+                        (recipient,) = db.execute(
+                            "SELECT recipient FROM consents WHERE id = ?", (row_id,)
+                        ).fetchone()
+                        detail += f" (recipient {recipient})"
+                    bad.append((table, row_id, detail, body))
                     problems.append(Problem(table, str(name), detail))
         if quarantine and bad:
-            db.execute("BEGIN")
-            for table, row_id, name, detail, body in bad:
-                db.execute(
-                    "INSERT INTO quarantine (source, row, detail, body) VALUES (?, ?, ?, ?)",
-                    (table, name, detail, body),
-                )
-                column = "key" if table == "messages" else "id"
-                if table == "messages":
-                    db.execute("DELETE FROM events WHERE key = ?", (row_id,))
-                db.execute(f"DELETE FROM {table} WHERE {column} = ?", (row_id,))  # noqa: S608
-            db.execute("COMMIT")
+            _quarantine(db, bad, now=now)
         return problems
     finally:
         db.close()
+
+
+def _quarantine(
+    db: sqlite3.Connection, bad: list[tuple[str, object, str, bytes]], *, now: float
+) -> None:
+    db.execute("BEGIN")
+    for table, row_id, detail, body in bad:
+        db.execute(
+            "INSERT INTO quarantine (source, row, detail, body) VALUES (?, ?, ?, ?)",
+            (table, str(row_id), detail, body),
+        )
+        if table == "messages":
+            db.execute("DELETE FROM events WHERE key = ?", (row_id,))
+            db.execute("DELETE FROM messages WHERE key = ?", (row_id,))
+            continue
+        if table == "consents":
+            (recipient,) = db.execute(
+                "SELECT recipient FROM consents WHERE id = ?", (row_id,)
+            ).fetchone()
+            withdrawal = ConsentRecord(
+                kind=ConsentKind.ADVERTISING,
+                action=ConsentAction.WITHDRAW,
+                at=now,
+                source="quarantine",
+                reason="a consent record could not be read",
+            )
+            db.execute(
+                "INSERT INTO consents (recipient, body) VALUES (?, ?)",
+                (recipient, _encoder.encode(withdrawal)),
+            )
+        db.execute(f"DELETE FROM {table} WHERE id = ?", (row_id,))  # noqa: S608
+    db.execute("COMMIT")
+
+
+def _address_key(db: sqlite3.Connection) -> bytes:
+    """The journal's secret for keyed address hashes, made the first time it is asked for."""
+    db.execute(
+        "INSERT OR IGNORE INTO meta (key, value) VALUES ('address_key', ?)",
+        (secrets.token_hex(32),),
+    )
+    (value,) = db.execute("SELECT value FROM meta WHERE key = 'address_key'").fetchone()
+    return bytes.fromhex(value)
 
 
 def _check_identity(db: sqlite3.Connection, marker: Path) -> None:

@@ -24,8 +24,18 @@ from gateway.store.base import MessageRecord
 _EMPTY_CONSENTS = ConsentState()
 
 
-def address_ref(channel: Channel, address: str) -> str:
-    """A keyed hash standing for a provider-side address (no personal data kept in the clear)."""
+def address_ref(channel: Channel, address: str, key: bytes) -> str:
+    """A keyed hash standing for a provider-side address. Keyed with the journal's own secret,
+    so the index of phones and Viber ids cannot be reversed by hashing candidate numbers."""
+    digest = hashlib.blake2b(
+        f"{channel.value}\x00{address}".encode(), digest_size=12, person=b"cgw-address", key=key
+    )
+    return digest.hexdigest()
+
+
+def legacy_address_ref(channel: Channel, address: str) -> str:
+    """How journals before the keyed index named an address (keyed with the channel's name);
+    still looked up, so their entries keep resolving opt-outs."""
     digest = hashlib.blake2b(
         address.encode(), digest_size=12, person=b"cgw-address", key=channel.value.encode()
     )
@@ -59,6 +69,8 @@ class State:
         only their own id (Viber). Active messages only."""
         self.timers: dict[TimerKind, Deadlines[str]] = {kind: Deadlines() for kind in TimerKind}
         self.horizon_seconds = horizon_seconds
+        self.address_key = b""
+        """The journal's secret for ``address_ref``; set when the journal is recovered."""
         self._deferred: dict[Lane, int] = dict.fromkeys(Lane, 0)
         self._shared: dict[object, object] = {}
 
@@ -173,6 +185,16 @@ class State:
         state = self.consents.get(rkey, _EMPTY_CONSENTS).with_record(record)
         self.consents[rkey] = state
         return state
+
+    def address_refs(self, channel: Channel, address: str) -> tuple[str, str]:
+        """The index entries that may stand for ``address``: keyed, then legacy."""
+        return address_ref(channel, address, self.address_key), legacy_address_ref(channel, address)
+
+    def recipients_of(self, channel: Channel, address: str) -> tuple[str, ...]:
+        keyed, legacy = self.address_refs(channel, address)
+        found = self.recipients_by_address.get(keyed, ())
+        old = self.recipients_by_address.get(legacy, ())
+        return found + tuple(r for r in old if r not in found)
 
     def remember_address(self, ref: str, rkey: str) -> bool:
         """Map an address to a recipient; returns whether the pair is new."""

@@ -20,6 +20,7 @@ import trio.testing
 import zmq
 
 from gateway.client import open_client
+from gateway.core.model import Channel
 from gateway.runtime.app import open_gateway
 from tests.e2e.processes import GatewayProcess, rss_bytes_of, standalone_config
 from tests.support import NOON_UTC, in_test_providers, make_config, promo
@@ -185,7 +186,7 @@ class TestZeroMqMessages:
             received = await trio.to_thread.run_sync(reply_to, sock, b"big")
             sock.close(linger=0)
             context.term()
-        reply: dict[str, Any] = msgpack.unpackb(received[-1][1])
+        (reply,) = msgpack.unpackb(received[-1][1])  # a batch: a list back, even now
         assert ("rejected", "invalid") == (reply["status"], reply["reason"])
         assert "limit" in reply["detail"]
 
@@ -218,3 +219,68 @@ class TestSchedules:
         assert ("rejected", "invalid") == (refused["status"], refused["reason"])
         assert f"`$.{field}`" in refused["detail"]
         assert "accepted" == near["status"]
+
+
+class TestSlowReaders:
+    async def test_a_client_that_never_reads_its_response_gives_its_slot_back(
+        self, tmp_path: Path
+    ) -> None:
+        path, http_url, _ = standalone_config(
+            tmp_path,
+            store_extra="create = true",
+            http_extra=f"read_timeout_seconds = {READ_TIMEOUT_SECONDS}\nmax_concurrent_requests = 10",
+        )
+        process = GatewayProcess(path, {}, http_url)
+        await process.start()
+        try:
+            host, port = http_url.removeprefix("http://").split(":")
+            hogs = []
+            for _ in range(10):
+                sock = trio.socket.socket()
+                # a tiny receive window and no reads: the response can never be sent in full
+                sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 1024)
+                await sock.connect((host, int(port)))
+                await sock.send(b"GET /metrics HTTP/1.1\r\nHost: g\r\n\r\n")
+                hogs.append(sock)
+            async with httpx.AsyncClient() as http:
+                health = await http.get(f"{http_url}/healthz")  # never counted against the cap
+                with trio.fail_after(READ_TIMEOUT_SECONDS + 20):
+                    while True:  # served again once the hogs are cut off
+                        page = await http.get(f"{http_url}/readyz")
+                        probe = await http.post(f"{http_url}/webhooks/email1", content=b"[]")
+                        if probe.status_code != 503:
+                            break
+                        await trio.sleep(0.2)
+            for sock in hogs:
+                sock.close()
+        finally:
+            await process.stop()
+        assert 200 == health.status_code
+        assert 200 == page.status_code
+        assert 403 == probe.status_code  # unsigned: refused, but served
+
+
+class TestTrackingRepeats:
+    async def test_hammering_a_link_is_counted_not_journalled(
+        self, tmp_path: Path, jumping_clock: trio.testing.MockClock
+    ) -> None:
+        config = make_config(tmp_path)
+        async with (
+            open_gateway(config, adapters=in_test_providers(config), wall_at_start=NOON_UTC) as gw,
+            open_client(gw.ingest_endpoint, timeout_seconds=1e6) as client,
+        ):
+            await client.send(promo("m1", channels=["email"]))
+            url = gw.links.click_url(
+                "acme:m1", Channel.EMAIL, "https://shop.example", now=gw.clock.now()
+            )
+            async with httpx.AsyncClient() as http:
+                for _ in range(50):
+                    hit = await http.get(gw.http_url + "/t/c/" + url.rsplit("/", 1)[1])
+                    assert 302 == hit.status_code
+            status = await client.status("m1", "acme")
+            repeats = gw.registry.get_sample_value(
+                "gateway_tracking_requests_total", {"kind": "click", "verdict": "repeat"}
+            )
+        kinds = [event["kind"] for event in status["message"]["timeline"]]
+        assert 1 == kinds.count("clicked")
+        assert 49 == repeats

@@ -187,3 +187,71 @@ def wait_reply(client: Client) -> list[dict[str, Any]]:
             reply: list[dict[str, Any]] = msgpack.unpackb(client.sock.recv_multipart()[1])
             return reply
     raise AssertionError("the outstanding reply never came")
+
+
+class TestNeverSilentlyReplaced:
+    """What an operator can do to the data directory by mistake, and what start says."""
+
+    def started(self, tmp_path: Path) -> Path:
+        config, _, _ = standalone_config(tmp_path)
+        assert 0 == cli(config, "init").returncode
+        return config
+
+    def test_a_truncated_journal_is_refused(self, tmp_path: Path) -> None:
+        config = self.started(tmp_path)
+        (tmp_path / "var" / "journal.db").write_bytes(b"")
+        line = one_line(cli(config, "run"))
+        assert "is not the one this directory had" in line
+
+    def test_a_file_that_is_not_a_database_is_named(self, tmp_path: Path) -> None:
+        config = self.started(tmp_path)
+        (tmp_path / "var" / "journal.db").write_bytes(b"not a database at all" * 1000)
+        refused, checked = cli(config, "run"), cli(config, "journal", "check")
+        assert "is not a readable SQLite database" in one_line(refused)
+        assert 2 == checked.returncode
+        assert "is not a readable SQLite database" in one_line(checked)
+
+    def test_a_lost_tracking_key_is_refused_until_init_makes_a_new_one(
+        self, tmp_path: Path
+    ) -> None:
+        config = self.started(tmp_path)
+        (tmp_path / "var" / "tracking.key").unlink()
+        line = one_line(cli(config, "run"))
+        renewed = cli(config, "init")
+        assert "tracking.key is missing beside an existing journal" in line
+        assert 0 == renewed.returncode
+        assert "a new tracking key" in renewed.stdout
+        assert (tmp_path / "var" / "tracking.key").exists()
+
+    async def test_a_quarantined_consent_withdraws_on_the_safe_side(self, tmp_path: Path) -> None:
+        config, http_url, ingest = standalone_config(tmp_path)
+        assert 0 == cli(config, "init").returncode
+        process = GatewayProcess(config, {}, http_url)
+        await process.start()
+        with Client(ingest, timeout_seconds=30) as client:
+            assert (
+                "ok"
+                == client.consent(
+                    "acme", "d1", kind="advertising", action="withdraw", source="one_click"
+                )["status"]
+            )
+        await process.stop()
+        with sqlite3.connect(tmp_path / "var" / "journal.db") as db:
+            db.execute("UPDATE consents SET body = 'damaged' WHERE recipient = 'acme:d1'")
+        refused = cli(config, "run")
+        moved = cli(config, "journal", "check", "--quarantine")
+        await process.start()
+        with Client(ingest, timeout_seconds=30) as client:
+            promo = send_request(
+                "after",
+                "acme",
+                recipient={"id": "d1", "email": "d1@example.com"},
+                category="promo",
+                content={"email": {"subject": "Sale", "text": "Sale"}},
+            )
+            answer = client.send(promo)
+        await process.stop()
+        assert "consents[1]" in one_line(refused)
+        assert 0 == moved.returncode
+        assert "recipient acme:d1" in moved.stdout
+        assert ("rejected", "no_consent") == (answer["status"], answer["reason"])

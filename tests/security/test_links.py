@@ -111,8 +111,8 @@ class TestKeptSecret:
 
     def test_made_once_with_mode_0600_and_reused(self, tmp_path: Path) -> None:
         config = make_config(tmp_path)
-        first = link_secrets(config)
-        second = link_secrets(config)
+        first = link_secrets(config, journal_is_new=True)
+        second = link_secrets(config, journal_is_new=False)
         path = Path(config.store.path).parent / KEY_FILE
         assert first == second
         assert len(first[0]) >= 32
@@ -126,7 +126,15 @@ class TestKeptSecret:
                 "CASCADEGW__TRACKING__PREVIOUS_SECRETS": f"{OLD.decode()}, another-secret-0123456",
             },
         )
-        assert [NEW, OLD, b"another-secret-0123456"] == link_secrets(config)
+        assert [NEW, OLD, b"another-secret-0123456"] == link_secrets(config, journal_is_new=False)
+        assert not (Path(config.store.path).parent / KEY_FILE).exists()
+
+    def test_a_lost_key_beside_an_existing_journal_is_an_error_not_a_new_key(
+        self, tmp_path: Path
+    ) -> None:
+        config = make_config(tmp_path)
+        with pytest.raises(ConfigError, match="missing beside an existing journal"):
+            link_secrets(config, journal_is_new=False)
         assert not (Path(config.store.path).parent / KEY_FILE).exists()
 
     def test_a_truncated_key_file_is_an_error_not_a_new_key(self, tmp_path: Path) -> None:

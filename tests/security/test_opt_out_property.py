@@ -12,6 +12,7 @@ right before a provider request.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import hypothesis.strategies as st
@@ -67,6 +68,16 @@ class ProviderOptOut:
 
 
 @dataclass(frozen=True)
+class CrmGrant:
+    """The CRM grants advertising consent on a channel, stamped with its own clock:
+    backdated (an import of old consents) or a few minutes ahead (a clock running fast)."""
+
+    recipient: str
+    channel: Channel
+    offset_seconds: float
+
+
+@dataclass(frozen=True)
 class Commit:
     pass
 
@@ -86,7 +97,18 @@ class Advance:
     seconds: float
 
 
-Action = Send | Dispatch | Fact | OneClick | ProviderOptOut | Commit | Restart | Prune | Advance
+Action = (
+    Send
+    | Dispatch
+    | Fact
+    | OneClick
+    | ProviderOptOut
+    | CrmGrant
+    | Commit
+    | Restart
+    | Prune
+    | Advance
+)
 
 sends = st.builds(
     Send,
@@ -112,6 +134,12 @@ actions = st.lists(
             st.none() | st.integers(0, 15),
         ),
         st.builds(ProviderOptOut, st.sampled_from(RECIPIENTS), st.sampled_from(CHANNELS)),
+        st.builds(
+            CrmGrant,
+            st.sampled_from(RECIPIENTS),
+            st.sampled_from(CHANNELS),
+            st.sampled_from([-3600.0, 0.0, 240.0]),
+        ),
         st.just(Commit()),
         st.just(Restart()),
         st.just(Restart()),
@@ -137,10 +165,14 @@ class World:
     engine: Engine
     messages: list[tuple[str, str]] = field(default_factory=list)
     """(message id, recipient) in the order they were sent."""
-    staged: list[tuple[str, Channel]] = field(default_factory=list)
-    """Opt-outs handed over but not yet durable: not acknowledged."""
+    staged: list[tuple[str, Channel, float]] = field(default_factory=list)
+    """Opt-outs handed over but not yet durable (not acknowledged), with their time."""
     acknowledged: dict[tuple[str, Channel], float] = field(default_factory=dict)
-    """(recipient, channel) -> when the opt-out became durable (and so was answered)."""
+    """(recipient, channel) -> the time of the latest durable (answered) opt-out."""
+    grants_staged: list[tuple[str, Channel, float]] = field(default_factory=list)
+    grants: dict[tuple[str, Channel], float] = field(default_factory=dict)
+    """(recipient, channel) -> the latest effective time of a durable CRM grant. A grant
+    later than an opt-out gives consent back (the latest record wins; a tie, the withdrawal)."""
     addresses_staged: set[tuple[str, Channel]] = field(default_factory=set)
     """(recipient, channel) sent to in this process, address not yet durable."""
     addresses_durable: set[tuple[str, Channel]] = field(default_factory=set)
@@ -181,10 +213,15 @@ async def apply(world: World, step: Action) -> None:
                 if record is None:
                     continue
                 recipient = record.envelope.recipient_id
-                acknowledged = world.acknowledged.get((recipient, job.channel))
-                assert acknowledged is None or acknowledged > engine.now, (
+                pair = (recipient, job.channel)
+                opted_out = world.acknowledged.get(pair)
+                regranted = max(
+                    [world.grants.get(pair, -1.0)]
+                    + [at for r, c, at in world.grants_staged if (r, c) == pair]
+                )
+                assert opted_out is None or regranted > opted_out, (
                     f"{job.key} went to {recipient} on {job.channel} after the opt-out "
-                    f"acknowledged at {acknowledged}"
+                    f"of {opted_out} was acknowledged (latest grant: {regranted})"
                 )
                 engine.router.remember_address(record, job.channel, address(recipient, job.channel))
                 engine.router.send_succeeded(
@@ -214,7 +251,27 @@ async def apply(world: World, step: Action) -> None:
                     key=key,
                 )
             )
-            world.staged.append((recipient, channel))
+            world.staged.append((recipient, channel, engine.now))
+        case CrmGrant(recipient=recipient, channel=channel, offset_seconds=offset):
+            stamped = datetime.fromtimestamp(engine.now + offset, UTC).isoformat()
+            (result,) = engine.requests(
+                [
+                    {
+                        "v": 1,
+                        "op": "consent",
+                        "tenant": "acme",
+                        "recipient_id": recipient,
+                        "kind": "advertising",
+                        "action": "grant",
+                        "source": "crm",
+                        "channel": channel.value,
+                        "at": stamped,
+                    }
+                ]
+            )
+            assert "ok" == result.status, result
+            # what the customer's act counts as: never later than when it reached the gateway
+            world.grants_staged.append((recipient, channel, min(engine.now + offset, engine.now)))
         case ProviderOptOut(recipient=recipient, channel=channel):
             provider = PROVIDERS[channel]
             if channel is Channel.EMAIL:
@@ -236,11 +293,12 @@ async def apply(world: World, step: Action) -> None:
                 resolves = pair in world.addresses_durable or pair in world.addresses_staged
             engine.inbound(WebhookReceipts(provider, [receipt], engine.now))
             if resolves:
-                world.staged.append((recipient, channel))
+                world.staged.append((recipient, channel, engine.now))
         case Commit():
             await commit(world)
         case Restart():
             world.staged.clear()  # never answered: the crash took them
+            world.grants_staged.clear()
             world.addresses_staged.clear()
             world.engine = await engine.restart()
         case Prune():
@@ -257,9 +315,14 @@ async def commit(world: World) -> None:
     """Land what is staged: the opt-outs in it are now answered, so acknowledged."""
     engine = world.engine
     await engine.commit()
-    for pair in world.staged:
-        world.acknowledged.setdefault(pair, engine.now)
+    for recipient, channel, at in world.staged:
+        pair = (recipient, channel)
+        world.acknowledged[pair] = max(at, world.acknowledged.get(pair, at))
     world.staged.clear()
+    for recipient, channel, at in world.grants_staged:
+        pair = (recipient, channel)
+        world.grants[pair] = max(at, world.grants.get(pair, at))
+    world.grants_staged.clear()
     world.addresses_durable |= world.addresses_staged
     world.addresses_staged.clear()
 
@@ -317,6 +380,17 @@ def config(tmp_path: Path) -> GatewayConfig:
         OneClick("r2", Channel.EMAIL, 0),  # the cascade is still at Viber
         Commit(),
         Advance(4000.0),
+        Dispatch(),
+    ]
+)
+@example(
+    steps=[
+        CrmGrant("r0", Channel.EMAIL, 240.0),  # the CRM's clock runs four minutes fast
+        Commit(),
+        Advance(30.0),
+        OneClick("r0", Channel.EMAIL, None),  # then the person unsubscribes
+        Commit(),
+        Send("r0", (Channel.EMAIL,)),
         Dispatch(),
     ]
 )

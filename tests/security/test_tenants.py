@@ -20,7 +20,8 @@ import zmq
 import zmq.utils.monitor
 
 from gateway.client import open_client, open_subscription
-from gateway.config import GatewayConfig, default_config_bytes
+from gateway.config import GatewayConfig, default_config_bytes, is_loopback, load_config
+from gateway.core.errors import ConfigError
 from gateway.runtime import zmqio
 from gateway.runtime.app import Gateway, open_gateway
 from tests.support import NOON_UTC, in_test_providers, make_config, promo
@@ -33,7 +34,11 @@ class Keys:
 
 
 SERVER, ACME, BETA, STRANGER = Keys(), Keys(), Keys(), Keys()
-ACME_TOKEN, BETA_TOKEN, OPERATOR_TOKEN = "acme-admin-token", "beta-admin-token", "operator-token"
+ACME_TOKEN, BETA_TOKEN, OPERATOR_TOKEN = (
+    "acme-admin-token",
+    "beta-admin-token",
+    "operator-admin-token",
+)
 
 
 def curve_config(tmp_path: Path) -> GatewayConfig:
@@ -260,3 +265,52 @@ class TestExposure:
             assert 1 == len(lines), done.stderr
             assert named in lines[0]
             assert "Traceback" not in done.stderr
+
+
+class TestTokenAndBindRules:
+    @pytest.mark.parametrize(
+        ("address", "loopback"),
+        [
+            ("tcp://127.0.0.1:5555", True),
+            ("tcp://127.8.9.10:5555", True),
+            ("tcp://localhost:5555", True),
+            ("tcp://[::1]:5555", True),
+            ("ipc:///run/cascadegw.sock", True),
+            ("tcp://127.0.0.1.nip.io:5555", False),
+            ("tcp://0.0.0.0:5555", False),
+            ("tcp://*:5555", False),
+            ("10.0.0.5:8080", False),
+        ],
+    )
+    def test_what_counts_as_loopback(self, address: str, loopback: bool) -> None:
+        assert loopback == is_loopback(address)
+
+    @pytest.mark.parametrize("token", ["", "short-token"])
+    def test_a_short_admin_token_is_refused(self, token: str) -> None:
+        with pytest.raises(ConfigError, match=r"http\.admin_token: at least 16 characters"):
+            load_config(b'[http]\nbind = "0.0.0.0:8080"', {"CASCADEGW__HTTP__ADMIN_TOKEN": token})
+
+    async def test_the_bearer_scheme_is_case_insensitive(self, tmp_path: Path) -> None:
+        async with running(tmp_path) as gateway, httpx.AsyncClient() as http:
+            url = f"{gateway.http_url}/v1/messages/acme/nope"
+            lower = await http.get(url, headers={"Authorization": f"bearer {ACME_TOKEN}"})
+            other = await http.get(url, headers={"Authorization": f"Basic {ACME_TOKEN}"})
+        assert 404 == lower.status_code
+        assert 401 == other.status_code
+
+    async def test_the_admin_api_keeps_the_protocol_limits(self, tmp_path: Path) -> None:
+        headers = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+        update = {"kind": "advertising", "action": "withdraw", "source": "crm"}
+        async with (
+            running(tmp_path) as gateway,
+            httpx.AsyncClient(base_url=gateway.http_url, headers=headers) as http,
+        ):
+            long_id = await http.put(f"/v1/recipients/acme/{'x' * 200}/consents", json=update)
+            many = await http.put("/v1/recipients/acme/r1/consents", json=[update] * 1001)
+            future = await http.put(
+                "/v1/recipients/acme/r1/consents", json={**update, "at": "2099-01-01T00:00:00Z"}
+            )
+            fine = await http.put("/v1/recipients/acme/r1/consents", json=[update] * 2)
+        assert [400, 400, 400, 200] == [r.status_code for r in (long_id, many, future, fine)]
+        assert "recipient_id" in long_id.json()["detail"]
+        assert "in the future" in future.json()["detail"]

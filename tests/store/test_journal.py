@@ -784,33 +784,43 @@ class TestSqliteJournal:
         batch.consents.append((RecipientKey("acme:r1"), consent()))
         await journal.commit(batch)
         await journal.aclose()
-        assert [] == check_journal(sqlite_backend.path)
+        assert [] == check_journal(sqlite_backend.path, now=NOW)
         sqlite_backend.plant("messages", "acme:m2", b"\xc1")
         sqlite_backend.plant("consents", "1", b"\xc1")
 
-        reported = check_journal(sqlite_backend.path)
-        assert [("messages", "acme:m2"), ("consents", "acme:r1")] == [
-            (p.table, p.row) for p in reported
-        ]
-        assert reported == check_journal(sqlite_backend.path)  # a check alone changes nothing
-        assert reported == check_journal(sqlite_backend.path, quarantine=True)
-        assert [] == check_journal(sqlite_backend.path)
+        reported = check_journal(sqlite_backend.path, now=NOW)
+        # rows are named as the gateway names them at start: consents by row id
+        assert [("messages", "acme:m2"), ("consents", "1")] == [(p.table, p.row) for p in reported]
+        assert "(recipient acme:r1)" in reported[1].detail
+        # a check alone changes nothing
+        assert reported == check_journal(sqlite_backend.path, now=NOW)
+        assert reported == check_journal(sqlite_backend.path, now=NOW, quarantine=True)
+        assert [] == check_journal(sqlite_backend.path, now=NOW)
 
         again = await sqlite_backend.opened(create=False)
         recovered = await again.recover(now=NOW, retention_seconds=DAY, horizon_seconds=DAY)
         assert ["acme:m1"] == [r.key for r in await active_records(again)]
         assert [] == await again.timeline(MessageKey("acme:m2"))  # its events went with it
-        assert [] == recovered.consents
+        # the unreadable consent may have been a withdrawal: advertising is withdrawn instead
+        ((recipient, withdrawal),) = recovered.consents
+        assert "acme:r1" == recipient
+        assert (ConsentKind.ADVERTISING, ConsentAction.WITHDRAW, None, None, NOW) == (
+            withdrawal.kind,
+            withdrawal.action,
+            withdrawal.channel,
+            withdrawal.topic,
+            withdrawal.at,
+        )
         db = sqlite3.connect(sqlite_backend.path)
         try:
             kept = db.execute("SELECT source, row, body FROM quarantine ORDER BY id").fetchall()
         finally:
             db.close()
-        assert [("messages", "acme:m2", b"\xc1"), ("consents", "acme:r1", b"\xc1")] == kept
+        assert [("messages", "acme:m2", b"\xc1"), ("consents", "1", b"\xc1")] == kept
 
     def test_check_refuses_a_journal_that_does_not_exist(self, tmp_path: Path) -> None:
         with pytest.raises(JournalMissing, match="does not exist"):
-            check_journal(tmp_path / "nothing.db")
+            check_journal(tmp_path / "nothing.db", now=NOW)
         assert not (tmp_path / "nothing.db").exists()
 
     async def test_a_journal_of_an_earlier_version_is_migrated(
