@@ -105,7 +105,9 @@ class TestAuthorization:
     async def test_bearer_token(
         self, tmp_path: Path, jumping_clock: trio.testing.MockClock
     ) -> None:
-        config = make_config(tmp_path, environ={"CASCADEGW__HTTP__ADMIN_TOKEN": "s3cret-admin-token"})
+        config = make_config(
+            tmp_path, environ={"CASCADEGW__HTTP__ADMIN_TOKEN": "s3cret-admin-token"}
+        )
         async with (
             open_gateway(
                 config,
@@ -119,7 +121,8 @@ class TestAuthorization:
                 "/v1/recipients/acme/r1/consents", headers={"Authorization": "Bearer nope"}
             )
             right = await http.get(
-                "/v1/recipients/acme/r1/consents", headers={"Authorization": "Bearer s3cret-admin-token"}
+                "/v1/recipients/acme/r1/consents",
+                headers={"Authorization": "Bearer s3cret-admin-token"},
             )
         assert (401, 401, 200) == (anonymous.status_code, wrong.status_code, right.status_code)
         assert "s3cret-admin-token" not in repr(config)
