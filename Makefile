@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 BENCH_VENV ?= .bench-venv
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
-.PHONY: test run demo lint typecheck unit schema bench bench-env clean
+.PHONY: test run demo lint typecheck unit schema bench bench-env image deploy-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,21 @@ $(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
 		echo "npm not found: the Node contract test will be skipped"; \
 	fi
 
-test: $(STAMP) $(BENCH_STAMP) $(NODE_STAMP)
+# the Compose specification's JSON Schema, for validating deploy/compose.yaml without a
+# container engine (deploy/compose-schema.txt pins the wheel it is read from)
+COMPOSE_SCHEMA := $(VENV)/compose_spec.json
+
+$(COMPOSE_SCHEMA): deploy/compose-schema.txt $(STAMP)
+	rm -rf $(VENV)/compose-wheel
+	$(BIN)/python -m pip download --quiet --no-deps --require-hashes \
+		-r deploy/compose-schema.txt --dest $(VENV)/compose-wheel
+	$(BIN)/python -c "import glob, sys, zipfile; \
+		wheel = zipfile.ZipFile(glob.glob('$(VENV)/compose-wheel/*.whl')[0]); \
+		sys.stdout.buffer.write(wheel.read('compose/config/compose_spec.json'))" > $@.tmp
+	mv $@.tmp $@
+
+test: $(STAMP) $(BENCH_STAMP) $(NODE_STAMP) $(COMPOSE_SCHEMA)
+	$(BIN)/hadolint Dockerfile
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -60,6 +74,16 @@ bench-env: $(BENCH_STAMP)
 bench: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/python bench/core_bench.py
 	$(BIN)/python bench/run.py
+
+# the Dockerfile and compose file, as `make test` checks them (hadolint, compose schema)
+deploy-check: $(STAMP) $(COMPOSE_SCHEMA)
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/python -m pytest tests/deploy $(PYTEST_ARGS)
+
+# build the container image with podman (deploy/image.sh: a debootstrap base when no registry
+# is reachable) and start it once
+image:
+	deploy/image.sh $(IMAGE_TAG)
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

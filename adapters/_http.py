@@ -29,7 +29,7 @@ def make_client(*, timeout_seconds: float, max_connections: int = 64) -> httpx.A
     """An httpx client for one provider account.
 
     HTTP/1.1 only: httpx's HTTP/2 POST fails with StreamClosedError when a server answers before
-    reading the body (NOTES.md), and a small keep-alive pool is what gives throughput here.
+    reading the body (docs/architecture.md, "Pitfalls"), and a small keep-alive pool is what gives throughput here.
     """
     return httpx.AsyncClient(
         http2=False,

@@ -172,7 +172,7 @@ class Stack:
     quiet: bool = False
     rate: int = 20000
     # the simulators answer in ~2 ms, so a few connections carry thousands of requests/s;
-    # httpx's pool bookkeeping grows with its size (NOTES.md: 1.27k req/s at concurrency 1,
+    # httpx's pool bookkeeping grows with its size (measured: 1.27k req/s at concurrency 1,
     # ~470 at 100), so the pool is kept small and throughput scales with worker processes
     concurrency: int = 8
     ports: dict[str, int] = field(default_factory=dict)

@@ -11,6 +11,7 @@ import argparse
 import gc
 import json
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from importlib import resources
@@ -122,6 +123,26 @@ def _cmd_journal_check(args: argparse.Namespace) -> int:
     return 0 if args.quarantine else 1
 
 
+def _cmd_healthcheck(args: argparse.Namespace) -> int:
+    """Exit 0 when the gateway configured here answers /healthz (a container's HEALTHCHECK)."""
+    import urllib.request
+
+    config = _load(args.config)
+    host, _, port = config.http.bind.rpartition(":")
+    if host in ("0.0.0.0", "", "*"):  # noqa: S104 - reaching a wildcard bind, not binding
+        host = "127.0.0.1"
+    elif host in ("::", "[::]"):
+        host = "[::1]"
+    url = f"http://{host}:{port}/{'readyz' if args.ready else 'healthz'}"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout_seconds) as answer:
+            healthy = answer.status == 200
+    except OSError as exc:
+        print(f"cascadegw: {url}: {exc}", file=sys.stderr)
+        return 1
+    return 0 if healthy else 1
+
+
 def _cmd_schema(_: argparse.Namespace) -> int:
     from gateway.protocol import json_schema
 
@@ -142,52 +163,57 @@ def _cmd_run(args: argparse.Namespace) -> int:
     tune_gc()
 
     async def serve() -> None:
-        async with open_embedded(
-            config, workers=args.workers, config_path=_config_file(args), environ=os.environ
-        ) as embedded:
-            gateway = embedded.gateway
-            # what recovery loaded (possibly a million cascades) lives for the process: keep
-            # the cyclic collector from re-scanning it on every full collection
-            gc.freeze()
-            http = config.http
-            lines = [
-                f"cascadegw {__version__} listening",
-                f"  requests (ZeroMQ ROUTER): {gateway.ingest_endpoint}",
-                f"  status events (ZeroMQ XPUB): {gateway.status_endpoint}",
-            ]
-            if gateway.public_http_url != gateway.http_url:
-                lines.append(f"  HTTP admin (metrics, health, /v1 API): {gateway.http_url}")
-                lines.append(f"  HTTP public (webhooks, tracking links): {gateway.public_http_url}")
-            else:
-                lines.append(
-                    f"  HTTP (metrics, health, webhooks, links, /v1 API): {gateway.http_url}"
-                )
-            if http.webhook_processes:
-                lines.append(
-                    f"  webhook processes ({http.webhook_processes}): http://{http.webhook_bind}"
-                )
-            dispatch = f"{args.workers} worker processes" if args.workers else "in-process"
-            lines += [
-                f"  links and webhooks are addressed to: {gateway.links.public_url}",
-                f"  journal: {config.store.path} (synchronous={config.store.synchronous})",
-                f"  dispatch: {dispatch}",
-                f"  ZeroMQ authentication: {'CURVE' if config.ingest.curve_secret_key else 'none (loopback)'}",
-            ]
-            for name, simulator in sorted(embedded.simulators.items()):
-                lines.append(
-                    f"  simulated {simulator.kind} provider {name}: {simulator.url} "
-                    f"(scripted answers: POST {simulator.url}/_sim/script, "
-                    f"requests seen: GET {simulator.url}/_sim/requests)"
-                )
-            print("\n".join(lines), flush=True)
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        # Listen for SIGINT/SIGTERM before starting: one that arrives while the journal is
+        # recovered or the sockets bind waits here and drains the gateway once it is up,
+        # instead of killing it half-started (the default action of SIGTERM).
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with open_embedded(
+                config, workers=args.workers, config_path=_config_file(args), environ=os.environ
+            ) as embedded:
+                gateway = embedded.gateway
+                # what recovery loaded (possibly a million cascades) lives for the process: keep
+                # the cyclic collector from re-scanning it on every full collection
+                gc.freeze()
+                http = config.http
+                lines = [
+                    f"cascadegw {__version__} listening",
+                    f"  requests (ZeroMQ ROUTER): {gateway.ingest_endpoint}",
+                    f"  status events (ZeroMQ XPUB): {gateway.status_endpoint}",
+                ]
+                if gateway.public_http_url != gateway.http_url:
+                    lines.append(f"  HTTP admin (metrics, health, /v1 API): {gateway.http_url}")
+                    lines.append(
+                        f"  HTTP public (webhooks, tracking links): {gateway.public_http_url}"
+                    )
+                else:
+                    lines.append(
+                        f"  HTTP (metrics, health, webhooks, links, /v1 API): {gateway.http_url}"
+                    )
+                if http.webhook_processes:
+                    lines.append(
+                        f"  webhook processes ({http.webhook_processes}): http://{http.webhook_bind}"
+                    )
+                dispatch = f"{args.workers} worker processes" if args.workers else "in-process"
+                lines += [
+                    f"  links and webhooks are addressed to: {gateway.links.public_url}",
+                    f"  journal: {config.store.path} (synchronous={config.store.synchronous})",
+                    f"  dispatch: {dispatch}",
+                    f"  ZeroMQ authentication: {'CURVE' if config.ingest.curve_secret_key else 'none (loopback)'}",
+                ]
+                for name, simulator in sorted(embedded.simulators.items()):
+                    lines.append(
+                        f"  simulated {simulator.kind} provider {name}: {simulator.url} "
+                        f"(scripted answers: POST {simulator.url}/_sim/script, "
+                        f"requests seen: GET {simulator.url}/_sim/requests)"
+                    )
+                print("\n".join(lines), flush=True)
                 async for _ in signals:
                     break
-            print(
-                "cascadegw: shutting down (finishing in-flight requests and journal writes)",
-                flush=True,
-            )
-            await gateway.shutdown(grace_seconds=args.grace_seconds)
+                print(
+                    "cascadegw: shutting down (finishing in-flight requests and journal writes)",
+                    flush=True,
+                )
+                await gateway.shutdown(grace_seconds=args.grace_seconds)
 
     trio.run(serve)
     return 0
@@ -290,7 +316,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                     simulator.ingest_endpoint = args.ingest
                 bind = f"{args.host}:{base_port + offset if base_port else 0}"
                 url = await nursery.start(simulator.serve, bind)
-                overrides[name] = simulator.credentials()
+                values = simulator.credentials()
+                if args.advertise:  # what other hosts call it (a container's service name)
+                    port = url.rsplit(":", 1)[1]
+                    values["url"] = f"{args.advertise.rstrip('/')}:{port}"
+                overrides[name] = values
                 print(f"{name} ({provider.kind}) simulator at {url}", flush=True)
             if args.env_out:
                 # what a gateway needs to talk to these simulators, as CASCADEGW__ variables
@@ -299,7 +329,13 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                     for name, values in overrides.items()
                 }
                 environ = simulated_env(msgspec.structs.replace(config, providers=providers))
-                await trio.Path(args.env_out).write_text(json.dumps(environ, indent=2))
+                if args.env_out.endswith(".env"):  # for a shell to source: KEY='value' lines
+                    text = "".join(
+                        f"export {key}={shlex.quote(value)}\n" for key, value in environ.items()
+                    )
+                else:
+                    text = json.dumps(environ, indent=2)
+                await trio.Path(args.env_out).write_text(text)
                 print(f"credentials for the gateway written to {args.env_out}", flush=True)
 
     trio.run(serve)
@@ -309,11 +345,14 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cascadegw", description=__doc__)
     parser.add_argument(
-        "--config", default=None, help="TOML config file (default: the built-in one)"
+        "--config",
+        default=os.environ.get("CASCADEGW_CONFIG") or None,
+        help="TOML config file (default: $CASCADEGW_CONFIG, else the built-in one)",
     )
     parser.add_argument(
         "--debug", action="store_true", help="show tracebacks instead of one-line errors"
     )
+    parser.add_argument("--version", action="version", version=f"cascadegw {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     check_config = commands.add_parser("check-config", help="validate the config and summarise it")
     check_config.set_defaults(func=_cmd_check_config)
@@ -322,6 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     init = commands.add_parser("init", help="create a new, empty journal (store.path)")
     init.set_defaults(func=_cmd_init)
+
+    health = commands.add_parser(
+        "healthcheck", help="exit 0 if the configured gateway answers (for containers)"
+    )
+    health.add_argument("--ready", action="store_true", help="ask /readyz instead of /healthz")
+    health.add_argument("--timeout-seconds", type=float, default=3.0)
+    health.set_defaults(func=_cmd_healthcheck)
 
     keys = commands.add_parser("keys", help="CURVE keys for ZeroMQ clients and the gateway")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
@@ -386,7 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument(
         "--env-out",
         default="",
-        help="write the CASCADEGW__ variables a gateway needs to reach them (JSON)",
+        help="write the CASCADEGW__ variables a gateway needs to reach them (JSON; a path "
+        "ending in .env gets shell `export` lines)",
+    )
+    simulate.add_argument(
+        "--advertise",
+        default="",
+        help="the base URL others reach the simulators at, e.g. http://simulators",
     )
     simulate.add_argument("--log-level", default="info")
     simulate.set_defaults(func=_cmd_simulate)

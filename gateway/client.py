@@ -255,7 +255,7 @@ class AsyncClient:
     """A trio client: many tasks may have requests in flight on its one socket.
 
     One reader task owns ``recv``; a sender wakes it after each send (a send may consume the
-    edge the parked reader waits for, NOTES.md), so no reply is ever stranded.
+    edge the parked reader waits for, docs/architecture.md), so no reply is ever stranded.
     """
 
     def __init__(self, sock: zmq.Socket[bytes], *, timeout_seconds: float) -> None:

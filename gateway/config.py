@@ -290,7 +290,7 @@ class ProviderConfig(_Config, frozen=True):
 
 
 class SenderConfig(_Config, frozen=True):
-    """The brand's identity per channel (DOMAIN.md: a brand's name as sender)."""
+    """The brand's identity per channel (docs/domain.md, "Sender identity")."""
 
     email_from: str = "noreply@example.com"
     email_name: str = ""

@@ -5,7 +5,7 @@ Rule 2: this module knows categories and channels, not consent, quiet hours or c
 
 A rule counts *messages*, not cascade steps: a promo that escalated from push to SMS is one
 message against "promo <= 3 per 7 days". A rule narrowed to channels counts only messages that
-reached those channels. Service messages are exempt from every rule (DOMAIN.md).
+reached those channels. Service messages are exempt from every rule (docs/domain.md).
 
 An entry is inside a rule's window at ``now`` iff ``entry.at + window_seconds > now``; the
 time a deferral waits for is computed from the same expression, so the re-check at that time

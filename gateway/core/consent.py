@@ -63,7 +63,7 @@ class ConsentRecord(msgspec.Struct, frozen=True, gc=False, array_like=True):
 
 
 class ConsentDefaults(msgspec.Struct, frozen=True):
-    """What "never asked" means, per tenant (DESIGN.md: unknown = no advertising consent)."""
+    """What "never asked" means, per tenant (by default, unknown = no advertising consent)."""
 
     personal_data: bool = True
     advertising: bool = False

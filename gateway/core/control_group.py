@@ -5,7 +5,7 @@ same recipient stays in (or out of) the group for the whole period on every rout
 shared state, and the group is redrawn when the period rolls over.
 Rule 2: service messages are never held out; the caller asks only for marketing.
 
-Incremental effect is measured by comparing this group with everyone else (DOMAIN.md), so the
+Incremental effect is measured by comparing this group with everyone else (docs/domain.md, "The control group"), so the
 hash must be uniform: the first 8 bytes of BLAKE2b, read as an integer, are compared with the
 configured share of 2**64.
 """

@@ -79,7 +79,7 @@ def mask_channels(mask: int) -> tuple[Channel, ...]:
 
 
 class Category(enum.StrEnum):
-    """What the CRM is sending; decides which consents and limits apply (DOMAIN.md)."""
+    """What the CRM is sending; decides which consents and limits apply (docs/domain.md)."""
 
     SERVICE = "service"
     INFORMATIONAL = "informational"

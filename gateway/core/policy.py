@@ -2,7 +2,7 @@
 
 Rule 1: two pure functions. ``decide`` runs once, when a message arrives; ``gate`` runs before
 every cascade step is handed to a provider, because consent, caps and quiet hours may have
-changed since (a withdrawal takes effect at once, DOMAIN.md). A refusal is a value carrying a
+changed since (a withdrawal takes effect at once). A refusal is a value carrying a
 ``RejectReason``, never an exception.
 Rule 2: everything the decision depends on arrives as an argument: the envelope, the
 recipient's consents and send history, the tenant's rules, ``now`` and the recipient's zone.
@@ -11,7 +11,7 @@ The same inputs always give the same decision.
 Order of checks in ``decide`` (cheapest and most final first): expired, no address, no
 personal-data consent, control group (marketing only), no channel with advertising consent,
 then the first step's timing through ``gate``: message-wide caps, quiet hours, ``send_at``.
-A deferral that would pass the message's TTL expires it instead (DESIGN.md).
+A deferral that would pass the message's TTL expires it instead.
 """
 
 from __future__ import annotations
@@ -292,7 +292,7 @@ def _timing(
 
 
 def _within_ttl(hold: Hold, expires_at: float | None) -> Hold | Stop:
-    """A deferral that would pass the message's TTL expires it instead (DESIGN.md)."""
+    """A deferral that would pass the message's TTL expires it instead."""
     if expires_at is not None and hold.until >= expires_at:
         return Stop(RejectReason.EXPIRED)
     return hold

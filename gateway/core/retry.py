@@ -3,7 +3,7 @@
 Rule 1: a pure decision. Given what just failed, return ``Retry(delay, provider)`` or
 ``GiveUp``; the runtime sleeps and the randomness for jitter comes in as an argument.
 Rule 2: the cascade never sees a retry. It hears ``SendFailed`` once, when this module gives up
-on every provider of the channel (DESIGN.md: "then the cascade moves on").
+on every provider of the channel (docs/domain.md: "only then does the cascade move on").
 
 Order of escalation for transient errors (timeouts, 5xx, 429): back off exponentially with
 jitter on the same provider up to ``attempts_per_provider``, honouring Retry-After when the

@@ -11,7 +11,7 @@ from starlette.routing import Route
 
 
 def ops_routes(registry: CollectorRegistry, ready: Callable[[], bool]) -> list[Route]:
-    # a plain Route, not Mount(make_asgi_app()): the mount answers 307 -> /metrics/ (NOTES.md)
+    # a plain Route, not Mount(make_asgi_app()): the mount answers 307 -> /metrics/
     async def metrics(_: Request) -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 

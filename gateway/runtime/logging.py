@@ -1,12 +1,11 @@
 """structlog configuration: JSON lines on stdout, personal data masked before rendering.
 
-The gateway binds ``recipient_ref`` (a keyed hash) instead of addresses, so ``mask_pii`` is the
-safety net, not the mechanism. Event names are stable snake_case facts (``dispatch_accepted``).
+Log events name messages by the CRM's ids and never carry recipients, addresses, tokens or
+texts; ``mask_pii`` is the safety net should one be bound by mistake, not the mechanism. Event names are stable snake_case facts (``dispatch_accepted``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
 from typing import Final
@@ -38,12 +37,6 @@ def mask_pii(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     for key in PII_KEYS & event_dict.keys():
         event_dict[key] = "<redacted>"
     return event_dict
-
-
-def recipient_ref(tenant: str, recipient_id: str) -> str:
-    """A short stable reference to a recipient for logs; not reversible without the id."""
-    digest = hashlib.blake2b(f"{tenant}:{recipient_id}".encode(), digest_size=6, person=b"cgw-log")
-    return digest.hexdigest()
 
 
 def configure_logging(*, level: str = "info", json: bool | None = None) -> None:

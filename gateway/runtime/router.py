@@ -6,7 +6,7 @@ batch is durable (replies, dispatches and status publications are after-commit a
 is cooperative, so a handler that does not await runs atomically with respect to every other
 task: no locks.
 
-The loop in the middle is the one from STYLE.md: feed an event to ``Cascade.handle``, run the
+The loop in the middle is the sans-I/O one: feed an event to ``Cascade.handle``, run the
 commands it returns (``Send`` -> dispatch queue, ``StartTimer``/``CancelTimer`` -> timer heaps,
 ``Finish`` -> final status event), and feed the policy's verdict at send time back as events.
 """

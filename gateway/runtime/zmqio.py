@@ -1,7 +1,7 @@
 """ZeroMQ under trio: the few rules that make pyzmq safe without an event-loop integration.
 
 pyzmq has no trio support, and ``socket.FD`` is edge-triggered: it signals "the mailbox
-changed", not "a message is readable" (NOTES.md). So, for every socket here:
+changed", not "a message is readable" (docs/architecture.md, "Pitfalls"). So, for every socket here:
 
 1. exactly one task owns it and is the only one to send, receive or read ``EVENTS`` on it;
 2. after every wake-up the owner drains while ``EVENTS & POLLIN`` (up to a budget, then

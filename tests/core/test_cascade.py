@@ -1,4 +1,4 @@
-"""The cascade value: table-driven walks through DOMAIN.md's scenarios, and a state machine.
+"""The cascade value: table-driven walks through the scenarios of docs/domain.md, and a state machine.
 
 The examples pin the exact commands of each happy path. The state machine drives random plans
 and random events (late, duplicate, for other channels, for channels outside the plan) and keeps
@@ -58,7 +58,7 @@ TIMEOUTS = (
     3600.0,
     1800.0,
     86400.0,
-)  # DESIGN.md defaults: push 5 min, email 1 h, Viber 30 min
+)  # the default timeouts: push 5 min, email 1 h, Viber 30 min
 ALL = ALL_CHANNELS_MASK
 
 Step = tuple[float, CascadeEvent, list[Command]]
@@ -105,7 +105,7 @@ def cascade_of(
     )
 
 
-# ---------------------------------------------------------------- examples (DOMAIN.md)
+# ---------------------------------------------------------------- examples (docs/domain.md)
 SCENARIOS: dict[str, tuple[int, list[Step], Cascade]] = {
     "push opened: finished READ, no email": (
         ALL,
@@ -220,7 +220,7 @@ SCENARIOS: dict[str, tuple[int, list[Step], Cascade]] = {
 
 
 class TestCascadeScenarios:
-    """DOMAIN.md's walks give exactly these commands and end in exactly these states."""
+    """The walks of docs/domain.md give exactly these commands and end in exactly these states."""
 
     @pytest.mark.parametrize(
         ("allowed", "steps", "expected_final"), SCENARIOS.values(), ids=SCENARIOS.keys()

@@ -1,4 +1,4 @@
-"""The configuration: config/gateway.toml loads, and every mistake is an error naming its key.
+"""The configuration: the built-in default (gateway/defaults/gateway.toml) loads, and every mistake is an error naming its key.
 
 ``load_config`` is pure, so every test passes the TOML and the environment it means.
 """
@@ -55,7 +55,7 @@ def error_of(toml: bytes, environ: dict[str, str] | None = None) -> str:
 
 
 class TestDefaultConfig:
-    """config/gateway.toml, the embedded default, loads and means what it says."""
+    """The built-in default config loads and means what it says."""
 
     def test_loads_without_environment(self) -> None:
         config = load_config(GATEWAY_TOML, {})
