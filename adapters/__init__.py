@@ -9,13 +9,13 @@ without a server; ``send`` is the only coroutine.
 
 from __future__ import annotations
 
-import enum
 from typing import Protocol
 
 import msgspec
 
 from gateway.config import SenderConfig
 from gateway.core.model import Category, Channel
+from gateway.core.receipts import ReceiptKind as ReceiptKind  # part of the adapter interface
 from gateway.protocol import EmailContent, PushContent, SmsContent, ViberContent
 
 
@@ -52,18 +52,6 @@ class Outgoing(msgspec.Struct, frozen=True):
 
 class SendReceipt(msgspec.Struct, frozen=True):
     provider_message_id: str | None = None
-
-
-class ReceiptKind(enum.StrEnum):
-    """What a provider webhook (or the simulated app) reports about a sent message."""
-
-    DELIVERED = "delivered"
-    READ = "read"  # email open, Viber "seen", push opened
-    CLICKED = "clicked"
-    FAILED = "failed"  # undelivered, rejected after acceptance
-    BOUNCED = "bounced"
-    UNSUBSCRIBED = "unsubscribed"  # the recipient opted out with the provider
-    SPAM_REPORT = "spam_report"  # treated as an unsubscribe: never mail them promos again
 
 
 class ProviderReceipt(msgspec.Struct, frozen=True):

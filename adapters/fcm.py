@@ -48,6 +48,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from adapters import Outgoing, ProviderReceipt, SendReceipt, WebhookRejected
 from adapters._http import error_for_status, map_httpx_errors, retry_after_seconds
+from gateway.clock import wall_time
 from gateway.config import ProviderConfig
 from gateway.core.errors import (
     AuthRejected,
@@ -59,7 +60,6 @@ from gateway.core.errors import (
 )
 from gateway.core.model import Category, Channel
 from gateway.protocol import PushContent, reserved_data_keys
-from gateway.runtime.clock import wall_time
 
 KIND: Final = "fcm"
 CHANNEL: Final = Channel.PUSH

@@ -61,6 +61,7 @@ from adapters._http import (
     map_httpx_errors,
     retry_after_seconds,
 )
+from gateway.clock import wall_time
 from gateway.config import ProviderConfig
 from gateway.core.errors import (
     AuthRejected,
@@ -72,7 +73,6 @@ from gateway.core.errors import (
 )
 from gateway.core.model import Channel
 from gateway.protocol import EmailContent
-from gateway.runtime.clock import wall_time
 
 KIND: Final = "sendgrid"
 CHANNEL: Final = Channel.EMAIL

@@ -103,7 +103,7 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _cmd_journal_check(args: argparse.Namespace) -> int:
-    from gateway.runtime.clock import wall_time
+    from gateway.clock import wall_time
     from gateway.store.sqlite import check_journal
 
     config = _load(args.config)
@@ -155,7 +155,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     import trio
 
-    from gateway.runtime.embedded import open_embedded
+    from gateway.embedded import open_embedded
     from gateway.runtime.logging import configure_logging
 
     config = _load(args.config)
@@ -298,7 +298,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     from adapters.registry import SIMULATORS
     from adapters.simulators.fcm import FcmSimulator
-    from gateway.runtime.embedded import simulated_env
+    from gateway.embedded import simulated_env
     from gateway.runtime.logging import configure_logging
 
     config = _load(args.config)

@@ -368,6 +368,12 @@ class GatewayConfig(_Config, frozen=True):
     def step_timeouts(self) -> dict[Channel, float]:
         return {channel: c.unread_timeout_seconds for channel, c in self.channels.items()}
 
+    def sms_price(self, tenant: str) -> float:
+        """What one SMS costs the tenant (its first SMS provider's price; 0 without one): the
+        baseline of "SMS to everyone" that savings are measured against."""
+        names = self.tenants[tenant].providers.get(Channel.SMS, ())
+        return self.providers[names[0]].price if names else 0.0
+
 
 def policy_rules(policy: PolicyConfig) -> PolicyRules:
     """The core's view of one policy section."""

@@ -32,7 +32,7 @@ from gateway.client import (
 )
 from gateway.config import GatewayConfig
 from gateway.core.model import Channel
-from gateway.runtime.embedded import open_embedded
+from gateway.embedded import open_embedded
 
 _ZONES = (
     "Europe/Kaliningrad",

@@ -58,9 +58,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from gateway.clock import wall_time
 from gateway.config import SimulatorConfig
 from gateway.core.timers import Deadlines
-from gateway.runtime.clock import wall_time
 
 
 class Fate(enum.Enum):

@@ -241,8 +241,11 @@ def gate(
 
     Returns:
         ``Go``; ``Hold(until)`` for quiet hours or a deferring cap; ``Skip`` when this channel
-        may not be used (consent, a per-channel cap, a dropping quiet rule); ``Stop`` when the
-        message may not go at all (expired, personal-data consent gone, a full message cap).
+        may not be used but the next may (a per-channel cap, a dropping quiet rule); ``Stop``
+        when the message may not go at all: expired, a full message cap, or consent gone (for
+        personal data, or advertising on this channel: a withdrawal reaching the step in use
+        ends the cascade as ``unsubscribed``, exactly as it would have had it come a moment
+        earlier, while the step waited).
     """
     expires_at = envelope.expires_at
     if expires_at is not None and now >= expires_at:
@@ -255,7 +258,7 @@ def gate(
     if category is not Category.SERVICE and not consents.advertising(
         channel, envelope.topic, defaults
     ):
-        return Skip(RejectReason.NO_CONSENT)
+        return Stop(RejectReason.NO_CONSENT)
     return _timing(envelope, recipient, rules, message=message, channel=channel, now=now, tz=tz)
 
 

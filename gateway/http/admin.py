@@ -16,7 +16,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated, Any, Protocol
 
 import msgspec
 from starlette.requests import Request
@@ -24,22 +24,48 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from gateway import reports
-from gateway.config import Secret
+from gateway.config import GatewayConfig, Secret
 from gateway.core.consent import ConsentAction, ConsentKind, ConsentRecord
 from gateway.core.model import Channel, message_key, recipient_key
-from gateway.http.inbound import SinkFull
+from gateway.inbound import SinkFull
 from gateway.protocol import (
     PROTOCOL_VERSION,
     ConsentRequest,
     Label,
+    MessageState,
+    Result,
     Timestamp,
     future_time,
     utc,
     validate,
 )
 
-if TYPE_CHECKING:
-    from gateway.runtime.app import Gateway
+
+class AdminPort(Protocol):
+    """What the admin API needs of a running gateway (``gateway.app`` provides it)."""
+
+    def now(self) -> float: ...
+
+    async def message_state(self, key: str) -> MessageState | None: ...
+
+    def record_consent(self, request: ConsentRequest, now: float) -> Result: ...
+
+    async def durable(self) -> None:
+        """Return once everything recorded so far is durable.
+
+        Raises:
+            SinkFull: not durable within the configured wait.
+        """
+        ...
+
+    async def consents(self, recipient: str) -> tuple[list[ConsentRecord], list[ConsentRecord]]:
+        """The recipient's effective consent records, and the whole history."""
+        ...
+
+    async def campaign_rows(
+        self, tenant: str, campaign: str
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]: ...
+
 
 _json = msgspec.json.Encoder()
 _MAX_UPDATES = 1000
@@ -97,9 +123,7 @@ def _bearer(token: Secret | None) -> bytes | None:
     return None if token is None else f"Bearer {token.reveal()}".encode()
 
 
-def admin_routes(gateway: Gateway) -> list[BaseRoute]:
-    config = gateway.config
-    router = gateway.router
+def admin_routes(config: GatewayConfig, gateway: AdminPort) -> list[BaseRoute]:
     operator = _bearer(config.http.admin_token)
     tenant_tokens = {
         name: bearer
@@ -139,7 +163,7 @@ def admin_routes(gateway: Gateway) -> list[BaseRoute]:
 
     async def message(request: Request) -> Response:
         key = message_key(request.path_params["tenant"], request.path_params["id"])
-        state = await router.message_state(key)
+        state = await gateway.message_state(key)
         if state is None:
             return _problem(404, "not_found", "no such message")
         return _respond(state)
@@ -154,7 +178,7 @@ def admin_routes(gateway: Gateway) -> list[BaseRoute]:
         updates = decoded if isinstance(decoded, list) else [decoded]
         if len(updates) > _MAX_UPDATES:
             return _problem(400, "invalid", f"at most {_MAX_UPDATES} consent records per request")
-        now = gateway.clock.now()
+        now = gateway.now()
         tenant, recipient = request.path_params["tenant"], request.path_params["recipient"]
         # the same request the ZeroMQ `consent` op carries, validated the same way (its
         # length limits included: building a Struct checks nothing, converting does)
@@ -179,27 +203,26 @@ def admin_routes(gateway: Gateway) -> list[BaseRoute]:
             if problem is not None:
                 return _problem(400, "invalid", problem)
         for consent in requests:
-            result = router.consent(consent, now)
+            result = gateway.record_consent(consent, now)
             assert result.reason is None, result  # everything it refuses was checked above
         try:
-            await gateway.inbox.durable()  # durable before we say so
+            await gateway.durable()  # durable before we say so
         except SinkFull:
             return _problem(503, "overloaded", "not yet durable (the journal is behind); retry")
         return _respond({"recorded": len(updates)})
 
     async def get_consents(request: Request) -> Response:
         rkey = recipient_key(request.path_params["tenant"], request.path_params["recipient"])
-        current = gateway.state.consents.get(rkey)
-        history = await gateway.journal.consent_history(rkey)
-        effective = [_view(record) for record in current.records] if current else []
-        return _respond({"effective": effective, "history": [_view(r) for r in history]})
+        effective, history = await gateway.consents(rkey)
+        return _respond(
+            {"effective": [_view(r) for r in effective], "history": [_view(r) for r in history]}
+        )
 
     async def campaign_report(request: Request) -> Response:
         tenant, campaign = request.path_params["tenant"], request.path_params["campaign"]
-        message_rows, event_rows = await gateway.journal.campaign_rows(tenant, campaign)
+        message_rows, event_rows = await gateway.campaign_rows(tenant, campaign)
         if not message_rows:
             return _problem(404, "not_found", "no messages of this campaign")
-        sms = config.tenants[tenant].providers.get(Channel.SMS, ())
         report = reports.build(
             tenant=tenant,
             campaign=campaign,
@@ -207,7 +230,7 @@ def admin_routes(gateway: Gateway) -> list[BaseRoute]:
             message_rows=message_rows,
             event_rows=event_rows,
             prices={name: provider.price for name, provider in config.providers.items()},
-            sms_price=config.providers[sms[0]].price if sms else 0.0,
+            sms_price=config.sms_price(tenant),
         )
         return _respond(report)
 

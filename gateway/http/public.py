@@ -29,12 +29,14 @@ from starlette.routing import Route
 from adapters import WebhookRejected
 from adapters.registry import PARSERS, VERIFIERS
 from gateway.config import GatewayConfig
-from gateway.http.inbound import (
+from gateway.inbound import (
     HitKind,
     InboundSink,
     OptOut,
     SinkFull,
     TrackingHit,
+    TrackingVerdict,
+    WebhookOutcome,
     WebhookReceipts,
     WebhookVerdict,
 )
@@ -80,7 +82,7 @@ def public_routes(
             log.warning("webhook_rejected", provider=name, verdict=rejected.verdict)
             status = 400 if rejected.verdict == "malformed" else 403
             try:
-                sink.notify(WebhookVerdict(name, rejected.verdict))
+                sink.notify(WebhookVerdict(name, WebhookOutcome(rejected.verdict)))
             except SinkFull:
                 log.warning("webhook_verdict_not_counted", provider=name)
             return Response(rejected.verdict, status_code=status)
@@ -98,7 +100,9 @@ def public_routes(
         if isinstance(verdict, LinkPayload) and verdict.kind is not link_kind:
             verdict = LinkRejection.BAD_TOKEN
         if isinstance(verdict, LinkRejection):
-            notify(TrackingHit(_HIT_KINDS[link_kind], now(), verdict=verdict.value))
+            notify(
+                TrackingHit(_HIT_KINDS[link_kind], now(), verdict=TrackingVerdict(verdict.value))
+            )
         return verdict
 
     def notify(hit: TrackingHit) -> None:
@@ -147,7 +151,7 @@ def public_routes(
         if isinstance(payload, LinkRejection):
             return refused(payload)
         if payload.recipient_id is None or payload.tenant not in config.tenants:
-            notify(TrackingHit(HitKind.UNSUBSCRIBE, now(), verdict=LinkRejection.BAD_TOKEN))
+            notify(TrackingHit(HitKind.UNSUBSCRIBE, now(), verdict=TrackingVerdict.BAD_TOKEN))
             return refused(LinkRejection.BAD_TOKEN)
         opt_out = OptOut(
             tenant=payload.tenant,

@@ -25,13 +25,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway import inbound
 from gateway.client import AsyncClient, ClientError, open_client
+from gateway.clock import wall_time
 from gateway.config import load_config, tracking_secrets
-from gateway.http import inbound
-from gateway.http.inbound import Inbound, SinkFull
 from gateway.http.limits import Limits, bounded
 from gateway.http.public import public_routes
-from gateway.runtime.clock import wall_time
+from gateway.inbound import Inbound, SinkFull
 from gateway.tracking import LinkSigner
 
 

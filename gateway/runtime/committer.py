@@ -20,8 +20,8 @@ from typing import Final
 import structlog
 import trio
 
+from gateway.clock import perf_seconds
 from gateway.protocol import StatusEvent
-from gateway.runtime.clock import perf_seconds
 from gateway.runtime.metrics import Metrics
 from gateway.store.base import Batch, Journal, JournalUnavailable, MessageRecord
 

@@ -1,7 +1,7 @@
 """Dispatch: per-provider lanes, token buckets, concurrency limits, retries and failover.
 
 Each provider account has a ``LaneQueue`` (critical > normal > bulk), a GCRA rate limiter and a
-concurrency limit, drained by one task. Right before a request goes out the router's ``claim``
+concurrency limit, drained by one task. Right before a request goes out the feedback's ``claim``
 re-checks the step (still wanted? consent, quiet hours, caps at the real send time). Transient
 errors are retried with backoff and jitter, honouring Retry-After, then failed over to the
 channel's next provider (``gateway.core.retry``); only when every provider gave up does the
@@ -23,10 +23,10 @@ import structlog
 import trio
 
 from adapters import Adapter, Outgoing, SendReceipt
+from gateway.clock import Clock, perf_seconds
 from gateway.config import GatewayConfig
 from gateway.core.errors import ProviderError, ProviderUnavailable
-from gateway.core.model import Channel, Lane
-from gateway.core.ratelimit import LaneQueue, RateLimiter
+from gateway.core.model import Channel
 from gateway.core.retry import GiveUp, Retry, after_failure
 from gateway.core.timers import Deadlines
 from gateway.protocol import (
@@ -37,29 +37,15 @@ from gateway.protocol import (
     SmsContent,
     ViberContent,
 )
-from gateway.runtime.clock import Clock, perf_seconds
+from gateway.runtime.labels import RetryKind, SendResult
 from gateway.runtime.metrics import Metrics
+from gateway.runtime.queues import DispatchQueues, Job, ProviderQueue, RequestLoader
 from gateway.store.base import Journal, MessageRecord
 from gateway.tracking import LinkSigner
 
 log = structlog.get_logger("gateway.dispatch")
 
 _request_decoder = msgspec.msgpack.Decoder(SendRequest)
-
-
-class Job(msgspec.Struct, gc=False):
-    """One cascade step waiting for (or on its way to) a provider."""
-
-    key: str
-    tenant: str
-    channel: Channel
-    step: int
-    lane: Lane
-    enqueued_at: float
-    request: bytes | None = None
-    """The journalled send request, when at hand (first steps); loaded otherwise."""
-    provider_index: int = 0
-    attempt: int = 1
 
 
 class Executor(Protocol):
@@ -82,8 +68,8 @@ class InProcessExecutor:
         return receipt, perf_seconds() - started
 
 
-class ClaimingRouter(Protocol):
-    """The part of the router the dispatcher talks to."""
+class DispatchFeedbackPort(Protocol):
+    """What the dispatcher tells the cascades (``gateway.runtime.feedback``)."""
 
     def claim(self, job: Job, now: float) -> MessageRecord | None: ...
 
@@ -104,106 +90,13 @@ class ClaimingRouter(Protocol):
     def remember_address(self, record: MessageRecord, channel: Channel, address: str) -> None: ...
 
 
-class _RequestLoader:
-    """Loads journalled requests for later cascade steps, many per read.
-
-    Every job that needs its request waits here; one task reads all keys asked for since its
-    last read in a single query, so a burst of timed-out steps costs one thread hop, not one
-    per message.
-    """
-
-    def __init__(self, journal: Journal) -> None:
-        self.journal = journal
-        self._waiting: dict[str, list[trio.MemorySendChannel[bytes | None]]] = {}
-        self._wake = trio.Event()
-
-    async def get(self, key: str) -> bytes | None:
-        send, receive = trio.open_memory_channel[bytes | None](1)
-        self._waiting.setdefault(key, []).append(send)
-        self._wake.set()
-        return await receive.receive()
-
-    async def serve(self) -> None:
-        while True:
-            if not self._waiting:
-                self._wake = trio.Event()
-                await self._wake.wait()
-                continue
-            waiting, self._waiting = self._waiting, {}
-            found = await self.journal.requests(list(waiting))
-            for key, channels in waiting.items():
-                for channel in channels:
-                    channel.send_nowait(found.get(key))
-
-
-class _ProviderQueue:
-    __slots__ = ("channel", "concurrency", "inflight", "limiter", "name", "price", "queue", "wake")
-
-    def __init__(
-        self,
-        name: str,
-        channel: Channel,
-        *,
-        rate: float,
-        burst: int,
-        concurrency: int,
-        price: float,
-    ) -> None:
-        self.name = name
-        self.channel = channel
-        self.limiter = RateLimiter(rate, burst)
-        self.queue: LaneQueue[Job] = LaneQueue()
-        self.concurrency = concurrency
-        self.inflight = 0
-        self.price = price
-        self.wake = trio.Event()
-
-
-class DispatchQueues:
-    """The per-provider lane queues: what the router submits cascade steps to.
-
-    Made before the router and the dispatcher, each of which gets it in its constructor: the
-    router only submits and asks how deep a lane is; the dispatcher drains.
-    """
-
-    def __init__(self, config: GatewayConfig) -> None:
-        self.by_provider = {
-            name: _ProviderQueue(
-                name,
-                provider.channel,
-                rate=provider.rate_per_second,
-                burst=provider.burst,
-                concurrency=provider.concurrency,
-                price=provider.price,
-            )
-            for name, provider in config.providers.items()
-        }
-        self.providers = {tenant: dict(t.providers) for tenant, t in config.tenants.items()}
-        """Provider names per tenant and channel, in failover order."""
-        self.retrying: dict[Lane, int] = dict.fromkeys(Lane, 0)
-        """Jobs per lane waiting out a retry delay (they count toward the lane's depth)."""
-
-    def submit(self, job: Job) -> None:
-        names = self.providers[job.tenant][job.channel]
-        queue = self.by_provider[names[job.provider_index]]
-        queue.queue.push(job.lane, job)
-        queue.wake.set()
-
-    def depth(self, lane: Lane) -> int:
-        """Sends waiting in ``lane``: queued at providers or waiting to retry (checked per send)."""
-        return sum(q.queue.depth(lane) for q in self.by_provider.values()) + self.retrying[lane]
-
-    def inflight(self) -> int:
-        return sum(q.inflight for q in self.by_provider.values())
-
-
 class Dispatcher:
     def __init__(
         self,
         *,
         config: GatewayConfig,
         queues: DispatchQueues,
-        router: ClaimingRouter,
+        feedback: DispatchFeedbackPort,
         executor: Executor,
         journal: Journal,
         clock: Clock,
@@ -213,7 +106,7 @@ class Dispatcher:
     ) -> None:
         self.config = config
         self.queues = queues
-        self.router = router
+        self.feedback = feedback
         self.executor = executor
         self.journal = journal
         self.clock = clock
@@ -225,7 +118,7 @@ class Dispatcher:
         self._retry_jobs: dict[int, Job] = {}
         self._retry_ids = 0
         self._retry_wake = trio.Event()
-        self._loader = _RequestLoader(journal)
+        self._loader = RequestLoader(journal)
         self.provider_acceptances = 0
         """Requests a provider took (not deliveries: those come later, as receipts)."""
 
@@ -247,7 +140,7 @@ class Dispatcher:
             nursery.start_soon(self._loader.serve)
             task_status.started()
 
-    async def _drain(self, queue: _ProviderQueue, nursery: trio.Nursery) -> None:
+    async def _drain(self, queue: ProviderQueue, nursery: trio.Nursery) -> None:
         clock = self.clock
         while True:
             if not len(queue.queue) or queue.inflight >= queue.concurrency:
@@ -262,7 +155,7 @@ class Dispatcher:
             popped = queue.queue.pop()
             assert popped is not None
             _, job = popped
-            record = self.router.claim(job, now)
+            record = self.feedback.claim(job, now)
             if record is None:
                 await trio.lowlevel.checkpoint()
                 continue
@@ -271,7 +164,7 @@ class Dispatcher:
             nursery.start_soon(self._execute, queue, job, record)
             await trio.lowlevel.checkpoint()
 
-    async def _execute(self, queue: _ProviderQueue, job: Job, record: MessageRecord) -> None:
+    async def _execute(self, queue: ProviderQueue, job: Job, record: MessageRecord) -> None:
         try:
             await self._attempt(queue, job, record)
         finally:
@@ -279,20 +172,20 @@ class Dispatcher:
             queue.wake.set()
             self._idle.set()
 
-    async def _attempt(self, queue: _ProviderQueue, job: Job, record: MessageRecord) -> None:
+    async def _attempt(self, queue: ProviderQueue, job: Job, record: MessageRecord) -> None:
         request = job.request
         if request is None:
             request = await self._loader.get(job.key)
             if request is None:
                 log.error("dispatch_request_missing", message=job.key)
-                self.router.send_failed(
+                self.feedback.send_failed(
                     job, permanent=True, detail="request_missing", now=self.clock.now()
                 )
                 return
         outgoing = self.prepare(job, record, request, provider=queue.name, now=self.clock.now())
         # an opt-out that names only the address (SMS STOP, a Viber user leaving) must find
         # the recipient: remember who this address belongs to before it is used
-        self.router.remember_address(record, outgoing.channel, outgoing.address)
+        self.feedback.remember_address(record, outgoing.channel, outgoing.address)
         metrics = self.metrics
         try:
             receipt, duration = await self.executor.send(queue.name, outgoing)
@@ -310,9 +203,9 @@ class Dispatcher:
                 ProviderUnavailable(f"adapter error: {type(exc).__name__}", provider=queue.name),
             )
             return
-        metrics.provider_duration.labels(queue.name, queue.channel.value).observe(duration)
+        metrics.provider_duration.labels(queue.name, queue.channel).observe(duration)
         self.provider_acceptances += 1
-        self.router.send_succeeded(
+        self.feedback.send_succeeded(
             job,
             provider=queue.name,
             price=queue.price,
@@ -320,14 +213,14 @@ class Dispatcher:
             provider_message_id=receipt.provider_message_id,
         )
 
-    def _failed(self, queue: _ProviderQueue, job: Job, request: bytes, exc: ProviderError) -> None:
+    def _failed(self, queue: ProviderQueue, job: Job, request: bytes, exc: ProviderError) -> None:
         metrics = self.metrics
         now = self.clock.now()
         duration = exc.duration_seconds
         if duration is not None:
-            metrics.provider_duration.labels(queue.name, queue.channel.value).observe(duration)
-        result = "permanent_error" if exc.permanent else "transient_error"
-        metrics.sends.labels(queue.channel.value, queue.name, result).inc()
+            metrics.provider_duration.labels(queue.name, queue.channel).observe(duration)
+        result = SendResult.PERMANENT_ERROR if exc.permanent else SendResult.TRANSIENT_ERROR
+        metrics.sends.labels(queue.channel, queue.name, result).inc()
         metrics.provider_errors.labels(queue.name, exc.kind).inc()
         log.warning(
             "provider_request_failed",
@@ -352,9 +245,11 @@ class Dispatcher:
         match decision:
             case Retry(delay_seconds=delay, provider_index=index, attempt=attempt):
                 failover = index != job.provider_index
-                metrics.retries.labels(job.channel.value, "failover" if failover else "retry").inc()
+                metrics.retries.labels(
+                    job.channel, RetryKind.FAILOVER if failover else RetryKind.RETRY
+                ).inc()
                 target = names[index]
-                self.router.send_retrying(
+                self.feedback.send_retrying(
                     job,
                     detail=f"{exc.kind}: {'failover to ' + target if failover else 'retry'} in {delay:.1f}s",
                     now=now,
@@ -367,7 +262,7 @@ class Dispatcher:
                 else:
                     self._schedule_retry(retry, now + delay)
             case GiveUp(permanent=permanent):
-                self.router.send_failed(job, permanent=permanent, detail=exc.kind, now=now)
+                self.feedback.send_failed(job, permanent=permanent, detail=exc.kind, now=now)
 
     # ------------------------------------------------------------ retries
     def _schedule_retry(self, job: Job, at: float) -> None:

@@ -26,8 +26,8 @@ import trio
 import zmq
 
 from adapters import ProviderReceipt, ReceiptKind
-from gateway.http import inbound
-from gateway.http.inbound import Inbound, SinkFull, WebhookReceipts
+from gateway import inbound
+from gateway.inbound import Inbound, SinkFull, WebhookReceipts
 from gateway.runtime import zmqio
 from gateway.runtime.committer import Committer
 from gateway.runtime.metrics import Metrics
@@ -138,9 +138,9 @@ class Inbox:
         now = self.router.clock.now()
         new = [(digest, now) for digest in ours]
         if new:
-            batch.receipts.extend(new)
-            batch.rows += len(new)
-            batch.after.append(lambda: self._release(ours.items(), applied=True))
+            for digest, at in new:
+                batch.receipt(digest, at)
+            batch.then(lambda: self._release(ours.items(), applied=True))
         await self._durable(batch)
         for claim in theirs:  # a copy in flight: answered once that copy is durable
             with trio.move_on_after(self.durable_wait_seconds):

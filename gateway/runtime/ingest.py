@@ -27,8 +27,10 @@ from gateway.protocol import Result, ResultStatus, decode_frame, encode_reply, i
 from gateway.runtime import zmqio
 from gateway.runtime.committer import Committer
 from gateway.runtime.curve import Principals
+from gateway.runtime.labels import IngestDrop, ReplyDrop
 from gateway.runtime.metrics import Metrics
-from gateway.runtime.router import JournalQuery, Router, StatusQuery
+from gateway.runtime.queries import JournalQuery, StatusQuery
+from gateway.runtime.router import Router
 from gateway.store.base import Batch
 
 _MAX_ENVELOPE_BYTES = 1024
@@ -127,7 +129,7 @@ class Ingest:
             else:
                 parts.append(sock.recv(zmq.NOBLOCK))
         if count > most:
-            self.metrics.ingest_dropped.labels("too_many_parts").inc()
+            self.metrics.ingest_dropped.labels(IngestDrop.TOO_MANY_PARTS).inc()
             log.warning("frame_dropped", reason="too_many_parts", parts=count)
             return 1
         return self._handle(parts, principal)
@@ -138,7 +140,7 @@ class Ingest:
             return 1  # a ROUTER always prepends the peer identity; nothing to answer
         identity, envelope, payload = parts[0], parts[1:-1], parts[-1]
         if sum(len(part) for part in envelope) > _MAX_ENVELOPE_BYTES:
-            self.metrics.ingest_dropped.labels("envelope_too_large").inc()
+            self.metrics.ingest_dropped.labels(IngestDrop.ENVELOPE_TOO_LARGE).inc()
             log.warning("frame_dropped", reason="envelope_too_large")
             return 1
         frame = decode_frame(
@@ -205,7 +207,9 @@ class Ingest:
             try:
                 sock.send_multipart([reply.identity, *reply.envelope, reply.payload], zmq.NOBLOCK)
             except zmq.ZMQError as exc:
-                reason = "peer_gone" if exc.errno == zmq.EHOSTUNREACH else "peer_full"
+                reason = (
+                    ReplyDrop.PEER_GONE if exc.errno == zmq.EHOSTUNREACH else ReplyDrop.PEER_FULL
+                )
                 self.metrics.replies_dropped.labels(reason).inc()
                 log.warning("reply_dropped", reason=reason)
         self._pending = kept

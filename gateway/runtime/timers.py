@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import trio
 
+from gateway.clock import Clock
 from gateway.core.model import TimerKind
-from gateway.runtime.clock import Clock
 from gateway.store.state import State
 
 _FIRE_BATCH = 2000  # timers fired per pass before yielding to ingest and dispatch

@@ -27,12 +27,12 @@ import trio
 import zmq
 
 from adapters import Adapter, Outgoing, SendReceipt
+from gateway.clock import perf_seconds
 from gateway.core import errors
 from gateway.core.errors import ProviderError
 from gateway.core.model import Channel
 from gateway.protocol import EmailContent, PushContent, SmsContent, ViberContent
 from gateway.runtime import zmqio
-from gateway.runtime.clock import perf_seconds
 
 log = structlog.get_logger("gateway.workers")
 

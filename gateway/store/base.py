@@ -73,7 +73,12 @@ class MessageRecord(msgspec.Struct, gc=False, array_like=True):
 
 
 class Batch:
-    """Writes staged for one group commit, and what to do once they are durable."""
+    """Writes staged for one group commit, and what to do once they are durable.
+
+    Stage through the methods: they keep ``rows`` right by construction (a row per record,
+    event, consent, send, address and provider event; a new message's request and opening
+    events ride in its record's row).
+    """
 
     __slots__ = (
         "addresses",
@@ -85,7 +90,6 @@ class Batch:
         "inserts",
         "opening",
         "receipts",
-        "rows",
         "sends",
     )
 
@@ -105,11 +109,53 @@ class Batch:
         """``(digest of a provider event id, when it arrived)``: applied, never again."""
         self.after: list[Callable[[], None]] = []
         """Run in order after the commit: dispatch sends, publish status events."""
-        self.rows = 0
         self.committed = False
+
+    @property
+    def rows(self) -> int:
+        return (
+            len(self.dirty)
+            + len(self.events)
+            + len(self.consents)
+            + len(self.sends)
+            + len(self.addresses)
+            + len(self.receipts)
+        )
 
     def __bool__(self) -> bool:
         return bool(self.rows or self.after)
+
+    def insert(self, record: MessageRecord, request: bytes) -> None:
+        """A new message: its record and the request it came with, in one row."""
+        self.inserts[record.key] = request
+        self.dirty[record.key] = record
+
+    def write(self, record: MessageRecord) -> None:
+        """The record's latest value (written once per batch, however often it changed)."""
+        self.dirty[record.key] = record
+
+    def opening_event(self, key: str, event: StatusEvent) -> None:
+        """A status event of the admission itself, stored inside the message's own row."""
+        self.opening.setdefault(key, []).append(event)
+
+    def event(self, event: StatusEvent) -> None:
+        self.events.append(event)
+
+    def consent(self, recipient: RecipientKey, record: ConsentRecord) -> None:
+        self.consents.append((recipient, record))
+
+    def send(self, recipient: RecipientKey, entry: SendEntry) -> None:
+        self.sends.append((recipient, entry))
+
+    def address(self, address_ref: str, recipient: str) -> None:
+        self.addresses.append((address_ref, recipient))
+
+    def receipt(self, digest: int, at: float) -> None:
+        self.receipts.append((digest, at))
+
+    def then(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once the batch is durable (after the actions staged before it)."""
+        self.after.append(action)
 
 
 class Recovered(msgspec.Struct):

@@ -7,7 +7,9 @@ Durability, by ``synchronous`` level (README.md "Durability"):
 
 sqlite3 calls run in worker threads (``trio.to_thread``), which may differ from call to call,
 so connections are opened with ``check_same_thread=False`` and each connection is serialised by
-its own ``CapacityLimiter(1)``. Writes go through one connection; reads (status timelines,
+its own ``CapacityLimiter(1)``. Tests that drive time with an autojumping ``MockClock`` open it
+with ``threads=False``: the calls then run inline, blocking the loop, so virtual time cannot
+jump while a commit is half done (trio sees no task waiting on a thread as busy). Writes go through one connection; reads (status timelines,
 message content for later cascade steps) through another, which WAL lets run beside the writer.
 """
 
@@ -110,8 +112,11 @@ _send_decoder = msgspec.msgpack.Decoder(SendEntry)
 
 
 class SqliteJournal:
-    def __init__(self, path: str | Path, *, synchronous: str = "full") -> None:
+    def __init__(
+        self, path: str | Path, *, synchronous: str = "full", threads: bool = True
+    ) -> None:
         self.path = Path(path)
+        self._threads = threads
         self.synchronous = synchronous.upper()
         if self.synchronous not in {"NORMAL", "FULL"}:
             raise ValueError(f"synchronous must be normal or full, not {synchronous!r}")
@@ -122,9 +127,18 @@ class SqliteJournal:
         self._write_lock = trio.CapacityLimiter(1)
         self._read_lock = trio.CapacityLimiter(1)
 
+    async def _call(
+        self, function: Callable[..., _T], *args: Any, limiter: trio.CapacityLimiter
+    ) -> _T:
+        """Run a blocking sqlite3 call in a worker thread, or inline (``threads=False``)."""
+        if self._threads:
+            return await trio.to_thread.run_sync(function, *args, limiter=limiter)
+        await trio.lowlevel.checkpoint()
+        return function(*args)
+
     # ------------------------------------------------------------ lifecycle
     async def open(self, *, create: bool = False) -> None:
-        await trio.to_thread.run_sync(self._open_sync, create, limiter=self._write_lock)
+        await self._call(self._open_sync, create, limiter=self._write_lock)
 
     def _open_sync(self, create: bool) -> None:
         try:
@@ -228,7 +242,7 @@ class SqliteJournal:
         ]
         consents = [(rkey, _encoder.encode(c)) for rkey, c in batch.consents]
         sends = [(rkey, e.at, _encoder.encode(e)) for rkey, e in batch.sends]
-        await trio.to_thread.run_sync(
+        await self._call(
             self._commit_sync,
             inserts,
             updates,
@@ -310,7 +324,7 @@ class SqliteJournal:
     async def recover(
         self, *, now: float, retention_seconds: float, horizon_seconds: float
     ) -> Recovered:
-        return await trio.to_thread.run_sync(
+        return await self._call(
             _readable(self.path, self._recover_sync),
             now - retention_seconds,
             now - horizon_seconds,
@@ -350,7 +364,7 @@ class SqliteJournal:
     async def active_page(
         self, cursor: int | None, *, limit: int
     ) -> tuple[list[MessageRecord], int | None]:
-        return await trio.to_thread.run_sync(
+        return await self._call(
             _readable(self.path, self._active_page_sync),
             cursor or 0,
             limit,
@@ -413,7 +427,7 @@ class SqliteJournal:
                 rows.extend(connection.execute(_EVENTS_IN.format(marks), chunk))
             return openings, rows
 
-        openings, rows = await trio.to_thread.run_sync(run, limiter=self._read_lock)
+        openings, rows = await self._call(run, limiter=self._read_lock)
         found: dict[str, list[StatusEvent]] = {}
         for key, opening in openings:
             if opening is not None:
@@ -436,7 +450,7 @@ class SqliteJournal:
         def run() -> list[tuple[Any, ...]]:
             return self._connection(self._reader).execute(sql, tuple(params)).fetchall()
 
-        return await trio.to_thread.run_sync(run, limiter=self._read_lock)
+        return await self._call(run, limiter=self._read_lock)
 
     async def _read_in(self, sql: str, keys: list[str] | list[int]) -> list[tuple[Any, ...]]:
         """Run ``sql`` (one ``IN ({})`` slot) for many keys in one thread hop, in chunks.
@@ -455,7 +469,7 @@ class SqliteJournal:
                 rows.extend(connection.execute(sql.format(",".join("?" * len(chunk))), chunk))
             return rows
 
-        return await trio.to_thread.run_sync(run, limiter=self._read_lock)
+        return await self._call(run, limiter=self._read_lock)
 
     # ------------------------------------------------------------ housekeeping
     async def prune(
@@ -466,7 +480,7 @@ class SqliteJournal:
         horizon_seconds: float,
         receipt_retention_seconds: float,
     ) -> int:
-        return await trio.to_thread.run_sync(
+        return await self._call(
             self._prune_sync,
             now - retention_seconds,
             now - horizon_seconds,

@@ -21,6 +21,10 @@ from gateway.core.policy import RecipientState
 from gateway.core.timers import Deadlines
 from gateway.store.base import MessageRecord
 
+ADDRESS_INDEXED = frozenset({Channel.VIBER, Channel.SMS})
+"""Channels whose provider opt-outs name only the address (a Viber user id, a phone): the
+recipients sent to each address are remembered, keyed, so such an opt-out finds them."""
+
 _EMPTY_CONSENTS = ConsentState()
 
 

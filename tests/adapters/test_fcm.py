@@ -51,6 +51,7 @@ from adapters.fcm import (
 )
 from adapters.simulators._base import Scripted
 from adapters.simulators.fcm import FcmSimulator, default_error, google_error
+from gateway.clock import wall_time
 from gateway.config import ProviderConfig, Secret, SenderConfig, SimulatorConfig
 from gateway.core.errors import (
     AuthRejected,
@@ -65,7 +66,6 @@ from gateway.core.errors import (
 from gateway.core.model import Category, Channel
 from gateway.protocol import EmailContent, PushContent, reserved_data_keys
 from gateway.runtime import zmqio
-from gateway.runtime.clock import wall_time
 
 NOW = 1_795_435_200.0
 FCM_ERROR = "type.googleapis.com/google.firebase.fcm.v1.FcmError"

@@ -39,6 +39,7 @@ from adapters.sendgrid import (
 )
 from adapters.simulators._base import Scripted
 from adapters.simulators.sendgrid import SendgridSimulator, default_error, tracked_link
+from gateway.clock import wall_time
 from gateway.config import ProviderConfig, Secret, SenderConfig, SimulatorConfig
 from gateway.core.errors import (
     AuthRejected,
@@ -51,7 +52,6 @@ from gateway.core.errors import (
 )
 from gateway.core.model import Category, Channel
 from gateway.protocol import EmailContent, PushContent
-from gateway.runtime.clock import wall_time
 
 NOW = 1_795_435_200.0
 FAST = SimulatorConfig(latency_seconds=0, receipt_delay_seconds=0.01, read_delay_seconds=0.02)

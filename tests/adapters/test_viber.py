@@ -26,6 +26,7 @@ from adapters import Outgoing, ProviderReceipt, ReceiptKind, SendReceipt, Webhoo
 from adapters._http import make_client
 from adapters.simulators._base import Scripted
 from adapters.simulators.viber import ViberSimulator
+from gateway.clock import wall_time
 from gateway.config import ProviderConfig, Secret, SenderConfig, SimulatorConfig
 from gateway.core.errors import (
     AuthRejected,
@@ -37,7 +38,6 @@ from gateway.core.errors import (
 )
 from gateway.core.model import Category, Channel
 from gateway.protocol import SmsContent, ViberContent
-from gateway.runtime.clock import wall_time
 
 BOT_AUTH = "445da6az1s345z78-dazcczb2542zv51a-e0vc5fva17480im9"
 CONFIG = ProviderConfig(kind="viber", auth_token=Secret(BOT_AUTH))

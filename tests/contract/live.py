@@ -10,7 +10,7 @@ from pathlib import Path
 import msgspec
 
 from gateway.config import default_config_bytes, load_config
-from gateway.runtime.embedded import Embedded, open_embedded
+from gateway.embedded import Embedded, open_embedded
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = ROOT / "config" / "schema" / "cascadegw.schema.json"

@@ -521,7 +521,7 @@ class TestGate:
                 PolicyRules(),
                 PUSH,
                 NOON,
-                Skip(RejectReason.NO_CONSENT),
+                Stop(RejectReason.NO_CONSENT),
                 id="advertising withdrawn on this channel",
             ),
             pytest.param(
@@ -1118,7 +1118,7 @@ class TestPolicyProperties:
             assert Stop(RejectReason.NO_CONSENT) == verdict
             return
         if not allowed_now(recipient, rules, env, channel):
-            assert Skip(RejectReason.NO_CONSENT) == verdict
+            assert Stop(RejectReason.NO_CONSENT) == verdict
         if not env.category.is_marketing:
             assert verdict not in (Skip(RejectReason.CAPPED), Stop(RejectReason.CAPPED))
             assert not (isinstance(verdict, Hold) and verdict.why is DeferReason.CAPPED)
@@ -1159,11 +1159,7 @@ class TestPolicyProperties:
                 event("admitted on the other channels")
             for c in closed:
                 verdict = gate(env, revoked, rules, message=MESSAGE, channel=c, now=now, tz=tz)
-                assert verdict in (
-                    Skip(RejectReason.NO_CONSENT),
-                    Stop(RejectReason.NO_CONSENT),
-                    Stop(RejectReason.EXPIRED),
-                )
+                assert verdict in (Stop(RejectReason.NO_CONSENT), Stop(RejectReason.EXPIRED))
 
     @settings(max_examples=100, deadline=None)
     @given(situation=situations())

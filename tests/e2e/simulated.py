@@ -20,7 +20,7 @@ import trio
 from adapters.simulators._base import Simulator
 from gateway.client import AsyncClient, open_client, send_request
 from gateway.config import GatewayConfig, load_config
-from gateway.runtime.embedded import Embedded, open_embedded
+from gateway.embedded import Embedded, open_embedded
 from tests.support import NOON_UTC
 
 LONG = 1e6

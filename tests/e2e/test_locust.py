@@ -15,7 +15,7 @@ from typing import Any
 import trio
 
 from gateway.config import load_config
-from gateway.runtime.embedded import open_embedded
+from gateway.embedded import open_embedded
 from tests.e2e.test_observability import campaign_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ import trio
 
 from gateway.client import Client, send_request
 from gateway.config import load_config
-from gateway.runtime.embedded import open_embedded
+from gateway.embedded import open_embedded
 from tests.e2e.processes import GatewayProcess, free_port
 from tests.e2e.prometheus import PROMTOOL, ensure_prometheus, running_prometheus
 

@@ -10,7 +10,7 @@ import msgspec
 import trio
 
 from gateway.config import default_config_bytes, load_config
-from gateway.runtime.embedded import open_embedded
+from gateway.embedded import open_embedded
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,8 +8,8 @@ import httpx
 import trio
 import trio.testing
 
+from gateway.app import open_gateway
 from gateway.client import open_client
-from gateway.runtime.app import open_gateway
 from tests.support import NOON_UTC, in_test_providers, make_config, promo
 
 

@@ -11,13 +11,13 @@ from typing import Any
 import trio
 import trio.testing
 
+from gateway.app import Gateway, open_gateway
 from gateway.client import AsyncClient, open_client, open_subscription, rfc3339
 from gateway.config import GatewayConfig
 from gateway.core.errors import InvalidRecipient, ProviderUnavailable, RateLimited
 from gateway.core.model import Channel
-from gateway.protocol import StatusKind
-from gateway.runtime.app import Gateway, open_gateway
-from gateway.runtime.router import Receipt
+from gateway.core.receipts import Fact
+from gateway.runtime.receipts import Receipt
 from tests.support import NOON_UTC, InTestProvider, in_test_providers, make_config, promo
 
 LONG = 1e6
@@ -77,10 +77,8 @@ class TestEscalation:
             # push 300 s + email 3600 s + viber 1800 s, then SMS
             await trio.sleep_until(at_clock(gateway, 300 + 3600 + 1800 + 5))
             assert ["acme:m1"] == providers["sms1"].keys()
-            gateway.router.receipt(
-                Receipt(
-                    "acme:m1", StatusKind.DELIVERED, channel=Channel.SMS, at=gateway.clock.now()
-                ),
+            gateway.router.receipts.apply(
+                Receipt("acme:m1", Fact.DELIVERED, channel=Channel.SMS, at=gateway.clock.now()),
                 now=gateway.clock.now(),
             )
             status = await client.status("m1", "acme")

@@ -45,10 +45,8 @@ async def test_a_failing_commit_is_retried_with_back_off_until_the_cause_passes(
     async with trio.open_nursery() as nursery:
         await nursery.start(committer.serve)
         batch = committer.current
-        batch.inserts["acme:m1"] = b"request"
-        batch.dirty["acme:m1"] = record("acme:m1")
-        batch.rows += 1
-        batch.after.append(lambda: ran.append("dispatched"))
+        batch.insert(record("acme:m1"), b"request")
+        batch.then(lambda: ran.append("dispatched"))
 
         await trio.testing.wait_all_tasks_blocked()
         assert FULL == unavailable()  # admission reads this to answer "overloaded"

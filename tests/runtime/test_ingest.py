@@ -11,8 +11,8 @@ import trio
 import trio.testing
 import zmq
 
+from gateway.app import open_gateway
 from gateway.client import open_client, status_request
-from gateway.runtime.app import open_gateway
 from gateway.store.base import Batch
 from tests.support import NOON_UTC, in_test_providers, make_config, promo
 

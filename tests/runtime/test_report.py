@@ -27,13 +27,13 @@ import httpx
 import trio
 import trio.testing
 
+from gateway.app import Gateway, open_gateway
 from gateway.client import open_client
 from gateway.core.control_group import ControlGroup
 from gateway.core.model import Channel
-from gateway.http.inbound import OptOut
-from gateway.protocol import StatusKind
-from gateway.runtime.app import Gateway, open_gateway
-from gateway.runtime.router import Receipt
+from gateway.core.receipts import Fact
+from gateway.inbound import OptOut
+from gateway.runtime.receipts import Receipt
 from tests.support import NOON_UTC, in_test_providers, make_config, promo
 
 SALT = "report-test"
@@ -56,12 +56,12 @@ def pick_recipients() -> tuple[list[str], list[str]]:
 def fact(
     gateway: Gateway,
     key: str,
-    kind: StatusKind,
+    kind: Fact,
     channel: Channel | None,
     provider: str | None = None,
 ) -> None:
     now = gateway.clock.now()
-    gateway.router.receipt(
+    gateway.router.receipts.apply(
         Receipt(f"acme:{key}", kind, channel=channel, at=now, provider=provider), now=now
     )
 
@@ -110,17 +110,17 @@ async def test_a_scripted_campaign_reports_what_happened(
             await client.event("t0", "acme", kind="opened", channel="push")
             await client.event("t0", "acme", kind="converted", channel="push")
             await client.event("t5", "acme", kind="opened", channel="push")
-            fact(gateway, "t3", StatusKind.FAILED, Channel.EMAIL, "email1")  # bounced
+            fact(gateway, "t3", Fact.FAILED, Channel.EMAIL, "email1")  # bounced
             await at(20)
-            fact(gateway, "t3", StatusKind.DELIVERED, Channel.SMS, "sms1")
+            fact(gateway, "t3", Fact.DELIVERED, Channel.SMS, "sms1")
             await at(30)
             await client.event("t3", "acme", kind="converted")
             await client.event("c0", "acme", kind="converted")
             await at(310)  # t1, t2, t4 moved on to email at 300 s
             for name in ("t1", "t2", "t4"):
-                fact(gateway, name, StatusKind.DELIVERED, Channel.EMAIL, "email1")
+                fact(gateway, name, Fact.DELIVERED, Channel.EMAIL, "email1")
             await at(320)
-            fact(gateway, "t1", StatusKind.READ, Channel.EMAIL, "email1")
+            fact(gateway, "t1", Fact.READ, Channel.EMAIL, "email1")
             gateway.router.inbound(
                 OptOut(
                     "acme",
@@ -133,9 +133,9 @@ async def test_a_scripted_campaign_reports_what_happened(
                 )
             )
             await at(330)
-            fact(gateway, "t1", StatusKind.CLICKED, Channel.EMAIL, "email1")
+            fact(gateway, "t1", Fact.CLICKED, Channel.EMAIL, "email1")
             await at(300 + 3600 + 5)  # t2's email timed out: SMS
-            fact(gateway, "t2", StatusKind.DELIVERED, Channel.SMS, "sms1")
+            fact(gateway, "t2", Fact.DELIVERED, Channel.SMS, "sms1")
             await at(300 + 3600 + 10)
             await gateway.committer.flush()
             async with httpx.AsyncClient(base_url=gateway.http_url) as http:

@@ -19,9 +19,9 @@ import trio
 import trio.testing
 import zmq
 
+from gateway.app import open_gateway
 from gateway.client import open_client
 from gateway.core.model import Channel
-from gateway.runtime.app import open_gateway
 from tests.e2e.processes import GatewayProcess, rss_bytes_of, standalone_config
 from tests.support import NOON_UTC, in_test_providers, make_config, promo
 

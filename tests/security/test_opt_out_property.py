@@ -1,8 +1,8 @@
 """No sequence of sends, receipts, unsubscribes, restarts and prunes lets a message reach a
 channel after its opt-out was acknowledged.
 
-Hypothesis writes the sequences; the router runs them on the threadless engine
-(``tests.runtime.engine``) with a manual clock. An opt-out counts as acknowledged once the commit
+Hypothesis writes the sequences; the router runs them on the threadless harness
+(``tests.runtime.harness``) with a manual clock. An opt-out counts as acknowledged once the commit
 holding it has landed (that is when the gateway answers "You are unsubscribed." or 200 to the
 provider); a restart throws away whatever was staged and not committed, as a crash would. The
 invariant is checked at the only place a message can reach a person: the router's ``claim``
@@ -22,14 +22,15 @@ import trio.testing
 from hypothesis import HealthCheck, example, given, settings
 
 from adapters import ProviderReceipt, ReceiptKind
+from gateway.clock import Clock
 from gateway.config import GatewayConfig
 from gateway.core.model import Channel
-from gateway.http.inbound import OptOut, WebhookReceipts
+from gateway.core.receipts import Fact as FactKind
+from gateway.inbound import OptOut, WebhookReceipts
 from gateway.protocol import StatusKind
-from gateway.runtime.clock import Clock
-from gateway.runtime.router import Receipt
+from gateway.runtime.receipts import Receipt
 from gateway.store.memory import MemoryStore
-from tests.runtime.engine import Engine
+from tests.runtime.harness import Harness
 from tests.support import NOON_UTC, make_config, promo
 
 RECIPIENTS = ("r0", "r1", "r2")
@@ -162,7 +163,7 @@ def address(recipient: str, channel: Channel) -> str:
 class World:
     """What the test knows from the outside."""
 
-    engine: Engine
+    harness: Harness
     messages: list[tuple[str, str]] = field(default_factory=list)
     """(message id, recipient) in the order they were sent."""
     staged: list[tuple[str, Channel, float]] = field(default_factory=list)
@@ -182,7 +183,7 @@ class World:
 
 async def run(config: GatewayConfig, steps: list[Action]) -> None:
     clock = Clock(NOON_UTC)
-    world = World(await Engine.start(config, MemoryStore(), clock))
+    world = World(await Harness.start(config, MemoryStore(), clock))
     for step in steps:
         await apply(world, step)
     await apply(world, Commit())
@@ -190,7 +191,7 @@ async def run(config: GatewayConfig, steps: list[Action]) -> None:
 
 
 async def apply(world: World, step: Action) -> None:
-    engine = world.engine
+    harness = world.harness
     match step:
         case Send(recipient=recipient, channels=channels):
             message_id = f"m{len(world.messages)}"
@@ -205,11 +206,11 @@ async def apply(world: World, step: Action) -> None:
                     "phone": address(recipient, Channel.SMS),
                 },
             )
-            engine.requests([request])
+            harness.requests([request])
         case Dispatch():
             await commit(world)  # queued steps are submitted once their admission is durable
-            for job in engine.take_jobs():
-                record = engine.claim(job)
+            for job in harness.take_jobs():
+                record = harness.claim(job)
                 if record is None:
                     continue
                 recipient = record.envelope.recipient_id
@@ -223,38 +224,41 @@ async def apply(world: World, step: Action) -> None:
                     f"{job.key} went to {recipient} on {job.channel} after the opt-out "
                     f"of {opted_out} was acknowledged (latest grant: {regranted})"
                 )
-                engine.router.remember_address(record, job.channel, address(recipient, job.channel))
-                engine.router.send_succeeded(
-                    job, provider=PROVIDERS[job.channel], price=0.0, now=engine.now
+                harness.router.feedback.remember_address(
+                    record, job.channel, address(recipient, job.channel)
+                )
+                harness.router.feedback.send_succeeded(
+                    job, provider=PROVIDERS[job.channel], price=0.0, now=harness.now
                 )
                 world.addresses_staged.add((recipient, job.channel))
         case Fact(message=index, kind=kind) if index < len(world.messages):
             fact_key = f"acme:{world.messages[index][0]}"
-            record = engine.state.records.get(fact_key)
+            record = harness.state.records.get(fact_key)
             if record is not None and record.cascade.sent:
                 channel = record.cascade.channel
-                engine.router.receipt(
-                    Receipt(fact_key, kind, channel=channel, at=engine.now), now=engine.now
+                harness.router.receipts.apply(
+                    Receipt(fact_key, FactKind(kind), channel=channel, at=harness.now),
+                    now=harness.now,
                 )
         case OneClick(recipient=recipient, channel=channel, message=index):
             key: str | None = None
             if index is not None and index < len(world.messages):
                 key = f"acme:{world.messages[index][0]}"
-            engine.inbound(
+            harness.inbound(
                 OptOut(
                     "acme",
                     recipient,
                     channel,
-                    at=engine.now,
+                    at=harness.now,
                     source="one_click",
                     topic="promo",
                     key=key,
                 )
             )
-            world.staged.append((recipient, channel, engine.now))
+            world.staged.append((recipient, channel, harness.now))
         case CrmGrant(recipient=recipient, channel=channel, offset_seconds=offset):
-            stamped = datetime.fromtimestamp(engine.now + offset, UTC).isoformat()
-            (result,) = engine.requests(
+            stamped = datetime.fromtimestamp(harness.now + offset, UTC).isoformat()
+            (result,) = harness.requests(
                 [
                     {
                         "v": 1,
@@ -271,50 +275,50 @@ async def apply(world: World, step: Action) -> None:
             )
             assert "ok" == result.status, result
             # what the customer's act counts as: never later than when it reached the gateway
-            world.grants_staged.append((recipient, channel, min(engine.now + offset, engine.now)))
+            world.grants_staged.append((recipient, channel, min(harness.now + offset, harness.now)))
         case ProviderOptOut(recipient=recipient, channel=channel):
             provider = PROVIDERS[channel]
             if channel is Channel.EMAIL:
                 # SendGrid echoes the message key and the recipient in custom_args
                 receipt = ProviderReceipt(
                     ReceiptKind.UNSUBSCRIBED,
-                    engine.now,
+                    harness.now,
                     message_key="acme:any",
                     recipient_id=recipient,
-                    event_id=f"e-{engine.now}-{recipient}",
+                    event_id=f"e-{harness.now}-{recipient}",
                 )
                 resolves = True
             else:
                 # Viber and SMS name only the address: it resolves if a send was made to it
                 receipt = ProviderReceipt(
-                    ReceiptKind.UNSUBSCRIBED, engine.now, detail=address(recipient, channel)
+                    ReceiptKind.UNSUBSCRIBED, harness.now, detail=address(recipient, channel)
                 )
                 pair = (recipient, channel)
                 resolves = pair in world.addresses_durable or pair in world.addresses_staged
-            engine.inbound(WebhookReceipts(provider, [receipt], engine.now))
+            harness.inbound(WebhookReceipts(provider, [receipt], harness.now))
             if resolves:
-                world.staged.append((recipient, channel, engine.now))
+                world.staged.append((recipient, channel, harness.now))
         case Commit():
             await commit(world)
         case Restart():
             world.staged.clear()  # never answered: the crash took them
             world.grants_staged.clear()
             world.addresses_staged.clear()
-            world.engine = await engine.restart()
+            world.harness = await harness.restart()
         case Prune():
-            await engine.prune()
+            await harness.prune()
         case Advance(seconds=seconds):
             await commit(world)
-            clock_of(engine).jump(seconds)
-            engine.fire_timers()
+            clock_of(harness).jump(seconds)
+            harness.fire_timers()
         case _:
             pass
 
 
 async def commit(world: World) -> None:
     """Land what is staged: the opt-outs in it are now answered, so acknowledged."""
-    engine = world.engine
-    await engine.commit()
+    harness = world.harness
+    await harness.commit()
     for recipient, channel, at in world.staged:
         pair = (recipient, channel)
         world.acknowledged[pair] = max(at, world.acknowledged.get(pair, at))
@@ -327,7 +331,7 @@ async def commit(world: World) -> None:
     world.addresses_staged.clear()
 
 
-def clock_of(engine: Engine) -> trio.testing.MockClock:
+def clock_of(harness: Harness) -> trio.testing.MockClock:
     clock = trio.lowlevel.current_clock()
     assert isinstance(clock, trio.testing.MockClock)
     return clock

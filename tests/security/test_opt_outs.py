@@ -26,7 +26,7 @@ from adapters.simulators.sendgrid import SendgridSimulator
 from gateway.client import AsyncClient
 from gateway.config import GatewayConfig
 from gateway.core.model import MessageKey
-from gateway.runtime.embedded import Embedded
+from gateway.embedded import Embedded
 from tests.e2e.simulated import (
     HOUR,
     api_requests,

@@ -19,11 +19,11 @@ import trio
 import zmq
 import zmq.utils.monitor
 
+from gateway.app import Gateway, open_gateway
 from gateway.client import open_client, open_subscription
 from gateway.config import GatewayConfig, default_config_bytes, is_loopback, load_config
 from gateway.core.errors import ConfigError
 from gateway.runtime import zmqio
-from gateway.runtime.app import Gateway, open_gateway
 from tests.support import NOON_UTC, in_test_providers, make_config, promo
 
 

@@ -106,9 +106,9 @@ def batch_with(*records: MessageRecord, new: bool = True) -> Batch:
     batch = Batch()
     for item in records:
         if new:
-            batch.inserts[item.key] = request_of(item.key)
-        batch.dirty[item.key] = item
-        batch.rows += 1
+            batch.insert(item, request_of(item.key))
+        else:
+            batch.write(item)
     return batch
 
 
@@ -313,16 +313,16 @@ class TestJournal:
         journal = await backend.opened()
         await journal.commit(batch_with(record("m1")))
         failing = batch_with(record("m2"))
-        failing.dirty["acme:m1"] = record("m1", outcome=Outcome.READ)  # an update as well
-        failing.rows += 1
-        failing.opening["acme:m2"] = [event("m2", StatusKind.ACCEPTED)]
+        failing.write(record("m1", outcome=Outcome.READ))  # an update as well
+        failing.opening_event("acme:m2", event("m2", StatusKind.ACCEPTED))
         # enough rows that SQLite needs new pages midway, after the message rows went in
-        failing.events.extend(event("m1", StatusKind.DELIVERED, NOW + n) for n in range(300))
-        failing.consents.append((RecipientKey("acme:r-m2"), consent()))
-        failing.sends.append((RecipientKey("acme:r-m2"), SendEntry(NOW, "acme:m2", Category.PROMO, Channel.SMS)))  # fmt: skip
-        failing.addresses.append(("ref2", "acme:r-m2"))
-        failing.receipts.append((7, NOW))
-        failing.rows += 305
+        for n in range(300):
+            failing.event(event("m1", StatusKind.DELIVERED, NOW + n))
+        failing.consent(RecipientKey("acme:r-m2"), consent())
+        failing.send(RecipientKey("acme:r-m2"), SendEntry(NOW, "acme:m2", Category.PROMO, Channel.SMS))  # fmt: skip
+        failing.address("ref2", "acme:r-m2")
+        failing.receipt(7, NOW)
+        assert 306 == failing.rows  # two records, 300 events, a consent, send, address, receipt
 
         async def nothing_written(journal: Journal) -> None:
             recovered = await journal.recover(now=NOW, retention_seconds=DAY, horizon_seconds=DAY)
@@ -445,13 +445,13 @@ class TestJournal:
         ]
         await journal.commit(batch)
         later = Batch()
-        later.events = [
+        for staged in (
             event("m2", StatusKind.SENT, NOW + 2, channel=Channel.PUSH, provider="push1"),
             event("m1", StatusKind.SENT, NOW + 3),
             event("m1", StatusKind.READ, NOW + 1),  # commit order, not the time it names
             event("orphan", StatusKind.CONVERTED),  # no message row: still a timeline
-        ]
-        later.rows = 4
+        ):
+            later.event(staged)
         await journal.commit(later)
         timelines = await journal.timelines(
             ["acme:m1", "acme:m2", "acme:m3", "acme:orphan", "acme:m1"]  # m1 twice: once back
@@ -498,9 +498,8 @@ class TestJournal:
         )
         for item in (grant, withdraw):
             batch = Batch()
-            batch.consents.append((RecipientKey("acme:r1"), item))
-            batch.consents.append((RecipientKey("acme:r2"), consent()))
-            batch.rows += 2
+            batch.consent(RecipientKey("acme:r1"), item)
+            batch.consent(RecipientKey("acme:r2"), consent())
             await journal.commit(batch)
         assert [grant, withdraw] == await journal.consent_history(RecipientKey("acme:r1"))
         assert [] == await journal.consent_history(RecipientKey("acme:r3"))

@@ -1,4 +1,4 @@
-"""The one place that reads real clocks.
+"""The one place that reads real clocks (used by the runtime, the HTTP surface and adapters).
 
 The core takes ``now`` as POSIX seconds. The runtime derives it from ``trio.current_time()``
 plus an offset fixed at start, so a trio ``MockClock`` drives wall time too: "fall back to email

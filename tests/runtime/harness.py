@@ -15,16 +15,17 @@ from typing import Any
 import msgspec
 from prometheus_client import CollectorRegistry
 
+from gateway.app import policy_horizon
+from gateway.clock import Clock
 from gateway.config import GatewayConfig
 from gateway.core.model import Lane
-from gateway.http.inbound import Inbound
+from gateway.inbound import Inbound
 from gateway.protocol import Result, StatusEvent, decode_frame
-from gateway.runtime.app import policy_horizon
-from gateway.runtime.clock import Clock
+from gateway.runtime.admission import Principal
 from gateway.runtime.committer import Committer
-from gateway.runtime.dispatch import Job
 from gateway.runtime.metrics import Metrics
-from gateway.runtime.router import Principal, Router
+from gateway.runtime.queues import Job
+from gateway.runtime.router import Router
 from gateway.runtime.timers import TimerAlarm
 from gateway.store.base import MessageRecord
 from gateway.store.memory import MemoryJournal, MemoryStore
@@ -44,7 +45,7 @@ class CollectedJobs:
         return sum(1 for job in self.jobs if job.lane is lane)
 
 
-class Engine:
+class Harness:
     def __init__(self, config: GatewayConfig, store: MemoryStore, clock: Clock) -> None:
         self.config = config
         self.store = store
@@ -71,15 +72,15 @@ class Engine:
         )
 
     @classmethod
-    async def start(cls, config: GatewayConfig, store: MemoryStore, clock: Clock) -> Engine:
+    async def start(cls, config: GatewayConfig, store: MemoryStore, clock: Clock) -> Harness:
         engine = cls(config, store, clock)
         await engine.journal.open(create=True)
         await engine.router.recover(now=clock.now())
         return engine
 
-    async def restart(self) -> Engine:
+    async def restart(self) -> Harness:
         """A new process on the same journal: whatever was staged and not committed is gone."""
-        return await Engine.start(self.config, self.store, self.clock)
+        return await Harness.start(self.config, self.store, self.clock)
 
     @property
     def now(self) -> float:
@@ -105,11 +106,11 @@ class Engine:
 
     def claim(self, job: Job) -> MessageRecord | None:
         """The dispatcher's last check before a provider request; a record means it goes."""
-        return self.router.claim(job, self.now)
+        return self.router.feedback.claim(job, self.now)
 
     def fire_timers(self) -> int:
         due = self.state.pop_due(self.now, 1_000_000)
-        self.router.fire_timers(due, self.now)
+        self.router.engine.fire_timers(due, self.now)
         return len(due)
 
     async def prune(self) -> int:

@@ -1,4 +1,7 @@
-"""What the HTTP surface hands to the router: verified receipts, opt-outs, tracking hits, verdicts.
+"""What the HTTP surface hands to the runtime: verified receipts, opt-outs, tracking hits, verdicts.
+
+The one module both sides import (``gateway.http`` and ``gateway.runtime`` never import each
+other): the values that cross, and the sink they cross through.
 
 The webhook and tracking endpoints only verify and parse; they never touch router state. They
 hand an ``Inbound`` value to an ``InboundSink``: the router's inbox in single-process mode, or
@@ -31,6 +34,25 @@ class HitKind(enum.StrEnum):
     UNSUBSCRIBE = "unsubscribe"
 
 
+class WebhookOutcome(enum.StrEnum):
+    """What became of a provider webhook request (a metric label)."""
+
+    ACCEPTED = "accepted"
+    BAD_SIGNATURE = "bad_signature"
+    STALE = "stale"
+    MALFORMED = "malformed"
+    UNKNOWN_MESSAGE = "unknown_message"
+
+
+class TrackingVerdict(enum.StrEnum):
+    """What became of a click, open or unsubscribe link (a metric label)."""
+
+    ACCEPTED = "accepted"
+    BAD_TOKEN = "bad_token"  # noqa: S105 - a verdict, not a credential
+    EXPIRED = "expired"
+    REPEAT = "repeat"
+
+
 class WebhookReceipts(msgspec.Struct, frozen=True, tag=True):
     provider: str
     receipts: list[ProviderReceipt]
@@ -38,8 +60,10 @@ class WebhookReceipts(msgspec.Struct, frozen=True, tag=True):
 
 
 class WebhookVerdict(msgspec.Struct, frozen=True, tag=True):
+    """A webhook request refused before anything in it was applied."""
+
     provider: str
-    verdict: str
+    verdict: WebhookOutcome
 
 
 class TrackingHit(msgspec.Struct, frozen=True, tag=True):
@@ -48,7 +72,7 @@ class TrackingHit(msgspec.Struct, frozen=True, tag=True):
 
     kind: HitKind
     at: float
-    verdict: str = "accepted"
+    verdict: TrackingVerdict = TrackingVerdict.ACCEPTED
     key: str | None = None
     channel: Channel | None = None
 

@@ -25,10 +25,10 @@ from adapters.registry import SIMULATORS, build_adapters
 from adapters.simulators._base import Simulator
 from adapters.simulators.fcm import FcmSimulator
 from adapters.viber import ViberAdapter
+from gateway.app import Gateway, open_gateway
+from gateway.clock import Clock
 from gateway.config import ENV_PREFIX, GatewayConfig, Secret
 from gateway.core.errors import ProviderError
-from gateway.runtime.app import Gateway, open_gateway
-from gateway.runtime.clock import Clock
 from gateway.runtime.keyfile import link_secrets
 from gateway.runtime.workers import open_worker_pool
 

@@ -1,5 +1,8 @@
 """The composition root: open the journal, recover, start every service in one nursery.
 
+The one module that wires the runtime (state, engine, sockets) to the HTTP surface; the two
+never import each other (``gateway.inbound`` is what crosses between them).
+
 Single-process mode (the default) wires the dispatcher to in-process adapters. The same router,
 committer, timer service and ingest run in every mode; ``--workers N`` only swaps the executor
 (``gateway.runtime.workers``) and the webhook processes only add an event socket.
@@ -10,6 +13,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import hypercorn.config
 import hypercorn.trio
@@ -21,22 +25,26 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
 from adapters import Adapter
+from gateway.clock import Clock
 from gateway.config import ENV_PREFIX, GatewayConfig
 from gateway.core.caps import horizon_seconds
+from gateway.core.consent import ConsentRecord
 from gateway.core.errors import ConfigError
+from gateway.core.model import RecipientKey
 from gateway.http.admin import admin_routes
 from gateway.http.limits import bounded
 from gateway.http.ops import ops_routes
 from gateway.http.public import public_routes
+from gateway.protocol import ConsentRequest, MessageState, Result
 from gateway.runtime import curve, zmqio
-from gateway.runtime.clock import Clock
 from gateway.runtime.committer import Committer
-from gateway.runtime.dispatch import Dispatcher, DispatchQueues, Executor, InProcessExecutor
+from gateway.runtime.dispatch import Dispatcher, Executor, InProcessExecutor
 from gateway.runtime.inbox import Inbox, serve_events
 from gateway.runtime.ingest import Ingest
 from gateway.runtime.keyfile import link_secrets
 from gateway.runtime.metrics import Metrics
 from gateway.runtime.publisher import Publisher
+from gateway.runtime.queues import DispatchQueues
 from gateway.runtime.router import Router
 from gateway.runtime.timers import TimerAlarm, TimerService
 from gateway.store.sqlite import SqliteJournal
@@ -86,6 +94,31 @@ class Gateway:
         with trio.move_on_after(grace_seconds):
             await self.dispatcher.wait_idle()
         await self.committer.drain()
+
+
+class _AdminPort:
+    """The running gateway as the admin API sees it (``gateway.http.admin.AdminPort``)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.now = gateway.clock.now
+
+    async def message_state(self, key: str) -> MessageState | None:
+        return await self.gateway.router.queries.message_state(key)
+
+    def record_consent(self, request: ConsentRequest, now: float) -> Result:
+        return self.gateway.router.admission.consent(request, now)
+
+    async def durable(self) -> None:
+        await self.gateway.inbox.durable()
+
+    async def consents(self, recipient: str) -> tuple[list[ConsentRecord], list[ConsentRecord]]:
+        return await self.gateway.router.queries.consents(RecipientKey(recipient))
+
+    async def campaign_rows(
+        self, tenant: str, campaign: str
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        return await self.gateway.journal.campaign_rows(tenant, campaign)
 
 
 def policy_horizon(config: GatewayConfig) -> float:
@@ -194,7 +227,7 @@ async def open_gateway(
             dispatcher = Dispatcher(
                 config=config,
                 queues=queues,
-                router=router,
+                feedback=router.feedback,
                 executor=executor,
                 journal=journal,
                 clock=clock,
@@ -202,7 +235,7 @@ async def open_gateway(
                 links=links,
                 seed=config.simulator.seed,
             )
-            timers = TimerService(state, clock, alarm, router.fire_timers)
+            timers = TimerService(state, clock, alarm, router.engine.fire_timers)
             inbox = Inbox(
                 router=router,
                 journal=journal,
@@ -296,7 +329,7 @@ async def _serve_http(nursery: trio.Nursery, gateway: Gateway) -> None:
     ]
     admin: list[BaseRoute] = [
         *ops_routes(gateway.registry, gateway.accepting),
-        *admin_routes(gateway),
+        *admin_routes(config, _AdminPort(gateway)),
     ]
     http = config.http
     separate = bool(http.public_bind)
