@@ -15,7 +15,6 @@ from typing import Final, NewType
 
 import msgspec
 
-TenantId = NewType("TenantId", str)
 MessageKey = NewType("MessageKey", str)
 """``"{tenant}:{message_id}"``; tenant names cannot contain ``:``, so the split is unambiguous."""
 RecipientKey = NewType("RecipientKey", str)
@@ -72,10 +71,6 @@ def channel_mask(channels: tuple[Channel, ...] | frozenset[Channel] | list[Chann
     for channel in channels:
         mask |= _CHANNEL_BITS[channel]
     return mask
-
-
-def mask_channels(mask: int) -> tuple[Channel, ...]:
-    return tuple(channel for channel in ALL_CHANNELS if mask & _CHANNEL_BITS[channel])
 
 
 class Category(enum.StrEnum):
