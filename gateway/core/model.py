@@ -66,13 +66,6 @@ _CHANNEL_BITS: Final = {channel: 1 << index for index, channel in enumerate(ALL_
 ALL_CHANNELS_MASK: Final = (1 << len(ALL_CHANNELS)) - 1
 
 
-def channel_mask(channels: tuple[Channel, ...] | frozenset[Channel] | list[Channel]) -> int:
-    mask = 0
-    for channel in channels:
-        mask |= _CHANNEL_BITS[channel]
-    return mask
-
-
 class Category(enum.StrEnum):
     """What the CRM is sending; decides which consents and limits apply (docs/domain.md)."""
 
