@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 import pytest
-from hypothesis import event, given, settings
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.core import caps, quiet_hours
@@ -50,6 +50,7 @@ from gateway.core.model import (
     split_key,
 )
 from gateway.core.policy import (
+    _MAX_HOLD_ROUNDS,
     Admit,
     Decision,
     Defer,
@@ -486,6 +487,53 @@ class TestDecideCaps:
         recipient = RecipientState(OPTED_IN.consents, sent((NOON - HOUR, MESSAGE, PUSH)))
         rules = PolicyRules(caps=(REJECT_CAP,))
         assert Go() == run_gate(envelope(), recipient, rules, channel=EMAIL)
+
+    @settings(max_examples=50, deadline=None)
+    @example(rules_count=_MAX_HOLD_ROUNDS + 4, step_seconds=3600)  # longer than decide follows
+    @given(rules_count=st.integers(1, 2 * _MAX_HOLD_ROUNDS), step_seconds=st.integers(1, 6 * 3600))
+    def test_a_chain_of_caps_is_followed_then_left_to_the_gate(
+        self, rules_count: int, step_seconds: int
+    ) -> None:
+        """Holds chain: each cap frees exactly when the next one fills. ``decide`` follows a
+        bounded number of them; past that it defers early, and the gate at that instant holds
+        on to the same opening, so the first step never goes out before every cap allows it.
+
+        The message went out on push an hour ago and "other" ``step`` later. Rule ``i`` has one
+        slot and looks back ``DAY + i * step``: the later step of the same message passes it
+        while the message is inside its window; then "other" fills it until "other" leaves,
+        the very instant the message leaves rule ``i + 1``. (Whole seconds keep that exact.)
+        """
+        step = float(step_seconds)
+        sent_at = NOON - HOUR
+        rules = PolicyRules(
+            caps=tuple(
+                CapRule(f"r{i}", 1, DAY + i * step, action=CapAction.DEFER)
+                for i in range(rules_count)
+            )
+        )
+        recipient = RecipientState(
+            OPTED_IN.consents, sent((sent_at, MESSAGE, PUSH), (sent_at + step, "other", PUSH))
+        )
+        env = envelope(send_at=sent_at + DAY)  # when the message leaves the first rule's window
+        opening = sent_at + step + rules.caps[-1].window_seconds  # "other" leaves the last one
+
+        decision = run_decide(env, recipient, rules)
+
+        assert isinstance(decision, Defer)
+        assert DeferReason.CAPPED is decision.why
+        assert (PUSH, EMAIL, VIBER, SMS) == decision.channels
+        assert NOON < decision.until <= opening
+        if rules_count < _MAX_HOLD_ROUNDS:
+            assert opening == decision.until
+        # the edge's re-check: hold after hold, to the same opening and never past it
+        at, hops = decision.until, 0
+        while isinstance(verdict := run_gate(env, recipient, rules, now=at), Hold):
+            assert DeferReason.CAPPED is verdict.why
+            assert at < verdict.until <= opening
+            at, hops = verdict.until, hops + 1
+        assert Go() == verdict
+        assert opening == at
+        event("decide found the opening" if hops == 0 else "the gate held on past decide")
 
 
 class TestGate:
