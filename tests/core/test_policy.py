@@ -713,6 +713,13 @@ class TestModel:
         assert expected == channel.has_read_signal
 
     @pytest.mark.parametrize(
+        ("channel", "expected"), [(PUSH, False), (EMAIL, True), (VIBER, True), (SMS, True)]
+    )
+    def test_delivery_reports(self, channel: Channel, expected: bool) -> None:
+        # FCM never confirms delivery: push's delivery rate must not be read as zero
+        assert expected == channel.reports_delivery
+
+    @pytest.mark.parametrize(
         ("category", "expected"),
         [
             (SERVICE, False),
