@@ -140,25 +140,6 @@ def _within(narrow: ConsentRecord, broad: ConsentRecord) -> bool:
     )
 
 
-def may_send(
-    state: ConsentState,
-    channel: Channel,
-    *,
-    marketing: bool,
-    topic: str,
-    defaults: ConsentDefaults,
-) -> bool:
-    """Whether consent allows one message of this kind on ``channel`` right now.
-
-    Service messages need only the personal-data consent; marketing needs both.
-    """
-    if not state.personal_data(defaults):
-        return False
-    if not marketing:
-        return True
-    return state.advertising(channel, topic, defaults)
-
-
 def allowed_mask(
     state: ConsentState,
     *,
@@ -166,7 +147,10 @@ def allowed_mask(
     topic: str,
     defaults: ConsentDefaults,
 ) -> int:
-    """The channel mask consent allows for one message (see ``Channel.bit``)."""
+    """The channel mask consent allows for one message (see ``Channel.bit``).
+
+    Service messages need only the personal-data consent; marketing needs both.
+    """
     if not state.personal_data(defaults):
         return 0
     if not marketing:

@@ -15,7 +15,6 @@ from typing import Final, NewType
 
 import msgspec
 
-TenantId = NewType("TenantId", str)
 MessageKey = NewType("MessageKey", str)
 """``"{tenant}:{message_id}"``; tenant names cannot contain ``:``, so the split is unambiguous."""
 RecipientKey = NewType("RecipientKey", str)
@@ -65,17 +64,6 @@ ALL_CHANNELS: Final = tuple(Channel)
 DEFAULT_CASCADE: Final = (Channel.PUSH, Channel.EMAIL, Channel.VIBER, Channel.SMS)
 _CHANNEL_BITS: Final = {channel: 1 << index for index, channel in enumerate(ALL_CHANNELS)}
 ALL_CHANNELS_MASK: Final = (1 << len(ALL_CHANNELS)) - 1
-
-
-def channel_mask(channels: tuple[Channel, ...] | frozenset[Channel] | list[Channel]) -> int:
-    mask = 0
-    for channel in channels:
-        mask |= _CHANNEL_BITS[channel]
-    return mask
-
-
-def mask_channels(mask: int) -> tuple[Channel, ...]:
-    return tuple(channel for channel in ALL_CHANNELS if mask & _CHANNEL_BITS[channel])
 
 
 class Category(enum.StrEnum):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 from datetime import tzinfo
+from typing import assert_never
 
 import msgspec
 
@@ -215,6 +216,8 @@ def decide(
                 )
             case Skip(reason=reason) | Stop(reason=reason):
                 return Reject(reason, _STOP_DETAILS.get(reason, str(reason)))
+            case _:
+                assert_never(verdict)
     if at > now:
         return Defer(plan, allowed, at, why)
     return Admit(plan, allowed)

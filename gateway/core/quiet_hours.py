@@ -80,10 +80,11 @@ def _next_open_exact(window: QuietWindow, now: float, tz: tzinfo, today: date) -
         transition = _offset_transition(day, tz)
         if transition is not None:
             candidates.append(transition)
-    for candidate in sorted(c for c in candidates if c > now):
-        if not is_quiet(window, candidate, tz):
-            return candidate
-    raise AssertionError(f"no opening found for {window!r} after {now!r} in {tz!r}")
+    # `now` is quiet, so the clock leaves the window later, by reaching `end` or by an offset
+    # jump, within the days searched: both kinds of instant are candidates, and one opens.
+    opening = next((c for c in sorted(candidates) if c > now and not is_quiet(window, c, tz)), None)
+    assert opening is not None, f"no opening found for {window!r} after {now!r} in {tz!r}"
+    return opening
 
 
 def _wall_clock_instants(day: date, at: time, tz: tzinfo) -> list[float]:

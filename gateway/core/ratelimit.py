@@ -87,10 +87,6 @@ class LaneQueue(Generic[T]):
     def push(self, lane: Lane, item: T) -> None:
         self._lanes[lane].append(item)
 
-    def push_front(self, lane: Lane, item: T) -> None:
-        """Put an item back at the head of its lane (it was popped but could not go)."""
-        self._lanes[lane].appendleft(item)
-
     def pop(self) -> tuple[Lane, T] | None:
         for lane in LANES_BY_PRIORITY:
             queue = self._lanes[lane]

@@ -45,8 +45,21 @@ PROMO_3_PER_WEEK = CapRule("promo-week", 3, 7 * DAY, categories=frozenset({PROMO
 ONE_PER_DAY = CapRule("daily", 1, DAY)
 
 
+def in_scope(rule: CapRule, category: Category, channel: Channel) -> bool:
+    """The test's own reading of a rule's scope: marketing only, its categories, its channels."""
+    return (
+        category.is_marketing
+        and (not rule.categories or category in rule.categories)
+        and (not rule.channels or channel in rule.channels)
+    )
+
+
+def counts(rule: CapRule, entry: SendEntry) -> bool:
+    return in_scope(rule, entry.category, entry.channel)
+
+
 class TestCapRule:
-    """A rule counts marketing messages of its categories on its channels."""
+    """A rule counts marketing messages of its categories on its channels, and limits only those."""
 
     @pytest.mark.parametrize(
         ("rule", "category", "expected"),
@@ -59,8 +72,11 @@ class TestCapRule:
             (CapRule("svc", 1, DAY, categories=frozenset({SERVICE})), SERVICE, False),
         ],
     )
-    def test_applies_to(self, rule: CapRule, category: Category, expected: bool) -> None:
-        assert expected == rule.applies_to(category)
+    def test_categories(self, rule: CapRule, category: Category, expected: bool) -> None:
+        # a rule full of sends of `category` limits one more of `category` iff it applies to it
+        one = msgspec.structs.replace(rule, max_count=1)
+        hist = history((0.0, "old", category, EMAIL))
+        assert expected == (check(hist, (one,), category=category, now=1.0) is not None)
 
     @pytest.mark.parametrize(
         ("channels", "channel", "expected"),
@@ -71,9 +87,43 @@ class TestCapRule:
             (frozenset({PUSH, EMAIL}), EMAIL, True),
         ],
     )
-    def test_counts(self, channels: frozenset[Channel], channel: Channel, expected: bool) -> None:
+    def test_channels(self, channels: frozenset[Channel], channel: Channel, expected: bool) -> None:
         rule = CapRule("r", 1, DAY, channels=channels)
-        assert expected == rule.counts(SendEntry(0.0, "m", PROMO, channel))
+        hist = history((0.0, "m", PROMO, channel))
+        assert expected == (check(hist, (rule,), channel=channel, now=1.0) is not None)
+
+    @settings(max_examples=300)
+    @given(
+        rule=st.builds(
+            CapRule,
+            name=st.just("one"),
+            max_count=st.just(1),
+            window_seconds=st.just(DAY),
+            categories=st.frozensets(st.sampled_from(Category), max_size=3),
+            channels=st.frozensets(st.sampled_from(Channel), max_size=3),
+            action=st.sampled_from(CapAction),
+        ),
+        earlier=st.builds(
+            SendEntry,
+            at=st.just(0.0),
+            message=st.just("old"),
+            category=st.sampled_from(Category),
+            channel=st.sampled_from(Channel),
+        ),
+        category=st.sampled_from(Category),
+        channel=st.sampled_from(Channel),
+    )
+    def test_a_one_slot_rule_is_full_iff_it_sees_both_sends(
+        self, rule: CapRule, earlier: SendEntry, category: Category, channel: Channel
+    ) -> None:
+        """One send earlier in the window fills a one-slot rule for the next message exactly
+        when the rule counts that send and its scope covers the next one."""
+        verdict = check(
+            CapHistory((earlier,)), (rule,), category=category, channel=channel, now=1.0
+        )
+        expected = counts(rule, earlier) and in_scope(rule, category, channel)
+        assert (Capped(rule, DAY) if expected else None) == verdict
+        event("full" if expected else "fits")
 
 
 class TestCheck:
@@ -266,7 +316,7 @@ def max_distinct_in_any_window(log: list[SendEntry], rule: CapRule) -> int:
     The busiest window can always be slid right until it starts at a counted send, so trying
     every send time as ``a`` is exhaustive.
     """
-    counted = [entry for entry in log if rule.counts(entry)]
+    counted = [entry for entry in log if counts(rule, entry)]
     best = 0
     for start in counted:
         inside = {e.message for e in counted if start.at <= e.at < start.at + rule.window_seconds}
@@ -394,10 +444,12 @@ class TestCapProperties:
         step = SendEntry(now, attempt.message, attempt.category, attempt.channel)
         for rule in ruleset:
             counted = any(
-                e.message == attempt.message and rule.counts(e) and e.at + rule.window_seconds > now
+                e.message == attempt.message
+                and counts(rule, e)
+                and e.at + rule.window_seconds > now
                 for e in hist.entries
             )
-            if counted and rule.counts(step):
+            if counted and counts(rule, step):
                 assert None is single[rule]
                 event("a later step of a counted message")
         verdict = probe(hist, ruleset, attempt, now)

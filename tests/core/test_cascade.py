@@ -48,8 +48,8 @@ from gateway.core.model import (
     Channel,
     Outcome,
     TimerKind,
-    channel_mask,
 )
+from tests.core.masks import channel_mask
 
 PUSH, EMAIL, VIBER, SMS = Channel.PUSH, Channel.EMAIL, Channel.VIBER, Channel.SMS
 STEP, EXPIRY = TimerKind.STEP, TimerKind.EXPIRY

@@ -15,9 +15,9 @@ from gateway.core.consent import (
     ConsentState,
     advertising_mask,
     allowed_mask,
-    may_send,
 )
-from gateway.core.model import ALL_CHANNELS, ALL_CHANNELS_MASK, Channel, channel_mask
+from gateway.core.model import ALL_CHANNELS, ALL_CHANNELS_MASK, Channel
+from tests.core.masks import channel_mask
 
 AD = ConsentKind.ADVERTISING
 PD = ConsentKind.PERSONAL_DATA
@@ -228,23 +228,16 @@ class TestWithRecord:
         assert decoded.advertising(Channel.EMAIL, "promo", OPT_IN)
 
 
-class TestMaySend:
+class TestAllowedMask:
     """Service needs personal data only; marketing needs both consents."""
 
     @pytest.mark.parametrize("marketing", [False, True])
-    @pytest.mark.parametrize("channel", ALL_CHANNELS)
-    def test_personal_data_withdrawal_stops_everything(
-        self, channel: Channel, marketing: bool
-    ) -> None:
+    def test_personal_data_withdrawal_stops_everything(self, marketing: bool) -> None:
         state = state_of(ad(GRANT, 1), pd(GRANT, 1), pd(WITHDRAW, 2))
-        assert not may_send(state, channel, marketing=marketing, topic="promo", defaults=OPT_IN)
         assert 0 == allowed_mask(state, marketing=marketing, topic="promo", defaults=OPT_IN)
 
     def test_service_needs_only_personal_data(self) -> None:
         state = state_of(ad(WITHDRAW, 1))
-        for channel in ALL_CHANNELS:
-            assert may_send(state, channel, marketing=False, topic="promo", defaults=OPT_IN)
-            assert not may_send(state, channel, marketing=True, topic="promo", defaults=OPT_IN)
         assert ALL_CHANNELS_MASK == allowed_mask(
             state, marketing=False, topic="promo", defaults=OPT_IN
         )
@@ -272,11 +265,11 @@ class TestMaySend:
         self, defaults: ConsentDefaults, service: bool, marketing: bool
     ) -> None:
         state = ConsentState()
-        assert service == may_send(
-            state, Channel.SMS, marketing=False, topic="promo", defaults=defaults
+        assert (ALL_CHANNELS_MASK if service else 0) == allowed_mask(
+            state, marketing=False, topic="promo", defaults=defaults
         )
-        assert marketing == may_send(
-            state, Channel.SMS, marketing=True, topic="promo", defaults=defaults
+        assert (ALL_CHANNELS_MASK if marketing else 0) == allowed_mask(
+            state, marketing=True, topic="promo", defaults=defaults
         )
 
     @pytest.mark.parametrize("advertising", [False, True])
@@ -328,18 +321,12 @@ class TestAgainstOracle:
             for channel in ALL_CHANNELS:
                 expected = channel in advertised
                 assert expected == state.advertising(channel, topic, known)
-                assert (expected and personal) == may_send(
-                    state, channel, marketing=True, topic=topic, defaults=known
-                )
-                # service needs the personal-data consent only
-                assert personal == may_send(
-                    state, channel, marketing=False, topic=topic, defaults=known
-                )
             # the one-pass masks agree with the per-channel answers
             assert channel_mask(advertised) == advertising_mask(state, topic=topic, defaults=known)
             assert (channel_mask(advertised) if personal else 0) == allowed_mask(
                 state, marketing=True, topic=topic, defaults=known
             )
+            # service needs the personal-data consent only
             assert (ALL_CHANNELS_MASK if personal else 0) == allowed_mask(
                 state, marketing=False, topic=topic, defaults=known
             )

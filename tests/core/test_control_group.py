@@ -124,3 +124,43 @@ class TestMembership:
         for i in range(20_000):
             if small.holds_out("shop", f"r{i}", now=now):
                 assert large.holds_out("shop", f"r{i}", now=now)
+
+    @settings(max_examples=300)
+    @given(
+        percents=st.tuples(
+            st.floats(min_value=0.0, max_value=100.0), st.floats(min_value=0.0, max_value=100.0)
+        ).map(sorted),
+        salt=st.text(max_size=8),
+        tenant=st.text(max_size=8),
+        recipient=st.text(max_size=16),
+        period_seconds=st.sampled_from([DAY, 30 * DAY, 90 * DAY]),
+        period=st.integers(0, 200),
+        into_period=st.floats(min_value=0.0, max_value=1.0, exclude_max=True),
+    )
+    def test_membership_grows_with_the_percent_and_holds_for_the_period(
+        self,
+        percents: list[float],
+        salt: str,
+        tenant: str,
+        recipient: str,
+        period_seconds: float,
+        period: int,
+        into_period: float,
+    ) -> None:
+        """A recipient held out at some percent is held out at every larger one, and from the
+        first instant of the period to any later instant in it."""
+        low, high = (
+            ControlGroup(percent=percent, period_seconds=period_seconds, salt=salt)
+            for percent in percents
+        )
+        start = period * period_seconds
+        later = start + into_period * period_seconds
+        if later >= start + period_seconds:  # rounding up into the next period
+            later = start
+        assert low.period(later) == low.period(start) == period
+        held_low = low.holds_out(tenant, recipient, now=start)
+        held_high = high.holds_out(tenant, recipient, now=start)
+        if held_low:
+            assert held_high
+        assert held_low == low.holds_out(tenant, recipient, now=later)
+        assert held_high == high.holds_out(tenant, recipient, now=later)

@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 import pytest
-from hypothesis import event, given, settings
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.core import caps, quiet_hours
@@ -45,13 +45,12 @@ from gateway.core.model import (
     Envelope,
     Lane,
     RejectReason,
-    channel_mask,
-    mask_channels,
     message_key,
     recipient_key,
     split_key,
 )
 from gateway.core.policy import (
+    _MAX_HOLD_ROUNDS,
     Admit,
     Decision,
     Defer,
@@ -489,6 +488,53 @@ class TestDecideCaps:
         rules = PolicyRules(caps=(REJECT_CAP,))
         assert Go() == run_gate(envelope(), recipient, rules, channel=EMAIL)
 
+    @settings(max_examples=50, deadline=None)
+    @example(rules_count=_MAX_HOLD_ROUNDS + 4, step_seconds=3600)  # longer than decide follows
+    @given(rules_count=st.integers(1, 2 * _MAX_HOLD_ROUNDS), step_seconds=st.integers(1, 6 * 3600))
+    def test_a_chain_of_caps_is_followed_then_left_to_the_gate(
+        self, rules_count: int, step_seconds: int
+    ) -> None:
+        """Holds chain: each cap frees exactly when the next one fills. ``decide`` follows a
+        bounded number of them; past that it defers early, and the gate at that instant holds
+        on to the same opening, so the first step never goes out before every cap allows it.
+
+        The message went out on push an hour ago and "other" ``step`` later. Rule ``i`` has one
+        slot and looks back ``DAY + i * step``: the later step of the same message passes it
+        while the message is inside its window; then "other" fills it until "other" leaves,
+        the very instant the message leaves rule ``i + 1``. (Whole seconds keep that exact.)
+        """
+        step = float(step_seconds)
+        sent_at = NOON - HOUR
+        rules = PolicyRules(
+            caps=tuple(
+                CapRule(f"r{i}", 1, DAY + i * step, action=CapAction.DEFER)
+                for i in range(rules_count)
+            )
+        )
+        recipient = RecipientState(
+            OPTED_IN.consents, sent((sent_at, MESSAGE, PUSH), (sent_at + step, "other", PUSH))
+        )
+        env = envelope(send_at=sent_at + DAY)  # when the message leaves the first rule's window
+        opening = sent_at + step + rules.caps[-1].window_seconds  # "other" leaves the last one
+
+        decision = run_decide(env, recipient, rules)
+
+        assert isinstance(decision, Defer)
+        assert DeferReason.CAPPED is decision.why
+        assert (PUSH, EMAIL, VIBER, SMS) == decision.channels
+        assert NOON < decision.until <= opening
+        if rules_count < _MAX_HOLD_ROUNDS:
+            assert opening == decision.until
+        # the edge's re-check: hold after hold, to the same opening and never past it
+        at, hops = decision.until, 0
+        while isinstance(verdict := run_gate(env, recipient, rules, now=at), Hold):
+            assert DeferReason.CAPPED is verdict.why
+            assert at < verdict.until <= opening
+            at, hops = verdict.until, hops + 1
+        assert Go() == verdict
+        assert opening == at
+        event("decide found the opening" if hops == 0 else "the gate held on past decide")
+
 
 class TestGate:
     """``gate`` re-checks one step: Go, Hold, Skip this channel, or Stop the message."""
@@ -655,22 +701,23 @@ class TestModel:
         assert (tenant, ident) == split_key(message_key(tenant, ident))
         assert (tenant, ident) == split_key(recipient_key(tenant, ident))
 
-    @given(channels=st.lists(st.sampled_from(Channel)))
-    def test_channel_mask_round_trip(self, channels: list[Channel]) -> None:
-        mask = channel_mask(channels)
-        assert tuple(c for c in ALL_CHANNELS if c in channels) == mask_channels(mask)
-        assert mask == sum(channel.bit for channel in set(channels))
-        assert 0 <= mask <= ALL_CHANNELS_MASK
-
     def test_channels_are_declared_cheapest_first(self) -> None:
         assert (PUSH, EMAIL, VIBER, SMS) == ALL_CHANNELS == DEFAULT_CASCADE
         assert [1, 2, 4, 8] == [channel.bit for channel in ALL_CHANNELS]
+        assert 0b1111 == ALL_CHANNELS_MASK
 
     @pytest.mark.parametrize(
         ("channel", "expected"), [(PUSH, True), (EMAIL, True), (VIBER, True), (SMS, False)]
     )
     def test_read_signal(self, channel: Channel, expected: bool) -> None:
         assert expected == channel.has_read_signal
+
+    @pytest.mark.parametrize(
+        ("channel", "expected"), [(PUSH, False), (EMAIL, True), (VIBER, True), (SMS, True)]
+    )
+    def test_delivery_reports(self, channel: Channel, expected: bool) -> None:
+        # FCM never confirms delivery: push's delivery rate must not be read as zero
+        assert expected == channel.reports_delivery
 
     @pytest.mark.parametrize(
         ("category", "expected"),

@@ -5,6 +5,7 @@ Frames here are packed with the plain ``msgpack`` library, as a CRM would, never
 
 from __future__ import annotations
 
+import copy
 import json
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -561,7 +562,9 @@ def structural_mutations(draw: st.DrawFn) -> object:
             case "drop":
                 del parent[path[-1]]
             case "swap":
-                parent[path[-1]] = draw(st.sampled_from(OTHER_TYPES) | msgpackable)
+                # a copy: a later round may mutate inside it, and OTHER_TYPES must stay as it is
+                other = st.sampled_from(OTHER_TYPES).map(copy.deepcopy)
+                parent[path[-1]] = draw(other | msgpackable)
             case _:
                 parent[draw(st.text(min_size=1, max_size=10))] = draw(msgpackable)
         if not wire:

@@ -212,16 +212,6 @@ class TestLaneQueue:
             None,
         ] == popped
 
-    def test_push_front_puts_back_at_the_head(self) -> None:
-        queue: LaneQueue[str] = LaneQueue()
-        queue.push(Lane.NORMAL, "a")
-        queue.push(Lane.NORMAL, "b")
-        popped = queue.pop()
-        assert (Lane.NORMAL, "a") == popped
-        queue.push_front(Lane.NORMAL, "a")
-        assert (Lane.NORMAL, "a") == queue.pop()
-        assert (Lane.NORMAL, "b") == queue.pop()
-
     def test_depth_per_lane(self) -> None:
         queue: LaneQueue[int] = LaneQueue()
         for i in range(3):
@@ -233,7 +223,7 @@ class TestLaneQueue:
     @settings(max_examples=300)
     @given(
         operations=st.lists(
-            st.tuples(st.sampled_from(["push", "push_front", "pop"]), st.sampled_from(Lane)),
+            st.tuples(st.sampled_from(["push", "pop"]), st.sampled_from(Lane)),
             max_size=60,
         )
     )
@@ -244,9 +234,6 @@ class TestLaneQueue:
             if operation == "push":
                 queue.push(lane, serial)
                 model[lane].append(serial)
-            elif operation == "push_front":
-                queue.push_front(lane, serial)
-                model[lane].insert(0, serial)
             else:
                 expected = next(
                     ((name, model[name].pop(0)) for name in LANES_BY_PRIORITY if model[name]),

@@ -53,18 +53,25 @@ class TestRetryPolicy:
     """A policy refuses settings that cannot work."""
 
     @pytest.mark.parametrize(
-        "kwargs",
+        ("kwargs", "message"),
         [
-            {"attempts_per_provider": 0},
-            {"jitter_fraction": -0.1},
-            {"jitter_fraction": 1.5},
-            {"base_delay_seconds": -1.0},
-            {"base_delay_seconds": 10.0, "max_delay_seconds": 5.0},
+            ({"attempts_per_provider": 0}, "attempts_per_provider must be at least 1"),
+            ({"jitter_fraction": -0.1}, "jitter_fraction must be within 0..1"),
+            ({"jitter_fraction": 1.5}, "jitter_fraction must be within 0..1"),
+            ({"base_delay_seconds": -1.0}, "need 0 <= base_delay_seconds"),
+            ({"base_delay_seconds": 10.0, "max_delay_seconds": 5.0}, "need 0 <= base_delay"),
+            ({"max_retry_after_seconds": -1.0}, "max_retry_after_seconds must not be negative"),
         ],
     )
-    def test_invalid_settings_raise(self, kwargs: dict[str, float]) -> None:
-        with pytest.raises(ValueError, match=r"attempts_per_provider|jitter_fraction|delay"):
+    def test_invalid_settings_raise(self, kwargs: dict[str, float], message: str) -> None:
+        with pytest.raises(ValueError, match=message):
             RetryPolicy(**kwargs)  # type: ignore[arg-type]
+
+    def test_zero_retry_after_limit_fails_over_on_any_retry_after(self) -> None:
+        # 0 is the smallest limit: a provider asking for any wait at all is not waited for
+        impatient = RetryPolicy(max_retry_after_seconds=0.0)
+        assert Retry(0.0, 1, 1) == fail(impatient, retry_after_seconds=1.0)
+        assert Retry(0.5, 0, 2) == fail(impatient, retry_after_seconds=0.0)  # "now" is not a wait
 
 
 class TestAfterFailure:
