@@ -67,12 +67,11 @@ def cascade_event(fact: Fact, channel: Channel | None) -> CascadeEvent | None:
         return Converted()
     if channel is None:
         return None
-    match fact:
-        case Fact.DELIVERED:
-            return Delivered(channel)
-        case Fact.READ:
-            return Read(channel)
-        case Fact.CLICKED:
-            return Clicked(channel)
-        case Fact.FAILED:
-            return SendFailed(channel, permanent=True)
+    if fact is Fact.FAILED:
+        return SendFailed(channel, permanent=True)
+    return _ENGAGEMENT[fact](channel)
+
+
+_ENGAGEMENT: Final[Mapping[Fact, type[Delivered] | type[Read] | type[Clicked]]] = MappingProxyType(
+    {Fact.DELIVERED: Delivered, Fact.READ: Read, Fact.CLICKED: Clicked}
+)
