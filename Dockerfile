@@ -25,6 +25,7 @@ RUN groupadd --gid 10001 cascadegw \
     && useradd --no-log-init --uid 10001 --gid cascadegw --home-dir /var/lib/cascadegw \
        --shell /usr/sbin/nologin cascadegw \
     && install -d -o cascadegw -g cascadegw -m 0700 /var/lib/cascadegw \
+    && install -d -o cascadegw -g cascadegw -m 0750 /var/lib/cascadegw-simulators \
     && install -d -m 0755 /etc/cascadegw
 
 # The journal and the tracking key live on the volume (store.data_dir); the config comes from

@@ -10,6 +10,7 @@ committer, timer service and ingest run in every mode; ``--workers N`` only swap
 
 from __future__ import annotations
 
+import errno as errno_codes
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -357,14 +358,23 @@ def _first_leaf(group: BaseException) -> BaseException:
     return group
 
 
+def _bind_error(key: str, address: str, errno: int | None, reason: str) -> ConfigError:
+    """One line naming the bind, why it failed, and the variable that moves it."""
+    env = f"{ENV_PREFIX}{key.upper().replace('.', '__')}"
+    if errno == errno_codes.EADDRINUSE:
+        hint = f"another process holds it; stop it or set {env}"
+    elif errno == errno_codes.EACCES:
+        hint = f"ports below 1024 need privileges; use another port: set {env}"
+    else:
+        hint = f"set {env}"
+    return ConfigError(f"{key} = {address!r}: {reason.lower()} ({hint})")
+
+
 def _bind(sock: zmq.Socket[bytes], key: str, address: str) -> None:
     try:
         sock.bind(address)
     except zmq.ZMQError as exc:
-        raise ConfigError(
-            f"{key} = {address!r}: {exc.strerror.lower()} (another process holds it?); "
-            f"stop it or set {ENV_PREFIX}{key.upper().replace('.', '__')}"
-        ) from exc
+        raise _bind_error(key, address, exc.errno, exc.strerror) from exc
 
 
 async def _serve(
@@ -384,11 +394,8 @@ async def _serve(
         binds: list[str] = await nursery.start(hypercorn.trio.serve, app, hypercorn_config)
     except* OSError as failed:  # hypercorn binds inside nurseries of its own
         exc = _first_leaf(failed)
-        reason = (getattr(exc, "strerror", None) or str(exc)).lower()
-        raise ConfigError(
-            f"{key} = {bind!r}: {reason} (another process holds it?); "
-            f"stop it or set {ENV_PREFIX}{key.upper().replace('.', '__')}"
-        ) from exc
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise _bind_error(key, bind, getattr(exc, "errno", None), reason) from exc
     return binds[0]
 
 

@@ -24,15 +24,20 @@ from gateway.config import DEFAULT_CONFIG, GatewayConfig, default_config_bytes, 
 from gateway.core.errors import ConfigError
 from gateway.store.base import JournalError
 
+_CONFIG_ENV = "CASCADEGW_CONFIG"
 
-def _load(path: str | None) -> GatewayConfig:
+
+def _load(path: str | None, *, serving: bool = True) -> GatewayConfig:
     if path is None:
-        return load_config(default_config_bytes(), os.environ)
+        return load_config(default_config_bytes(), os.environ, serving=serving)
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror})") from exc
-    return load_config(data, os.environ)
+        named = (
+            f"{_CONFIG_ENV}={path}" if os.environ.get(_CONFIG_ENV) == path else f"--config {path}"
+        )
+        raise ConfigError(f"{named}: cannot read it ({exc.strerror})") from exc
+    return load_config(data, os.environ, serving=serving)
 
 
 def _config_file(args: argparse.Namespace) -> str:
@@ -127,7 +132,11 @@ def _cmd_healthcheck(args: argparse.Namespace) -> int:
     """Exit 0 when the gateway configured here answers /healthz (a container's HEALTHCHECK)."""
     import urllib.request
 
-    config = _load(args.config)
+    try:
+        config = _load(args.config)
+    except ConfigError as exc:  # a healthcheck answers 0 or 1: Docker reserves 2
+        print(f"cascadegw: {exc}", file=sys.stderr)
+        return 1
     host, _, port = config.http.bind.rpartition(":")
     if host in ("0.0.0.0", "", "*"):  # noqa: S104 - reaching a wildcard bind, not binding
         host = "127.0.0.1"
@@ -177,17 +186,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 http = config.http
                 lines = [
                     f"cascadegw {__version__} listening",
-                    f"  requests (ZeroMQ ROUTER): {gateway.ingest_endpoint}",
-                    f"  status events (ZeroMQ XPUB): {gateway.status_endpoint}",
+                    f"  requests (ZeroMQ ROUTER): {_where(gateway.ingest_endpoint)}",
+                    f"  status events (ZeroMQ XPUB): {_where(gateway.status_endpoint)}",
                 ]
                 if gateway.public_http_url != gateway.http_url:
-                    lines.append(f"  HTTP admin (metrics, health, /v1 API): {gateway.http_url}")
                     lines.append(
-                        f"  HTTP public (webhooks, tracking links): {gateway.public_http_url}"
+                        f"  HTTP admin (metrics, health, /v1 API): {_where(gateway.http_url)}"
+                    )
+                    lines.append(
+                        f"  HTTP public (webhooks, tracking links): {_where(gateway.public_http_url)}"
                     )
                 else:
                     lines.append(
-                        f"  HTTP (metrics, health, webhooks, links, /v1 API): {gateway.http_url}"
+                        f"  HTTP (metrics, health, webhooks, links, /v1 API): {_where(gateway.http_url)}"
                     )
                 if http.webhook_processes:
                     lines.append(
@@ -301,7 +312,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from gateway.embedded import simulated_env
     from gateway.runtime.logging import configure_logging
 
-    config = _load(args.config)
+    config = _load(args.config, serving=False)  # the simulators bind none of the gateway's
     configure_logging(level=args.log_level)
     base_port = args.port
 
@@ -346,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cascadegw", description=__doc__)
     parser.add_argument(
         "--config",
-        default=os.environ.get("CASCADEGW_CONFIG") or None,
+        default=os.environ.get(_CONFIG_ENV) or None,
         help="TOML config file (default: $CASCADEGW_CONFIG, else the built-in one)",
     )
     parser.add_argument(
@@ -443,6 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--log-level", default="info")
     simulate.set_defaults(func=_cmd_simulate)
     return parser
+
+
+def _where(url: str) -> str:
+    """A listening address as people read it: a wildcard host is every interface."""
+    for wildcard in ("0.0.0.0", "[::]"):  # noqa: S104 - naming a bind, not binding
+        if f"//{wildcard}:" in url:
+            return f"{url} (all interfaces)"
+    return url
 
 
 def _operator_error(exc: BaseException) -> str | None:

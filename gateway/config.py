@@ -413,17 +413,24 @@ def policy_rules(policy: PolicyConfig) -> PolicyRules:
 
 
 # ---------------------------------------------------------------- loading
-def load_config(toml_bytes: bytes, environ: Mapping[str, str]) -> GatewayConfig:
+def load_config(
+    toml_bytes: bytes, environ: Mapping[str, str], *, serving: bool = True
+) -> GatewayConfig:
     """Parse, overlay the environment, validate.
 
+    ``serving=False`` is for commands that do not open the gateway's sockets (the simulators):
+    they are not refused for binds that would need keys.
+
     Raises:
-        ConfigError: naming the key and what is wrong with it.
+        ConfigError: naming the key and what is wrong with it (and the environment variable,
+            when the value came from one).
     """
     try:
         data = tomllib.loads(toml_bytes.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config is not valid TOML: {exc}") from exc
     _refuse_file_secrets(data, ())
+    from_env: dict[str, str] = {}
     for name, value in sorted(environ.items()):
         if name.upper().startswith(ENV_PREFIX):
             path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
@@ -431,24 +438,43 @@ def load_config(toml_bytes: bytes, environ: Mapping[str, str]) -> GatewayConfig:
                 raise ConfigError(f"{name}: empty path segment")
             secret = path[-1] in SECRET_KEYS
             _set_path(data, path, _env_value(value, secret=secret))
+            from_env[".".join(path)] = name
     try:
         config = msgspec.convert(data, GatewayConfig, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"config: {_dotted(str(exc), data)}") from exc
+        line = _dotted(str(exc), data)
+        raise ConfigError(f"config: {line}{_env_source(line, from_env)}") from exc
     config = _resolve_store(config, environ)
-    _validate(config)
+    _validate(config, serving=serving)
     return config
+
+
+def _env_source(line: str, from_env: Mapping[str, str]) -> str:
+    """ " (set by CASCADEGW__X)" when the bad key of ``line`` came from the environment."""
+    key, _, text = line.partition(": ")
+    for dotted, name in from_env.items():
+        unknown = f"unknown field `{dotted.rsplit('.', 1)[-1]}`" in text
+        if (
+            key == dotted
+            or key.startswith(f"{dotted}.")
+            or dotted.startswith(f"{key}.")
+            or (unknown and (dotted == key or dotted.rsplit(".", 1)[0] == key or "." not in dotted))
+        ):
+            return f" (set by {name})"
+    return ""
 
 
 def data_directory(configured: str, environ: Mapping[str, str]) -> Path:
     """The data directory: configured, else systemd's, else XDG's state directory."""
     if configured:
         return Path(configured).expanduser()
+    # a relative value in these variables is invalid and ignored (the XDG base directory
+    # specification says so; systemd never sets one)
     state = environ.get("STATE_DIRECTORY", "").split(":")[0]
-    if state:
+    if state.startswith("/"):
         return Path(state)
     xdg = environ.get("XDG_STATE_HOME", "")
-    if xdg:
+    if xdg.startswith("/"):
         return Path(xdg) / "cascadegw"
     home = environ.get("HOME", "")
     if home:
@@ -579,6 +605,31 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+def _validate_binds(config: GatewayConfig) -> None:
+    """Every address the gateway binds has a host and a port from 0 to 65535."""
+    binds = [
+        ("ingest.bind", config.ingest.bind),
+        ("ingest.status_bind", config.ingest.status_bind),
+        ("http.bind", config.http.bind),
+        ("http.webhook_bind", config.http.webhook_bind),
+    ]
+    if config.http.public_bind:
+        binds.append(("http.public_bind", config.http.public_bind))
+    for key, address in binds:
+        scheme, sep, rest = address.partition("://")
+        if sep and scheme in ("ipc", "inproc"):
+            continue
+        host, colon, port = (rest if sep else address).rpartition(":")
+        if sep and port == "*":
+            continue  # ZeroMQ: any free port
+        if not colon or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            env = ENV_PREFIX + key.upper().replace(".", "__")
+            raise ConfigError(
+                f"{key} = {address!r}: expected host:port with a port from 0 to 65535"
+                f"{' (tcp://host:port)' if key.startswith('ingest') else ''}; set it or {env}"
+            )
+
+
 def _validate_exposure(config: GatewayConfig) -> None:
     """Refuse to expose an unauthenticated surface beyond loopback (one line, naming the key)."""
     ingest = config.ingest
@@ -619,8 +670,10 @@ _MIN_TOKEN_CHARS: Final = 16
 _Z85_KEY: Final = re.compile(r"[0-9a-zA-Z.:+=^!/*?&<>()\[\]{}@%$#-]{40}")
 
 
-def _validate(config: GatewayConfig) -> None:
-    _validate_exposure(config)
+def _validate(config: GatewayConfig, *, serving: bool) -> None:
+    _validate_binds(config)
+    if serving:
+        _validate_exposure(config)
     tenant_names = sorted(config.tenants)
     for shorter, longer in itertools.pairwise(tenant_names):
         if longer.startswith(shorter):
@@ -662,15 +715,15 @@ def _validate(config: GatewayConfig) -> None:
             raise ConfigError(f"{where}.cascade: a channel is listed twice")
         for channel, names in tenant.providers.items():
             for index, provider_name in enumerate(names):
-                serving = config.providers.get(provider_name)
-                if serving is None:
+                serving_provider = config.providers.get(provider_name)
+                if serving_provider is None:
                     raise ConfigError(
                         f"{where}.providers.{channel}[{index}]: unknown provider {provider_name!r}"
                     )
-                if serving.channel is not channel:
+                if serving_provider.channel is not channel:
                     raise ConfigError(
                         f"{where}.providers.{channel}[{index}]: {provider_name!r} is a "
-                        f"{serving.kind} provider, which serves {serving.channel}, not {channel}"
+                        f"{serving_provider.kind} provider, which serves {serving_provider.channel}, not {channel}"
                     )
         for channel in tenant.cascade:
             if not tenant.providers.get(channel):

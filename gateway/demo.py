@@ -185,7 +185,8 @@ class Funnel:
         for channel in _CHANNELS:
             k = self.kinds[channel]
             lines.append(
-                f"{channel:8} {k['sent']:>6} {k['delivered']:>10} {k['read']:>6} {k['clicked']:>8} "
+                f"{channel:8} {k['sent']:>6} {_delivered(channel, k['delivered']):>10} "
+                f"{k['read']:>6} {k['clicked']:>8} "
                 f"{k['step_timeout']:>9} {k['failed']:>7} {k['skipped']:>8}"
             )
         lines.append("")
@@ -268,3 +269,8 @@ async def _push(
                 funnel.admissions["deferred" if "deferred_until" in result else "admitted"] += 1
             else:
                 funnel.admissions[result.get("reason", result["status"])] += 1
+
+
+def _delivered(channel: str, count: int) -> str:
+    """A delivery count, or "-" where providers never report one (push): unknown, not 0."""
+    return str(count) if Channel(channel).reports_delivery else "-"

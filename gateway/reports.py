@@ -29,7 +29,8 @@ class ChannelFigures(msgspec.Struct):
     sent: int = 0
     sent_with_delivery_reports: int = 0
     """Sent on channels whose providers report delivery (all but push)."""
-    delivered: int = 0
+    delivered: int | None = 0
+    """None on a channel whose providers never report delivery (push): unknown, not zero."""
     opened: int = 0
     clicked: int = 0
     converted: int = 0
@@ -43,12 +44,13 @@ class ChannelFigures(msgspec.Struct):
     unsubscribe_rate: float | None = None
 
     def with_rates(self) -> ChannelFigures:
+        delivered = self.delivered or 0
         # delivered, or sent where delivery is never reported (push)
-        reached = self.delivered + self.sent - self.sent_with_delivery_reports
+        reached = delivered + self.sent - self.sent_with_delivery_reports
         return msgspec.structs.replace(
             self,
             cost=round(self.cost, 6),
-            deliverability=_ratio(self.delivered, self.sent_with_delivery_reports),
+            deliverability=_ratio(delivered, self.sent_with_delivery_reports),
             open_rate=_ratio(self.opened, reached),
             click_rate=_ratio(self.clicked, reached),
             conversion_rate=_ratio(self.converted, reached),
@@ -159,7 +161,7 @@ def _variant(
     baseline = round(treated.size * sms_price, 6)
     cost = round(total.cost, 6)
     return VariantReport(
-        channels={name: figures.with_rates() for name, figures in sorted(channels.items())},
+        channels={name: _shown(name, figures) for name, figures in sorted(channels.items())},
         total=total.with_rates(),
         treated=treated,
         control=control,
@@ -168,6 +170,14 @@ def _variant(
         sms_equivalent_cost=baseline,
         savings=round(baseline - cost, 6),
     )
+
+
+def _shown(channel: str, figures: ChannelFigures) -> ChannelFigures:
+    """A channel's figures with its rates; a delivery count it cannot have is unknown."""
+    shown = figures.with_rates()
+    if not _reports_delivery(channel):
+        shown = msgspec.structs.replace(shown, delivered=None)
+    return shown
 
 
 def _sum_channels(per_variant: Iterable[Mapping[str, ChannelFigures]]) -> dict[str, ChannelFigures]:
@@ -193,7 +203,7 @@ _COUNTED = (
 
 def _add(into: ChannelFigures, figures: ChannelFigures) -> None:
     for field in _COUNTED:
-        setattr(into, field, getattr(into, field) + getattr(figures, field))
+        setattr(into, field, (getattr(into, field) or 0) + (getattr(figures, field) or 0))
 
 
 def _sum_groups(groups: Iterable[Group]) -> Group:

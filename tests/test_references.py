@@ -22,7 +22,12 @@ GENERATED = frozenset({"deploy/compose/.env", "tests/contract/node/node_modules"
 # npm's lock file (registry URLs), and this file (its own examples)
 SKIPPED_FILES = frozenset({"tests/contract/node/package-lock.json", "tests/test_references.py"})
 
-PATH = re.compile(rf"(?<![\w./-])((?:{'|'.join(TOP_LEVEL)})/[\w./-]*[\w/])")
+PATH = re.compile(rf"(?<![\w/-])(?:\./)?((?:{'|'.join(TOP_LEVEL)}|\.ci)/[\w./-]*[\w/])")
+TOP_FILES = re.compile(
+    r"(?<![\w./-])(Dockerfile|Makefile|constraints\.txt|pyproject\.toml|\.dockerignore)\b"
+)
+# the documents the project was briefed with live outside the repository: nothing may point there
+OUTSIDE = re.compile(r"\.\./shared\b|\b(?:DOMAIN|DESIGN|STYLE|NOTES|SCALEOUT)\.md\b")
 MARKDOWN_NAME = re.compile(r"(?<![\w./-])([\w./-]*\w\.md)(#[\w-]+)?\b")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 RUNBOOK = re.compile(r'runbook: "([^"#]+)(#[^"]+)?"')
@@ -112,6 +117,10 @@ def dangling(source: Path) -> list[str]:
             continue  # part of a URL
         if not resolves(match.group(1), match.group(2), source):
             found.append(match.group(0))
+    found.extend(
+        match.group(1) for match in TOP_FILES.finditer(text) if not (ROOT / match.group(1)).exists()
+    )
+    found.extend(match.group(0) for match in OUTSIDE.finditer(text))
     for match in RUNBOOK.finditer(text):
         if "{" in match.group(0):
             continue  # a template (a test building the expected line)
@@ -133,9 +142,18 @@ def test_the_checker_finds_what_is_missing(tmp_path: Path) -> None:
     sample = tmp_path / "sample.md"
     sample.write_text(
         "See [ops](docs/operations.md#no-such-runbook), docs/nowhere.md, gateway/missing.py,\n"
-        "[fine](docs/operations.md#cascadegwdown), gateway/core/ and README.md.\n"
+        "[fine](docs/operations.md#cascadegwdown), gateway/core/ and README.md, Dockerfile,\n"
+        "./gateway/gone.py, .ci/absent, ../shared/brief.txt and " + "DESIGN" + ".md.\n"
     )
-    expected = ["docs/nowhere.md", "docs/operations.md#no-such-runbook", "gateway/missing.py"]
+    expected = [
+        "../shared",
+        ".ci/absent",
+        "DESIGN.md",
+        "docs/nowhere.md",
+        "docs/operations.md#no-such-runbook",
+        "gateway/gone.py",
+        "gateway/missing.py",
+    ]
     assert expected == dangling(sample)
 
 

@@ -141,6 +141,14 @@ class SqliteJournal:
         await self._call(self._open_sync, create, limiter=self._write_lock)
 
     def _open_sync(self, create: bool) -> None:
+        for path in (self.path, self.path.parent):
+            if path.exists() and not os.access(path, os.W_OK):
+                # SQLite would open it read-only and fail at the first commit, which reads
+                # like damage; it is a permission
+                raise JournalError(
+                    f"journal {self.path}: {path} is not writable for this user; "
+                    "fix its owner or mode, or set store.data_dir / store.path"
+                )
         try:
             self._open_files(create)
         except sqlite3.OperationalError as exc:
@@ -557,6 +565,10 @@ def _readable(path: Path, read: Callable[..., _T]) -> Callable[..., _T]:
         try:
             return read(*args)
         except sqlite3.DatabaseError as exc:
+            if "readonly" in str(exc):
+                raise JournalError(
+                    f"journal {path} is read-only ({exc}); fix its owner or mode"
+                ) from exc
             raise JournalError(
                 f"journal {path} cannot be read ({exc}); `cascadegw journal check` says where, "
                 "or restore it from a backup"

@@ -490,15 +490,17 @@ class TestEnvironment:
         [
             (
                 {"CASCADEGW__DISPATCH__WORKERS": "two"},
-                "config: dispatch.workers: Expected `int`, got `str`",
+                "config: dispatch.workers: Expected `int`, got `str` (set by CASCADEGW__DISPATCH__WORKERS)",
             ),
             (
                 {"CASCADEGW__STORE__SYNCRONOUS": "normal"},
-                "config: store: Object contains unknown field `syncronous`",
+                "config: store: Object contains unknown field `syncronous`"
+                " (set by CASCADEGW__STORE__SYNCRONOUS)",
             ),
             (
                 {"CASCADEGW__TENANTS__DEMO__BRAND": "1"},
-                "config: tenants.demo.brand: Expected `str`, got `int`",
+                "config: tenants.demo.brand: Expected `str`, got `int`"
+                " (set by CASCADEGW__TENANTS__DEMO__BRAND)",
             ),
             ({"CASCADEGW____STORE": "x"}, "CASCADEGW____STORE: empty path segment"),
             ({"CASCADEGW__STORE__PATH__DIR": "x"}, "store.path.dir: 'path' is not a table"),
@@ -506,6 +508,34 @@ class TestEnvironment:
     )
     def test_bad_overrides_name_the_key(self, environ: dict[str, str], expected: str) -> None:
         assert expected == error_of(GATEWAY_TOML, environ)
+
+    def test_a_bad_value_from_the_file_names_no_variable(self) -> None:
+        unrelated = {"CASCADEGW__DISPATCH__WORKERS": "2"}
+        message = error_of(GATEWAY_TOML + b"\n[simulator]\nseed = 'x'\n", unrelated)
+        assert "simulator.seed" in message
+        assert "set by" not in message
+
+    @pytest.mark.parametrize("variable", ["XDG_STATE_HOME", "STATE_DIRECTORY"])
+    def test_a_relative_state_directory_variable_is_ignored(self, variable: str) -> None:
+        """The XDG base directory specification: relative values are invalid, ignored."""
+        config = load_config(GATEWAY_TOML, {variable: "relative/dir", "HOME": "/home/ann"})
+        assert "/home/ann/.local/state/cascadegw" == config.store.data_dir
+
+    @pytest.mark.parametrize(
+        ("key", "value"),
+        [
+            ("HTTP__BIND", "127.0.0.1:99999"),
+            ("HTTP__BIND", "notaport"),
+            ("INGEST__BIND", "tcp://127.0.0.1:99999"),
+            ("INGEST__STATUS_BIND", "tcp://127.0.0.1"),
+            ("HTTP__PUBLIC_BIND", ":8081"),
+        ],
+    )
+    def test_a_bind_needs_a_host_and_a_port_in_range(self, key: str, value: str) -> None:
+        message = error_of(GATEWAY_TOML, {f"CASCADEGW__{key}": value})
+        dotted = key.lower().replace("__", ".")
+        assert message.startswith(f"{dotted} = {value!r}: expected host:port")
+        assert f"CASCADEGW__{key}" in message
 
 
 FILE_SECRETS: list[tuple[bytes, str]] = [
@@ -612,7 +642,10 @@ class TestSecrets:
             "CASCADEGW__PROVIDERS__MAIL": "{ kind = 'sendgrid', simulated = true, api_key = 42 }"
         }
 
-        expected = "config: providers.mail.api_key: Expected `str`, got `int`"
+        expected = (
+            "config: providers.mail.api_key: Expected `str`, got `int`"
+            " (set by CASCADEGW__PROVIDERS__MAIL)"
+        )
         assert expected == error_of(b"", environ)
 
     def test_secret_never_shows_its_value(self) -> None:

@@ -16,13 +16,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
 
-from gateway.config import default_config_bytes
+from gateway.config import default_config_bytes, load_config
 from tests.e2e.test_operator_errors import free_ports, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -254,6 +255,55 @@ class TestCompose:
         )
         assert 0 == done.returncode, done.stderr
 
+    def test_its_simulators_start_without_the_gateways_secrets(self, tmp_path: Path) -> None:
+        """The simulators service runs the compose command as written (its paths moved into a
+        temporary directory): it needs none of the gateway's keys, and writes the
+        providers' addresses and credentials for the gateway to source."""
+        services = self.document()["services"]
+        assert isinstance(services, dict)
+        command = [str(part) for part in services["simulators"]["command"]]
+        env_out = tmp_path / "providers.env"
+        config = str(COMPOSE.parent / "compose" / "gateway.toml")
+        command = [
+            part.replace("/etc/cascadegw/gateway.toml", config)
+            .replace("/var/lib/cascadegw-simulators/providers.env", str(env_out))
+            .replace("--port=9001", "--port=0")
+            .replace("--host=0.0.0.0", "--host=127.0.0.1")
+            for part in command
+        ]
+        environ = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+        process = subprocess.Popen(
+            [str(BIN / "cascadegw"), *command],
+            env=environ,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not env_out.exists() and process.poll() is None:
+                assert time.monotonic() < deadline, "no providers.env within 60 s"
+                time.sleep(0.05)
+            process.send_signal(signal.SIGINT)
+            _, err = process.communicate(timeout=60)
+        finally:
+            process.kill()
+        assert "Traceback" not in err
+        # what the gateway's entrypoint sources, as its config sees it
+        sourced = dict(
+            shlex.split(line.removeprefix("export "))[0].split("=", 1)
+            for line in env_out.read_text().splitlines()
+        )
+        secrets = {
+            "CASCADEGW__INGEST__CURVE_SECRET_KEY": keypair()[1],
+            "CASCADEGW__HTTP__ADMIN_TOKEN": "t" * 32,
+        }
+        loaded = load_config(
+            Path(config).read_bytes(), {**sourced, **secrets, "HOME": str(tmp_path)}
+        )
+        for provider in loaded.providers.values():
+            assert provider.url.startswith("http://simulators:")
+
     @pytest.mark.skipif(
         shutil.which("docker-compose") is None,
         reason="docker-compose (Debian) not installed; the Compose schema check stands in",
@@ -291,13 +341,16 @@ def systemd_command(line: str, venv_bin: Path) -> list[str]:
 
 class TestSystemdUnit:
     def test_hardening(self) -> None:
-        assert ["yes"] == unit_values("DynamicUser")
+        assert ["cascadegw"] == unit_values("User")
         assert ["cascadegw"] == unit_values("StateDirectory")
         assert ["on-failure"] == unit_values("Restart")
+        assert ["2"] == unit_values("RestartPreventExitStatus")
         assert ["yes"] == unit_values("NoNewPrivileges")
         assert ["strict"] == unit_values("ProtectSystem")
         assert [""] == unit_values("CapabilityBoundingSet")
         assert ["SIGTERM"] == unit_values("KillSignal")
+        # the journal is made once by hand: a unit that made one would replace a lost journal
+        assert [] == unit_values("ExecStartPre")
 
     @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
     def test_systemd_analyze_verifies_it(self, tmp_path: Path) -> None:
@@ -312,9 +365,12 @@ class TestSystemdUnit:
         assert 0 == done.returncode, done.stderr
         assert "" == done.stderr.strip()
 
-    def test_its_commands_start_and_stop_a_gateway_twice(self, tmp_path: Path) -> None:
-        """ExecStartPre makes the journal on the first start only; ExecStart runs; SIGTERM
-        drains; the second start finds the same journal and key."""
+    def test_as_installed_it_starts_restarts_and_refuses_a_lost_journal(
+        self, tmp_path: Path
+    ) -> None:
+        """The README's install steps (init by hand, with the unit's environment), then the
+        unit's ExecStart twice on one state directory; then the journal is lost and the next
+        start refuses, one line, exit 2, which RestartPreventExitStatus keeps down."""
         state = tmp_path / "state"
         state.mkdir(mode=0o700)
         environ = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "STATE_DIRECTORY": str(state)}
@@ -322,22 +378,19 @@ class TestSystemdUnit:
             key, _, value = line.partition("=")
             environ[key] = value
         config = tmp_path / "gateway.toml"
-        config.write_bytes(default_config_bytes())
+        production = default_config_bytes().replace(b"create = true", b"create = false")
+        assert b"create = false" in production
+        config.write_bytes(production)
         environ["CASCADEGW_CONFIG"] = str(config)
         environ.update(free_ports(tmp_path))
-        (pre,) = unit_values("ExecStartPre")
+        cascadegw = str(BIN / "cascadegw")
+        made = subprocess.run(
+            [cascadegw, "init"], env=environ, capture_output=True, text=True, check=False
+        )
+        assert 0 == made.returncode, made.stderr
         (start,) = unit_values("ExecStart")
         keys = []
-        for attempt in ("first", "second"):
-            prepared = subprocess.run(
-                systemd_command(pre, BIN),
-                env=environ,
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            assert 0 == prepared.returncode, prepared.stderr
-            assert ("new, empty journal" in prepared.stdout) == (attempt == "first")
+        for _ in ("first", "second"):
             process = subprocess.Popen(
                 systemd_command(start, BIN),
                 env=environ,
@@ -355,3 +408,14 @@ class TestSystemdUnit:
             assert 0 == process.returncode, err
             keys.append((state / "tracking.key").read_bytes())
         assert keys[0] == keys[1]
+
+        for lost in state.glob("cascadegw.db*"):
+            lost.unlink()
+        refused = subprocess.run(
+            systemd_command(start, BIN), env=environ, capture_output=True, text=True, timeout=60
+        )
+        assert 2 == refused.returncode
+        assert ["2"] == unit_values("RestartPreventExitStatus")
+        (line,) = refused.stderr.strip().splitlines()
+        assert "does not exist" in line
+        assert "cascadegw init" in line
