@@ -21,6 +21,7 @@ import trio
 
 from adapters.simulators.twilio import TwilioSimulator
 from adapters.simulators.viber import ViberSimulator
+from bench.harness import without_urls
 from gateway.client import Client, ClientError, send_request, status_request
 from gateway.config import SimulatorConfig
 from tests.e2e.processes import GatewayProcess, credentials_env, free_port
@@ -160,9 +161,7 @@ async def test_sigkill_never_loses_an_acked_message(tmp_path: Path) -> None:
         http_url = f"http://127.0.0.1:{http_port}"
         viber.webhook_url = f"{http_url}/webhooks/viber1"
         environ = {**credentials_env("viber1", viber), **credentials_env("sms1", twilio)}
-        # the URLs come from the config file; only the secrets and ids travel in the environment
-        environ = {k: v for k, v in environ.items() if not k.endswith("__URL")}
-        gateway = GatewayProcess(config_path, environ, http_url)
+        gateway = GatewayProcess(config_path, without_urls(environ), http_url)
         await gateway.start()
 
         streamer = Streamer(f"tcp://127.0.0.1:{ingest_port}")
