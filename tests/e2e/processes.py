@@ -7,8 +7,10 @@ Ports, command lines, readiness and /proc readings come from bench/harness.py, t
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -21,6 +23,7 @@ from bench.harness import (
     kill_tree,
     rss_bytes_of,
 )
+from gateway.client import Client, status_request
 
 __all__ = [
     "GatewayProcess",
@@ -29,7 +32,9 @@ __all__ = [
     "rss_bytes_of",
     "standalone_config",
     "wait_answering",
+    "wait_finished",
 ]
+STATUS_CHUNK = 200  # status requests per frame
 
 
 async def wait_answering(
@@ -141,3 +146,29 @@ providers = {{ email = ["email1"], sms = ["sms1"] }}
 """
     )
     return path, f"http://127.0.0.1:{http_port}", f"tcp://127.0.0.1:{ingest_port}"
+
+
+def wait_finished(
+    endpoint: str, tenant: str, message_ids: Collection[str], *, timeout_seconds: float
+) -> dict[str, Any]:
+    """Poll the status of ``message_ids`` until every cascade has finished, or the deadline.
+
+    Blocking (run it in a thread). Returns the last state seen of each message: its
+    ``message`` object, or the whole reply when the gateway knows no such message.
+    """
+    deadline = time.monotonic() + timeout_seconds
+    pending = set(message_ids)
+    states: dict[str, Any] = {}
+    with Client(endpoint, timeout_seconds=10) as client:
+        while True:
+            order = sorted(pending)
+            for start in range(0, len(order), STATUS_CHUNK):
+                chunk = order[start : start + STATUS_CHUNK]
+                replies = client.request([status_request(m, tenant) for m in chunk])
+                for message_id, reply in zip(chunk, replies, strict=True):
+                    states[message_id] = reply.get("message") or reply
+                    if states[message_id].get("state") == "finished":
+                        pending.discard(message_id)
+            if not pending or time.monotonic() >= deadline:
+                return states
+            time.sleep(0.5)  # a poll interval: the loop ends on the condition or the deadline

@@ -3,7 +3,6 @@ the same cascade as single-process mode, and one scrape of the router sees every
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ import trio
 
 from bench.harness import Metrics
 from gateway.client import Client, send_request
-from tests.e2e.processes import GatewayProcess, free_port
+from tests.e2e.processes import GatewayProcess, free_port, wait_finished
 
 
 def config_text(
@@ -93,18 +92,8 @@ def message(index: int) -> dict[str, Any]:
 def run_campaign(endpoint: str) -> dict[str, Any]:
     with Client(endpoint, timeout_seconds=30) as client:
         accepted = client.send_batch([message(i) for i in range(30)])
-        assert {"accepted"} == {r["status"] for r in accepted}
-        deadline = time.monotonic() + 60
-        outcomes: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            states = client.request(
-                [{"v": 1, "op": "status", "id": f"m{i}", "tenant": "acme"} for i in range(30)]
-            )
-            outcomes = {s["id"]: s["message"] for s in states}
-            if all(m["state"] == "finished" for m in outcomes.values()):
-                break
-            time.sleep(0.5)
-        return outcomes
+    assert {"accepted"} == {r["status"] for r in accepted}
+    return wait_finished(endpoint, "acme", [f"m{i}" for i in range(30)], timeout_seconds=60)
 
 
 async def test_workers_and_webhook_processes_run_the_same_cascade(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import trio
 from gateway.client import Client, send_request
 from gateway.config import load_config
 from gateway.runtime.embedded import open_embedded
-from tests.e2e.processes import GatewayProcess, free_port
+from tests.e2e.processes import GatewayProcess, free_port, wait_finished
 from tests.e2e.prometheus import PROMTOOL, ensure_prometheus, running_prometheus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -259,10 +260,19 @@ async def test_logs_carry_no_personal_data(tmp_path: Path) -> None:
                 ]
                 secrets += request["recipient"].get("push_tokens", [])
             await trio.to_thread.run_sync(client.send_batch, requests)
-        await trio.sleep(6)
+        states = await trio.to_thread.run_sync(
+            partial(
+                wait_finished,
+                f"tcp://127.0.0.1:{ingest_port}",
+                "acme",
+                [request["id"] for request in requests],
+                timeout_seconds=60,
+            )
+        )
     finally:
         await gateway.stop()
     log = gateway.log_path.read_text()
+    assert {"finished"} == {state.get("state") for state in states.values()}
     assert "dispatch_finished" in log  # the log really covers the cascades
     leaked = [secret for secret in secrets if secret in log]
     assert [] == leaked
