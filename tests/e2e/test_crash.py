@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import pytest
 import trio
 
 from adapters.simulators.twilio import TwilioSimulator
@@ -25,6 +26,8 @@ from bench.harness import without_urls
 from gateway.client import Client, ClientError, send_request
 from gateway.config import SimulatorConfig
 from tests.e2e.processes import GatewayProcess, credentials_env, free_port, wait_finished
+
+pytestmark = pytest.mark.slow
 
 KILLS = 12
 BATCH = 20

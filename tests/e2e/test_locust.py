@@ -11,12 +11,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from bench.harness import LOCUST, locust_command, locust_environment
 from gateway.config import load_config
 from gateway.runtime.embedded import open_embedded
 from tests.e2e.test_observability import campaign_config
+
+pytestmark = pytest.mark.slow
 
 
 async def test_the_locustfile_loads_a_live_gateway(tmp_path: Path) -> None:

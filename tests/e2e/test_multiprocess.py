@@ -7,11 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from bench.harness import Metrics
 from gateway.client import Client, send_request
 from tests.e2e.processes import GatewayProcess, free_port, wait_finished
+
+pytestmark = pytest.mark.slow
 
 
 def config_text(

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from gateway.client import Client, send_request
@@ -130,6 +131,7 @@ def dashboard_expressions() -> list[str]:
     return [target["expr"] for panel in panels for target in panel.get("targets", [])]
 
 
+@pytest.mark.slow
 async def test_prometheus_sees_what_the_campaign_did(tmp_path: Path) -> None:
     http_port = free_port()
     config = load_config(campaign_config(tmp_path, http_port).encode(), {})
@@ -227,6 +229,7 @@ async def test_prometheus_sees_what_the_campaign_did(tmp_path: Path) -> None:
     assert 0 == lint.returncode, lint.stdout.decode() + lint.stderr.decode()
 
 
+@pytest.mark.slow
 def test_promtool_accepts_the_rules() -> None:
     ensure_prometheus()
     checked = subprocess.run(
@@ -236,6 +239,7 @@ def test_promtool_accepts_the_rules() -> None:
     assert b"SUCCESS: 21 rules found" in checked.stdout
 
 
+@pytest.mark.slow
 async def test_logs_carry_no_personal_data(tmp_path: Path) -> None:
     """Run a real gateway process at debug level through a whole campaign and scan its log."""
     http_port, ingest_port = free_port(), free_port()

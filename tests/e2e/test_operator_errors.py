@@ -19,6 +19,8 @@ from bench import harness
 from gateway.config import default_config_bytes
 from tests.e2e.processes import free_port
 
+pytestmark = pytest.mark.slow  # every test runs the installed command in a process of its own
+
 CASCADEGW = str(Path(sys.executable).with_name("cascadegw"))
 
 
