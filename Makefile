@@ -56,8 +56,10 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy && $(BIN)/lint-imports
 
+# the fast tests only: no locust virtualenv, no npm, no real Prometheus. Tests marked `slow`
+# (real processes) and tests/deploy (fresh virtualenvs; `make deploy-check`) run in `make test`
 unit: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" --ignore=tests/deploy $(PYTEST_ARGS)
 
 schema: $(STAMP)
 	$(BIN)/cascadegw schema > config/schema/cascadegw.schema.json

@@ -12,31 +12,44 @@ compared, not enforced (timed assertions belong to no test).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
-import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-
-import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-PYTHON = str(ROOT / ".venv" / "bin" / "python")
-LOCUST = str(ROOT / ".bench-venv" / "bin" / "locust")
-LOCUSTFILE = str(ROOT / "bench" / "locustfile.py")
+if str(ROOT) not in sys.path:  # `python bench/run.py` puts bench/ on the path, not its package
+    sys.path.insert(0, str(ROOT))
+
+from bench.harness import (  # noqa: E402
+    LOCUST,
+    Metrics,
+    Usage,
+    free_port,
+    free_port_block,
+    gateway_command,
+    kill_tree,
+    locust_command,
+    locust_environment,
+    scrape,
+    simulate_command,
+    status_kib,
+    tree_usage,
+    wait_for,
+    wait_ready,
+    without_urls,
+)
+
 RESULTS = ROOT / "bench" / "RESULTS.md"
 TICK_MICROSECONDS = 1_000_000 / os.sysconf("SC_CLK_TCK")
 
@@ -109,60 +122,6 @@ providers = {{ push = ["fcm_sim"], email = ["sendgrid_sim"], viber = ["viber_sim
 QUIET_ALL_DAY = '[[policy.quiet_hours]]\nstart = 00:00:00\nend = 23:59:59\ncategories = ["promo"]\n'
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-# ---------------------------------------------------------------- /proc sampling
-@dataclass
-class Usage:
-    cpu_ticks: int
-    rss_bytes: int
-    peak_rss_bytes: int
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(parent, []).append(int(entry.name))
-    found, queue = [], [pid]
-    while queue:
-        current = queue.pop()
-        found.append(current)
-        queue.extend(children.get(current, []))
-    return found
-
-
-def usage(pid: int) -> Usage:
-    """CPU ticks and RSS of a process and all its descendants (workers, webhook processes)."""
-    ticks = rss = peak = 0
-    for member in _descendants(pid):
-        try:
-            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
-            status = Path(f"/proc/{member}/status").read_text()
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])  # utime + stime
-        rss += _kib(status, "VmRSS") * 1024
-        peak += _kib(status, "VmHWM") * 1024
-    return Usage(ticks, rss, peak)
-
-
-def _kib(status: str, key: str) -> int:
-    match = re.search(rf"^{key}:\s+(\d+) kB", status, re.MULTILINE)
-    return int(match.group(1)) if match else 0
-
-
 # ---------------------------------------------------------------- the system under test
 @dataclass
 class Stack:
@@ -214,64 +173,32 @@ class Stack:
         config = self.write_config(self.directory / "journal.db")
         env_file = self.directory / "simulators.env.json"
         env_file.unlink(missing_ok=True)
-        self.processes["simulators"] = self._spawn(
-            "simulators",
-            [
-                PYTHON,
-                "-m",
-                "gateway",
-                "--config",
-                str(config),
-                "simulate",
-                "--port",
-                str(self.ports["simulators"]),
-                "--webhook-base",
-                self.http_url,
-                "--ingest",
-                self.endpoint,
-                "--env-out",
-                str(env_file),
-                "--log-level",
-                "error",
-            ],
-            os.environ,
+        command = simulate_command(
+            config,
+            port=self.ports["simulators"],
+            webhook_base=self.http_url,
+            ingest=self.endpoint,
+            env_out=env_file,
+            log_level="error",
         )
-        _wait(lambda: env_file.exists(), "simulators")
-        simulated = json.loads(env_file.read_text())
-        # the simulators' secrets, not their URLs: the config has the ports already
-        self.environ = {
-            **os.environ,
-            **{k: v for k, v in simulated.items() if not k.endswith("__URL")},
-        }
+        self.processes["simulators"] = self._spawn("simulators", command, os.environ)
+        wait_for(env_file.exists, "simulators", timeout_seconds=60)
+        self.environ = {**os.environ, **without_urls(json.loads(env_file.read_text()))}
         self.config = config
         self.start_gateway()
 
     def start_gateway(self) -> float:
         """Start the gateway; returns seconds until /readyz answered 200."""
         started = time.perf_counter()
-        command = [
-            PYTHON,
-            "-m",
-            "gateway",
-            "--config",
-            str(self.config),
-            "run",
-            "--log-level",
-            "error",
-        ]
-        if self.workers:
-            command += ["--workers", str(self.workers)]
-        self.processes["gateway"] = self._spawn("gateway", command, self.environ)
-        _wait(self._ready, "gateway", timeout_seconds=600)
+        command = gateway_command(self.config, log_level="error", workers=self.workers)
+        process = self._spawn("gateway", command, self.environ)
+        self.processes["gateway"] = process
+        wait_ready(self.http_url, process.poll, timeout_seconds=600)
         return time.perf_counter() - started
 
-    def _ready(self) -> bool:
-        try:
-            return httpx.get(f"{self.http_url}/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def _spawn(self, name: str, command: list[str], environ: Any) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, name: str, command: list[str], environ: Mapping[str, str]
+    ) -> subprocess.Popen[bytes]:
         log = (self.directory / f"{name}.log").open("ab")
         try:
             return subprocess.Popen(
@@ -282,9 +209,7 @@ class Stack:
 
     def kill_gateway(self) -> None:
         process = self.processes.pop("gateway")
-        for pid in reversed(_descendants(process.pid)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_tree(process.pid)
         process.wait()
 
     def stop(self) -> None:
@@ -300,47 +225,10 @@ class Stack:
                 process.wait()
 
     def usage(self) -> dict[str, Usage]:
-        return {name: usage(process.pid) for name, process in self.processes.items()}
+        return {name: tree_usage(process.pid) for name, process in self.processes.items()}
 
-    def metrics(self) -> dict[str, float]:
-        """The gateway's /metrics as ``{"name{labels}": value}``."""
-        text = httpx.get(f"{self.http_url}/metrics", timeout=10).text
-        values: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                series, _, value = line.rpartition(" ")
-                values[series] = float(value)
-        return values
-
-
-def free_port_block(count: int) -> int:
-    """A base port with ``count`` free ports after it."""
-    for _ in range(100):
-        base = free_port()
-        if base + count > 65535:
-            continue
-        probes: list[socket.socket] = []
-        try:
-            for offset in range(count):
-                probe = socket.socket()
-                probes.append(probe)
-                probe.bind(("127.0.0.1", base + offset))
-        except OSError:
-            continue
-        finally:
-            for probe in probes:
-                probe.close()
-        return base
-    raise RuntimeError("no block of free ports")
-
-
-def _wait(condition: Any, what: str, *, timeout_seconds: float = 60) -> None:
-    deadline = time.monotonic() + timeout_seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"{what} did not come up in {timeout_seconds} s")
+    def metrics(self) -> Metrics:
+        return scrape(self.http_url)
 
 
 @contextmanager
@@ -374,32 +262,15 @@ class LoadResult:
 def locust(
     stack: Stack, *, users: int, seconds: float, batch: int, env: dict[str, str] | None = None
 ) -> LoadResult:
-    environ = {
-        **os.environ,
-        "CASCADEGW_ENDPOINT": stack.endpoint,
-        "CASCADEGW_TENANT": "demo",
-        "CASCADEGW_BATCH": str(batch),
-        **(env or {}),
-    }
+    environ = {**locust_environment(stack.endpoint, "demo", batch), **(env or {})}
     started = time.perf_counter()
     completed = subprocess.run(
-        [
-            LOCUST,
-            "-f",
-            LOCUSTFILE,
-            "--headless",
-            "-u",
-            str(users),
-            "-r",
-            str(users),
-            "--run-time",
-            f"{int(seconds)}s",
-            "--stop-timeout",
-            "10",
-            "--json",
-            "--only-summary",
-            "CrmUser",
-        ],
+        locust_command(
+            users=users,
+            run_time_seconds=int(seconds),
+            stop_timeout_seconds=10,
+            user_classes=["CrmUser"],
+        ),
         env=environ,
         capture_output=True,
         check=False,
@@ -438,26 +309,6 @@ def _percentile(histogram: dict[float, int], fraction: float) -> float:
         if seen >= fraction * total:
             return value
     return max(histogram)
-
-
-def histogram_quantile(
-    metrics: dict[str, float], name: str, labels: str, fraction: float
-) -> float | None:
-    """Upper bound of the bucket holding the quantile (Prometheus' histogram, read directly)."""
-    buckets: list[tuple[float, float]] = []
-    for series, value in metrics.items():
-        if series.startswith(f"{name}_bucket{{") and labels in series:
-            found = re.search(r'le="([^"]+)"', series)
-            if found:
-                buckets.append((float(found.group(1)), value))
-    buckets.sort()
-    if not buckets or not buckets[-1][1]:
-        return None
-    total = buckets[-1][1]
-    for upper, count in buckets:
-        if count >= fraction * total:
-            return upper
-    return None
 
 
 def cpu_per_message(
@@ -571,12 +422,10 @@ def scenario_e2e(report: Report, work: Path, quick: bool) -> None:
                 result = locust(stack, users=8, seconds=seconds, batch=50, env=pace)
                 after = stack.usage()
                 metrics_after = stack.metrics()
-            sends = _delta(metrics_before, metrics_after, _PUSH_SENDS)
+            sends = _delta(metrics_before, metrics_after, "gateway_sends_total", **_PUSH_SENDS)
             cpu = cpu_per_message(before, after, int(sends))
-            p99 = histogram_quantile(
-                metrics_after, "gateway_accept_to_send_seconds", 'lane="normal"', 0.99
-            )
-            backlog = metrics_after.get('gateway_queue_depth{lane="normal"}', 0.0)
+            p99 = metrics_after.bucket_bound(_ACCEPT_TO_SEND, 0.99, lane="normal")
+            backlog = metrics_after.total("gateway_queue_depth", lane="normal")
             rows.append(
                 [
                     "single process" if not workers else f"{workers} worker processes",
@@ -607,7 +456,8 @@ def scenario_e2e(report: Report, work: Path, quick: bool) -> None:
     )
 
 
-_PUSH_SENDS = 'gateway_sends_total{channel="push",provider="fcm_sim",result="ok"}'
+_PUSH_SENDS = {"channel": "push", "provider": "fcm_sim", "result": "ok"}
+_ACCEPT_TO_SEND = "gateway_accept_to_send_seconds"
 
 
 def scenario_cascade(report: Report, work: Path, quick: bool) -> None:
@@ -633,16 +483,14 @@ def scenario_cascade(report: Report, work: Path, quick: bool) -> None:
         channel: _delta(
             before_metrics,
             metrics,
-            f'gateway_cascade_steps_total{{channel="{channel}",result="sent"}}',
+            "gateway_cascade_steps_total",
+            channel=channel,
+            result="sent",
         )
         for channel in ("push", "email", "viber", "sms")
     }
     outcomes = {
-        outcome: sum(
-            v
-            for k, v in metrics.items()
-            if k.startswith("gateway_cascade_outcomes_total{") and f'outcome="{outcome}"' in k
-        )
+        outcome: metrics.total("gateway_cascade_outcomes_total", outcome=outcome)
         for outcome in ("read", "clicked", "delivered", "exhausted")
     }
     total_sends = sum(sends.values())
@@ -685,7 +533,7 @@ def scenario_critical(report: Report, work: Path, quick: bool) -> None:
             batch=500,
             env={"CASCADEGW_PRIORITY": "bulk", "CASCADEGW_MAX_MESSAGES": str(bulk_messages)},
         )
-        queued = stack.metrics().get('gateway_queue_depth{lane="bulk"}', 0.0)
+        queued = stack.metrics().total("gateway_queue_depth", lane="bulk")
         critical = locust(
             stack,
             users=2,
@@ -694,10 +542,10 @@ def scenario_critical(report: Report, work: Path, quick: bool) -> None:
             env={"CASCADEGW_PRIORITY": "critical", "CASCADEGW_FRAMES_PER_SECOND": "10"},
         )
         metrics = stack.metrics()
-        still_queued = metrics.get('gateway_queue_depth{lane="bulk"}', 0.0)
+        still_queued = metrics.total("gateway_queue_depth", lane="bulk")
         rss = stack.usage()["gateway"].peak_rss_bytes
-    p99 = histogram_quantile(metrics, "gateway_accept_to_send_seconds", 'lane="critical"', 0.99)
-    p50 = histogram_quantile(metrics, "gateway_accept_to_send_seconds", 'lane="critical"', 0.50)
+    p99 = metrics.bucket_bound(_ACCEPT_TO_SEND, 0.99, lane="critical")
+    p50 = metrics.bucket_bound(_ACCEPT_TO_SEND, 0.50, lane="critical")
     report.table(
         "Critical lane while a bulk campaign drains",
         f"Goal: p99 accept->provider request <= 100 ms for critical messages while a bulk campaign of >= 1M drains. "
@@ -737,10 +585,10 @@ def scenario_pending(report: Report, work: Path, quick: bool) -> None:
         )
         time.sleep(2)
         loaded = stack.usage()["gateway"].rss_bytes
-        active = stack.metrics().get("gateway_active_cascades", 0.0)
+        active = stack.metrics().total("gateway_active_cascades")
         stack.kill_gateway()
         restart_seconds = stack.start_gateway()
-        recovered = stack.metrics().get("gateway_active_cascades", 0.0)
+        recovered = stack.metrics().total("gateway_active_cascades")
         after_restart = stack.usage()["gateway"].rss_bytes
     per_cascade = (loaded - idle) / max(active, 1)
     report.table(
@@ -769,8 +617,8 @@ def scenario_pending(report: Report, work: Path, quick: bool) -> None:
     )
 
 
-def _delta(before: dict[str, float], after: dict[str, float], series: str) -> float:
-    return after.get(series, 0.0) - before.get(series, 0.0)
+def _delta(before: Metrics, after: Metrics, name: str, /, **labels: str) -> float:
+    return after.total(name, **labels) - before.total(name, **labels)
 
 
 SCENARIOS = {
@@ -788,7 +636,7 @@ def machine() -> str:
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    memory = _kib(Path("/proc/meminfo").read_text().replace("MemTotal", "VmRSS"), "VmRSS") / 2**20
+    memory = (status_kib(Path("/proc/meminfo").read_text(), "MemTotal") or 0) / 2**20
     return f"{os.cpu_count()} x {cpu}, {memory:.0f} GiB RAM, {platform.platform()}, Python {platform.python_version()}"
 
 

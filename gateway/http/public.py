@@ -12,7 +12,7 @@
   button posts the same form, because mail scanners follow GET links and must not unsubscribe.
   "You are unsubscribed." is only said once the withdrawal is durable.
 
-Everything verified is handed to an ``InboundSink`` (``gateway.http.inbound``).
+Everything verified is handed to an ``InboundSink`` (``gateway.inbound``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The router's inbox: where verified webhooks, opt-outs and tracking hits come in.
 
-It implements ``gateway.http.inbound.InboundSink`` for the HTTP surface in this process, and
+It implements ``gateway.inbound.InboundSink`` for the HTTP surface in this process, and
 ``serve_events`` answers the same calls from webhook processes over ZeroMQ. Three promises:
 
 1. **Durable before answered.** ``deliver`` returns only once what it handed over is in the

@@ -1,35 +1,52 @@
-"""Running the real `cascadegw` command in a subprocess, against simulators in the test process."""
+"""Running the real `cascadegw` command in a subprocess, against simulators in the test process.
+
+Ports, command lines, readiness and /proc readings come from bench/harness.py, the harness
+`make bench` uses too.
+"""
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import sys
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
+from typing import Any
 
-import httpx
 import trio
 
-from adapters.simulators._base import Simulator
-from gateway.config import ENV_PREFIX, Secret
+from bench.harness import (
+    POLL_INTERVAL_SECONDS,
+    answers_ok,
+    credentials_env,
+    free_port,
+    gateway_command,
+    kill_tree,
+    rss_bytes_of,
+)
+from gateway.client import Client, status_request
+
+__all__ = [
+    "GatewayProcess",
+    "credentials_env",
+    "free_port",
+    "rss_bytes_of",
+    "standalone_config",
+    "wait_answering",
+    "wait_finished",
+]
+STATUS_CHUNK = 200  # status requests per frame
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def credentials_env(name: str, simulator: Simulator) -> dict[str, str]:
-    """A simulator's credentials as the environment variables a gateway process reads."""
-    environ = {}
-    for key, value in simulator.credentials().items():
-        variable = f"{ENV_PREFIX}PROVIDERS__{name.upper()}__{key.upper()}"
-        environ[variable] = value.reveal() if isinstance(value, Secret) else json.dumps(value)
-    return environ
+async def wait_answering(
+    url: str, process: trio.Process, what: str, *, timeout_seconds: float
+) -> None:
+    """Poll ``url`` until it answers 200; fail as soon as ``process`` exits, or at the deadline."""
+    with trio.fail_after(timeout_seconds):
+        # the probe is blocking httpx: in a thread, so simulators in this process keep serving
+        while not await trio.to_thread.run_sync(answers_ok, url):
+            if process.returncode is not None:
+                raise RuntimeError(f"{what} exited with {process.returncode}")
+            await trio.sleep(POLL_INTERVAL_SECONDS)
 
 
 class GatewayProcess:
@@ -55,16 +72,7 @@ class GatewayProcess:
         self.log_level = "warning"
 
     async def start(self) -> None:
-        command = [
-            sys.executable,
-            "-m",
-            "gateway",
-            "--config",
-            str(self.config_path),
-            "run",
-            "--log-level",
-            self.log_level,
-        ]
+        command = gateway_command(self.config_path, log_level=self.log_level)
         with self.log_path.open("ab") as log:  # the child keeps its own descriptor
             self.process = await trio.lowlevel.open_process(
                 command, env=self.environ, stdout=log, stderr=log, preexec_fn=self.preexec
@@ -72,24 +80,16 @@ class GatewayProcess:
         await self.wait_ready()
 
     async def wait_ready(self, timeout_seconds: float = 30.0) -> None:
-        async with httpx.AsyncClient() as client:
-            with trio.fail_after(timeout_seconds):
-                while True:
-                    assert self.process is not None
-                    if self.process.returncode is not None:
-                        raise RuntimeError(
-                            f"gateway exited with {self.process.returncode}; see {self.log_path}"
-                        )
-                    try:
-                        if (await client.get(f"{self.http_url}/readyz")).status_code == 200:
-                            return
-                    except httpx.HTTPError:
-                        pass
-                    await trio.sleep(0.05)
+        assert self.process is not None
+        what = f"the gateway (log: {self.log_path})"
+        await wait_answering(
+            f"{self.http_url}/readyz", self.process, what, timeout_seconds=timeout_seconds
+        )
 
     async def kill(self) -> None:
+        """SIGKILL the gateway and any worker processes, as a crash leaves them."""
         assert self.process is not None
-        self.process.kill()
+        kill_tree(self.process.pid)
         await self.process.wait()
 
     async def stop(self) -> int:
@@ -97,15 +97,6 @@ class GatewayProcess:
         self.process.terminate()
         with trio.fail_after(30):
             return await self.process.wait()
-
-
-def rss_bytes_of(pid: int) -> int:
-    """Resident set size of a process (Linux /proc)."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
 
 
 def standalone_config(
@@ -155,3 +146,29 @@ providers = {{ email = ["email1"], sms = ["sms1"] }}
 """
     )
     return path, f"http://127.0.0.1:{http_port}", f"tcp://127.0.0.1:{ingest_port}"
+
+
+def wait_finished(
+    endpoint: str, tenant: str, message_ids: Collection[str], *, timeout_seconds: float
+) -> dict[str, Any]:
+    """Poll the status of ``message_ids`` until every cascade has finished, or the deadline.
+
+    Blocking (run it in a thread). Returns the last state seen of each message: its
+    ``message`` object, or the whole reply when the gateway knows no such message.
+    """
+    deadline = time.monotonic() + timeout_seconds
+    pending = set(message_ids)
+    states: dict[str, Any] = {}
+    with Client(endpoint, timeout_seconds=10) as client:
+        while True:
+            order = sorted(pending)
+            for start in range(0, len(order), STATUS_CHUNK):
+                chunk = order[start : start + STATUS_CHUNK]
+                replies = client.request([status_request(m, tenant) for m in chunk])
+                for message_id, reply in zip(chunk, replies, strict=True):
+                    states[message_id] = reply.get("message") or reply
+                    if states[message_id].get("state") == "finished":
+                        pending.discard(message_id)
+            if not pending or time.monotonic() >= deadline:
+                return states
+            time.sleep(0.5)  # a poll interval: the loop ends on the condition or the deadline

@@ -9,10 +9,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import httpx
 import trio
 
-from tests.e2e.processes import free_port
+from tests.e2e.processes import free_port, wait_answering
 
 PROMETHEUS = "/usr/bin/prometheus"
 PROMTOOL = "/usr/bin/promtool"
@@ -60,15 +59,8 @@ async def running_prometheus(tmp_path: Path, *, target: str, rules: Path) -> Asy
             stderr=log,
         )
     try:
-        async with httpx.AsyncClient() as client:
-            with trio.fail_after(60):
-                while True:
-                    try:
-                        if (await client.get(f"{url}/-/ready")).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    await trio.sleep(0.2)
+        what = f"prometheus (log: {tmp_path / 'prometheus.log'})"
+        await wait_answering(f"{url}/-/ready", process, what, timeout_seconds=60)
         yield url
     finally:
         process.terminate()

@@ -11,22 +11,27 @@ from __future__ import annotations
 import json
 import random
 import threading
-import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import pytest
 import trio
 
 from adapters.simulators.twilio import TwilioSimulator
 from adapters.simulators.viber import ViberSimulator
-from gateway.client import Client, ClientError, send_request, status_request
+from bench.harness import without_urls
+from gateway.client import Client, ClientError, send_request
 from gateway.config import SimulatorConfig
-from tests.e2e.processes import GatewayProcess, credentials_env, free_port
+from tests.e2e.processes import GatewayProcess, credentials_env, free_port, wait_finished
+
+pytestmark = pytest.mark.slow
 
 KILLS = 12
 BATCH = 20
+PACE_SECONDS = 0.1  # between batches: a CRM streaming, not a flood
 MAX_MESSAGES = 1200  # a paced stream the providers drain even with the suite's coverage tracing on
 PROVIDER_CONCURRENCY = 8
 
@@ -105,14 +110,15 @@ class Streamer:
         self.acked: set[str] = set()
         self.sent_batches = 0
         self.stop = threading.Event()
+        self.finished = False
+        self.progress = threading.Condition()  # notified at every acked batch and at the end
         self.errors: list[str] = []
 
     def run(self) -> None:
         next_index = 0
         client = Client(self.endpoint, timeout_seconds=1.5)
         try:
-            while not self.stop.is_set() and next_index < MAX_MESSAGES:
-                time.sleep(0.1)
+            while next_index < MAX_MESSAGES and not self.stop.wait(PACE_SECONDS):
                 batch = [message(i) for i in range(next_index, next_index + BATCH)]
                 try:
                     results = client.send_batch(batch)
@@ -126,9 +132,23 @@ class Streamer:
                     else:
                         self.errors.append(f"{request['id']}: {result}")
                 next_index += BATCH
-                self.sent_batches += 1
+                with self.progress:
+                    self.sent_batches += 1
+                    self.progress.notify_all()
         finally:
             client.close()
+            with self.progress:
+                self.finished = True
+                self.progress.notify_all()
+
+    def wait_for_a_batch(self, timeout_seconds: float = 60.0) -> bool:
+        """Block until one more batch is acked or the stream has sent all it had; False if
+        neither happens in ``timeout_seconds``."""
+        with self.progress:
+            acked_batches = self.sent_batches
+            return self.progress.wait_for(
+                lambda: self.sent_batches > acked_batches or self.finished, timeout_seconds
+            )
 
 
 async def test_sigkill_never_loses_an_acked_message(tmp_path: Path) -> None:
@@ -160,30 +180,38 @@ async def test_sigkill_never_loses_an_acked_message(tmp_path: Path) -> None:
         http_url = f"http://127.0.0.1:{http_port}"
         viber.webhook_url = f"{http_url}/webhooks/viber1"
         environ = {**credentials_env("viber1", viber), **credentials_env("sms1", twilio)}
-        # the URLs come from the config file; only the secrets and ids travel in the environment
-        environ = {k: v for k, v in environ.items() if not k.endswith("__URL")}
-        gateway = GatewayProcess(config_path, environ, http_url)
+        gateway = GatewayProcess(config_path, without_urls(environ), http_url)
         await gateway.start()
 
         streamer = Streamer(f"tcp://127.0.0.1:{ingest_port}")
         thread = threading.Thread(target=streamer.run, daemon=True)
         thread.start()
         for _ in range(KILLS):
+            # the kill schedule, not a wait for an outcome: random moments while batches flow
             await trio.sleep(rng.uniform(0.3, 1.2))
             await gateway.kill()
-            await trio.sleep(rng.uniform(0.0, 0.3))
+            await trio.sleep(rng.uniform(0.0, 0.3))  # down for a random while
             await gateway.start()
-        await trio.sleep(1.0)
+        # the last incarnation takes traffic before the stream stops
+        took_traffic = await trio.to_thread.run_sync(streamer.wait_for_a_batch)
         streamer.stop.set()
         await trio.to_thread.run_sync(thread.join)
 
         # every acked message exists and its cascade runs to the end (Viber unread -> SMS -> done)
-        unfinished = await trio.to_thread.run_sync(
-            _wait_finished, f"tcp://127.0.0.1:{ingest_port}", sorted(streamer.acked)
+        states = await trio.to_thread.run_sync(
+            partial(
+                wait_finished,
+                f"tcp://127.0.0.1:{ingest_port}",
+                "acme",
+                streamer.acked,
+                timeout_seconds=180,
+            )
         )
+        unfinished = {m: state for m, state in states.items() if state.get("state") != "finished"}
         exit_code = await gateway.stop()
         nursery.cancel_scope.cancel()
 
+    assert took_traffic, "no batch acked after the last restart, and the stream not done"
     assert [] == streamer.errors
     assert len(streamer.acked) >= 200, "the stream should have carried a few hundred messages"
     assert {} == unfinished, f"{len(unfinished)} unfinished, e.g. {sorted(unfinished.items())[:2]}"
@@ -210,25 +238,3 @@ def _keys(simulator: ViberSimulator | TwilioSimulator) -> list[str]:
             callback = parse_qs(recorded.body.decode())["StatusCallback"][0]
             keys.append(parse_qs(urlsplit(callback).query)["m"][0])
     return keys
-
-
-def _wait_finished(
-    endpoint: str, message_ids: list[str], timeout_seconds: float = 180.0
-) -> dict[str, Any]:
-
-    deadline = time.monotonic() + timeout_seconds
-    pending = set(message_ids)
-    states: dict[str, Any] = {}
-    with Client(endpoint, timeout_seconds=10) as client:
-        while pending and time.monotonic() < deadline:
-            for chunk_start in range(0, len(pending), 200):
-                chunk = sorted(pending)[chunk_start : chunk_start + 200]
-                for message_id, result in zip(
-                    chunk, client.request([status_request(m, "acme") for m in chunk]), strict=True
-                ):
-                    state = result.get("message", {})
-                    states[message_id] = state or result
-                    if state.get("state") == "finished":
-                        pending.discard(message_id)
-            time.sleep(0.5)
-    return {m: states.get(m) for m in pending}

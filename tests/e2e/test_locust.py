@@ -8,18 +8,18 @@ it too).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
+from bench.harness import LOCUST, locust_command, locust_environment
 from gateway.config import load_config
 from gateway.embedded import open_embedded
 from tests.e2e.test_observability import campaign_config
 
-ROOT = Path(__file__).resolve().parents[2]
-LOCUST = ROOT / ".bench-venv" / "bin" / "locust"
+pytestmark = pytest.mark.slow
 
 
 async def test_the_locustfile_loads_a_live_gateway(tmp_path: Path) -> None:
@@ -30,32 +30,17 @@ async def test_the_locustfile_loads_a_live_gateway(tmp_path: Path) -> None:
         viber_token = gateway.config.providers["viber1"].auth_token
         assert viber_token is not None
         environ = {
-            **os.environ,
-            "CASCADEGW_ENDPOINT": gateway.ingest_endpoint,
-            "CASCADEGW_TENANT": "acme",
-            "CASCADEGW_BATCH": "10",
+            **locust_environment(gateway.ingest_endpoint, "acme", batch=10),
             "CASCADEGW_WEBHOOK_URL": f"{gateway.http_url}/webhooks/viber1",
             "CASCADEGW_VIBER_TOKEN": viber_token.reveal(),
         }
         completed = await trio.run_process(
-            [
-                str(LOCUST),
-                "-f",
-                str(ROOT / "bench" / "locustfile.py"),
-                "--headless",
-                "-u",
-                "4",
-                "-r",
-                "4",
-                "--run-time",
-                "4s",
-                "--stop-timeout",
-                "5",
-                "--json",
-                "--only-summary",
-                "CrmUser",
-                "WebhookUser",
-            ],
+            locust_command(
+                users=4,
+                run_time_seconds=4,
+                stop_timeout_seconds=5,
+                user_classes=["CrmUser", "WebhookUser"],
+            ),
             env=environ,
             capture_stdout=True,
             capture_stderr=True,

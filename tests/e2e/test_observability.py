@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import json
 import subprocess
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from gateway.client import Client, send_request
 from gateway.config import load_config
 from gateway.embedded import open_embedded
-from tests.e2e.processes import GatewayProcess, free_port
+from tests.e2e.processes import GatewayProcess, free_port, wait_finished
 from tests.e2e.prometheus import PROMTOOL, ensure_prometheus, running_prometheus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,6 +131,7 @@ def dashboard_expressions() -> list[str]:
     return [target["expr"] for panel in panels for target in panel.get("targets", [])]
 
 
+@pytest.mark.slow
 async def test_prometheus_sees_what_the_campaign_did(tmp_path: Path) -> None:
     http_port = free_port()
     config = load_config(campaign_config(tmp_path, http_port).encode(), {})
@@ -226,6 +229,7 @@ async def test_prometheus_sees_what_the_campaign_did(tmp_path: Path) -> None:
     assert 0 == lint.returncode, lint.stdout.decode() + lint.stderr.decode()
 
 
+@pytest.mark.slow
 def test_promtool_accepts_the_rules() -> None:
     ensure_prometheus()
     checked = subprocess.run(
@@ -235,6 +239,7 @@ def test_promtool_accepts_the_rules() -> None:
     assert b"SUCCESS: 21 rules found" in checked.stdout
 
 
+@pytest.mark.slow
 async def test_logs_carry_no_personal_data(tmp_path: Path) -> None:
     """Run a real gateway process at debug level through a whole campaign and scan its log."""
     http_port, ingest_port = free_port(), free_port()
@@ -259,10 +264,19 @@ async def test_logs_carry_no_personal_data(tmp_path: Path) -> None:
                 ]
                 secrets += request["recipient"].get("push_tokens", [])
             await trio.to_thread.run_sync(client.send_batch, requests)
-        await trio.sleep(6)
+        states = await trio.to_thread.run_sync(
+            partial(
+                wait_finished,
+                f"tcp://127.0.0.1:{ingest_port}",
+                "acme",
+                [request["id"] for request in requests],
+                timeout_seconds=60,
+            )
+        )
     finally:
         await gateway.stop()
     log = gateway.log_path.read_text()
+    assert {"finished"} == {state.get("state") for state in states.values()}
     assert "dispatch_finished" in log  # the log really covers the cascades
     leaked = [secret for secret in secrets if secret in log]
     assert [] == leaked

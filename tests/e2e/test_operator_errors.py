@@ -11,14 +11,15 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
+from bench import harness
 from gateway.config import default_config_bytes
 from tests.e2e.processes import free_port
+
+pytestmark = pytest.mark.slow  # every test runs the installed command in a process of its own
 
 CASCADEGW = str(Path(sys.executable).with_name("cascadegw"))
 
@@ -92,17 +93,12 @@ class TestFromAnyDirectory:
 
 
 def wait_ready(url: str, process: subprocess.Popen[str]) -> bool:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            return False
-        try:
-            if httpx.get(f"{url}/readyz").status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    return False
+    """Whether the gateway answered /readyz within a minute (False if it exited first)."""
+    try:
+        harness.wait_ready(url, process.poll, timeout_seconds=60)
+    except harness.NotReady:
+        return False
+    return True
 
 
 class TestOneLineErrors:
