@@ -54,9 +54,10 @@ class TrackingVerdict(enum.StrEnum):
 
 
 class WebhookReceipts(msgspec.Struct, frozen=True, tag=True):
+    """Receipts parsed from one verified webhook request (each carries its own time)."""
+
     provider: str
     receipts: list[ProviderReceipt]
-    at: float
 
 
 class WebhookVerdict(msgspec.Struct, frozen=True, tag=True):

@@ -87,7 +87,7 @@ def public_routes(
                 log.warning("webhook_verdict_not_counted", provider=name)
             return Response(rejected.verdict, status_code=status)
         try:
-            await sink.deliver(WebhookReceipts(name, receipts, now()))
+            await sink.deliver(WebhookReceipts(name, receipts))
         except SinkFull:
             # not taken or not yet durable: the provider retries a 503, and a retried event
             # is applied once, so the receipt is delayed, never lost nor doubled

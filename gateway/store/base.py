@@ -256,18 +256,6 @@ class Journal(Protocol):
         ...
 
 
-def decode_record(data: bytes) -> MessageRecord:
-    return _record_decoder.decode(data)
-
-
-def encode_record(record: MessageRecord) -> bytes:
-    return _encoder.encode(record)
-
-
-_record_decoder = msgspec.msgpack.Decoder(MessageRecord)
-_encoder = msgspec.msgpack.Encoder()
-
-
 async def active_pages(journal: Journal, *, limit: int) -> AsyncIterator[list[MessageRecord]]:
     """Every active message, page by page, as ``Journal.active_page`` hands them out."""
     cursor: int | None = None

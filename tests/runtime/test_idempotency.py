@@ -149,7 +149,7 @@ class TestTimesFromOutside:
         receipt = ProviderReceipt(
             ReceiptKind.DELIVERED, 253402300800.0, message_key="acme:m1", event_id="e1"
         )
-        harness.inbound(WebhookReceipts("email1", [receipt], harness.now))
+        harness.inbound(WebhookReceipts("email1", [receipt]))
         await harness.commit()
         delivered = [event for event in harness.published if event.kind == "delivered"]
         assert 1 == len(delivered)

@@ -295,7 +295,7 @@ async def apply(world: World, step: Action) -> None:
                 )
                 pair = (recipient, channel)
                 resolves = pair in world.addresses_durable or pair in world.addresses_staged
-            harness.inbound(WebhookReceipts(provider, [receipt], harness.now))
+            harness.inbound(WebhookReceipts(provider, [receipt]))
             if resolves:
                 world.staged.append((recipient, channel, harness.now))
         case Commit():
