@@ -161,6 +161,18 @@ def promo(message_id: str, recipient_id: str | None = None, **fields: Any) -> di
     )
 
 
+async def wait_for(
+    condition: Callable[[], bool], *, timeout_seconds: float = 60.0, what: str = ""
+) -> None:
+    """Return as soon as ``condition()`` holds; fail after ``timeout_seconds`` of trio time
+    (virtual under a MockClock). Tests wait for outcomes this way, never for a fixed time."""
+    with trio.move_on_after(timeout_seconds):
+        while not condition():  # noqa: ASYNC110 - the state polled signals nothing
+            await trio.sleep(0.01)
+        return
+    raise AssertionError(f"not true within {timeout_seconds} s: {what or condition}")
+
+
 def rss_bytes() -> int:
     """Resident set size of this process (Linux /proc)."""
     with open(f"/proc/{os.getpid()}/status") as status:

@@ -10,7 +10,8 @@ import trio.testing
 
 from gateway.app import open_gateway
 from gateway.client import open_client
-from tests.support import NOON_UTC, in_test_providers, make_config, promo
+from gateway.core.cascade import Status
+from tests.support import NOON_UTC, in_test_providers, make_config, promo, wait_for
 
 
 class TestConsents:
@@ -78,17 +79,17 @@ class TestMessages:
 
     async def test_timeline(self, tmp_path: Path, jumping_clock: trio.testing.MockClock) -> None:
         config = make_config(tmp_path)
+        providers = in_test_providers(config)
         async with (
-            open_gateway(
-                config,
-                adapters=in_test_providers(config),
-                wall_at_start=NOON_UTC,
-            ) as gateway,
+            open_gateway(config, adapters=providers, wall_at_start=NOON_UTC) as gateway,
             open_client(gateway.ingest_endpoint, timeout_seconds=1e6) as client,
             httpx.AsyncClient(base_url=gateway.http_url) as http,
         ):
             await client.send(promo("m1"))
-            await trio.sleep(1)
+            await wait_for(lambda: bool(providers["push1"].sent), what="push sent")
+            await wait_for(
+                lambda: gateway.state.records["acme:m1"].cascade.status is Status.AWAITING
+            )
             found = await http.get("/v1/messages/acme/m1")
             missing = await http.get("/v1/messages/acme/nope")
             other = await http.get("/v1/messages/nobody/m1")

@@ -14,11 +14,19 @@ import trio.testing
 from gateway.app import Gateway, open_gateway
 from gateway.client import AsyncClient, open_client, open_subscription, rfc3339
 from gateway.config import GatewayConfig
+from gateway.core.cascade import Status
 from gateway.core.errors import InvalidRecipient, ProviderUnavailable, RateLimited
 from gateway.core.model import Channel
 from gateway.core.receipts import Fact
 from gateway.runtime.receipts import Receipt
-from tests.support import NOON_UTC, InTestProvider, in_test_providers, make_config, promo
+from tests.support import (
+    NOON_UTC,
+    InTestProvider,
+    in_test_providers,
+    make_config,
+    promo,
+    wait_for,
+)
 
 LONG = 1e6
 
@@ -300,10 +308,10 @@ class TestPriorityLanes:
                 "push1"
             ].concurrency = 1  # one slow request at a time
             await client.send_batch([promo(f"bulk{i}", priority="bulk") for i in range(50)])
-            await trio.sleep(0.5)
+            await wait_for(lambda: providers["push1"].calls >= 1, what="the backlog started")
             await client.send(promo("otp", category="service", priority="critical"))
             await client.send(promo("news", priority="normal"))
-            await trio.sleep(60)
+            await wait_for(lambda: len(providers["push1"].sent) == 52, timeout_seconds=600)
         order = providers["push1"].keys()
         assert 52 == len(order)
         # at most the one bulk request already in flight goes before the OTP
@@ -322,11 +330,17 @@ class TestRecovery:
         async with running(config, providers) as (gateway, client):
             await client.send(promo("awaiting"))
             await client.send(promo("later", send_at=datetime.fromtimestamp(NOON_UTC + 1000, UTC)))
-            await trio.sleep_until(at_clock(gateway, 10))
-        assert ["acme:awaiting"] == providers["push1"].keys()
+            await wait_for(lambda: providers["push1"].keys() == ["acme:awaiting"])
+            await wait_for(
+                lambda: gateway.state.records["acme:awaiting"].cascade.status is Status.AWAITING
+            )
         async with running(config, providers, wall=NOON_UTC + 20) as (gateway, client):
             assert 2 == len(gateway.state.records)
-            await trio.sleep_until(gateway.clock.trio_deadline(NOON_UTC + 1001))
+            # the push step times out at +300 s (email), "later" is due at +1000 s (push)
+            await wait_for(lambda: len(providers["push1"].sent) == 2, timeout_seconds=2000)
+            await wait_for(lambda: bool(providers["email1"].sent))
+            # both moments passed, in virtual time, and nothing ran early
+            assert gateway.clock.now() >= NOON_UTC + 1000
         assert ["acme:awaiting"] == providers["email1"].keys()
         assert ["acme:awaiting", "acme:later"] == providers["push1"].keys()
 
@@ -337,12 +351,11 @@ class TestRecovery:
         slow = in_test_providers(config, delay_seconds=3600)
         async with running(config, slow) as (gateway, client):
             await client.send(promo("m1"))
-            await trio.sleep(10)
-            assert 1 == slow["push1"].calls
+            await wait_for(lambda: slow["push1"].calls == 1, what="the request is in flight")
         providers = in_test_providers(config)
         async with running(config, providers, wall=NOON_UTC + 100) as (gateway, _):
             assert 1 == gateway.resent_at_start
-            await trio.sleep(1)
+            await wait_for(lambda: bool(providers["push1"].sent))
         assert ["acme:m1"] == providers["push1"].keys()
 
 
@@ -358,7 +371,16 @@ class TestStatusEvents:
             running(config, providers) as (gateway, client),
             open_subscription(gateway.status_endpoint, "acme") as events,
         ):
-            await trio.sleep(0.2)  # let the SUB connect (slow joiner)
+            # a subscription counts once the publisher has it (ZeroMQ's slow joiner)
+            subscribed = {"verdict": "accepted"}
+            await wait_for(
+                lambda: (
+                    gateway.registry.get_sample_value(
+                        "gateway_status_subscriptions_total", subscribed
+                    )
+                    == 1
+                )
+            )
             await client.send(promo("m1"))
             await client.event("m1", "acme", kind="opened")
             received: list[Any] = []

@@ -13,7 +13,7 @@ import zmq
 
 from gateway.app import open_gateway
 from gateway.client import open_client
-from tests.support import NOON_UTC, in_test_providers, make_config, promo, rss_bytes
+from tests.support import NOON_UTC, in_test_providers, make_config, promo, rss_bytes, wait_for
 
 FUZZ_FRAMES = 100_000
 VALID_EVERY = 97
@@ -126,7 +126,8 @@ class TestFuzz:
             counts = await trio.to_thread.run_sync(_fuzz, gateway.ingest_endpoint, 20261123)
             async with open_client(gateway.ingest_endpoint) as client:
                 alive = await client.status("ok0", "acme")
-            await trio.sleep(0.5)
+            wanted = {f"acme:ok{i}" for i in range(0, FUZZ_FRAMES, VALID_EVERY)}
+            await wait_for(lambda: wanted <= set(providers["push1"].keys()), what="sent")
         assert FUZZ_FRAMES == counts["replies"]
         assert 0 == counts["undecodable_replies"]
         assert counts["valid_sent"] == counts["accepted"]

@@ -13,8 +13,9 @@ import zmq
 
 from gateway.app import open_gateway
 from gateway.client import open_client, status_request
+from gateway.core.model import Lane
 from gateway.store.base import Batch
-from tests.support import NOON_UTC, in_test_providers, make_config, promo
+from tests.support import NOON_UTC, in_test_providers, make_config, promo, wait_for
 
 LONG = 1e6  # client timeouts in virtual seconds: the mock clock may jump while we wait
 
@@ -37,7 +38,10 @@ class TestDurableAcks:
         async with open_gateway(config, adapters=providers, wall_at_start=NOON_UTC) as gateway:
             commit = gateway.journal.commit
 
+            holding = trio.Event()
+
             async def held_commit(batch: Batch) -> None:
+                holding.set()
                 await release.wait()
                 await commit(batch)
 
@@ -50,15 +54,14 @@ class TestDurableAcks:
 
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(send)
-                    await trio.sleep(5)
+                    await holding.wait()  # the request is admitted; its commit is held
                     assert [] == replies
                     assert 0 == journal_rows(tmp_path / "journal.db")
                     assert [] == providers["push1"].sent
                     release.set()
             assert "accepted" == replies[0]["status"]
             assert 1 == journal_rows(tmp_path / "journal.db")
-            await trio.sleep(1)
-            assert ["acme:m1"] == providers["push1"].keys()
+            await wait_for(lambda: providers["push1"].keys() == ["acme:m1"])
 
     async def test_concurrent_frames_share_commits(
         self, tmp_path: Path, jumping_clock: trio.testing.MockClock
@@ -100,7 +103,7 @@ class TestDuplicates:
             first = await client.send(promo("m1"))
             again = await client.send(promo("m1"))
             in_batch = await client.send_batch([promo("m2"), promo("m2")])
-            await trio.sleep(1)
+            await wait_for(lambda: len(providers["push1"].sent) >= 2)
         assert "accepted" == first["status"]
         assert "duplicate" == again["status"]
         assert "m1" == again["id"]
@@ -118,13 +121,15 @@ class TestDuplicates:
             open_client(gateway.ingest_endpoint, timeout_seconds=LONG) as client,
         ):
             assert "accepted" == (await client.send(promo("m1")))["status"]
-            await trio.sleep(1)
+            await wait_for(lambda: bool(providers["push1"].sent))
         async with (
             open_gateway(config, adapters=providers, wall_at_start=NOON_UTC + 60) as gateway,
             open_client(gateway.ingest_endpoint, timeout_seconds=LONG) as client,
         ):
             again = await client.send(promo("m1"))
-            await trio.sleep(1)
+            # a duplicate is a journal query, never a job: nothing is queued or on its way
+            queued = sum(gateway.dispatcher.queues.depth(lane) for lane in Lane)
+            assert (0, 0) == (queued, gateway.dispatcher.inflight())
         assert "duplicate" == again["status"]
         assert ["acme:m1"] == providers["push1"].keys()
 
