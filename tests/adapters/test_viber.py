@@ -9,6 +9,7 @@ import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import httpx
 import hypercorn.config
@@ -141,7 +142,7 @@ class TestBuildRequest:
 
     def test_a_caption_too_long_for_a_picture_goes_as_text(self) -> None:
         text = "x" * 769
-        body = viber.message_body(outgoing(text=text, image_url="https://cdn.test/a.jpg"))
+        body = viber.message_body(outgoing(text=text, image_url="https://cdn.test/a.png"))
         assert ("text", text) == (body["type"], body["text"])
         assert "media" not in body
 
@@ -649,16 +650,66 @@ class TestAgainstSimulator:
             assert int(receipt.provider_message_id) > 0
 
     @pytest.mark.parametrize(
-        ("image_url", "sent_as"),
-        [("https://cdn.test/a.png", "picture"), ("https://cdn.test/image?id=5", "text")],
+        ("caption", "image_url"),
+        [
+            ("Spring sale " + "x" * (768 - 12), "https://cdn.test/spring/sale.png?v=3"),
+            ("Sale", "https://cdn.test/a.JPEG"),
+            ("Sale", "http://cdn.test/b/c.gif#top"),
+        ],
+        ids=["768-character-caption", "jpeg", "gif"],
     )
-    async def test_images_are_accepted_as_pictures_or_sent_as_text(
-        self, image_url: str, sent_as: str
+    async def test_a_picture_message_is_what_viber_requires(
+        self, caption: str, image_url: str
+    ) -> None:
+        """Viber's picture message (send_message, ``type: "picture"``): ``text`` is required,
+        at most 768 characters; ``media`` is required, the http(s) URL of a JPEG, PNG or GIF
+        "with a .jpeg, .png or .gif file extension as the last path segment"; ``thumbnail`` is
+        optional, a reduced image of at most 100 KB, so the picture itself is no thumbnail:
+        having none, the adapter must send none. A message is at most 30 KB.
+
+        Checked on the request as it reached the simulator, against those rules written out
+        here, not against the adapter's own constants."""
+        async with rig() as r:
+            receipt = await r.adapter.send(
+                outgoing(address="vb-ignore-1", text=caption, image_url=image_url)
+            )
+            (recorded,) = r.sim.requests
+        body = json.loads(recorded.body)
+        assert receipt.provider_message_id is not None  # accepted, status 0
+        assert {
+            "receiver",
+            "min_api_version",
+            "sender",
+            "tracking_data",
+            "type",
+            "text",
+            "media",
+        } == set(body)  # no thumbnail
+        assert ("picture", caption, image_url) == (body["type"], body["text"], body["media"])
+        assert isinstance(body["text"], str)
+        assert len(body["text"]) <= 768
+        media = urlsplit(body["media"])
+        assert media.scheme in ("http", "https")
+        assert media.path.rsplit("/", 1)[-1].lower().endswith((".jpeg", ".png", ".gif"))
+        assert len(recorded.body) <= 30 * 1024
+
+    @pytest.mark.parametrize(
+        ("text", "image_url"),
+        [
+            ("x" * 769, "https://cdn.test/a.png"),  # a caption Viber would refuse
+            ("Sale", "https://cdn.test/a.jpg"),  # an extension Viber does not name
+            ("Sale", "https://cdn.test/image?id=5.png"),  # the extension is in the query
+        ],
+    )
+    async def test_an_image_viber_would_refuse_goes_as_text_without_it(
+        self, text: str, image_url: str
     ) -> None:
         async with rig() as r:
-            await r.adapter.send(outgoing(address="vb-ignore-1", image_url=image_url))
+            await r.adapter.send(outgoing(address="vb-ignore-1", text=text, image_url=image_url))
             (recorded,) = r.sim.requests
-            assert sent_as == json.loads(recorded.body)["type"]
+        body = json.loads(recorded.body)
+        assert ("text", text) == (body["type"], body["text"])
+        assert not {"media", "thumbnail"} & set(body)
 
     async def test_an_overlong_text_is_refused_before_any_request(self) -> None:
         async with rig() as r:
