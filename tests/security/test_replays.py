@@ -14,7 +14,7 @@ import trio
 import trio.testing
 
 from adapters.simulators._base import Simulator
-from tests.e2e.simulated import e2e_config, gateway_with_simulators, outcome, promo
+from tests.e2e.simulated import LONG, e2e_config, gateway_with_simulators, outcome, promo
 
 REPLAYS = 5
 
@@ -73,7 +73,7 @@ async def test_a_callback_replayed_five_times_is_stored_once(
         await client.send(promo("m1", channels=[channel], **address))
         # the receipt comes after ~1 s (virtual)
         url, body, headers = await recorder.first(delivered, within_seconds=600)
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient(timeout=LONG) as http:  # not 5 s of a jumping clock
             answers = [
                 (await http.post(url, content=body, headers=headers)).status_code
                 for _ in range(REPLAYS)
@@ -112,7 +112,7 @@ async def test_an_opt_out_retried_50_minutes_late_is_applied_once(
         url, body, headers = await recorder.first(opt_out, within_seconds=3600)
         # the input, not a wait for anything: the provider's retry comes 50 minutes later
         await trio.sleep(50 * 60)
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient(timeout=LONG) as http:  # not 5 s of a jumping clock
             answers = [
                 (await http.post(url, content=body, headers=headers)).status_code for _ in range(2)
             ]
