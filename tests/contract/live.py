@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import msgspec
+import trio
 
 from gateway.config import default_config_bytes, load_config
 from gateway.runtime.embedded import Embedded, open_embedded
@@ -29,3 +30,18 @@ async def live_gateway(tmp_path: Path) -> AsyncIterator[Embedded]:
     )
     async with open_embedded(config) as embedded:
         yield embedded
+
+
+def subscriptions_taken(embedded: Embedded) -> float:
+    """How many status subscriptions the gateway has taken (applied to its XPUB socket)."""
+    registry = embedded.gateway.registry
+    taken = registry.get_sample_value("gateway_status_subscriptions_total", {"verdict": "accepted"})
+    return taken or 0.0
+
+
+async def subscribed(embedded: Embedded, count: int = 1) -> None:
+    """Return once the gateway has taken ``count`` status subscriptions: they travel
+    asynchronously, and an event published before a subscriber's is taken never reaches it."""
+    with trio.fail_after(30):
+        while subscriptions_taken(embedded) < count:  # noqa: ASYNC110 - a metric, no event
+            await trio.sleep(0.01)
