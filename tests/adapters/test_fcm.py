@@ -66,6 +66,7 @@ from gateway.core.errors import (
 from gateway.core.model import Category, Channel
 from gateway.protocol import EmailContent, PushContent, reserved_data_keys
 from gateway.runtime import zmqio
+from tests.adapters.settling import Outbound, marker_behaviour
 
 NOW = 1_795_435_200.0
 FCM_ERROR = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
@@ -1121,13 +1122,24 @@ class TestTheApp:
         assert [302] == sim.clicks
 
     async def test_ignored_and_unconfigured_report_nothing(self) -> None:
-        sim = simulator()
+        sim, tracker = simulator(), ClickTracker()
+        outbound = Outbound(sim)
         with trio.fail_after(10):
-            async with serving(sim) as adapter:
-                await adapter.send(push("tok-ignore-1"))
-                await adapter.send(push("tok-read-2"))  # no ingest endpoint: nobody to tell
-                await trio.sleep(0.1)
-        assert ([], []) == (sim.app_reports, sim.clicks)
+            async with trio.open_nursery() as nursery:
+                base = await nursery.start(tracker.serve)
+                async with serving(sim) as adapter:
+                    await adapter.send(push("tok-ignore-1"))
+                    await adapter.send(push("tok-read-2"))  # no ingest endpoint: nobody to tell
+                    # proof that both were handled (tests/adapters/settling.py): a marker whose
+                    # link is tapped after anything scheduled for them fell due
+                    sim.behaviour = marker_behaviour(sim.behaviour)
+                    marker = push("tok-click-marker", key="acme:marker", link_url=f"{base}/t/c/m")
+                    await adapter.send(marker)
+                    await tracker.clicked.wait()
+                    await outbound.drained()
+                nursery.cancel_scope.cancel()
+        assert [] == sim.app_reports
+        assert (["/t/c/m"], [302]) == (tracker.hits, sim.clicks)  # the marker's tap only
 
     async def test_an_unreachable_tracker_is_recorded(self) -> None:
         sim = simulator()

@@ -6,7 +6,7 @@ import base64
 import hashlib
 import hmac
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -40,6 +40,7 @@ from gateway.core.errors import (
 )
 from gateway.core.model import Category, Channel
 from gateway.protocol import SmsContent, ViberContent
+from tests.adapters.settling import Outbound, marker_behaviour
 
 SID = "AC" + "0123456789abcdef" * 2
 AUTH = "f" * 32
@@ -687,10 +688,21 @@ class FakeGateway:
         with trio.fail_after(5):
             return [await self._receive.receive() for _ in range(count)]
 
-    async def nothing_more(self, seconds: float = 0.1) -> None:
-        with trio.move_on_after(seconds):
-            hit = await self._receive.receive()
-            raise AssertionError(f"unexpected {hit.kind} to {hit.url}")
+    async def until(self, last: Callable[[Hit], bool]) -> list[Hit]:
+        """Every hit up to and including the first that ``last`` picks (bounded by the caller)."""
+        hits = [await self._receive.receive()]
+        while not last(hits[-1]):
+            hits.append(await self._receive.receive())
+        return hits
+
+    def received(self) -> list[Hit]:
+        """The hits that have arrived and were not taken yet."""
+        hits = []
+        while True:
+            try:
+                hits.append(self._receive.receive_nowait())
+            except trio.WouldBlock:
+                return hits
 
 
 @dataclass
@@ -699,6 +711,33 @@ class Rig:
     gateway: FakeGateway
     config: ProviderConfig
     adapter: twilio.TwilioAdapter
+    outbound: Outbound
+
+    async def settled(self) -> list[Hit]:
+        """The hits not taken yet, once everything sent so far has been called back.
+
+        Proven rather than waited for (tests/adapters/settling.py): a marker message (no
+        status callbacks) whose recipient taps a link after every callback scheduled so far
+        falls due, then every post and tap the simulator started. The marker's tap is left out.
+        """
+        behaviour = self.sim.behaviour
+        self.sim.behaviour = marker_behaviour(behaviour)
+        try:
+            await self.adapter.send(
+                outgoing(
+                    phone="+79169990001",  # 0001: delivered, then the link is tapped
+                    text=f"Marker {self.gateway.url}/t/c/marker",
+                    callback="",
+                )
+            )
+        finally:
+            self.sim.behaviour = behaviour
+        with trio.fail_after(10):
+            hits = await self.gateway.until(
+                lambda hit: hit.kind == "click" and hit.url.endswith("/t/c/marker")
+            )
+            await self.outbound.drained()
+        return hits[:-1] + self.gateway.received()
 
     def callback_url(self, key: str = "acme/msg-1") -> str:
         return f"{self.gateway.url}/webhooks/sms1?m={key.replace('/', '%2F')}"
@@ -718,6 +757,7 @@ class Rig:
 @asynccontextmanager
 async def rig(behaviour: SimulatorConfig = FAST) -> AsyncIterator[Rig]:
     sim = TwilioSimulator(name="sms1", behaviour=behaviour, seed=11)
+    outbound = Outbound(sim)
     gateway = FakeGateway()
     config = hypercorn.config.Config()
     config.bind = ["127.0.0.1:0"]
@@ -728,7 +768,8 @@ async def rig(behaviour: SimulatorConfig = FAST) -> AsyncIterator[Rig]:
         (gateway.url,) = await nursery.start(hypercorn.trio.serve, gateway.app(), config)
         provider = msgspec.structs.replace(ProviderConfig(kind="twilio"), **sim.credentials())
         async with make_client(timeout_seconds=5) as client:
-            yield Rig(sim, gateway, provider, twilio.TwilioAdapter("sms1", provider, client))
+            adapter = twilio.TwilioAdapter("sms1", provider, client)
+            yield Rig(sim, gateway, provider, adapter, outbound)
         nursery.cancel_scope.cancel()
 
 
@@ -870,7 +911,7 @@ class TestCallbacksFromSimulator:
                     event_id=f"{receipt.provider_message_id}:delivered",
                 )
             ]
-            await r.gateway.nothing_more()
+            assert [] == await r.settled()
 
     async def test_bounce_is_undelivered_with_a_carrier_code(self) -> None:
         async with rig() as r:
@@ -890,8 +931,10 @@ class TestCallbacksFromSimulator:
             assert sorted(hit.kind for hit in hits) == ["click", "webhook", "webhook"]
             (click,) = [hit for hit in hits if hit.kind == "click"]
             assert click.url == f"{r.gateway.url}/t/c/abc.def"
-            await r.gateway.nothing_more()
+            with trio.fail_after(5):
+                await r.outbound.drained()  # the tap has had the redirect
             assert r.sim.clicks == [302]
+            assert [] == await r.settled()
 
     async def test_a_forged_callback_url_does_not_verify(self) -> None:
         async with rig() as r:
@@ -938,7 +981,7 @@ class TestCallbacksFromSimulator:
             assert ("+79160000007", None) == (stop.detail, stop.message_key)
             (stop_hit,) = inbound
             assert stop_hit.url == r.inbound_url()  # the messaging webhook, not StatusCallback
-            await r.gateway.nothing_more()
+            assert [] == await r.settled()
 
     async def test_inbound_on_demand(self) -> None:
         async with rig() as r, httpx.AsyncClient() as http:
@@ -980,5 +1023,6 @@ class TestCallbacksFromSimulator:
     async def test_no_callback_url_no_callbacks(self) -> None:
         async with rig() as r:
             await r.adapter.send(outgoing(callback=""))
-            await r.gateway.nothing_more(0.2)
+            await r.adapter.send(outgoing(phone="+79160000003", callback=""))  # a bounce
+            assert [] == await r.settled()
             assert r.sim.webhook_statuses == []

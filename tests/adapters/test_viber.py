@@ -9,6 +9,7 @@ import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import httpx
 import hypercorn.config
@@ -38,6 +39,7 @@ from gateway.core.errors import (
 )
 from gateway.core.model import Category, Channel
 from gateway.protocol import SmsContent, ViberContent
+from tests.adapters.settling import Outbound, marker_behaviour
 
 BOT_AUTH = "445da6az1s345z78-dazcczb2542zv51a-e0vc5fva17480im9"
 CONFIG = ProviderConfig(kind="viber", auth_token=Secret(BOT_AUTH))
@@ -140,7 +142,7 @@ class TestBuildRequest:
 
     def test_a_caption_too_long_for_a_picture_goes_as_text(self) -> None:
         text = "x" * 769
-        body = viber.message_body(outgoing(text=text, image_url="https://cdn.test/a.jpg"))
+        body = viber.message_body(outgoing(text=text, image_url="https://cdn.test/a.png"))
         assert ("text", text) == (body["type"], body["text"])
         assert "media" not in body
 
@@ -547,10 +549,21 @@ class FakeGateway:
         with trio.fail_after(5):
             return [await self._receive.receive() for _ in range(count)]
 
-    async def nothing_more(self, seconds: float = 0.1) -> None:
-        with trio.move_on_after(seconds):
-            hit = await self._receive.receive()
-            raise AssertionError(f"unexpected {hit.kind} to {hit.url}")
+    async def until(self, last: Callable[[Hit], bool]) -> list[Hit]:
+        """Every hit up to and including the first that ``last`` picks (bounded by the caller)."""
+        hits = [await self._receive.receive()]
+        while not last(hits[-1]):
+            hits.append(await self._receive.receive())
+        return hits
+
+    def received(self) -> list[Hit]:
+        """The hits that have arrived and were not taken yet."""
+        hits = []
+        while True:
+            try:
+                hits.append(self._receive.receive_nowait())
+            except trio.WouldBlock:
+                return hits
 
 
 @dataclass
@@ -559,9 +572,43 @@ class Rig:
     gateway: FakeGateway
     config: ProviderConfig
     adapter: viber.ViberAdapter
+    outbound: Outbound
 
     def webhook_url(self) -> str:
         return f"{self.gateway.url}/webhooks/viber1"
+
+    async def settled(self) -> list[Hit]:
+        """The hits not taken yet, once everything sent so far has been called back.
+
+        Proven rather than waited for (tests/adapters/settling.py): a marker message whose
+        recipient taps a link after every callback scheduled so far falls due, then every post
+        and tap the simulator started. The marker's own callbacks are left out.
+        """
+        behaviour = self.sim.behaviour
+        self.sim.behaviour = marker_behaviour(behaviour)
+        try:
+            marker = await self.adapter.send(
+                outgoing(
+                    address="vb-click-marker",
+                    text=f"Marker {self.gateway.url}/t/c/marker",
+                    key="acme/marker",
+                )
+            )
+        finally:
+            self.sim.behaviour = behaviour
+        assert marker.provider_message_id is not None
+        token = int(marker.provider_message_id)
+        with trio.fail_after(10):
+            hits = await self.gateway.until(
+                lambda hit: hit.kind == "click" and hit.url.endswith("/t/c/marker")
+            )
+            await self.outbound.drained()
+        hits = hits[:-1] + self.gateway.received()
+        return [
+            hit
+            for hit in hits
+            if hit.kind != "webhook" or json.loads(hit.body).get("message_token") != token
+        ]
 
     def verified(self, hit: Hit) -> list[ProviderReceipt]:
         viber.verify_webhook(
@@ -573,6 +620,7 @@ class Rig:
 @asynccontextmanager
 async def rig(behaviour: SimulatorConfig = FAST) -> AsyncIterator[Rig]:
     sim = ViberSimulator(name="viber1", behaviour=behaviour, seed=7)
+    outbound = Outbound(sim)
     gateway = FakeGateway()
     config = hypercorn.config.Config()
     config.bind = ["127.0.0.1:0"]
@@ -583,7 +631,8 @@ async def rig(behaviour: SimulatorConfig = FAST) -> AsyncIterator[Rig]:
         (gateway.url,) = await nursery.start(hypercorn.trio.serve, gateway.app(), config)
         provider = msgspec.structs.replace(ProviderConfig(kind="viber"), **sim.credentials())
         async with make_client(timeout_seconds=5) as client:
-            yield Rig(sim, gateway, provider, viber.ViberAdapter("viber1", provider, client))
+            adapter = viber.ViberAdapter("viber1", provider, client)
+            yield Rig(sim, gateway, provider, adapter, outbound)
         nursery.cancel_scope.cancel()
 
 
@@ -601,16 +650,66 @@ class TestAgainstSimulator:
             assert int(receipt.provider_message_id) > 0
 
     @pytest.mark.parametrize(
-        ("image_url", "sent_as"),
-        [("https://cdn.test/a.png", "picture"), ("https://cdn.test/image?id=5", "text")],
+        ("caption", "image_url"),
+        [
+            ("Spring sale " + "x" * (768 - 12), "https://cdn.test/spring/sale.png?v=3"),
+            ("Sale", "https://cdn.test/a.JPEG"),
+            ("Sale", "http://cdn.test/b/c.gif#top"),
+        ],
+        ids=["768-character-caption", "jpeg", "gif"],
     )
-    async def test_images_are_accepted_as_pictures_or_sent_as_text(
-        self, image_url: str, sent_as: str
+    async def test_a_picture_message_is_what_viber_requires(
+        self, caption: str, image_url: str
+    ) -> None:
+        """Viber's picture message (send_message, ``type: "picture"``): ``text`` is required,
+        at most 768 characters; ``media`` is required, the http(s) URL of a JPEG, PNG or GIF
+        "with a .jpeg, .png or .gif file extension as the last path segment"; ``thumbnail`` is
+        optional, a reduced image of at most 100 KB, so the picture itself is no thumbnail:
+        having none, the adapter must send none. A message is at most 30 KB.
+
+        Checked on the request as it reached the simulator, against those rules written out
+        here, not against the adapter's own constants."""
+        async with rig() as r:
+            receipt = await r.adapter.send(
+                outgoing(address="vb-ignore-1", text=caption, image_url=image_url)
+            )
+            (recorded,) = r.sim.requests
+        body = json.loads(recorded.body)
+        assert receipt.provider_message_id is not None  # accepted, status 0
+        assert {
+            "receiver",
+            "min_api_version",
+            "sender",
+            "tracking_data",
+            "type",
+            "text",
+            "media",
+        } == set(body)  # no thumbnail
+        assert ("picture", caption, image_url) == (body["type"], body["text"], body["media"])
+        assert isinstance(body["text"], str)
+        assert len(body["text"]) <= 768
+        media = urlsplit(body["media"])
+        assert media.scheme in ("http", "https")
+        assert media.path.rsplit("/", 1)[-1].lower().endswith((".jpeg", ".png", ".gif"))
+        assert len(recorded.body) <= 30 * 1024
+
+    @pytest.mark.parametrize(
+        ("text", "image_url"),
+        [
+            ("x" * 769, "https://cdn.test/a.png"),  # a caption Viber would refuse
+            ("Sale", "https://cdn.test/a.jpg"),  # an extension Viber does not name
+            ("Sale", "https://cdn.test/image?id=5.png"),  # the extension is in the query
+        ],
+    )
+    async def test_an_image_viber_would_refuse_goes_as_text_without_it(
+        self, text: str, image_url: str
     ) -> None:
         async with rig() as r:
-            await r.adapter.send(outgoing(address="vb-ignore-1", image_url=image_url))
+            await r.adapter.send(outgoing(address="vb-ignore-1", text=text, image_url=image_url))
             (recorded,) = r.sim.requests
-            assert sent_as == json.loads(recorded.body)["type"]
+        body = json.loads(recorded.body)
+        assert ("text", text) == (body["type"], body["text"])
+        assert not {"media", "thumbnail"} & set(body)
 
     async def test_an_overlong_text_is_refused_before_any_request(self) -> None:
         async with rig() as r:
@@ -752,7 +851,7 @@ class TestWebhooksFromSimulator:
             assert {receipt.provider_message_id} == {x.provider_message_id for x in receipts}
             assert all(x.message_key is None for x in receipts)
             assert all(abs(x.at - wall_time()) < 5 for x in receipts)
-            await r.gateway.nothing_more()
+            assert [] == await r.settled()
 
     async def test_click_opens_the_tracked_link(self) -> None:
         async with rig() as r:
@@ -765,8 +864,10 @@ class TestWebhooksFromSimulator:
             assert kinds == ["click", "webhook", "webhook"]
             (click,) = [hit for hit in hits if hit.kind == "click"]
             assert click.url.endswith("/t/c/abc.def")
-            await r.gateway.nothing_more()  # time for the redirect to reach the simulator
+            with trio.fail_after(5):
+                await r.outbound.drained()  # the tap has had the redirect
             assert r.sim.clicks == [302]
+            assert [] == await r.settled()
 
     async def test_bounce_gives_failed(self) -> None:
         async with rig() as r:
@@ -778,7 +879,7 @@ class TestWebhooksFromSimulator:
                 failed.kind,
                 failed.provider_message_id,
             )
-            await r.gateway.nothing_more()
+            assert [] == await r.settled()
 
     async def test_unsubscribe_names_the_viber_user(self) -> None:
         async with rig() as r:
@@ -794,13 +895,16 @@ class TestWebhooksFromSimulator:
 
     async def test_a_replayed_unsubscribed_is_the_same_event_and_still_verifies(self) -> None:
         async with rig() as r:
-            r.sim.webhook_url = r.webhook_url()
+            # no "delivered": the unsubscribed (which always comes) is the only callback, so
+            # it is the last webhook, the one replay posts again
+            await r.adapter.set_webhook(r.webhook_url(), event_types=("failed",))
+            await r.gateway.hits(1)
             await r.adapter.send(outgoing(address="vb-unsub-1"))
-            hits = await r.gateway.hits(2)
-            unsubscribed = next(h for h in hits if json.loads(h.body)["event"] == "unsubscribed")
-            await r.gateway.nothing_more()
-            assert [200, 200] == await r.sim.replay(2)  # the last webhook: the unsubscribed
+            (unsubscribed,) = await r.gateway.hits(1)
+            assert "unsubscribed" == json.loads(unsubscribed.body)["event"]
+            assert [200, 200] == await r.sim.replay(2)
             retries = await r.gateway.hits(2)
+            assert [] == await r.settled()
         assert all(unsubscribed.body == retry.body for retry in retries)
         (first,) = r.verified(unsubscribed)
         assert first.event_id is not None
@@ -825,13 +929,18 @@ class TestWebhooksFromSimulator:
         async with rig() as r:
             await r.adapter.set_webhook(r.webhook_url(), event_types=("failed",))
             await r.gateway.hits(1)
-            await r.adapter.send(outgoing(address="vb-read-1"))
-            await r.gateway.nothing_more(0.2)
+            await r.adapter.send(outgoing(address="vb-read-1"))  # delivered, seen: filtered
+            bounced = await r.adapter.send(outgoing(address="vb-bounce-1", key="acme/msg-2"))
+            events = [json.loads(hit.body) for hit in await r.settled()]
+        assert [("failed", bounced.provider_message_id)] == [
+            (event["event"], str(event["message_token"])) for event in events
+        ]
 
     async def test_no_webhook_no_callbacks(self) -> None:
         async with rig() as r:
             await r.adapter.send(outgoing(address="vb-read-1"))
-            await r.gateway.nothing_more(0.2)
+            await r.adapter.send(outgoing(address="vb-bounce-1", key="acme/msg-2"))
+            assert [] == await r.settled()
             assert r.sim.webhook_statuses == []
 
     async def test_timestamps_are_wall_time_under_a_mock_clock(

@@ -7,15 +7,19 @@ every reply and status event the live gateway sends back. ``make test`` installs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import subprocess
+from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
 
-from tests.contract.live import SCHEMA, live_gateway
+from gateway.embedded import Embedded
+from tests.contract.live import SCHEMA, live_gateway, subscriptions_taken
 from tests.contract.test_schema_agreement import validator
 
 EVENTS = validator("StatusEventMessage")
@@ -34,26 +38,56 @@ def node_or_skip() -> str:
     pytest.skip(why)
 
 
+async def run_contract(node: str, embedded: Embedded) -> tuple[int, str, str]:
+    """Run contract.mjs against the gateway; tell it (a line on its stdin) once the gateway
+    has taken its subscription. Its exit status, stdout and stderr."""
+    gateway = embedded.gateway
+    command = [
+        node,
+        str(NODE_DIR / "contract.mjs"),
+        str(SCHEMA),
+        gateway.ingest_endpoint,
+        gateway.status_endpoint,
+        "demo",
+    ]
+    out, err = bytearray(), bytearray()
+
+    async def collect(stream: trio.abc.ReceiveStream | None, into: bytearray) -> None:
+        assert stream is not None
+        async for chunk in stream:
+            into += chunk
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            process: trio.Process = await nursery.start(
+                partial(
+                    trio.run_process,
+                    command,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    check=False,
+                )
+            )
+            nursery.start_soon(collect, process.stdout, out)
+            nursery.start_soon(collect, process.stderr, err)
+            assert process.stdin is not None
+            # until the gateway has taken the subscription, or node has failed before that
+            while subscriptions_taken(embedded) < 1 and process.poll() is None:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            with contextlib.suppress(trio.BrokenResourceError):
+                await process.stdin.send_all(b"subscribed\n")
+            await process.stdin.aclose()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
 async def test_a_node_crm_validates_everything_against_the_schema(tmp_path: Path) -> None:
     node = node_or_skip()
     async with live_gateway(tmp_path) as embedded:
-        gateway = embedded.gateway
-        with trio.fail_after(120):
-            done = await trio.run_process(
-                [
-                    node,
-                    str(NODE_DIR / "contract.mjs"),
-                    str(SCHEMA),
-                    gateway.ingest_endpoint,
-                    gateway.status_endpoint,
-                    "demo",
-                ],
-                capture_stdout=True,
-                capture_stderr=True,
-                check=False,
-            )
-    assert 0 == done.returncode, done.stderr.decode() + done.stdout.decode()
-    summary = json.loads(done.stdout.decode().strip().splitlines()[-1])
+        returncode, stdout, stderr = await run_contract(node, embedded)
+    assert 0 == returncode, stderr + stdout
+    summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["ok"] is True
     assert summary["requests"] >= 5
     assert summary["replies"] >= 10

@@ -23,7 +23,7 @@ from gateway.client import (
     send_request,
     status_request,
 )
-from tests.contract.live import live_gateway
+from tests.contract.live import live_gateway, subscribed
 from tests.contract.test_schema_agreement import validator
 
 FRAME, REPLY, EVENTS = (
@@ -82,7 +82,7 @@ async def test_the_python_client_matches_the_schema(tmp_path: Path) -> None:
         open_client(embedded.gateway.ingest_endpoint, timeout_seconds=30) as client,
         open_subscription(embedded.gateway.status_endpoint, "demo") as events,
     ):
-        await trio.sleep(0.2)  # the subscription travels to the gateway
+        await subscribed(embedded)
         replies = [await client.request(request) for request in requests]
         batch = await client.send_batch(requests[3:6])
         received: list[Any] = []

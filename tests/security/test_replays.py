@@ -14,7 +14,7 @@ import trio
 import trio.testing
 
 from adapters.simulators._base import Simulator
-from tests.e2e.simulated import e2e_config, gateway_with_simulators, outcome, promo
+from tests.e2e.simulated import LONG, e2e_config, gateway_with_simulators, outcome, promo
 
 REPLAYS = 5
 
@@ -39,6 +39,17 @@ class Recorded:
 
         setattr(simulator, "post_webhook", recording)  # noqa: B010 - patching an instance
 
+    async def first(
+        self, containing: bytes, *, within_seconds: int
+    ) -> tuple[str, bytes, dict[str, str]]:
+        """The first post whose body contains ``containing``, waiting for it in virtual time."""
+        for _ in range(within_seconds):
+            for post in self.posts:
+                if containing in post[1]:
+                    return post
+            await trio.sleep(1)
+        raise AssertionError(f"no {containing!r} posted in {within_seconds} s")
+
 
 @pytest.mark.parametrize(
     ("provider", "channel", "address", "delivered"),
@@ -60,12 +71,9 @@ async def test_a_callback_replayed_five_times_is_stored_once(
     async with gateway_with_simulators(e2e_config(tmp_path)) as (embedded, client):
         recorder = Recorded(embedded.simulators[provider])
         await client.send(promo("m1", channels=[channel], **address))
-        for _ in range(600):  # virtual seconds: the receipt comes after ~1 s
-            if any(delivered in body for _, body, _ in recorder.posts):
-                break
-            await trio.sleep(1)
-        url, body, headers = next(p for p in recorder.posts if delivered in p[1])
-        async with httpx.AsyncClient() as http:
+        # the receipt comes after ~1 s (virtual)
+        url, body, headers = await recorder.first(delivered, within_seconds=600)
+        async with httpx.AsyncClient(timeout=LONG) as http:  # not 5 s of a jumping clock
             answers = [
                 (await http.post(url, content=body, headers=headers)).status_code
                 for _ in range(REPLAYS)
@@ -101,13 +109,10 @@ async def test_an_opt_out_retried_50_minutes_late_is_applied_once(
     async with gateway_with_simulators(e2e_config(tmp_path)) as (embedded, client):
         recorder = Recorded(embedded.simulators[provider], held=opt_out)
         await client.send(promo("m1", recipient_id="r1", channels=[channel], **address))
-        for _ in range(3600):
-            if any(opt_out in body for _, body, _ in recorder.posts):
-                break
-            await trio.sleep(1)
-        url, body, headers = next(p for p in recorder.posts if opt_out in p[1])
+        url, body, headers = await recorder.first(opt_out, within_seconds=3600)
+        # the input, not a wait for anything: the provider's retry comes 50 minutes later
         await trio.sleep(50 * 60)
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient(timeout=LONG) as http:  # not 5 s of a jumping clock
             answers = [
                 (await http.post(url, content=body, headers=headers)).status_code for _ in range(2)
             ]

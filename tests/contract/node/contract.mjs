@@ -7,7 +7,9 @@
 //
 //   node contract.mjs <schema.json> <ingest endpoint> <status endpoint> <tenant>
 //
-// Prints one JSON line with what it checked; exits 1 on the first mismatch.
+// It sends nothing before a line arrives on stdin: the test writes one once the gateway has
+// taken the subscription (subscriptions travel asynchronously; an event published before then
+// is never seen). Prints one JSON line with what it checked; exits 1 on the first mismatch.
 
 import { readFileSync } from "node:fs";
 import { decode, encode } from "@msgpack/msgpack";
@@ -108,8 +110,9 @@ async function call(frame) {
   return exchange(frame);
 }
 
-// give the subscription time to reach the gateway: wait for the first event of our own
-await new Promise((resolve) => setTimeout(resolve, 300));
+// the test's word that the gateway has taken the subscription
+await new Promise((resolve) => process.stdin.once("data", resolve));
+process.stdin.pause();
 
 // one batch with every op, then each op alone
 const batch = await call(ordered);
@@ -154,14 +157,16 @@ const overAnswer = await exchange(overLimit);
 if (!Array.isArray(overAnswer) || overAnswer.length !== 1001 || overAnswer.some((r) => r.reason !== "invalid"))
   fail("a batch over the limit gets one invalid result per request", overAnswer.length);
 
-// wait (bounded) for status events of our message
+// wait (bounded) for the status events the first batch causes: the send accepted, then read
+// (the batch's event op reports it opened)
+const expected = ["accepted", "read"];
+const arrived = () => expected.every((kind) => events.some((e) => e.id === sendId && e.kind === kind));
 const deadline = Date.now() + 20000;
-while (!events.some((e) => e.id === sendId) && Date.now() < deadline)
-  await new Promise((resolve) => setTimeout(resolve, 50));
-if (!events.some((e) => e.id === sendId)) fail("no status event arrived for the message", events);
+while (!arrived() && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 50));
+if (!arrived()) fail(`status events ${expected} did not all arrive for the message`, events);
 
 console.log(JSON.stringify({ ok: true, ...checked }));
+listening.catch(() => {}); // closing the socket ends the loop with an error: expected now
 dealer.close();
 subscriber.close();
-await Promise.race([listening, new Promise((resolve) => setTimeout(resolve, 10))]);
 process.exit(0);
