@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import pytest
 import trio
 import trio.testing
 import zmq
@@ -14,6 +15,9 @@ import zmq
 from gateway.app import open_gateway
 from gateway.client import open_client
 from tests.support import NOON_UTC, in_test_providers, make_config, promo, rss_bytes, wait_for
+
+# 100,000 hostile frames and a 10^5-message overload: `make test` runs it, `make unit` does not
+pytestmark = pytest.mark.slow
 
 FUZZ_FRAMES = 100_000
 VALID_EVERY = 97

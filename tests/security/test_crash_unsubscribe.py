@@ -13,11 +13,15 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from gateway.core.model import Channel
 from gateway.tracking import LinkSigner
 from tests.e2e.processes import GatewayProcess, standalone_config
+
+# real processes, crashes, minutes of load: `make test` runs them, `make unit` does not
+pytestmark = pytest.mark.slow
 
 ROUNDS = 10
 PEOPLE = 60

@@ -14,10 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import pytest
 import trio
 
 from gateway.client import Client, ClientError, send_request
 from tests.e2e.processes import GatewayProcess, standalone_config
+
+# real processes, crashes, minutes of load: `make test` runs them, `make unit` does not
+pytestmark = pytest.mark.slow
 
 
 def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
