@@ -13,10 +13,10 @@ from typing import Protocol
 
 import msgspec
 
-from gateway.config import SenderConfig
 from gateway.core.model import Category, Channel
 from gateway.core.receipts import ReceiptKind as ReceiptKind  # part of the adapter interface
 from gateway.protocol import EmailContent, PushContent, SmsContent, ViberContent
+from gateway.settings import SenderConfig
 
 
 class Outgoing(msgspec.Struct, frozen=True):

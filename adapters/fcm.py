@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable, Mapping
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import httpx
 import msgspec
@@ -48,8 +48,6 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from adapters import Outgoing, ProviderReceipt, SendReceipt, WebhookRejected
 from adapters._http import error_for_status, map_httpx_errors, retry_after_seconds
-from gateway.clock import wall_time
-from gateway.config import ProviderConfig
 from gateway.core.errors import (
     AuthRejected,
     ConfigError,
@@ -60,6 +58,7 @@ from gateway.core.errors import (
 )
 from gateway.core.model import Category, Channel
 from gateway.protocol import PushContent, reserved_data_keys
+from gateway.settings import ProviderSettingsBase, Secret
 
 KIND: Final = "fcm"
 CHANNEL: Final = Channel.PUSH
@@ -81,6 +80,17 @@ LINK_DATA: Final = "link"
 """``data`` key carrying the tracked click URL (the gateway's click tracker)."""
 
 
+class FcmSettings(ProviderSettingsBase, frozen=True, tag=KIND):
+    """A ``kind = "fcm"`` provider: one Firebase project's service account."""
+
+    channel: ClassVar[Channel] = CHANNEL
+
+    project_id: str | None = None
+    """The Firebase project; unset: the service account's ``project_id``."""
+    service_account_json: Secret | None = None
+    """The service account's key file (JSON), from the environment."""
+
+
 # ---------------------------------------------------------------- service account and JWT
 class ServiceAccount(msgspec.Struct, frozen=True):
     """The fields of a Google service-account key file that the JWT grant needs."""
@@ -93,7 +103,7 @@ class ServiceAccount(msgspec.Struct, frozen=True):
     type: str = "service_account"
 
 
-def load_service_account(config: ProviderConfig) -> ServiceAccount:
+def load_service_account(config: FcmSettings) -> ServiceAccount:
     """Parse ``config.service_account_json``.
 
     Raises:
@@ -126,7 +136,7 @@ def load_private_key(account: ServiceAccount) -> rsa.RSAPrivateKey:
     return key
 
 
-def project_id(config: ProviderConfig) -> str:
+def project_id(config: FcmSettings) -> str:
     """``config.project_id``, else the service account's project.
 
     Raises:
@@ -262,7 +272,7 @@ def refuse_reserved_data_keys(content: PushContent, *, provider: str) -> None:
 
 
 def build_request(
-    outgoing: Outgoing, *, config: ProviderConfig, base_url: str, access_token: str
+    outgoing: Outgoing, *, config: FcmSettings, base_url: str, access_token: str
 ) -> httpx.Request:
     """The ``messages:send`` request for one push.
 
@@ -407,7 +417,7 @@ def parse_response(
 
 # ---------------------------------------------------------------- webhooks (none)
 def verify_webhook(
-    *, url: str, headers: Mapping[str, str], body: bytes, config: ProviderConfig, now: float
+    *, url: str, headers: Mapping[str, str], body: bytes, config: FcmSettings, now: float
 ) -> None:
     """FCM calls no webhooks, so anything claiming to be one is refused.
 
@@ -439,10 +449,10 @@ class FcmAdapter:
     def __init__(
         self,
         name: str,
-        config: ProviderConfig,
+        config: FcmSettings,
         client: httpx.AsyncClient,
         *,
-        wall_clock: Callable[[], float] = wall_time,
+        wall_clock: Callable[[], float],
     ) -> None:
         self.name = name
         self.channel = CHANNEL

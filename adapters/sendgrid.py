@@ -46,7 +46,7 @@ import binascii
 import html
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import httpx
 import msgspec
@@ -61,8 +61,6 @@ from adapters._http import (
     map_httpx_errors,
     retry_after_seconds,
 )
-from gateway.clock import wall_time
-from gateway.config import ProviderConfig
 from gateway.core.errors import (
     AuthRejected,
     ConfigError,
@@ -73,6 +71,7 @@ from gateway.core.errors import (
 )
 from gateway.core.model import Channel
 from gateway.protocol import EmailContent
+from gateway.settings import ProviderSettingsBase, Secret
 
 KIND: Final = "sendgrid"
 CHANNEL: Final = Channel.EMAIL
@@ -89,6 +88,19 @@ RETRY_WINDOW_SECONDS: Final = 24 * 3600.0
 DEFAULT_TOLERANCE_SECONDS: Final = RETRY_WINDOW_SECONDS + 3600.0
 SIGNATURE_HEADER: Final = "x-twilio-email-event-webhook-signature"
 TIMESTAMP_HEADER: Final = "x-twilio-email-event-webhook-timestamp"
+
+
+class SendgridSettings(ProviderSettingsBase, frozen=True, tag=KIND):
+    """A ``kind = "sendgrid"`` provider: one SendGrid account."""
+
+    channel: ClassVar[Channel] = CHANNEL
+
+    api_key: Secret | None = None
+    """The Mail Send API key, from the environment."""
+    webhook_public_key: str | None = None
+    """The signed event webhook's ECDSA verification key (base64 DER, from SendGrid's
+    settings); unset, every event webhook is refused."""
+
 
 EVENT_KINDS: Final[Mapping[str, ReceiptKind]] = {
     "delivered": ReceiptKind.DELIVERED,
@@ -122,7 +134,7 @@ def with_open_pixel(body: str, pixel_url: str) -> str:
 
 
 def build_request(
-    outgoing: Outgoing, *, config: ProviderConfig, base_url: str, api_key: str
+    outgoing: Outgoing, *, config: SendgridSettings, base_url: str, api_key: str
 ) -> httpx.Request:
     """The Mail Send request for one email.
 
@@ -283,7 +295,7 @@ def _events(body: bytes) -> list[dict[str, Any]]:
 
 
 def verify_webhook(
-    *, url: str, headers: Mapping[str, str], body: bytes, config: ProviderConfig, now: float
+    *, url: str, headers: Mapping[str, str], body: bytes, config: SendgridSettings, now: float
 ) -> None:
     """Check a Signed Event Webhook request before trusting a byte of it.
 
@@ -423,10 +435,10 @@ class SendgridAdapter:
     def __init__(
         self,
         name: str,
-        config: ProviderConfig,
+        config: SendgridSettings,
         client: httpx.AsyncClient,
         *,
-        wall_clock: Callable[[], float] = wall_time,
+        wall_clock: Callable[[], float],
     ) -> None:
         if config.api_key is None:
             raise ConfigError(f"providers.{name}.api_key: required for sendgrid")

@@ -41,7 +41,7 @@ import base64
 import hashlib
 import hmac
 from collections.abc import Mapping, Sequence
-from typing import Final
+from typing import ClassVar, Final
 from urllib.parse import parse_qs, parse_qsl, urlsplit, urlunsplit
 
 import httpx
@@ -49,7 +49,6 @@ import msgspec
 
 from adapters import Outgoing, ProviderReceipt, ReceiptKind, SendReceipt, WebhookRejected
 from adapters._http import error_for_status, map_httpx_errors, retry_after_seconds
-from gateway.config import ProviderConfig
 from gateway.core.errors import (
     AuthRejected,
     ConfigError,
@@ -61,6 +60,7 @@ from gateway.core.errors import (
 )
 from gateway.core.model import Channel
 from gateway.protocol import SmsContent
+from gateway.settings import ProviderSettingsBase, Secret
 
 KIND: Final = "twilio"
 CHANNEL: Final = Channel.SMS
@@ -113,6 +113,24 @@ RECEIPT_STATUSES: Final[Mapping[str, ReceiptKind]] = {
 """MessageStatus values that are receipts; queued/accepted/sending/sent are progress only."""
 
 
+class TwilioSettings(ProviderSettingsBase, frozen=True, tag=KIND):
+    """A ``kind = "twilio"`` provider: one Twilio account."""
+
+    channel: ClassVar[Channel] = CHANNEL
+
+    account_sid: str | None = None
+    """The account (``AC...``) that sends."""
+    messaging_service_sid: str | None = None
+    """Send through this Messaging Service (``MG...``) instead of ``From`` = the tenant's
+    ``sms_from``; Twilio then picks the sender from the service's pool."""
+    auth_token: Secret | None = None
+    """The account's auth token, from the environment; it also keys the callbacks'
+    HMAC-SHA1 signatures."""
+    webhook_shared_key: Secret | None = None
+    """The SharedKey secret that signs webhooks matched by a Webhooks rule (those carry
+    ``X-Twilio-Webhooks-Signature-Settings``); the others are signed with ``auth_token``."""
+
+
 class _Created(msgspec.Struct):
     sid: str
 
@@ -148,7 +166,7 @@ def form_fields(outgoing: Outgoing, *, messaging_service_sid: str | None = None)
 
 
 def build_request(
-    outgoing: Outgoing, *, config: ProviderConfig, base_url: str, auth_token: str
+    outgoing: Outgoing, *, config: TwilioSettings, base_url: str, auth_token: str
 ) -> httpx.Request:
     """The ``POST .../Messages.json`` request for one SMS (pure).
 
@@ -277,7 +295,7 @@ def _url_variants(url: str) -> tuple[str, ...]:
     return (without, urlunsplit(parts._replace(netloc=f"{host}:{with_port}")))
 
 
-def _signing_key(lowered: Mapping[str, str], config: ProviderConfig) -> tuple[str, str]:
+def _signing_key(lowered: Mapping[str, str], config: TwilioSettings) -> tuple[str, str]:
     """``(key, algorithm)``: the SharedKey and its algorithm when the settings header is there,
     else the auth token and HMAC-SHA1."""
     settings = lowered.get(SIGNATURE_SETTINGS_HEADER)
@@ -296,7 +314,7 @@ def _signing_key(lowered: Mapping[str, str], config: ProviderConfig) -> tuple[st
 
 
 def verify_webhook(
-    *, url: str, headers: Mapping[str, str], body: bytes, config: ProviderConfig, now: float
+    *, url: str, headers: Mapping[str, str], body: bytes, config: TwilioSettings, now: float
 ) -> None:
     """Check that a webhook (status callback or inbound message) comes from Twilio.
 
@@ -411,7 +429,7 @@ def parse_webhook(*, url: str, headers: Mapping[str, str], body: bytes) -> list[
 class TwilioAdapter:
     """Sends SMS through one Twilio account."""
 
-    def __init__(self, name: str, config: ProviderConfig, client: httpx.AsyncClient) -> None:
+    def __init__(self, name: str, config: TwilioSettings, client: httpx.AsyncClient) -> None:
         if config.auth_token is None:
             raise ConfigError(f"providers.{name}.auth_token: required for twilio")
         if not config.account_sid:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Mapping
-from typing import Final
+from typing import ClassVar, Final
 from urllib.parse import urlsplit
 
 import httpx
@@ -37,7 +37,6 @@ import msgspec
 
 from adapters import Outgoing, ProviderReceipt, ReceiptKind, SendReceipt, WebhookRejected
 from adapters._http import check_freshness, error_for_status, map_httpx_errors
-from gateway.config import ProviderConfig
 from gateway.core.errors import (
     AuthRejected,
     ConfigError,
@@ -49,6 +48,7 @@ from gateway.core.errors import (
 )
 from gateway.core.model import Channel
 from gateway.protocol import ViberContent
+from gateway.settings import ProviderSettingsBase, Secret
 
 KIND: Final = "viber"
 CHANNEL: Final = Channel.VIBER
@@ -72,6 +72,17 @@ always comes: it is the opt-out, and asking for it explicitly costs nothing."""
 RETRY_WINDOW_SECONDS: Final = 3600.0
 """Viber retries a callback "several times for an hour" while the webhook looks offline."""
 DEFAULT_TOLERANCE_SECONDS: Final = RETRY_WINDOW_SECONDS + 3600.0
+
+
+class ViberSettings(ProviderSettingsBase, frozen=True, tag=KIND):
+    """A ``kind = "viber"`` provider: one Viber bot account."""
+
+    channel: ClassVar[Channel] = CHANNEL
+
+    auth_token: Secret | None = None
+    """The bot's authentication token, from the environment; it also keys the callbacks'
+    signatures."""
+
 
 # Viber's status codes (creators.viber.com/docs/bots-api/errors; the same table ships in
 # Viber's own SDKs). What each means for us:
@@ -179,7 +190,7 @@ def picture_url_accepted(url: str) -> bool:
 
 
 def build_request(
-    outgoing: Outgoing, *, config: ProviderConfig, base_url: str, auth_token: str
+    outgoing: Outgoing, *, config: ViberSettings, base_url: str, auth_token: str
 ) -> httpx.Request:
     """The ``POST /pa/send_message`` request for one message (pure).
 
@@ -260,7 +271,7 @@ def signature(body: bytes, auth_token: str) -> str:
 
 
 def verify_webhook(
-    *, url: str, headers: Mapping[str, str], body: bytes, config: ProviderConfig, now: float
+    *, url: str, headers: Mapping[str, str], body: bytes, config: ViberSettings, now: float
 ) -> None:
     """Check that a callback comes from Viber and is fresh.
 
@@ -371,7 +382,7 @@ def parse_webhook(*, url: str, headers: Mapping[str, str], body: bytes) -> list[
 class ViberAdapter:
     """Sends Viber bot messages through one bot account (one auth token)."""
 
-    def __init__(self, name: str, config: ProviderConfig, client: httpx.AsyncClient) -> None:
+    def __init__(self, name: str, config: ViberSettings, client: httpx.AsyncClient) -> None:
         if config.auth_token is None:
             raise ConfigError(f"providers.{name}.auth_token: required for viber")
         self.name = name

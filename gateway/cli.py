@@ -280,6 +280,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     import trio
 
     from adapters.registry import build_adapters
+    from gateway.clock import Clock
     from gateway.runtime.logging import configure_logging
     from gateway.runtime.workers import serve_worker
 
@@ -288,7 +289,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     tune_gc()
 
     async def serve() -> None:
-        adapters, clients = build_adapters(config)
+        # the worker's own clock: real wall time (a worker process is never under a MockClock)
+        adapters, clients = build_adapters(config.providers, wall_clock=Clock().now)
         try:
             await serve_worker(
                 adapters=adapters,
@@ -307,7 +309,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     import trio
 
-    from adapters.registry import SIMULATORS
+    from adapters.registry import SPECS
     from adapters.simulators.fcm import FcmSimulator
     from gateway.embedded import simulated_env
     from gateway.runtime.logging import configure_logging
@@ -320,7 +322,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             overrides: dict[str, dict[str, object]] = {}
             for offset, (name, provider) in enumerate(sorted(config.providers.items())):
-                simulator = SIMULATORS[provider.kind](name=name, behaviour=config.simulator)
+                simulator = SPECS[provider.kind].simulator(name=name, behaviour=config.simulator)
                 if args.webhook_base:
                     simulator.webhook_url = args.webhook_base.rstrip("/") + f"/webhooks/{name}"
                 if isinstance(simulator, FcmSimulator):

@@ -9,6 +9,12 @@ environment: a secret in the file is an error, and ``Secret`` never shows its va
 Unknown keys are errors (hypercorn's ``from_mapping`` silently drops them; we don't), and so are
 impossible values. Every error names the key, e.g.
 ``tenants.acme.providers.email[1]: unknown provider 'sendgrid-2'``.
+
+A ``[providers.<name>]`` table is read into the settings type of the provider module its
+``kind`` names (``adapters/fcm.py``'s ``FcmSettings``, ...; the union is ``ProviderSettings``
+in ``adapters/registry.py``): the common keys and only that provider's own. So this module
+imports the adapters; ``Secret`` and the sections adapters are handed live in
+``gateway.settings``, which both import, and are re-exported here.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from typing import Annotated, Any, Final, Literal, cast
 
 import msgspec
 
+from adapters.registry import SPECS
+from adapters.registry import ProviderSettings as ProviderSettings
 from gateway.core.caps import CapAction, CapRule
 from gateway.core.consent import ConsentDefaults
 from gateway.core.control_group import ControlGroup
@@ -34,12 +42,13 @@ from gateway.core.model import DEFAULT_CASCADE, Category, Channel, Lane
 from gateway.core.policy import PolicyRules, QuietAction, QuietRule
 from gateway.core.quiet_hours import QuietWindow
 from gateway.core.retry import RetryPolicy
+from gateway.settings import Positive, PositiveInt
+from gateway.settings import Secret as Secret
+from gateway.settings import SenderConfig as SenderConfig
+from gateway.settings import SimulatorConfig as SimulatorConfig
 
 ENV_PREFIX: Final = "CASCADEGW__"
 
-Positive = Annotated[float, msgspec.Meta(gt=0)]
-PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
-NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Name = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_]{0,63}$")]
 CurveKey = Annotated[
     str,
@@ -50,31 +59,9 @@ CurveKey = Annotated[
 ]
 
 
-class Secret:
-    """A string that never appears in ``repr``, ``str`` or logs."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('**********')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-
 class _Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    pass
+    """The gateway's own sections; the same rules as ``gateway.settings.Settings`` (declared
+    here too, because ruff's RUF012 knows only a class it can see derives from Struct)."""
 
 
 # ---------------------------------------------------------------- sections
@@ -233,13 +220,8 @@ class PolicyConfig(_Config, frozen=True):
     critical_service_bypasses_quiet_hours: bool = True
 
 
-ProviderKind = Literal["fcm", "sendgrid", "viber", "twilio"]
-PROVIDER_CHANNEL: Final[Mapping[str, Channel]] = {
-    "fcm": Channel.PUSH,
-    "sendgrid": Channel.EMAIL,
-    "viber": Channel.VIBER,
-    "twilio": Channel.SMS,
-}
+# every field typed `Secret`, in any section (tests/core/test_config.py checks that none is
+# missing): such a key in the file is refused, and its environment value is never parsed as TOML
 SECRET_KEYS: Final = frozenset(
     {
         "api_key",
@@ -252,50 +234,6 @@ SECRET_KEYS: Final = frozenset(
         "webhook_shared_key",
     }
 )
-
-
-class ProviderConfig(_Config, frozen=True):
-    kind: ProviderKind
-    url: str = ""
-    """Base URL of the provider API; empty with ``simulated`` (the simulator's address is used)."""
-    simulated: bool = False
-    """Run this provider's simulator in-process and point the adapter at it (demo, tests)."""
-    price: NonNegative = 0.0
-    """Price per message, in ``currency`` units."""
-    rate_per_second: Positive = 100.0
-    burst: PositiveInt = 10
-    concurrency: PositiveInt = 32
-    timeout_seconds: Positive = 10.0
-    project_id: str | None = None  # fcm
-    account_sid: str | None = None  # twilio
-    messaging_service_sid: str | None = None
-    """Twilio: send through this Messaging Service (``MG...``) instead of ``From`` = the
-    tenant's ``sms_from``; Twilio then picks the sender from the service's pool."""
-    webhook_public_key: str | None = None  # sendgrid: the ECDSA key of the signed event webhook
-    webhook_tolerance_seconds: Positive | None = None
-    """Receipts signed longer ago than this are rejected as ``stale``. Unset: the provider's
-    documented retry window plus a margin (SendGrid 25 h, Viber 2 h), so a callback the
-    provider retries after an outage is still accepted; replays inside the window are
-    absorbed by the gateway's idempotent receipt store, not by this check."""
-    api_key: Secret | None = None  # sendgrid
-    auth_token: Secret | None = None  # viber, twilio
-    webhook_shared_key: Secret | None = None
-    """Twilio: the SharedKey secret that signs webhooks matched by a Webhooks rule (those
-    carry ``X-Twilio-Webhooks-Signature-Settings``); the others are signed with ``auth_token``."""
-    service_account_json: Secret | None = None  # fcm
-
-    @property
-    def channel(self) -> Channel:
-        return PROVIDER_CHANNEL[self.kind]
-
-
-class SenderConfig(_Config, frozen=True):
-    """The brand's identity per channel (docs/domain.md, "Sender identity")."""
-
-    email_from: str = "noreply@example.com"
-    email_name: str = ""
-    sms_from: str = "CASCADEGW"
-    viber_name: str = "cascadegw"
 
 
 class TenantConfig(_Config, frozen=True):
@@ -312,22 +250,6 @@ class TenantConfig(_Config, frozen=True):
     ``ingest.curve_secret_key`` set). A key may be listed by several tenants."""
     admin_token: Secret | None = None
     """Bearer token that reads and writes only this tenant under ``/v1/``."""
-
-
-class SimulatorConfig(_Config, frozen=True):
-    """Behaviour of the built-in provider simulators (``simulated = true`` providers)."""
-
-    latency_seconds: NonNegative = 0.005
-    error_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
-    rate_limit_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
-    deliver_probability: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.95
-    read_probability: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.3
-    click_probability: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.1
-    bounce_probability: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.01
-    unsubscribe_probability: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.005
-    receipt_delay_seconds: NonNegative = 0.5
-    read_delay_seconds: NonNegative = 2.0
-    seed: int | None = None
 
 
 class TrackingConfig(_Config, frozen=True):
@@ -354,7 +276,7 @@ class GatewayConfig(_Config, frozen=True):
     dispatch: DispatchConfig = DispatchConfig()
     channels: dict[Channel, ChannelConfig] = msgspec.field(default_factory=_default_channels)
     policy: PolicyConfig = PolicyConfig()
-    providers: dict[Name, ProviderConfig] = {}
+    providers: dict[Name, ProviderSettings] = {}
     tenants: dict[Name, TenantConfig] = {}
     simulator: SimulatorConfig = SimulatorConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -439,6 +361,7 @@ def load_config(
             secret = path[-1] in SECRET_KEYS
             _set_path(data, path, _env_value(value, secret=secret))
             from_env[".".join(path)] = name
+    _refuse_foreign_provider_keys(data, from_env)
     try:
         config = msgspec.convert(data, GatewayConfig, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
@@ -508,6 +431,32 @@ def _refuse_file_secrets(node: object, path: tuple[str, ...]) -> None:
     elif isinstance(node, list):
         for item in node:
             _refuse_file_secrets(item, path)
+
+
+_PROVIDER_KEYS: Final[Mapping[str, frozenset[str]]] = {
+    kind: frozenset(spec.settings.__struct_fields__) for kind, spec in SPECS.items()
+}
+
+
+def _refuse_foreign_provider_keys(data: dict[str, object], from_env: Mapping[str, str]) -> None:
+    """Name the key when a provider table has a key of another provider kind (``account_sid``
+    on a sendgrid provider): msgspec would only say the table has an unknown field."""
+    providers = data.get("providers")
+    if not isinstance(providers, dict):
+        return
+    for name, table in providers.items():
+        kind = table.get("kind") if isinstance(table, dict) else None
+        own = _PROVIDER_KEYS.get(kind) if isinstance(kind, str) else None
+        if own is None:
+            continue  # no table or no known kind: msgspec's error names what is wrong
+        for key in table:
+            owners = sorted(other for other, keys in _PROVIDER_KEYS.items() if key in keys)
+            if key not in own and owners:
+                line = (
+                    f"providers.{name}.{key}: a setting of kind {' or '.join(owners)}, "
+                    f"not of {kind}"
+                )
+                raise ConfigError(f"config: {line}{_env_source(line, from_env)}")
 
 
 def _env_value(raw: str, *, secret: bool) -> object:

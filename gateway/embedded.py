@@ -21,7 +21,7 @@ import structlog
 import trio
 
 from adapters import Adapter
-from adapters.registry import SIMULATORS, build_adapters
+from adapters.registry import SPECS, build_adapters
 from adapters.simulators._base import Simulator
 from adapters.simulators.fcm import FcmSimulator
 from adapters.viber import ViberAdapter
@@ -73,7 +73,7 @@ def simulated_env(config: GatewayConfig) -> dict[str, str]:
             "auth_token",
             "service_account_json",
         ):
-            value = getattr(provider, key)
+            value = getattr(provider, key, None)  # each provider kind has some of these keys
             if value is None or value == "":
                 continue
             variable = f"{ENV_PREFIX}PROVIDERS__{name.upper()}__{key.upper()}"
@@ -104,14 +104,16 @@ async def open_embedded(
             if not provider.simulated:
                 continue
             seed = None if simulator_seed is None else simulator_seed + index
-            simulator = SIMULATORS[provider.kind](name=name, behaviour=config.simulator, seed=seed)
+            simulator = SPECS[provider.kind].simulator(
+                name=name, behaviour=config.simulator, seed=seed
+            )
             simulator.wall_offset = clock.offset
             await nursery.start(simulator.serve)
             simulators[name] = simulator
             providers[name] = msgspec.structs.replace(provider, **simulator.credentials())
         config = msgspec.structs.replace(config, providers=providers)
 
-        adapters, clients = build_adapters(config, wall_clock=clock.now)
+        adapters, clients = build_adapters(config.providers, wall_clock=clock.now)
         for client in clients:
             await stack.enter_async_context(client)
         executor = None

@@ -59,8 +59,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from gateway.clock import wall_time
-from gateway.config import SimulatorConfig
 from gateway.core.timers import Deadlines
+from gateway.settings import SimulatorConfig
 
 
 class Fate(enum.Enum):
@@ -162,7 +162,7 @@ class Simulator:
         raise NotImplementedError
 
     def credentials(self) -> dict[str, object]:
-        """ProviderConfig fields the gateway needs to talk to this simulator (keys, secrets)."""
+        """Provider settings the gateway needs to talk to this simulator (keys, secrets)."""
         return {}
 
     # ------------------------------------------------------------ fates

@@ -38,8 +38,8 @@ from adapters.fcm import (
 )
 from adapters.simulators._base import Fate, Simulator
 from gateway.client import AsyncClient, ClientError, open_client
-from gateway.config import Secret, SimulatorConfig
 from gateway.core.model import split_key
+from gateway.settings import Secret, SimulatorConfig
 
 TOKEN_LIFETIME_SECONDS: Final = 3600
 CLOCK_SKEW_SECONDS: Final = 60.0

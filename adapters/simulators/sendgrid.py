@@ -33,7 +33,7 @@ from starlette.routing import BaseRoute, Route
 
 from adapters.sendgrid import sign_events
 from adapters.simulators._base import Fate, Simulator
-from gateway.config import Secret, SimulatorConfig
+from gateway.settings import Secret, SimulatorConfig
 
 MAX_PAYLOAD_BYTES: Final = 30 * 1024 * 1024  # Mail Send's documented total message size
 HELP: Final = "http://sendgrid.com/docs/API_Reference/Web_API_v3/Mail/errors.html"

@@ -50,7 +50,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from adapters.simulators._base import Fate, Scripted, Simulator
-from gateway.config import Secret, SimulatorConfig
+from gateway.settings import Secret, SimulatorConfig
 
 API_VERSION: Final = "2010-04-01"
 _E164: Final = re.compile(r"^\+[1-9][0-9]{6,14}$")

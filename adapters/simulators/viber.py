@@ -36,7 +36,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from adapters.simulators._base import Fate, Scripted, Simulator
-from gateway.config import Secret, SimulatorConfig
+from gateway.settings import Secret, SimulatorConfig
 
 CHAT_HOSTNAME: Final = "SN-CHAT-01_"
 EVENT_TYPES: Final = frozenset(

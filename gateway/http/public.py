@@ -27,7 +27,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from adapters import WebhookRejected
-from adapters.registry import PARSERS, VERIFIERS
+from adapters.registry import SPECS
 from gateway.config import GatewayConfig
 from gateway.inbound import (
     HitKind,
@@ -73,11 +73,10 @@ def public_routes(
             + request.url.path
             + (f"?{request.url.query}" if request.url.query else "")
         )
+        spec = SPECS[provider.kind]
         try:
-            VERIFIERS[provider.kind](
-                url=url, headers=headers, body=body, config=provider, now=now()
-            )
-            receipts = PARSERS[provider.kind](url=url, headers=headers, body=body)
+            spec.verify_webhook(url=url, headers=headers, body=body, config=provider, now=now())
+            receipts = spec.parse_webhook(url=url, headers=headers, body=body)
         except WebhookRejected as rejected:
             log.warning("webhook_rejected", provider=name, verdict=rejected.verdict)
             status = 400 if rejected.verdict == "malformed" else 403

@@ -35,6 +35,7 @@ from adapters.fcm import (
     SCOPE,
     AccessToken,
     FcmAdapter,
+    FcmSettings,
     ServiceAccount,
     build_request,
     build_token_request,
@@ -52,7 +53,7 @@ from adapters.fcm import (
 from adapters.simulators._base import Scripted
 from adapters.simulators.fcm import FcmSimulator, default_error, google_error
 from gateway.clock import wall_time
-from gateway.config import ProviderConfig, Secret, SenderConfig, SimulatorConfig
+from gateway.config import Secret, SenderConfig, SimulatorConfig
 from gateway.core.errors import (
     AuthRejected,
     ConfigError,
@@ -97,9 +98,9 @@ def account_json(
     return msgspec.json.encode(document).decode()
 
 
-def fcm_config(**fields: Any) -> ProviderConfig:
+def fcm_config(**fields: Any) -> FcmSettings:
     fields.setdefault("service_account_json", Secret(account_json()))
-    return ProviderConfig(kind="fcm", **fields)
+    return FcmSettings(**fields)
 
 
 def push(
@@ -278,9 +279,7 @@ class TestServiceAccount:
         [None, "not json", '{"type": "service_account"}', account_json(type="authorized_user")],
     )
     def test_unusable_account(self, secret: str | None) -> None:
-        config = ProviderConfig(
-            kind="fcm", service_account_json=Secret(secret) if secret is not None else None
-        )
+        config = FcmSettings(service_account_json=Secret(secret) if secret is not None else None)
         with pytest.raises(ConfigError) as caught:
             load_service_account(config)
         assert "BEGIN" not in str(caught.value)  # never echo the key
@@ -711,18 +710,19 @@ class TestTokenCache:
             raise httpx.ReadTimeout("slow", request=request)
 
         async with httpx.AsyncClient(transport=httpx.MockTransport(timeout)) as client:
-            adapter = FcmAdapter("push1", fcm_config(), client)
+            adapter = FcmAdapter("push1", fcm_config(), client, wall_clock=wall_time)
             with pytest.raises(ProviderTimeout):
                 await adapter.send(push())
 
     def test_bad_config_fails_at_construction(self) -> None:
         with pytest.raises(ConfigError):
-            FcmAdapter("push1", ProviderConfig(kind="fcm"), httpx.AsyncClient())
+            FcmAdapter("push1", FcmSettings(), httpx.AsyncClient(), wall_clock=wall_time)
         with pytest.raises(ConfigError):
             FcmAdapter(
                 "push1",
                 fcm_config(service_account_json=Secret(account_json(project=""))),
                 httpx.AsyncClient(),
+                wall_clock=wall_time,
             )
 
 
@@ -731,9 +731,9 @@ class TestTokenCache:
 async def serving(sim: FcmSimulator) -> AsyncIterator[FcmAdapter]:
     async with trio.open_nursery() as nursery:
         await nursery.start(sim.serve)
-        config = ProviderConfig(kind="fcm", **sim.credentials())  # type: ignore[arg-type]
+        config = FcmSettings(**sim.credentials())  # type: ignore[arg-type]
         async with make_client(timeout_seconds=5.0) as client:
-            yield FcmAdapter("push1", config, client)
+            yield FcmAdapter("push1", config, client, wall_clock=wall_time)
         nursery.cancel_scope.cancel()
 
 
@@ -832,14 +832,15 @@ class TestAgainstTheSimulator:
                         Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()
                     ).decode(),
                 }
-                config = ProviderConfig(
-                    kind="fcm",
+                config = FcmSettings(
                     url=sim.url,
                     service_account_json=Secret(msgspec.json.encode(forged).decode()),
                 )
                 async with make_client(timeout_seconds=5.0) as client:
                     with pytest.raises(AuthRejected) as caught:
-                        await FcmAdapter("push1", config, client).send(push("tok-ignore-1"))
+                        await FcmAdapter("push1", config, client, wall_clock=wall_time).send(
+                            push("tok-ignore-1")
+                        )
                 nursery.cancel_scope.cancel()
         assert (400, "invalid_grant") == (caught.value.status_code, caught.value.code)
         assert ["/token"] == [r.path for r in sim.requests]
@@ -871,9 +872,7 @@ class TestSimulatorValidates:
                     unauthenticated = await http.post(send, json={"message": {"token": "t"}})
                     assert 401 == unauthenticated.status_code
                     assert "UNAUTHENTICATED" == unauthenticated.json()["error"]["status"]
-                    account = load_service_account(
-                        ProviderConfig(kind="fcm", **sim.credentials())  # type: ignore[arg-type]
-                    )
+                    account = load_service_account(FcmSettings(**sim.credentials()))  # type: ignore[arg-type]
                     grant = build_token_request(
                         account, private_key=load_private_key(account), now=wall_time()
                     )

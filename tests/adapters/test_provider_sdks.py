@@ -82,7 +82,11 @@ from adapters import (
     twilio,
     viber,
 )
-from gateway.config import ProviderConfig, Secret, SenderConfig
+from adapters.fcm import FcmSettings
+from adapters.sendgrid import SendgridSettings
+from adapters.twilio import TwilioSettings
+from adapters.viber import ViberSettings
+from gateway.config import Secret, SenderConfig
 from gateway.core.model import Category, Channel
 from gateway.protocol import EmailContent, PushContent, SmsContent, ViberContent
 
@@ -166,8 +170,7 @@ def frozen_google_clock(monkeypatch: pytest.MonkeyPatch) -> None:
 TWILIO_SID: Final = "AC" + "0123456789abcdef" * 2
 TWILIO_AUTH: Final = "f" * 32
 TWILIO_SHARED_KEY: Final = "webhooks-shared-key-secret-" + "9" * 20
-TWILIO_CONFIG: Final = ProviderConfig(
-    kind="twilio",
+TWILIO_CONFIG: Final = TwilioSettings(
     account_sid=TWILIO_SID,
     auth_token=Secret(TWILIO_AUTH),
     webhook_shared_key=Secret(TWILIO_SHARED_KEY),
@@ -418,8 +421,8 @@ SENDGRID_KEY: Final = ec.generate_private_key(ec.SECP256R1())
 SENDGRID_PUBLIC_KEY: Final = base64.b64encode(
     SENDGRID_KEY.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
 ).decode()
-SENDGRID_CONFIG: Final = ProviderConfig(
-    kind="sendgrid", api_key=Secret("SG.test.key"), webhook_public_key=SENDGRID_PUBLIC_KEY
+SENDGRID_CONFIG: Final = SendgridSettings(
+    api_key=Secret("SG.test.key"), webhook_public_key=SENDGRID_PUBLIC_KEY
 )
 
 
@@ -634,8 +637,8 @@ def key_file(token_uri: str = fcm.DEFAULT_TOKEN_URI) -> dict[str, str]:
     }
 
 
-def fcm_config(token_uri: str = fcm.DEFAULT_TOKEN_URI) -> ProviderConfig:
-    return ProviderConfig(kind="fcm", service_account_json=Secret(json.dumps(key_file(token_uri))))
+def fcm_config(token_uri: str = fcm.DEFAULT_TOKEN_URI) -> FcmSettings:
+    return FcmSettings(service_account_json=Secret(json.dumps(key_file(token_uri))))
 
 
 def google_token(request: Any) -> tuple[int, object]:
@@ -755,7 +758,7 @@ class TestFcmMessagesSend:
 
 # ================================================================ Viber
 VIBER_TOKEN: Final = "445da6az1s345z78-dazcczb2542zv51a-e0vc5fva17480im9"
-VIBER_CONFIG: Final = ProviderConfig(kind="viber", auth_token=Secret(VIBER_TOKEN))
+VIBER_CONFIG: Final = ViberSettings(auth_token=Secret(VIBER_TOKEN))
 
 
 def viber_api(name: str = "Acme") -> Any:

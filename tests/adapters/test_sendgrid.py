@@ -28,6 +28,7 @@ from adapters.sendgrid import (
     CHANNEL,
     KIND,
     SendgridAdapter,
+    SendgridSettings,
     build_request,
     error_fields,
     load_public_key,
@@ -40,7 +41,7 @@ from adapters.sendgrid import (
 from adapters.simulators._base import Scripted
 from adapters.simulators.sendgrid import SendgridSimulator, default_error, tracked_link
 from gateway.clock import wall_time
-from gateway.config import ProviderConfig, Secret, SenderConfig, SimulatorConfig
+from gateway.config import Secret, SenderConfig, SimulatorConfig
 from gateway.core.errors import (
     AuthRejected,
     ConfigError,
@@ -67,10 +68,10 @@ _PUBLIC_KEY = base64.b64encode(
 _OTHER_KEY = ec.generate_private_key(ec.SECP256R1())
 
 
-def sendgrid_config(**fields: Any) -> ProviderConfig:
+def sendgrid_config(**fields: Any) -> SendgridSettings:
     fields.setdefault("api_key", Secret("SG.test.key"))
     fields.setdefault("webhook_public_key", _PUBLIC_KEY)
-    return ProviderConfig(kind="sendgrid", **fields)
+    return SendgridSettings(**fields)
 
 
 def mail(
@@ -659,7 +660,7 @@ class TestAdapter:
 
         config = sendgrid_config(url="http://sg.test")
         async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-            adapter = SendgridAdapter("email1", config, client)
+            adapter = SendgridAdapter("email1", config, client, wall_clock=wall_time)
             assert ("email1", Channel.EMAIL) == (adapter.name, adapter.channel)
             assert "m-1" == (await adapter.send(mail())).provider_message_id
             await adapter.aclose()
@@ -678,7 +679,7 @@ class TestAdapter:
 
     async def test_empty_mail_names_the_adapter(self) -> None:
         async with httpx.AsyncClient() as client:
-            adapter = SendgridAdapter("email1", sendgrid_config(), client)
+            adapter = SendgridAdapter("email1", sendgrid_config(), client, wall_clock=wall_time)
             with pytest.raises(InvalidRequest) as caught:
                 await adapter.send(mail(html=None, text=None))
         assert "email1" == caught.value.provider
@@ -689,11 +690,13 @@ class TestAdapter:
 
         async with httpx.AsyncClient(transport=httpx.MockTransport(refuse)) as client:
             with pytest.raises(ProviderUnavailable):
-                await SendgridAdapter("email1", sendgrid_config(), client).send(mail())
+                await SendgridAdapter(
+                    "email1", sendgrid_config(), client, wall_clock=wall_time
+                ).send(mail())
 
     def test_needs_an_api_key(self) -> None:
         with pytest.raises(ConfigError):
-            SendgridAdapter("email1", ProviderConfig(kind="sendgrid"), httpx.AsyncClient())
+            SendgridAdapter("email1", SendgridSettings(), httpx.AsyncClient(), wall_clock=wall_time)
 
 
 # ---------------------------------------------------------------- against the simulator
@@ -764,14 +767,14 @@ async def settled(
 @asynccontextmanager
 async def serving(
     sim: SendgridSimulator, inbox: WebhookInbox | None = None
-) -> AsyncIterator[tuple[SendgridAdapter, ProviderConfig]]:
+) -> AsyncIterator[tuple[SendgridAdapter, SendgridSettings]]:
     async with trio.open_nursery() as nursery:
         if inbox is not None:
             sim.webhook_url = await nursery.start(inbox.serve)
         await nursery.start(sim.serve)
-        config = ProviderConfig(kind="sendgrid", **sim.credentials())  # type: ignore[arg-type]
+        config = SendgridSettings(**sim.credentials())  # type: ignore[arg-type]
         async with make_client(timeout_seconds=5.0) as client:
-            yield SendgridAdapter("email1", config, client), config
+            yield SendgridAdapter("email1", config, client, wall_clock=wall_time), config
         nursery.cancel_scope.cancel()
 
 
@@ -832,7 +835,9 @@ class TestAgainstTheSimulator:
                 forged = msgspec.structs.replace(config, api_key=Secret("SG.forged.key"))
                 async with make_client(timeout_seconds=5.0) as client:
                     with pytest.raises(AuthRejected) as caught:
-                        await SendgridAdapter("email1", forged, client).send(mail())
+                        await SendgridAdapter("email1", forged, client, wall_clock=wall_time).send(
+                            mail()
+                        )
         assert 401 == caught.value.status_code
 
     async def test_validation(self) -> None:

@@ -28,7 +28,8 @@ from adapters import Outgoing, ProviderReceipt, ReceiptKind, SendReceipt, Webhoo
 from adapters._http import make_client
 from adapters.simulators._base import Scripted
 from adapters.simulators.twilio import TwilioSimulator
-from gateway.config import ProviderConfig, Secret, SenderConfig, SimulatorConfig
+from adapters.twilio import TwilioSettings
+from gateway.config import Secret, SenderConfig, SimulatorConfig
 from gateway.core.errors import (
     AuthRejected,
     ConfigError,
@@ -45,8 +46,8 @@ from tests.adapters.settling import Outbound, marker_behaviour
 SID = "AC" + "0123456789abcdef" * 2
 AUTH = "f" * 32
 SHARED_KEY = "sk-" + "e" * 40
-CONFIG = ProviderConfig(
-    kind="twilio", account_sid=SID, auth_token=Secret(AUTH), webhook_shared_key=Secret(SHARED_KEY)
+CONFIG = TwilioSettings(
+    account_sid=SID, auth_token=Secret(AUTH), webhook_shared_key=Secret(SHARED_KEY)
 )
 INBOUND_URL = "https://gw.example/webhooks/sms1"
 CALLBACK = "https://gw.example/webhooks/sms1?m=acme%2Fmsg-1"
@@ -149,7 +150,7 @@ class TestBuildRequest:
         assert "StatusCallback" not in twilio.form_fields(outgoing(callback=""))
 
     def test_needs_an_account_sid(self) -> None:
-        config = ProviderConfig(kind="twilio", auth_token=Secret(AUTH))
+        config = TwilioSettings(auth_token=Secret(AUTH))
         with pytest.raises(ConfigError):
             twilio.build_request(outgoing(), config=config, base_url="http://x", auth_token=AUTH)
 
@@ -362,7 +363,7 @@ class TestVerifyWebhook:
                 url=CALLBACK,
                 headers=self.signed(params),
                 body=urlencode(params).encode(),
-                config=ProviderConfig(kind="twilio", account_sid=SID),
+                config=TwilioSettings(account_sid=SID),
                 now=NOW,
             )
         assert caught.value.verdict == "bad_signature"
@@ -420,7 +421,7 @@ class TestSharedKeySignatures:
         self,
         headers: dict[str, str],
         params: list[tuple[str, str]],
-        config: ProviderConfig = CONFIG,
+        config: TwilioSettings = CONFIG,
     ) -> None:
         body = urlencode(params).encode()
         twilio.verify_webhook(url=CALLBACK, headers=headers, body=body, config=config, now=NOW)
@@ -627,11 +628,11 @@ class TestAdapterConstruction:
     @pytest.mark.parametrize(
         "config",
         [
-            ProviderConfig(kind="twilio", account_sid=SID),
-            ProviderConfig(kind="twilio", auth_token=Secret(AUTH)),
+            TwilioSettings(account_sid=SID),
+            TwilioSettings(auth_token=Secret(AUTH)),
         ],
     )
-    def test_needs_credentials(self, config: ProviderConfig) -> None:
+    def test_needs_credentials(self, config: TwilioSettings) -> None:
         with pytest.raises(ConfigError):
             twilio.TwilioAdapter("sms1", config, httpx.AsyncClient())
 
@@ -709,7 +710,7 @@ class FakeGateway:
 class Rig:
     sim: TwilioSimulator
     gateway: FakeGateway
-    config: ProviderConfig
+    config: TwilioSettings
     adapter: twilio.TwilioAdapter
     outbound: Outbound
 
@@ -766,7 +767,7 @@ async def rig(behaviour: SimulatorConfig = FAST) -> AsyncIterator[Rig]:
     async with trio.open_nursery() as nursery:
         await nursery.start(sim.serve)
         (gateway.url,) = await nursery.start(hypercorn.trio.serve, gateway.app(), config)
-        provider = msgspec.structs.replace(ProviderConfig(kind="twilio"), **sim.credentials())
+        provider = msgspec.structs.replace(TwilioSettings(), **sim.credentials())
         async with make_client(timeout_seconds=5) as client:
             adapter = twilio.TwilioAdapter("sms1", provider, client)
             yield Rig(sim, gateway, provider, adapter, outbound)

@@ -27,8 +27,9 @@ from adapters import Outgoing, ProviderReceipt, ReceiptKind, SendReceipt, Webhoo
 from adapters._http import make_client
 from adapters.simulators._base import Scripted
 from adapters.simulators.viber import ViberSimulator
+from adapters.viber import ViberSettings
 from gateway.clock import wall_time
-from gateway.config import ProviderConfig, Secret, SenderConfig, SimulatorConfig
+from gateway.config import Secret, SenderConfig, SimulatorConfig
 from gateway.core.errors import (
     AuthRejected,
     InvalidRecipient,
@@ -42,7 +43,7 @@ from gateway.protocol import SmsContent, ViberContent
 from tests.adapters.settling import Outbound, marker_behaviour
 
 BOT_AUTH = "445da6az1s345z78-dazcczb2542zv51a-e0vc5fva17480im9"
-CONFIG = ProviderConfig(kind="viber", auth_token=Secret(BOT_AUTH))
+CONFIG = ViberSettings(auth_token=Secret(BOT_AUTH))
 NOW = 1_795_435_200.0
 FAST = SimulatorConfig(receipt_delay_seconds=0.01, read_delay_seconds=0.02, latency_seconds=0)
 LINK = "http://gateway.test/t/c/abc.def"
@@ -340,7 +341,7 @@ class TestVerifyWebhook:
                 url="",
                 headers={"X-Viber-Content-Signature": sign(body)},
                 body=body,
-                config=ProviderConfig(kind="viber"),
+                config=ViberSettings(),
                 now=NOW,
             )
         assert caught.value.verdict == "bad_signature"
@@ -381,9 +382,7 @@ class TestVerifyWebhook:
 
     def test_tolerance_is_configurable(self) -> None:
         body = callback("seen", message_token=1, timestamp_ms=int((NOW - 100) * 1000))
-        config = ProviderConfig(
-            kind="viber", auth_token=Secret(BOT_AUTH), webhook_tolerance_seconds=60.0
-        )
+        config = ViberSettings(auth_token=Secret(BOT_AUTH), webhook_tolerance_seconds=60.0)
         headers = {"X-Viber-Content-Signature": sign(body)}
         with pytest.raises(WebhookRejected) as caught:
             viber.verify_webhook(url="", headers=headers, body=body, config=config, now=NOW)
@@ -493,7 +492,7 @@ class TestAdapterConstruction:
         from gateway.core.errors import ConfigError
 
         with pytest.raises(ConfigError):
-            viber.ViberAdapter("viber1", ProviderConfig(kind="viber"), httpx.AsyncClient())
+            viber.ViberAdapter("viber1", ViberSettings(), httpx.AsyncClient())
 
     async def test_defaults_to_viber_and_closes_nothing(self) -> None:
         async with httpx.AsyncClient() as client:
@@ -570,7 +569,7 @@ class FakeGateway:
 class Rig:
     sim: ViberSimulator
     gateway: FakeGateway
-    config: ProviderConfig
+    config: ViberSettings
     adapter: viber.ViberAdapter
     outbound: Outbound
 
@@ -629,7 +628,7 @@ async def rig(behaviour: SimulatorConfig = FAST) -> AsyncIterator[Rig]:
     async with trio.open_nursery() as nursery:
         await nursery.start(sim.serve)
         (gateway.url,) = await nursery.start(hypercorn.trio.serve, gateway.app(), config)
-        provider = msgspec.structs.replace(ProviderConfig(kind="viber"), **sim.credentials())
+        provider = msgspec.structs.replace(ViberSettings(), **sim.credentials())
         async with make_client(timeout_seconds=5) as client:
             adapter = viber.ViberAdapter("viber1", provider, client)
             yield Rig(sim, gateway, provider, adapter, outbound)

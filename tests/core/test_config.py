@@ -8,9 +8,16 @@ from __future__ import annotations
 from datetime import time
 
 import msgspec
+import msgspec.inspect as mi
 import pytest
 
+from adapters.fcm import FcmSettings
+from adapters.registry import SPECS
+from adapters.sendgrid import SendgridSettings
+from adapters.twilio import TwilioSettings
+from adapters.viber import ViberSettings
 from gateway.config import (
+    SECRET_KEYS,
     ChannelConfig,
     GatewayConfig,
     Secret,
@@ -325,7 +332,8 @@ window_seconds = 604800
     ),
     "unknown provider kind": (
         TENANT.replace(b'kind = "twilio"', b'kind = "smpp"'),
-        "config: providers.sms_main.kind: Invalid enum value 'smpp'",
+        # the kind is the tag that picks the settings type, so msgspec says "value", not "enum"
+        "config: providers.sms_main.kind: Invalid value 'smpp'",
     ),
     "tenant without brand": (
         TENANT.replace(b'brand = "Acme"', b""),
@@ -401,6 +409,66 @@ simulated = true
     )
     def test_not_toml(self, toml: bytes) -> None:
         assert error_of(toml).startswith("config is not valid TOML: ")
+
+
+FOREIGN_KEYS: dict[str, tuple[bytes, dict[str, str], str]] = {
+    "an fcm key on twilio": (
+        TENANT.replace(b'kind = "twilio"', b'kind = "twilio"\nproject_id = "acme-app"'),
+        {},
+        "config: providers.sms_main.project_id: a setting of kind fcm, not of twilio",
+    ),
+    "a twilio key on sendgrid": (
+        b"[providers.mail]\nkind = 'sendgrid'\nsimulated = true\naccount_sid = 'AC1'",
+        {},
+        "config: providers.mail.account_sid: a setting of kind twilio, not of sendgrid",
+    ),
+    "a sendgrid key on viber": (
+        b"[providers.chat]\nkind = 'viber'\nsimulated = true\nwebhook_public_key = 'MFkw'",
+        {},
+        "config: providers.chat.webhook_public_key: a setting of kind sendgrid, not of viber",
+    ),
+    "a secret of two kinds, from the environment": (
+        GATEWAY_TOML,
+        {"CASCADEGW__PROVIDERS__SENDGRID_SIM__AUTH_TOKEN": "tok"},
+        "config: providers.sendgrid_sim.auth_token: a setting of kind twilio or viber, not of"
+        " sendgrid (set by CASCADEGW__PROVIDERS__SENDGRID_SIM__AUTH_TOKEN)",
+    ),
+}
+
+
+class TestProviderSettings:
+    """A provider table is read into the settings type its ``kind`` names, which has the
+    common keys and only that provider's own."""
+
+    def test_the_default_providers_have_their_kinds_settings(self) -> None:
+        providers = load(GATEWAY_TOML).providers
+
+        assert {
+            "fcm_sim": (FcmSettings, "fcm", Channel.PUSH),
+            "sendgrid_sim": (SendgridSettings, "sendgrid", Channel.EMAIL),
+            "viber_sim": (ViberSettings, "viber", Channel.VIBER),
+            "twilio_sim": (TwilioSettings, "twilio", Channel.SMS),
+        } == {name: (type(p), p.kind, p.channel) for name, p in providers.items()}
+
+    @pytest.mark.parametrize("kind", sorted(SPECS))
+    def test_every_kind_reads_into_its_specs_settings(self, kind: str) -> None:
+        toml = f"[providers.p]\nkind = '{kind}'\nsimulated = true\nprice = 0.5".encode()
+
+        provider = load(toml).providers["p"]
+
+        assert (SPECS[kind].settings, kind, 0.5) == (type(provider), provider.kind, provider.price)
+
+    @pytest.mark.parametrize(
+        ("toml", "environ", "expected"), FOREIGN_KEYS.values(), ids=FOREIGN_KEYS.keys()
+    )
+    def test_a_key_of_another_kind_is_refused_by_name(
+        self, toml: bytes, environ: dict[str, str], expected: str
+    ) -> None:
+        assert expected == error_of(toml, environ)
+
+    def test_a_provider_without_a_kind(self) -> None:
+        expected = "config: providers.p: Object missing required field `kind`"
+        assert expected == error_of(b"[providers.p]\nsimulated = true\nproject_id = 'x'")
 
 
 class TestEnvironment:
@@ -571,8 +639,31 @@ FILE_SECRETS: list[tuple[bytes, str]] = [
 ]
 
 
+SECRET_PROVIDERS = ("sendgrid", "twilio", "fcm")
+
+
+def secret_fields(info: mi.Type, name: str = "") -> set[str]:
+    """The names of the fields typed ``Secret`` anywhere under ``info``."""
+    match info:
+        case mi.CustomType(cls=cls) if cls is Secret:
+            return {name}
+        case mi.StructType(fields=fields):
+            return set().union(*(secret_fields(f.type, f.name) for f in fields))
+        case mi.UnionType(types=types):
+            return set().union(*(secret_fields(t, name) for t in types))
+        case mi.DictType(value_type=item) | mi.VarTupleType(item_type=item):
+            return secret_fields(item, name)
+        case mi.Metadata(type=inner):
+            return secret_fields(inner, name)
+    return set()
+
+
 class TestSecrets:
     """Secrets come only from the environment and never show in a repr."""
+
+    def test_every_secret_field_is_a_secret_key(self) -> None:
+        """A ``Secret`` field missing from SECRET_KEYS could be written in the file."""
+        assert SECRET_KEYS == secret_fields(mi.type_info(GatewayConfig))
 
     @pytest.mark.parametrize(
         ("toml", "expected"),
@@ -613,11 +704,14 @@ class TestSecrets:
             CASCADEGW__HTTP__ADMIN_TOKEN=value,
             CASCADEGW__TRACKING__SECRET=value,
         )
-        providers = config.providers
+        sendgrid, twilio, fcm = (config.providers[f"{kind}_sim"] for kind in SECRET_PROVIDERS)
+        assert isinstance(sendgrid, SendgridSettings)
+        assert isinstance(twilio, TwilioSettings)
+        assert isinstance(fcm, FcmSettings)
         secrets = [
-            providers["sendgrid_sim"].api_key,
-            providers["twilio_sim"].auth_token,
-            providers["fcm_sim"].service_account_json,
+            sendgrid.api_key,
+            twilio.auth_token,
+            fcm.service_account_json,
             config.http.admin_token,
             config.tracking.secret,
         ]

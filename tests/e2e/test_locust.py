@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import trio
 
+from adapters.viber import ViberSettings
 from bench.harness import LOCUST, locust_command, locust_environment
 from gateway.config import load_config
 from gateway.embedded import open_embedded
@@ -27,7 +28,9 @@ async def test_the_locustfile_loads_a_live_gateway(tmp_path: Path) -> None:
     config = load_config(campaign_config(tmp_path, 0).encode(), {})
     async with open_embedded(config) as embedded:
         gateway = embedded.gateway
-        viber_token = gateway.config.providers["viber1"].auth_token
+        viber = gateway.config.providers["viber1"]
+        assert isinstance(viber, ViberSettings)
+        viber_token = viber.auth_token
         assert viber_token is not None
         environ = {
             **locust_environment(gateway.ingest_endpoint, "acme", batch=10),
