@@ -105,9 +105,8 @@ async def open_embedded(
                 continue
             seed = None if simulator_seed is None else simulator_seed + index
             simulator = SPECS[provider.kind].simulator(
-                name=name, behaviour=config.simulator, seed=seed
+                name=name, behaviour=config.simulator, seed=seed, wall_offset=clock.offset
             )
-            simulator.wall_offset = clock.offset
             await nursery.start(simulator.serve)
             simulators[name] = simulator
             providers[name] = msgspec.structs.replace(provider, **simulator.credentials())
@@ -184,6 +183,8 @@ async def open_embedded(
                 events_endpoint=events_endpoint,
             )
         )
+        # the one late binding: each side's address exists only once it listens, and the
+        # gateway needs the simulators' to start, so the simulators learn the gateway's now
         for name, simulator in simulators.items():
             simulator.webhook_url = gateway.links.webhook_url(name)
             if isinstance(simulator, FcmSimulator):

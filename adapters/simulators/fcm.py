@@ -122,9 +122,16 @@ class FcmSimulator(Simulator):
         behaviour: SimulatorConfig,
         webhook_url: str = "",
         seed: int | None = None,
+        wall_offset: float | None = None,
         project_id: str = "cascadegw-sim",
     ) -> None:
-        super().__init__(name=name, behaviour=behaviour, webhook_url=webhook_url, seed=seed)
+        super().__init__(
+            name=name,
+            behaviour=behaviour,
+            webhook_url=webhook_url,
+            seed=seed,
+            wall_offset=wall_offset,
+        )
         self.project_id = project_id
         self.ingest_endpoint = ""
         """The gateway's ZeroMQ ingest, where the app reports opens; empty: no reports."""

@@ -101,8 +101,15 @@ class SendgridSimulator(Simulator):
         behaviour: SimulatorConfig,
         webhook_url: str = "",
         seed: int | None = None,
+        wall_offset: float | None = None,
     ) -> None:
-        super().__init__(name=name, behaviour=behaviour, webhook_url=webhook_url, seed=seed)
+        super().__init__(
+            name=name,
+            behaviour=behaviour,
+            webhook_url=webhook_url,
+            seed=seed,
+            wall_offset=wall_offset,
+        )
         # SendGrid keys look like SG.<22 chars>.<43 chars>
         self.api_key = f"SG.{secrets.token_urlsafe(16)}.{secrets.token_urlsafe(32)}"
         self.signing_key = ec.generate_private_key(ec.SECP256R1())

@@ -14,7 +14,7 @@ from gateway.core.cascade import Cascade
 from gateway.core.model import Category, Channel, Envelope, Lane, MessageKey
 from gateway.runtime.committer import Committer
 from gateway.runtime.metrics import Metrics
-from gateway.store.base import MessageRecord
+from gateway.store.base import Batch, MessageRecord
 from gateway.store.memory import MemoryJournal, MemoryStore
 
 NOW = 1_795_435_200.0
@@ -71,3 +71,40 @@ async def test_a_failing_commit_is_retried_with_back_off_until_the_cause_passes(
     found = await restarted.message(MessageKey("acme:m1"))
     assert found is not None
     assert b"request" == found.request
+
+
+async def test_a_flush_while_serve_commits_waits_its_turn_and_loses_nothing(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """An admin ``flush`` during ``serve``'s commit: the first release kept one slot for the
+    batch being committed, so the other one fell out of ``pending_rows`` (and of status
+    reads) until it landed, and the two could interleave."""
+    journal = MemoryJournal(MemoryStore())
+    await journal.open(create=True)
+    committer = Committer(journal, Metrics(CollectorRegistry(), {}))
+    order: list[list[str]] = []
+    release = trio.Event()
+    committing = trio.Event()
+    commit = journal.commit
+
+    async def held(batch: Batch) -> None:
+        committing.set()
+        await release.wait()
+        order.append(list(batch.dirty))
+        await commit(batch)
+
+    journal.commit = held  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(committer.serve)
+        committer.current.insert(record("acme:a"), b"a")
+        await committing.wait()  # serve is committing batch a
+        committer.current.insert(record("acme:b"), b"b")
+        nursery.start_soon(committer.flush)  # e.g. the admin API making a consent durable
+        await trio.testing.wait_all_tasks_blocked()
+        assert 2 == committer.pending_rows  # a (committing) and b (waiting): both counted
+        assert committer.staged_record("acme:b") is not None  # and b is still readable
+        release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert [["acme:a"], ["acme:b"]] == order
+        assert 0 == committer.pending_rows
+        nursery.cancel_scope.cancel()
