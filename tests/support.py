@@ -165,10 +165,17 @@ async def wait_for(
     condition: Callable[[], bool], *, timeout_seconds: float = 60.0, what: str = ""
 ) -> None:
     """Return as soon as ``condition()`` holds; fail after ``timeout_seconds`` of trio time
-    (virtual under a MockClock). Tests wait for outcomes this way, never for a fixed time."""
+    (virtual under a MockClock). Tests wait for outcomes this way, never for a fixed time.
+
+    The poll interval grows from 10 ms to 1 s: under an autojumping clock each poll costs the
+    jump threshold in real time, so a long virtual wait must not poll every 10 ms. To reach a
+    moment in virtual time, sleep until it first; then wait for what it causes.
+    """
+    interval = 0.01
     with trio.move_on_after(timeout_seconds):
         while not condition():  # noqa: ASYNC110 - the state polled signals nothing
-            await trio.sleep(0.01)
+            await trio.sleep(interval)
+            interval = min(interval * 1.5, 1.0)
         return
     raise AssertionError(f"not true within {timeout_seconds} s: {what or condition}")
 
