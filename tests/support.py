@@ -173,7 +173,7 @@ async def wait_for(
     """
     interval = 0.01
     with trio.move_on_after(timeout_seconds):
-        while not condition():  # noqa: ASYNC110 - the state polled signals nothing
+        while not condition():
             await trio.sleep(interval)
             interval = min(interval * 1.5, 1.0)
         return
