@@ -1,8 +1,8 @@
 """Shared HTTP plumbing for adapters: one client factory, one place that maps errors, and the
 freshness rule for signed webhooks.
 
-Foreign exceptions are translated once, here (httpx's ``map_httpcore_exceptions`` idea): the
-rest of the gateway only ever sees ``gateway.core.errors`` types.
+Transport exceptions are translated once, here: the rest of the gateway only ever sees
+``gateway.core.errors`` types.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ from contextlib import contextmanager
 from email.utils import parsedate_to_datetime
 from typing import Final
 
-import httpx
-
 from adapters import WebhookRejected
+from adapters._transport import ConnectionPool, HttpResponse, TransportError, TransportTimeout
 from gateway.core.errors import (
     AuthRejected,
     InvalidRequest,
@@ -25,33 +24,23 @@ from gateway.core.errors import (
 )
 
 
-def make_client(*, timeout_seconds: float, max_connections: int = 64) -> httpx.AsyncClient:
-    """An httpx client for one provider account.
+def make_client(*, timeout_seconds: float, max_connections: int = 64) -> ConnectionPool:
+    """The HTTP/1.1 keep-alive pool of one provider account (``adapters._transport``).
 
-    HTTP/1.1 only: httpx's HTTP/2 POST fails with StreamClosedError when a server answers before
-    reading the body (docs/architecture.md, "Pitfalls"), and a small keep-alive pool is what gives throughput here.
+    ``max_connections`` is the account's ``concurrency``: sends beyond it wait for a connection.
     """
-    return httpx.AsyncClient(
-        http2=False,
-        timeout=httpx.Timeout(timeout_seconds),
-        limits=httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        ),
-        headers={"User-Agent": "cascadegw/0.1"},
-    )
+    return ConnectionPool(timeout_seconds=timeout_seconds, max_connections=max_connections)
 
 
 @contextmanager
-def map_httpx_errors(provider: str) -> Iterator[None]:
-    """Turn httpx transport exceptions into transient provider errors."""
+def map_transport_errors(provider: str) -> Iterator[None]:
+    """Turn transport exceptions into transient provider errors."""
     try:
         yield
-    except httpx.TimeoutException as exc:
-        raise ProviderTimeout(
-            f"{provider}: timed out ({type(exc).__name__})", provider=provider
-        ) from exc
-    except httpx.TransportError as exc:
-        raise ProviderUnavailable(f"{provider}: {type(exc).__name__}", provider=provider) from exc
+    except TransportTimeout as exc:
+        raise ProviderTimeout(f"{provider}: timed out ({exc})", provider=provider) from exc
+    except TransportError as exc:
+        raise ProviderUnavailable(f"{provider}: {exc}", provider=provider) from exc
 
 
 def retry_after_seconds(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
@@ -74,7 +63,7 @@ def retry_after_seconds(headers: Mapping[str, str], *, now: float | None = None)
 
 
 def error_for_status(
-    provider: str, response: httpx.Response, *, code: str | None = None, detail: str = ""
+    provider: str, response: HttpResponse, *, code: str | None = None, detail: str = ""
 ) -> ProviderError:
     """The generic mapping of an unsuccessful HTTP status; adapters refine it with body codes."""
     status = response.status_code

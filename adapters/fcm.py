@@ -39,7 +39,6 @@ import base64
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Final
 
-import httpx
 import msgspec
 import trio
 from cryptography.exceptions import InvalidSignature
@@ -47,7 +46,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from adapters import Outgoing, ProviderReceipt, SendReceipt, WebhookRejected
-from adapters._http import error_for_status, map_httpx_errors, retry_after_seconds
+from adapters._http import error_for_status, map_transport_errors, retry_after_seconds
+from adapters._transport import HttpClient, HttpRequest, HttpResponse
 from gateway.core.errors import (
     AuthRejected,
     ConfigError,
@@ -209,15 +209,13 @@ def assertion_claims(account: ServiceAccount, *, now: float) -> dict[str, object
 
 def build_token_request(
     account: ServiceAccount, *, private_key: rsa.RSAPrivateKey, now: float
-) -> httpx.Request:
+) -> HttpRequest:
     """The JWT bearer grant (RFC 7523 section 2.1) as a form POST to ``token_uri``."""
     assertion = encode_jwt(
         assertion_claims(account, now=now), private_key=private_key, key_id=account.private_key_id
     )
-    return httpx.Request(
-        "POST",
-        account.token_uri,
-        data={"grant_type": JWT_BEARER_GRANT, "assertion": assertion},
+    return HttpRequest.with_form(
+        "POST", account.token_uri, {"grant_type": JWT_BEARER_GRANT, "assertion": assertion}
     )
 
 
@@ -231,7 +229,7 @@ class _OAuthError(msgspec.Struct):
     error: str = ""
 
 
-def parse_token_response(response: httpx.Response, *, provider: str) -> AccessToken:
+def parse_token_response(response: HttpResponse, *, provider: str) -> AccessToken:
     """The token endpoint's answer (RFC 6749 section 5).
 
     Raises:
@@ -273,7 +271,7 @@ def refuse_reserved_data_keys(content: PushContent, *, provider: str) -> None:
 
 def build_request(
     outgoing: Outgoing, *, config: FcmSettings, base_url: str, access_token: str
-) -> httpx.Request:
+) -> HttpRequest:
     """The ``messages:send`` request for one push.
 
     Raises:
@@ -299,11 +297,11 @@ def build_request(
         # https://firebase.google.com/docs/cloud-messaging/android/message-priority
         "android": {"priority": "HIGH" if outgoing.category is Category.SERVICE else "NORMAL"},
     }
-    return httpx.Request(
+    return HttpRequest.with_json(
         "POST",
         f"{base_url.rstrip('/')}/v1/projects/{project_id(config)}/messages:send",
+        {"message": message},
         headers={"Authorization": f"Bearer {access_token}"},
-        json={"message": message},
     )
 
 
@@ -356,7 +354,7 @@ def _names_the_token(error: GoogleError) -> bool:
 
 
 def parse_response(
-    response: httpx.Response, *, provider: str, now: float | None = None
+    response: HttpResponse, *, provider: str, now: float | None = None
 ) -> SendReceipt:
     """The receipt of a 200, or the ProviderError the answer means.
 
@@ -450,7 +448,7 @@ class FcmAdapter:
         self,
         name: str,
         config: FcmSettings,
-        client: httpx.AsyncClient,
+        client: HttpClient,
         *,
         wall_clock: Callable[[], float],
     ) -> None:
@@ -475,7 +473,7 @@ class FcmAdapter:
             if self._token is not None and now < self._token_expires_at:
                 return self._token
             request = build_token_request(self._account, private_key=self._private_key, now=now)
-            with map_httpx_errors(self.name):
+            with map_transport_errors(self.name):
                 response = await self._client.send(request)
             token = parse_token_response(response, provider=self.name)
             self.token_fetches += 1
@@ -508,11 +506,11 @@ class FcmAdapter:
             response = await self._post(outgoing, await self._access_token())
         return parse_response(response, provider=self.name, now=self._wall_clock())
 
-    async def _post(self, outgoing: Outgoing, token: str) -> httpx.Response:
+    async def _post(self, outgoing: Outgoing, token: str) -> HttpResponse:
         request = build_request(
             outgoing, config=self.config, base_url=self._base_url, access_token=token
         )
-        with map_httpx_errors(self.name):
+        with map_transport_errors(self.name):
             return await self._client.send(request)
 
     async def aclose(self) -> None:

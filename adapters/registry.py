@@ -12,10 +12,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Generic, Protocol, TypeVar, get_args
 
-import httpx
-
 from adapters import Adapter, ProviderReceipt, fcm, sendgrid, twilio, viber
 from adapters._http import make_client
+from adapters._transport import ConnectionPool, HttpClient
 from adapters.simulators._base import Simulator
 from adapters.simulators.fcm import FcmSimulator
 from adapters.simulators.sendgrid import SendgridSimulator
@@ -38,7 +37,7 @@ S_contra = TypeVar("S_contra", bound=ProviderSettingsBase, contravariant=True)
 
 class AdapterFactory(Protocol[S_contra]):
     def __call__(
-        self, name: str, settings: S_contra, client: httpx.AsyncClient, /, *, wall_clock: WallClock
+        self, name: str, settings: S_contra, client: HttpClient, /, *, wall_clock: WallClock
     ) -> Adapter: ...
 
 
@@ -76,7 +75,7 @@ class ProviderSpec(Generic[S]):
 
 
 def _viber(
-    name: str, settings: viber.ViberSettings, client: httpx.AsyncClient, /, *, wall_clock: WallClock
+    name: str, settings: viber.ViberSettings, client: HttpClient, /, *, wall_clock: WallClock
 ) -> Adapter:
     del wall_clock  # Viber's adapter reads no wall time (its webhook verifier is given `now`)
     return viber.ViberAdapter(name, settings, client)
@@ -85,7 +84,7 @@ def _viber(
 def _twilio(
     name: str,
     settings: twilio.TwilioSettings,
-    client: httpx.AsyncClient,
+    client: HttpClient,
     /,
     *,
     wall_clock: WallClock,
@@ -135,7 +134,7 @@ assert set(get_args(ProviderSettings)) == {spec.settings for spec in _SPECS}, (
 
 def build_adapters(
     providers: Mapping[str, ProviderSettings], *, wall_clock: WallClock
-) -> tuple[dict[str, Adapter], list[httpx.AsyncClient]]:
+) -> tuple[dict[str, Adapter], list[ConnectionPool]]:
     """One adapter (and one connection pool) per configured provider account.
 
     Args:
@@ -144,7 +143,7 @@ def build_adapters(
             rate-limit reset epochs).
     """
     adapters: dict[str, Adapter] = {}
-    clients: list[httpx.AsyncClient] = []
+    clients: list[ConnectionPool] = []
     for name, settings in providers.items():
         client = make_client(
             timeout_seconds=settings.timeout_seconds, max_connections=settings.concurrency

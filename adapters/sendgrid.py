@@ -48,7 +48,6 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Final
 
-import httpx
 import msgspec
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -58,9 +57,10 @@ from adapters import Outgoing, ProviderReceipt, ReceiptKind, SendReceipt, Webhoo
 from adapters._http import (
     check_freshness,
     error_for_status,
-    map_httpx_errors,
+    map_transport_errors,
     retry_after_seconds,
 )
+from adapters._transport import HttpClient, HttpRequest, HttpResponse
 from gateway.core.errors import (
     AuthRejected,
     ConfigError,
@@ -135,7 +135,7 @@ def with_open_pixel(body: str, pixel_url: str) -> str:
 
 def build_request(
     outgoing: Outgoing, *, config: SendgridSettings, base_url: str, api_key: str
-) -> httpx.Request:
+) -> HttpRequest:
     """The Mail Send request for one email.
 
     Raises:
@@ -180,11 +180,11 @@ def build_request(
         }
     if outgoing.campaign:
         payload["categories"] = [outgoing.campaign[:255]]  # SendGrid's limit per category
-    return httpx.Request(
+    return HttpRequest.with_json(
         "POST",
         f"{base_url.rstrip('/')}/v3/mail/send",
+        payload,
         headers={"Authorization": f"Bearer {api_key}"},
-        json=payload,
     )
 
 
@@ -215,7 +215,7 @@ def rate_limit_reset_seconds(headers: Mapping[str, str], *, now: float | None) -
 
 
 def parse_response(
-    response: httpx.Response, *, provider: str, now: float | None = None
+    response: HttpResponse, *, provider: str, now: float | None = None
 ) -> SendReceipt:
     """The receipt of a 2xx, or the ProviderError the answer means.
 
@@ -436,7 +436,7 @@ class SendgridAdapter:
         self,
         name: str,
         config: SendgridSettings,
-        client: httpx.AsyncClient,
+        client: HttpClient,
         *,
         wall_clock: Callable[[], float],
     ) -> None:
@@ -462,7 +462,7 @@ class SendgridAdapter:
             )
         except InvalidRequest as exc:
             raise InvalidRequest(str(exc).replace(KIND, self.name, 1), provider=self.name) from exc
-        with map_httpx_errors(self.name):
+        with map_transport_errors(self.name):
             response = await self._client.send(request)
         return parse_response(response, provider=self.name, now=self._wall_clock())
 

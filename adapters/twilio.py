@@ -44,11 +44,11 @@ from collections.abc import Mapping, Sequence
 from typing import ClassVar, Final
 from urllib.parse import parse_qs, parse_qsl, urlsplit, urlunsplit
 
-import httpx
 import msgspec
 
 from adapters import Outgoing, ProviderReceipt, ReceiptKind, SendReceipt, WebhookRejected
-from adapters._http import error_for_status, map_httpx_errors, retry_after_seconds
+from adapters._http import error_for_status, map_transport_errors, retry_after_seconds
+from adapters._transport import HttpClient, HttpRequest, HttpResponse
 from gateway.core.errors import (
     AuthRejected,
     ConfigError,
@@ -167,7 +167,7 @@ def form_fields(outgoing: Outgoing, *, messaging_service_sid: str | None = None)
 
 def build_request(
     outgoing: Outgoing, *, config: TwilioSettings, base_url: str, auth_token: str
-) -> httpx.Request:
+) -> HttpRequest:
     """The ``POST .../Messages.json`` request for one SMS (pure).
 
     Args:
@@ -184,15 +184,15 @@ def build_request(
     if not account_sid:
         raise ConfigError("twilio: account_sid is not configured")
     credentials = base64.b64encode(f"{account_sid}:{auth_token}".encode()).decode()
-    return httpx.Request(
+    return HttpRequest.with_form(
         "POST",
         f"{base_url.rstrip('/')}/{API_VERSION}/Accounts/{account_sid}/Messages.json",
-        data=form_fields(outgoing, messaging_service_sid=config.messaging_service_sid),
+        form_fields(outgoing, messaging_service_sid=config.messaging_service_sid),
         headers={"Authorization": f"Basic {credentials}", "Accept": "application/json"},
     )
 
 
-def parse_response(response: httpx.Response, *, provider: str) -> SendReceipt:
+def parse_response(response: HttpResponse, *, provider: str) -> SendReceipt:
     """The receipt (``sid``) of an accepted message, or the error Twilio's answer means (pure).
 
     Twilio's ``message`` text is never copied into the error: it may quote the phone number.
@@ -429,7 +429,7 @@ def parse_webhook(*, url: str, headers: Mapping[str, str], body: bytes) -> list[
 class TwilioAdapter:
     """Sends SMS through one Twilio account."""
 
-    def __init__(self, name: str, config: TwilioSettings, client: httpx.AsyncClient) -> None:
+    def __init__(self, name: str, config: TwilioSettings, client: HttpClient) -> None:
         if config.auth_token is None:
             raise ConfigError(f"providers.{name}.auth_token: required for twilio")
         if not config.account_sid:
@@ -445,12 +445,12 @@ class TwilioAdapter:
         """Send one SMS.
 
         Raises:
-            gateway.core.errors.ProviderError: see ``parse_response`` and ``map_httpx_errors``.
+            gateway.core.errors.ProviderError: see ``parse_response`` and ``map_transport_errors``.
         """
         request = build_request(
             outgoing, config=self.config, base_url=self._base_url, auth_token=self._auth_token
         )
-        with map_httpx_errors(self.name):
+        with map_transport_errors(self.name):
             response = await self._client.send(request)
         return parse_response(response, provider=self.name)
 

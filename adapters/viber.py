@@ -32,11 +32,11 @@ from collections.abc import Mapping
 from typing import ClassVar, Final
 from urllib.parse import urlsplit
 
-import httpx
 import msgspec
 
 from adapters import Outgoing, ProviderReceipt, ReceiptKind, SendReceipt, WebhookRejected
-from adapters._http import check_freshness, error_for_status, map_httpx_errors
+from adapters._http import check_freshness, error_for_status, map_transport_errors
+from adapters._transport import HttpClient, HttpRequest, HttpResponse
 from gateway.core.errors import (
     AuthRejected,
     ConfigError,
@@ -191,7 +191,7 @@ def picture_url_accepted(url: str) -> bool:
 
 def build_request(
     outgoing: Outgoing, *, config: ViberSettings, base_url: str, auth_token: str
-) -> httpx.Request:
+) -> HttpRequest:
     """The ``POST /pa/send_message`` request for one message (pure).
 
     Args:
@@ -201,11 +201,11 @@ def build_request(
         auth_token: the bot's authentication token.
     """
     del config  # the same signature for every provider; Viber reads nothing else from it
-    return httpx.Request(
+    return HttpRequest.with_json(
         "POST",
         f"{base_url.rstrip('/')}/pa/send_message",
-        content=msgspec.json.encode(message_body(outgoing)),
-        headers={"X-Viber-Auth-Token": auth_token, "Content-Type": "application/json"},
+        message_body(outgoing),
+        headers={"X-Viber-Auth-Token": auth_token},
     )
 
 
@@ -215,18 +215,18 @@ def build_set_webhook_request(
     auth_token: str,
     url: str,
     event_types: tuple[str, ...] = RECEIPT_EVENTS,
-) -> httpx.Request:
+) -> HttpRequest:
     """``POST /pa/set_webhook``: register the gateway's webhook URL (an empty URL removes it)."""
     body = {"url": url, "event_types": list(event_types), "send_name": False, "send_photo": False}
-    return httpx.Request(
+    return HttpRequest.with_json(
         "POST",
         f"{base_url.rstrip('/')}/pa/set_webhook",
-        content=msgspec.json.encode(body),
-        headers={"X-Viber-Auth-Token": auth_token, "Content-Type": "application/json"},
+        body,
+        headers={"X-Viber-Auth-Token": auth_token},
     )
 
 
-def parse_response(response: httpx.Response, *, provider: str) -> SendReceipt:
+def parse_response(response: HttpResponse, *, provider: str) -> SendReceipt:
     """The receipt of an accepted message, or the ``ProviderError`` the answer means (pure).
 
     Raises:
@@ -243,7 +243,7 @@ def parse_response(response: httpx.Response, *, provider: str) -> SendReceipt:
     return SendReceipt(provider_message_id=str(answer.message_token))
 
 
-def _answer(response: httpx.Response, *, provider: str) -> _Answer:
+def _answer(response: HttpResponse, *, provider: str) -> _Answer:
     """Viber's decoded answer when its status is 0; raise the mapped error otherwise."""
     if not response.is_success:
         raise error_for_status(provider, response)
@@ -382,7 +382,7 @@ def parse_webhook(*, url: str, headers: Mapping[str, str], body: bytes) -> list[
 class ViberAdapter:
     """Sends Viber bot messages through one bot account (one auth token)."""
 
-    def __init__(self, name: str, config: ViberSettings, client: httpx.AsyncClient) -> None:
+    def __init__(self, name: str, config: ViberSettings, client: HttpClient) -> None:
         if config.auth_token is None:
             raise ConfigError(f"providers.{name}.auth_token: required for viber")
         self.name = name
@@ -396,7 +396,7 @@ class ViberAdapter:
         """Send one message.
 
         Raises:
-            gateway.core.errors.ProviderError: see ``parse_response`` and ``map_httpx_errors``.
+            gateway.core.errors.ProviderError: see ``parse_response`` and ``map_transport_errors``.
         """
         try:
             request = build_request(
@@ -404,7 +404,7 @@ class ViberAdapter:
             )
         except InvalidRequest as exc:
             raise InvalidRequest(str(exc).replace(KIND, self.name, 1), provider=self.name) from exc
-        with map_httpx_errors(self.name):
+        with map_transport_errors(self.name):
             response = await self._client.send(request)
         return parse_response(response, provider=self.name)
 
@@ -417,7 +417,7 @@ class ViberAdapter:
         request = build_set_webhook_request(
             base_url=self._base_url, auth_token=self._auth_token, url=url, event_types=event_types
         )
-        with map_httpx_errors(self.name):
+        with map_transport_errors(self.name):
             response = await self._client.send(request)
         _answer(response, provider=self.name)
 

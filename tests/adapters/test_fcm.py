@@ -9,7 +9,7 @@ import email.utils
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import hypercorn.config
@@ -18,6 +18,7 @@ import msgpack
 import msgspec
 import pytest
 import trio
+import trio.testing
 import zmq
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
@@ -28,6 +29,7 @@ from starlette.routing import Route
 
 from adapters import Outgoing, WebhookRejected
 from adapters._http import make_client
+from adapters._transport import HttpRequest, HttpResponse
 from adapters.fcm import (
     CHANNEL,
     JWT_BEARER_GRANT,
@@ -67,6 +69,7 @@ from gateway.core.errors import (
 from gateway.core.model import Category, Channel
 from gateway.protocol import EmailContent, PushContent, reserved_data_keys
 from gateway.runtime import zmqio
+from tests.adapters.local_http import Call, local_server
 from tests.adapters.settling import Outbound, marker_behaviour
 
 NOW = 1_795_435_200.0
@@ -127,11 +130,17 @@ def push(
 
 def response(
     status: int, body: object = None, headers: dict[str, str] | None = None
-) -> httpx.Response:
+) -> HttpResponse:
     content = (
         b"" if body is None else body if isinstance(body, bytes) else msgspec.json.encode(body)
     )
-    return httpx.Response(status, content=content, headers=headers)
+    return HttpResponse(status, headers or {}, content)
+
+
+async def fetch(request: HttpRequest) -> HttpResponse:
+    """Send one request the adapters' way."""
+    async with make_client(timeout_seconds=5.0) as client:
+        return await client.send(request)
 
 
 def google(
@@ -182,7 +191,7 @@ class TestBuildRequest:
                 },
                 "android": {"priority": "NORMAL"},
             }
-        } == msgspec.json.decode(request.content)
+        } == msgspec.json.decode(request.body)
 
     def test_no_link_no_link_key_and_service_is_high_priority(self) -> None:
         request = build_request(
@@ -191,7 +200,7 @@ class TestBuildRequest:
             base_url="https://fcm.googleapis.com",
             access_token="t",
         )
-        message = msgspec.json.decode(request.content)["message"]
+        message = msgspec.json.decode(request.body)["message"]
         assert {"cgw_key": "acme:m1"} == message["data"]
         assert {"priority": "HIGH"} == message["android"]
 
@@ -202,7 +211,7 @@ class TestBuildRequest:
             base_url="https://fcm.googleapis.com",
             access_token="t",
         )
-        data = msgspec.json.decode(request.content)["message"]["data"]
+        data = msgspec.json.decode(request.body)["message"]["data"]
         assert {"cgw_key": "acme:m1", "link": "https://gw.example/t/c/abc"} == data
 
     def test_configured_project_overrides_the_account(self) -> None:
@@ -321,7 +330,7 @@ class TestJwt:
         assert "POST" == request.method
         assert "https://oauth2.example/token" == str(request.url)
         assert "application/x-www-form-urlencoded" == request.headers["content-type"]
-        form = parse_qs(request.content.decode())
+        form = parse_qs(request.body.decode())
         assert [JWT_BEARER_GRANT] == form["grant_type"]
         header, claims = decode_jwt(form["assertion"][0], public_key=_KEY.public_key())
         assert {"alg": "RS256", "typ": "JWT", "kid": "kid-1"} == header
@@ -340,7 +349,7 @@ class TestJwt:
         )
         request = build_token_request(account, private_key=_KEY, now=NOW)
         assert legacy == str(request.url)
-        assertion = parse_qs(request.content.decode())["assertion"][0]
+        assertion = parse_qs(request.body.decode())["assertion"][0]
         _, claims = decode_jwt(assertion, public_key=_KEY.public_key())
         assert "https://oauth2.googleapis.com/token" == claims["aud"]
 
@@ -580,7 +589,7 @@ class TestWebhooks:
         assert [] == parse_webhook(url="u", headers={}, body=b"[]")
 
 
-# ---------------------------------------------------------------- token cache (MockTransport)
+# ---------------------------------------------------------------- token cache (local server)
 class FakeFcm:
     """Just enough FCM and token endpoint to count token fetches and script 401s."""
 
@@ -590,8 +599,9 @@ class FakeFcm:
         self.unauthorised: list[dict[str, Any]] = []
         self.token_status = 200
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/token":
+    async def __call__(self, call: Call) -> HttpResponse:
+        request = call.request
+        if urlsplit(request.url).path == "/token":
             self.token_calls += 1
             if self.token_status != 200:
                 return response(self.token_status, {"error": "invalid_grant"})
@@ -605,11 +615,11 @@ class FakeFcm:
 
 @asynccontextmanager
 async def fake_adapter(fake: FakeFcm, clock: Callable[[], float]) -> AsyncIterator[FcmAdapter]:
-    config = fcm_config(
-        url="http://fcm.test",
-        service_account_json=Secret(account_json(token_uri="http://fcm.test/token")),
-    )
-    async with httpx.AsyncClient(transport=httpx.MockTransport(fake)) as client:
+    async with local_server(fake) as server, make_client(timeout_seconds=5.0) as client:
+        config = fcm_config(
+            url=server.url,
+            service_account_json=Secret(account_json(token_uri=f"{server.url}/token")),
+        )
         adapter = FcmAdapter("push1", config, client, wall_clock=clock)
         yield adapter
         await adapter.aclose()
@@ -651,8 +661,8 @@ class TestTokenCache:
         both_sent, t2_in_use = trio.Event(), trio.Event()
         late: list[str] = []
 
-        async def handler(request: httpx.Request) -> httpx.Response:
-            authorization = request.headers.get("authorization")
+        async def handler(call: Call) -> HttpResponse:
+            authorization = call.request.headers.get("authorization")
             if authorization == "Bearer t1":
                 late.append("401")
                 if len(late) == 1:
@@ -663,13 +673,13 @@ class TestTokenCache:
                 return response(401, google(401, "UNAUTHENTICATED"))
             if authorization == "Bearer t2":
                 t2_in_use.set()
-            return fake(request)
+            return await fake(call)
 
-        config = fcm_config(
-            url="http://fcm.test",
-            service_account_json=Secret(account_json(token_uri="http://fcm.test/token")),
-        )
-        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        async with local_server(handler) as server, make_client(timeout_seconds=5.0) as client:
+            config = fcm_config(
+                url=server.url,
+                service_account_json=Secret(account_json(token_uri=f"{server.url}/token")),
+            )
             adapter = FcmAdapter("push1", config, client, wall_clock=lambda: NOW)
             with trio.fail_after(5):
                 async with trio.open_nursery() as nursery:
@@ -705,23 +715,29 @@ class TestTokenCache:
         assert "invalid_grant" == caught.value.code
         assert [] == fake.send_tokens
 
-    async def test_transport_errors_are_mapped(self) -> None:
-        def timeout(request: httpx.Request) -> httpx.Response:
-            raise httpx.ReadTimeout("slow", request=request)
+    async def test_transport_errors_are_mapped(self, mock_clock: trio.testing.MockClock) -> None:
+        async def never(call: Call) -> HttpResponse:
+            mock_clock.jump(6)  # past the client's 5 s while the token request waits
+            await trio.sleep_forever()
+            raise AssertionError("unreachable")
 
-        async with httpx.AsyncClient(transport=httpx.MockTransport(timeout)) as client:
-            adapter = FcmAdapter("push1", fcm_config(), client, wall_clock=wall_time)
+        async with local_server(never) as server, make_client(timeout_seconds=5.0) as client:
+            config = fcm_config(
+                url=server.url,
+                service_account_json=Secret(account_json(token_uri=f"{server.url}/token")),
+            )
+            adapter = FcmAdapter("push1", config, client, wall_clock=wall_time)
             with pytest.raises(ProviderTimeout):
                 await adapter.send(push())
 
     def test_bad_config_fails_at_construction(self) -> None:
         with pytest.raises(ConfigError):
-            FcmAdapter("push1", FcmSettings(), httpx.AsyncClient(), wall_clock=wall_time)
+            FcmAdapter("push1", FcmSettings(), make_client(timeout_seconds=5), wall_clock=wall_time)
         with pytest.raises(ConfigError):
             FcmAdapter(
                 "push1",
                 fcm_config(service_account_json=Secret(account_json(project=""))),
-                httpx.AsyncClient(),
+                make_client(timeout_seconds=5),
                 wall_clock=wall_time,
             )
 
@@ -876,7 +892,7 @@ class TestSimulatorValidates:
                     grant = build_token_request(
                         account, private_key=load_private_key(account), now=wall_time()
                     )
-                    token = (await http.send(grant)).json()["access_token"]
+                    token = (await fetch(grant)).json()["access_token"]
                     auth = {"Authorization": f"Bearer {token}"}
                     other = await http.post(
                         "/v1/projects/nope/messages:send",
@@ -982,7 +998,7 @@ class TestSimulatorValidates:
                     for form, error in cases:
                         answer = await http.post(sim.token_uri, data=form)
                         assert (400, error) == (answer.status_code, answer.json()["error"])
-                    ok = await http.send(
+                    ok = await fetch(
                         build_token_request(account, private_key=sim.private_key, now=now)
                     )
                     assert 200 == ok.status_code

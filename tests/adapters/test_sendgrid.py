@@ -24,6 +24,7 @@ from starlette.routing import Route
 
 from adapters import Outgoing, ProviderReceipt, ReceiptKind, WebhookRejected
 from adapters._http import make_client
+from adapters._transport import HttpResponse
 from adapters.sendgrid import (
     CHANNEL,
     KIND,
@@ -53,6 +54,8 @@ from gateway.core.errors import (
 )
 from gateway.core.model import Category, Channel
 from gateway.protocol import EmailContent, PushContent
+from tests.adapters.local_http import answer as fixed_answer
+from tests.adapters.local_http import local_server
 from tests.adapters.settling import Outbound, marker_behaviour
 
 NOW = 1_795_435_200.0
@@ -108,11 +111,11 @@ def mail(
 
 def response(
     status: int, body: object = None, headers: dict[str, str] | None = None
-) -> httpx.Response:
+) -> HttpResponse:
     content = (
         b"" if body is None else body if isinstance(body, bytes) else msgspec.json.encode(body)
     )
-    return httpx.Response(status, content=content, headers=headers)
+    return HttpResponse(status, headers or {}, content)
 
 
 def errors(*fields: str | None) -> dict[str, Any]:
@@ -171,7 +174,7 @@ class TestBuildRequest:
                 "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
             },
             "categories": ["black-friday"],
-        } == msgspec.json.decode(request.content)
+        } == msgspec.json.decode(request.body)
 
     @pytest.mark.parametrize(
         ("recipient_id", "topic", "custom_args"),
@@ -190,15 +193,13 @@ class TestBuildRequest:
             base_url="https://api.sendgrid.com",
             api_key="SG.k",
         )
-        (personalization,) = msgspec.json.decode(request.content)["personalizations"]
+        (personalization,) = msgspec.json.decode(request.body)["personalizations"]
         assert custom_args == personalization["custom_args"]
 
     def test_service_mail_has_no_unsubscribe_headers(self) -> None:
         outgoing = mail(category=Category.SERVICE, marketing_links=False, campaign=None)
         body = msgspec.json.decode(
-            build_request(
-                outgoing, config=sendgrid_config(), base_url="http://x", api_key="k"
-            ).content
+            build_request(outgoing, config=sendgrid_config(), base_url="http://x", api_key="k").body
         )
         assert "headers" not in body
         assert "categories" not in body
@@ -221,7 +222,7 @@ class TestBuildRequest:
         request = build_request(
             mail(sender=sender), config=sendgrid_config(), base_url="http://x", api_key="k"
         )
-        assert expected == msgspec.json.decode(request.content)["from"]
+        assert expected == msgspec.json.decode(request.body)["from"]
 
     def test_no_name_at_all(self) -> None:
         outgoing = msgspec.structs.replace(
@@ -230,7 +231,7 @@ class TestBuildRequest:
         request = build_request(
             outgoing, config=sendgrid_config(), base_url="http://x", api_key="k"
         )
-        assert {"email": "a@b.example"} == msgspec.json.decode(request.content)["from"]
+        assert {"email": "a@b.example"} == msgspec.json.decode(request.body)["from"]
 
     @pytest.mark.parametrize(
         ("html", "text", "types"),
@@ -244,7 +245,7 @@ class TestBuildRequest:
         request = build_request(
             mail(html=html, text=text), config=sendgrid_config(), base_url="http://x", api_key="k"
         )
-        assert types == [c["type"] for c in msgspec.json.decode(request.content)["content"]]
+        assert types == [c["type"] for c in msgspec.json.decode(request.body)["content"]]
 
     def test_no_content_is_refused(self) -> None:
         with pytest.raises(InvalidRequest):
@@ -647,56 +648,54 @@ class TestParseWebhook:
         assert "malformed" == caught.value.verdict
 
 
-# ---------------------------------------------------------------- adapter (MockTransport)
+# ---------------------------------------------------------------- adapter (local server)
 class TestAdapter:
     """send() builds, posts and parses; the config is checked when the adapter is made."""
 
     async def test_send(self) -> None:
-        seen: list[httpx.Request] = []
-
-        def handler(request: httpx.Request) -> httpx.Response:
-            seen.append(request)
-            return response(202, headers={"X-Message-Id": "m-1"})
-
-        config = sendgrid_config(url="http://sg.test")
-        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        handler = fixed_answer(202, b"", {"X-Message-Id": "m-1"})
+        async with local_server(handler) as server, make_client(timeout_seconds=5) as client:
+            config = sendgrid_config(url=server.url)
             adapter = SendgridAdapter("email1", config, client, wall_clock=wall_time)
             assert ("email1", Channel.EMAIL) == (adapter.name, adapter.channel)
             assert "m-1" == (await adapter.send(mail())).provider_message_id
             await adapter.aclose()
-        assert ["http://sg.test/v3/mail/send"] == [str(r.url) for r in seen]
+        seen = [call.request for call in server.calls]
+        assert [f"{server.url}/v3/mail/send"] == [str(r.url) for r in seen]
         assert "Bearer SG.test.key" == seen[0].headers["authorization"]
 
     async def test_rate_limit_reset_uses_the_wall_clock(self) -> None:
-        def handler(request: httpx.Request) -> httpx.Response:
-            return response(429, errors(None), {"X-RateLimit-Reset": str(int(NOW) + 20)})
-
-        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-            adapter = SendgridAdapter("email1", sendgrid_config(), client, wall_clock=lambda: NOW)
+        limited = response(429, errors(None), {"X-RateLimit-Reset": str(int(NOW) + 20)})
+        handler = fixed_answer(429, limited.content, dict(limited.headers))
+        async with local_server(handler) as server, make_client(timeout_seconds=5) as client:
+            config = sendgrid_config(url=server.url)
+            adapter = SendgridAdapter("email1", config, client, wall_clock=lambda: NOW)
             with pytest.raises(RateLimited) as caught:
                 await adapter.send(mail())
         assert 20.0 == caught.value.retry_after_seconds
 
     async def test_empty_mail_names_the_adapter(self) -> None:
-        async with httpx.AsyncClient() as client:
+        async with make_client(timeout_seconds=5) as client:
             adapter = SendgridAdapter("email1", sendgrid_config(), client, wall_clock=wall_time)
             with pytest.raises(InvalidRequest) as caught:
                 await adapter.send(mail(html=None, text=None))
         assert "email1" == caught.value.provider
 
     async def test_transport_errors_are_mapped(self) -> None:
-        def refuse(request: httpx.Request) -> httpx.Response:
-            raise httpx.ConnectError("refused", request=request)
-
-        async with httpx.AsyncClient(transport=httpx.MockTransport(refuse)) as client:
+        with trio.socket.socket() as probe:
+            await probe.bind(("127.0.0.1", 0))
+            closed_port = probe.getsockname()[1]
+        # nothing listens there now: the connection is refused
+        config = sendgrid_config(url=f"http://127.0.0.1:{closed_port}")
+        async with make_client(timeout_seconds=5) as client:
             with pytest.raises(ProviderUnavailable):
-                await SendgridAdapter(
-                    "email1", sendgrid_config(), client, wall_clock=wall_time
-                ).send(mail())
+                await SendgridAdapter("email1", config, client, wall_clock=wall_time).send(mail())
 
     def test_needs_an_api_key(self) -> None:
         with pytest.raises(ConfigError):
-            SendgridAdapter("email1", SendgridSettings(), httpx.AsyncClient(), wall_clock=wall_time)
+            SendgridAdapter(
+                "email1", SendgridSettings(), make_client(timeout_seconds=5), wall_clock=wall_time
+            )
 
 
 # ---------------------------------------------------------------- against the simulator
@@ -843,9 +842,7 @@ class TestAgainstTheSimulator:
     async def test_validation(self) -> None:
         sim = simulator()
         good = msgspec.json.decode(
-            build_request(
-                mail(), config=sendgrid_config(), base_url="http://x", api_key="k"
-            ).content
+            build_request(mail(), config=sendgrid_config(), base_url="http://x", api_key="k").body
         )
         cases: list[tuple[object, list[str | None]]] = [
             (b"{", [None]),
@@ -980,7 +977,7 @@ class TestReceipts:
                         config=config,
                         base_url=sim.url,
                         api_key=sim.api_key,
-                    ).content
+                    ).body
                 )
                 body["tracking_settings"] = {
                     "open_tracking": {"enable": False},

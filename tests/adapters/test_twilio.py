@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from adapters import Outgoing, ProviderReceipt, ReceiptKind, SendReceipt, WebhookRejected, twilio
 from adapters._http import make_client
+from adapters._transport import HttpResponse
 from adapters.simulators._base import Scripted
 from adapters.simulators.twilio import TwilioSimulator
 from adapters.twilio import TwilioSettings
@@ -121,9 +122,9 @@ def status_form(status: str, **extra: str) -> list[tuple[str, str]]:
     return params + list(extra.items())
 
 
-def failure(status: int, code: int | None, headers: dict[str, str] | None = None) -> httpx.Response:
+def failure(status: int, code: int | None, headers: dict[str, str] | None = None) -> HttpResponse:
     body = {"code": code, "message": "The 'To' number +79160000002 is not valid", "status": status}
-    return httpx.Response(status, json=body, headers=headers)
+    return HttpResponse(status, headers or {}, msgspec.json.encode(body))
 
 
 # ---------------------------------------------------------------- pure functions
@@ -139,7 +140,7 @@ class TestBuildRequest:
         expected_auth = base64.b64encode(f"{SID}:{AUTH}".encode()).decode()
         assert request.headers["authorization"] == f"Basic {expected_auth}"
         assert request.headers["content-type"] == "application/x-www-form-urlencoded"
-        assert parse_qsl(request.content.decode(), strict_parsing=True) == [
+        assert parse_qsl(request.body.decode(), strict_parsing=True) == [
             ("To", "+79160000002"),
             ("From", "ACME"),
             ("Body", "Your code is 1234"),
@@ -165,7 +166,7 @@ class TestBuildRequest:
         request = twilio.build_request(
             outgoing(), config=config, base_url="https://api.twilio.com", auth_token=AUTH
         )
-        assert parse_qsl(request.content.decode(), strict_parsing=True) == [
+        assert parse_qsl(request.body.decode(), strict_parsing=True) == [
             ("To", "+79160000002"),
             ("MessagingServiceSid", service),
             ("Body", "Your code is 1234"),
@@ -177,13 +178,15 @@ class TestParseResponse:
     """parse_response maps Twilio's answers to receipts or precise errors."""
 
     def test_created_returns_the_sid(self) -> None:
-        response = httpx.Response(201, json={"sid": "SM" + "a" * 32, "status": "queued"})
+        response = HttpResponse(
+            201, {}, msgspec.json.encode({"sid": "SM" + "a" * 32, "status": "queued"})
+        )
         assert twilio.parse_response(response, provider="sms1") == SendReceipt("SM" + "a" * 32)
 
     @pytest.mark.parametrize("content", [b"", b"<html/>", b'{"status": "queued"}'])
     def test_unreadable_success_is_transient(self, content: bytes) -> None:
         with pytest.raises(ProviderUnavailable):
-            twilio.parse_response(httpx.Response(201, content=content), provider="sms1")
+            twilio.parse_response(HttpResponse(201, {}, content), provider="sms1")
 
     @pytest.mark.parametrize(
         ("status", "code", "error"),
@@ -243,7 +246,7 @@ class TestParseResponse:
         self, status: int, error: type[ProviderError]
     ) -> None:
         with pytest.raises(error) as caught:
-            twilio.parse_response(httpx.Response(status, text="<html/>"), provider="sms1")
+            twilio.parse_response(HttpResponse(status, {}, b"<html/>"), provider="sms1")
         assert caught.value.code is None
 
 
@@ -634,10 +637,10 @@ class TestAdapterConstruction:
     )
     def test_needs_credentials(self, config: TwilioSettings) -> None:
         with pytest.raises(ConfigError):
-            twilio.TwilioAdapter("sms1", config, httpx.AsyncClient())
+            twilio.TwilioAdapter("sms1", config, make_client(timeout_seconds=5))
 
     async def test_defaults_to_twilio_and_closes_nothing(self) -> None:
-        async with httpx.AsyncClient() as client:
+        async with make_client(timeout_seconds=5) as client:
             adapter = twilio.TwilioAdapter("sms1", CONFIG, client)
             assert (adapter.name, adapter.channel, twilio.KIND, twilio.CHANNEL) == (
                 "sms1",

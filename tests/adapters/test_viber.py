@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from adapters import Outgoing, ProviderReceipt, ReceiptKind, SendReceipt, WebhookRejected, viber
 from adapters._http import make_client
+from adapters._transport import HttpResponse
 from adapters.simulators._base import Scripted
 from adapters.simulators.viber import ViberSimulator
 from adapters.viber import ViberSettings
@@ -83,8 +84,8 @@ def callback(event: str, *, timestamp_ms: int = int(NOW * 1000), **fields: objec
 
 def answer(
     body: object, *, status: int = 200, headers: dict[str, str] | None = None
-) -> httpx.Response:
-    return httpx.Response(status, json=body, headers=headers)
+) -> HttpResponse:
+    return HttpResponse(status, headers or {}, msgspec.json.encode(body))
 
 
 # ---------------------------------------------------------------- pure functions
@@ -99,7 +100,7 @@ class TestBuildRequest:
         assert str(request.url) == "https://chatapi.viber.com/pa/send_message"
         assert request.headers["x-viber-auth-token"] == BOT_AUTH
         assert request.headers["content-type"] == "application/json"
-        assert json.loads(request.content) == {
+        assert json.loads(request.body) == {
             "receiver": "vb-read-1",
             "min_api_version": 1,
             "sender": {"name": "Acme"},
@@ -115,7 +116,7 @@ class TestBuildRequest:
             base_url="http://sim",
             auth_token=BOT_AUTH,
         )
-        body = json.loads(request.content)
+        body = json.loads(request.body)
         assert (
             body["type"],
             body["media"],
@@ -191,7 +192,7 @@ class TestBuildRequest:
         )
         assert str(request.url) == "https://chatapi.viber.com/pa/set_webhook"
         assert request.headers["x-viber-auth-token"] == BOT_AUTH
-        assert json.loads(request.content) == {
+        assert json.loads(request.body) == {
             "url": "https://gw/webhooks/v",
             "event_types": ["delivered", "seen", "failed", "unsubscribed"],
             "send_name": False,
@@ -260,7 +261,7 @@ class TestParseResponse:
     )
     def test_http_errors(self, status: int, error: type[ProviderError]) -> None:
         with pytest.raises(error) as caught:
-            viber.parse_response(httpx.Response(status, text="nope"), provider="viber1")
+            viber.parse_response(HttpResponse(status, {}, b"nope"), provider="viber1")
         assert status == caught.value.status_code
 
     @pytest.mark.parametrize(
@@ -268,7 +269,7 @@ class TestParseResponse:
     )
     def test_unreadable_200_is_transient(self, content: bytes) -> None:
         with pytest.raises(ProviderUnavailable):
-            viber.parse_response(httpx.Response(200, content=content), provider="viber1")
+            viber.parse_response(HttpResponse(200, {}, content), provider="viber1")
 
     def test_ok_without_token_is_transient(self) -> None:
         with pytest.raises(ProviderUnavailable):
@@ -492,10 +493,10 @@ class TestAdapterConstruction:
         from gateway.core.errors import ConfigError
 
         with pytest.raises(ConfigError):
-            viber.ViberAdapter("viber1", ViberSettings(), httpx.AsyncClient())
+            viber.ViberAdapter("viber1", ViberSettings(), make_client(timeout_seconds=5))
 
     async def test_defaults_to_viber_and_closes_nothing(self) -> None:
-        async with httpx.AsyncClient() as client:
+        async with make_client(timeout_seconds=5) as client:
             adapter = viber.ViberAdapter("viber1", CONFIG, client)
             assert (
                 adapter.name,
