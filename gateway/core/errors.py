@@ -16,7 +16,7 @@ cascade a ``Finish``. What remains::
             └── AuthRejected              credentials refused
 
 Adapters translate foreign exceptions once, at the boundary (``adapters/_http.py``), so the rest
-of the gateway never sees an httpx type.
+of the gateway never sees a transport type.
 """
 
 from __future__ import annotations
