@@ -130,9 +130,9 @@ class Stack:
     synchronous: str = "normal"
     quiet: bool = False
     rate: int = 20000
-    # the simulators answer in ~2 ms, so a few connections carry thousands of requests/s;
-    # httpx's pool bookkeeping grows with its size (measured: 1.27k req/s at concurrency 1,
-    # ~470 at 100), so the pool is kept small and throughput scales with worker processes
+    # the simulators answer in ~2 ms, so a few connections carry thousands of requests/s and
+    # throughput scales with worker processes. (With httpx a larger pool also cost more CPU per
+    # request; the adapters' own pool does not: bench/http_client_bench.py)
     concurrency: int = 8
     ports: dict[str, int] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
