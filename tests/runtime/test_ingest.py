@@ -124,9 +124,11 @@ class TestDuplicates:
             # the send's result is committed, not merely seen by the provider: closing between
             # the two makes recovery resend it (at least once), which is not what this test is about
             await wait_for(
-                lambda: bool(providers["push1"].sent)
-                and gateway.dispatcher.inflight() == 0
-                and gateway.committer.pending_rows == 0
+                lambda: (
+                    bool(providers["push1"].sent)
+                    and gateway.dispatcher.inflight() == 0
+                    and gateway.committer.pending_rows == 0
+                )
             )
         async with (
             open_gateway(config, adapters=providers, wall_at_start=NOON_UTC + 60) as gateway,
