@@ -36,6 +36,7 @@ bind = "tcp://127.0.0.1:*"
 status_bind = "tcp://127.0.0.1:*"
 [http]
 bind = "127.0.0.1:0"
+public_bind = "127.0.0.1:0"
 public_url = ""
 [store]
 create = true
