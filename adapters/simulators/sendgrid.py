@@ -27,12 +27,10 @@ from urllib.parse import urlsplit
 import msgspec
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
 
 from adapters.sendgrid import sign_events
 from adapters.simulators._base import Fate, Simulator
+from gateway.httpserver import Request, Response, Route, json_response
 from gateway.settings import Secret, SimulatorConfig
 
 MAX_PAYLOAD_BYTES: Final = 30 * 1024 * 1024  # Mail Send's documented total message size
@@ -129,8 +127,8 @@ class SendgridSimulator(Simulator):
             "webhook_public_key": self.public_key,
         }
 
-    def routes(self) -> list[BaseRoute]:
-        return [Route("/v3/mail/send", self._send, methods=["POST"])]
+    def routes(self) -> list[Route]:
+        return [Route("POST", "/v3/mail/send", self._send)]
 
     # ------------------------------------------------------------ mail send
     async def _send(self, request: Request) -> Response:
@@ -138,20 +136,20 @@ class SendgridSimulator(Simulator):
         await self.delay()
         authorization = request.headers.get("authorization")
         if authorization is None:
-            return JSONResponse(sendgrid_errors((None, "authorization required")), status_code=401)
+            return json_response(sendgrid_errors((None, "authorization required")), status=401)
         if authorization != f"Bearer {self.api_key}":
-            return JSONResponse(default_error(401), status_code=401)
+            return json_response(default_error(401), status=401)
         if len(body) > self.max_payload_bytes:
-            return JSONResponse(default_error(413), status_code=413)
+            return json_response(default_error(413), status=413)
         try:
             mail = msgspec.json.decode(body)
         except msgspec.DecodeError:
-            return JSONResponse(sendgrid_errors((None, "Bad Request")), status_code=400)
+            return json_response(sendgrid_errors((None, "Bad Request")), status=400)
         if not isinstance(mail, dict):
-            return JSONResponse(sendgrid_errors((None, "Bad Request")), status_code=400)
+            return json_response(sendgrid_errors((None, "Bad Request")), status=400)
         errors = _validate(mail)
         if errors:
-            return JSONResponse(sendgrid_errors(*errors), status_code=400)
+            return json_response(sendgrid_errors(*errors), status=400)
         address: str = mail["personalizations"][0]["to"][0]["email"]
         failure = self.api_failure(address)
         if failure is not None:
@@ -160,23 +158,23 @@ class SendgridSimulator(Simulator):
                 headers.setdefault("X-RateLimit-Limit", str(_RATE_LIMIT))
                 headers.setdefault("X-RateLimit-Remaining", "0")
                 headers.setdefault("X-RateLimit-Reset", str(int(self.wall_now()) + 1))
-            return JSONResponse(
+            return json_response(
                 failure.body or default_error(failure.status),
-                status_code=failure.status,
+                status=failure.status,
                 headers=headers,
             )
         if self.fate(address) is Fate.INVALID:
-            return JSONResponse(
+            return json_response(
                 sendgrid_errors(
                     ("personalizations.0.to.0.email", "Does not contain a valid address.")
                 ),
-                status_code=400,
+                status=400,
             )
         message_id = secrets.token_urlsafe(16)
         if not _sandboxed(mail):
             self._schedule_events(mail, message_id)
         return Response(
-            status_code=200 if _sandboxed(mail) else 202,
+            status=200 if _sandboxed(mail) else 202,
             headers={"X-Message-Id": message_id},
         )
 
