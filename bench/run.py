@@ -75,6 +75,7 @@ normal = 3000000
 bulk = 3000000
 [simulator]
 latency_seconds = 0.002
+sendgrid_batch_seconds = 1.0
 receipt_delay_seconds = 0.5
 read_delay_seconds = 1.5
 deliver_probability = 0.95

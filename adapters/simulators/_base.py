@@ -153,6 +153,7 @@ class Simulator:
         self._due: Deadlines[int] = Deadlines()
         self._receipts: dict[int, Callable[[], Awaitable[None]]] = {}
         self._receipt_ids = 0
+        self._posting = 0
         self._wake = trio.Event()
         self.url = ""
         self._client: httpx.AsyncClient | None = None
@@ -245,13 +246,20 @@ class Simulator:
         client = self._client
         assert client is not None, "the simulator is not serving"
         self.last_webhook = (url, content, dict(headers))
+        self._posting += 1
         try:
             response = await client.post(url, content=content, headers=dict(headers))
         except httpx.HTTPError:
             self.webhook_statuses.append(0)
             return 0
+        finally:
+            self._posting -= 1
         self.webhook_statuses.append(response.status_code)
         return response.status_code
+
+    def quiet(self) -> bool:
+        """Nothing scheduled and no webhook being posted: everything due so far was answered."""
+        return not self._receipts and not self._posting
 
     async def replay(self, times: int = 1) -> list[int]:
         """Post the last webhook ``times`` more times, unchanged (same body, same signature),

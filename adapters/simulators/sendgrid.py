@@ -6,13 +6,19 @@ before text/html, string ``headers`` and ``custom_args``), answering 401/400/413
 SendGrid's ``{"errors": [{"message", "field", "help"}]}`` and 429 with its rate-limit headers.
 
 Accepted mail gets a ``202`` and an ``X-Message-Id``; then, per the address's fate, the
-simulator posts event batches to ``webhook_url``: ``processed`` + ``delivered`` (or
-``bounce``), later ``open`` and ``click`` (the first link to the gateway's click tracker, only
-when the request left the account's open/click tracking on), or ``unsubscribe``. Every batch is
-a JSON array carrying the request's ``custom_args`` as top-level keys and a fresh
-``sg_event_id`` per event, signed with the simulator's P-256 key over ``timestamp + body``
-exactly like SendGrid's Signed Event Webhook (``replay`` re-posts a batch unchanged, as
-SendGrid's retries do).
+simulator posts events to ``webhook_url``: ``processed`` + ``delivered`` (or ``bounce``), later
+``open`` and ``click`` (the first link to the gateway's click tracker, only when the request
+left the account's open/click tracking on), or ``unsubscribe``. Every POST is a JSON array of
+events, each carrying its request's ``custom_args`` as top-level keys and a fresh
+``sg_event_id``, signed with the simulator's P-256 key over ``timestamp + body`` exactly like
+SendGrid's Signed Event Webhook (``replay`` re-posts the last POST unchanged, as SendGrid's
+retries do).
+
+Like SendGrid, which batches its Event Webhook (a POST every so often or when the batch is
+full, with events of many messages), the simulator collects the events of all messages for up
+to ``[simulator] sendgrid_batch_seconds`` or ``sendgrid_batch_max_events`` events, then posts
+them as one array. With ``sendgrid_batch_seconds = 0`` each message's events go out as they fall
+due, a POST per message.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import base64
 import re
 import secrets
 import uuid
+from functools import partial
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -118,7 +125,10 @@ class SendgridSimulator(Simulator):
         ).decode("ascii")
         """The "Verification Key" SendGrid shows in its settings: base64 DER."""
         self.events_posted: list[list[dict[str, Any]]] = []
+        """Every POST's events, in posting order."""
         self.max_payload_bytes = MAX_PAYLOAD_BYTES
+        self._batch: list[dict[str, Any]] | None = None
+        """Events collected for the next POST (``sendgrid_batch_seconds`` > 0)."""
 
     def credentials(self) -> dict[str, object]:
         return {
@@ -256,6 +266,31 @@ class SendgridSimulator(Simulator):
             )
 
     async def _post_events(self, events: list[dict[str, Any]]) -> None:
+        """Post ``events`` now, or add them to the batch being collected."""
+        window_seconds = self.behaviour.sendgrid_batch_seconds
+        if not window_seconds:
+            await self._post(events)
+            return
+        for event in events:
+            batch = self._batch
+            if batch is None:
+                batch = self._batch = []
+                self.later(window_seconds, partial(self._flush, batch))
+            batch.append(event)
+            if len(batch) >= self.behaviour.sendgrid_batch_max_events:
+                await self._flush(batch)
+
+    def quiet(self) -> bool:
+        return super().quiet() and self._batch is None
+
+    async def _flush(self, batch: list[dict[str, Any]]) -> None:
+        """Post ``batch`` unless it went out already (full before its window ended)."""
+        if self._batch is not batch:
+            return
+        self._batch = None
+        await self._post(batch)
+
+    async def _post(self, events: list[dict[str, Any]]) -> None:
         body = msgspec.json.encode(events)
         timestamp = str(int(self.wall_now()))
         self.events_posted.append(events)

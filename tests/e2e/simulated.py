@@ -44,6 +44,7 @@ path = "{tmp_path / "journal.db"}"
 synchronous = "normal"
 [simulator]
 latency_seconds = 0.01
+sendgrid_batch_seconds = 1.0
 deliver_probability = 1.0
 read_probability = 0.0
 click_probability = 0.0
