@@ -1,7 +1,7 @@
 """A lean HTTP/1.1 server on h11 and trio, for the hot public surface and the simulators.
 
 Provider webhooks and tracking links are small, frequent and untrusted; hypercorn + Starlette
-spent four times the CPU per request this server does (``bench/http_server_bench.py``). It
+spent about twice the CPU per request this server does (``bench/http_server_bench.py``). It
 speaks only what those need: HTTP/1.1 with keep-alive and pipelining (answered in order),
 bodies read whole into memory before the handler runs, and a router from method + path
 pattern (``/t/c/{token}``) to ``async def handler(Request) -> Response``.
@@ -416,7 +416,9 @@ class _Connection:
         declared = headers.get("content-length")
         if declared is not None and int(declared) > limit:  # h11 has checked it is a number
             raise _Answered(413, f"body over the {limit}-byte limit", drain=True)
-        if self.conn.they_are_waiting_for_100_continue:
+        # h11's they_are_waiting_for_100_continue costs more than the rest of the head's
+        # handling; the header says the same for a request whose body is not read yet
+        if headers.get("expect", "").lower() == "100-continue":
             await self.stream.send_all(
                 self.conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
             )

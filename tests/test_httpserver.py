@@ -197,6 +197,23 @@ class TestConnections:
         assert b'"body":"hi"' in answers[1][2]
         assert b'"token":"3"' in answers[2][2]
 
+    async def test_a_client_expecting_100_continue_is_told_to_send_its_body(
+        self, clock: trio.testing.MockClock
+    ) -> None:
+        async with serving(routes()) as served:
+            stream = await served.connect()
+            await stream.send_all(
+                b"POST /small HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n"
+                b"Expect: 100-continue\r\n\r\n"
+            )
+            buffer = bytearray()
+            go_on = await read_response(stream, buffer)
+            await stream.send_all(b"ok")
+            answer = await read_response(stream, buffer)
+            await stream.aclose()
+        assert 100 == go_on[0]
+        assert (200, True) == (answer[0], b'"body":"ok"' in answer[2])
+
     async def test_cancelling_the_server_closes_its_connections(
         self, clock: trio.testing.MockClock
     ) -> None:
