@@ -223,7 +223,7 @@ class SendgridSimulator(Simulator):
         if bounced:
             self.later(
                 first,
-                lambda: self._post_events(
+                lambda: self._report_events(
                     [
                         event("processed"),
                         event(
@@ -238,11 +238,11 @@ class SendgridSimulator(Simulator):
             )
             return
         if not delivered:
-            self.later(first, lambda: self._post_events([event("processed")]))
+            self.later(first, lambda: self._report_events([event("processed")]))
             return
         self.later(
             first,
-            lambda: self._post_events(
+            lambda: self._report_events(
                 [event("processed"), event("delivered", response="250 2.0.0 OK", ip="127.0.0.1")]
             ),
         )
@@ -262,14 +262,14 @@ class SendgridSimulator(Simulator):
         if engaged:
             self.later(
                 later,
-                lambda: self._post_events([event(name, **fields) for name, fields in engaged]),
+                lambda: self._report_events([event(name, **fields) for name, fields in engaged]),
             )
 
-    async def _post_events(self, events: list[dict[str, Any]]) -> None:
-        """Post ``events`` now, or add them to the batch being collected."""
+    async def _report_events(self, events: list[dict[str, Any]]) -> None:
+        """Post events as they fall due: now, or in the batch being collected."""
         window_seconds = self.behaviour.sendgrid_batch_seconds
         if not window_seconds:
-            await self._post(events)
+            await self._post_events(events)
             return
         for event in events:
             batch = self._batch
@@ -288,9 +288,10 @@ class SendgridSimulator(Simulator):
         if self._batch is not batch:
             return
         self._batch = None
-        await self._post(batch)
+        await self._post_events(batch)
 
-    async def _post(self, events: list[dict[str, Any]]) -> None:
+    async def _post_events(self, events: list[dict[str, Any]]) -> None:
+        """Sign ``events`` and post them now, as one array."""
         body = msgspec.json.encode(events)
         timestamp = str(int(self.wall_now()))
         self.events_posted.append(events)
