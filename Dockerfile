@@ -38,9 +38,9 @@ VOLUME ["/var/lib/cascadegw"]
 USER 10001:10001
 WORKDIR /var/lib/cascadegw
 
-# ZeroMQ requests, ZeroMQ status events, HTTP (metrics, health, admin API; webhooks and
-# tracking links unless http.public_bind moves them)
-EXPOSE 5555 5556 8080
+# ZeroMQ requests, ZeroMQ status events, HTTP admin (metrics, health, admin API: http.bind),
+# HTTP public (webhooks, tracking links, health: http.public_bind)
+EXPOSE 5555 5556 8080 8081
 
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["cascadegw", "healthcheck"]

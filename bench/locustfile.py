@@ -16,7 +16,7 @@ Environment:
     CASCADEGW_STEP_TIMEOUTS e.g. "push=1,email=2,viber=2,sms=5" (seconds; default: configured)
     CASCADEGW_FRAMES_PER_SECOND  per user pacing (default: as fast as replies come)
     CASCADEGW_MAX_MESSAGES  stop the run after this many messages (default: run-time only)
-    CASCADEGW_WEBHOOK_URL   e.g. http://127.0.0.1:8080/webhooks/viber_sim (WebhookUser)
+    CASCADEGW_WEBHOOK_URL   e.g. http://127.0.0.1:8081/webhooks/viber_sim (WebhookUser)
     CASCADEGW_VIBER_TOKEN   that Viber provider's auth token (signs the callbacks)
 """
 
@@ -150,7 +150,7 @@ class WebhookUser(FastHttpUser):
     """A provider posting signed receipts (Viber callbacks) to the gateway's webhook endpoint."""
 
     wait_time = between(0, 0.01)
-    host = os.environ.get("CASCADEGW_WEBHOOK_URL", "http://127.0.0.1:8080/webhooks/viber_sim")
+    host = os.environ.get("CASCADEGW_WEBHOOK_URL", "http://127.0.0.1:8081/webhooks/viber_sim")
 
     @task
     def delivered(self) -> None:

@@ -60,7 +60,8 @@ status_bind = "tcp://127.0.0.1:{status_port}"
 max_batch = 1000
 [http]
 bind = "127.0.0.1:{http_port}"
-public_url = "http://127.0.0.1:{http_port}"
+public_bind = "127.0.0.1:{public_port}"
+public_url = "http://127.0.0.1:{public_port}"
 [store]
 path = "{store}"
 create = true
@@ -74,6 +75,7 @@ normal = 3000000
 bulk = 3000000
 [simulator]
 latency_seconds = 0.002
+sendgrid_batch_seconds = 1.0
 receipt_delay_seconds = 0.5
 read_delay_seconds = 1.5
 deliver_probability = 0.95
@@ -146,10 +148,18 @@ class Stack:
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['http']}"
 
+    @property
+    def public_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['public']}"
+
     def write_config(self, store: Path) -> Path:
         simulator_base = free_port_block(4)
         self.ports.update(
-            ingest=free_port(), status=free_port(), http=free_port(), simulators=simulator_base
+            ingest=free_port(),
+            status=free_port(),
+            http=free_port(),
+            public=free_port(),
+            simulators=simulator_base,
         )
         # `cascadegw simulate --port P` gives providers P, P+1, ... in sorted name order
         names = sorted(["fcm", "sendgrid", "twilio", "viber"])
@@ -157,6 +167,7 @@ class Stack:
             ingest_port=self.ports["ingest"],
             status_port=self.ports["status"],
             http_port=self.ports["http"],
+            public_port=self.ports["public"],
             store=store,
             synchronous=self.synchronous,
             quiet=QUIET_ALL_DAY if self.quiet else "",
@@ -176,7 +187,7 @@ class Stack:
         command = simulate_command(
             config,
             port=self.ports["simulators"],
-            webhook_base=self.http_url,
+            webhook_base=self.public_url,
             ingest=self.endpoint,
             env_out=env_file,
             log_level="error",

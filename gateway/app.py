@@ -26,6 +26,7 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
 from adapters import Adapter
+from gateway import httpserver
 from gateway.clock import Clock
 from gateway.config import ENV_PREFIX, GatewayConfig
 from gateway.core.caps import horizon_seconds
@@ -35,7 +36,7 @@ from gateway.core.model import RecipientKey
 from gateway.http.admin import admin_routes
 from gateway.http.limits import bounded
 from gateway.http.ops import ops_routes
-from gateway.http.public import public_routes
+from gateway.http.public import health_routes, public_limits, public_routes
 from gateway.protocol import ConsentRequest, MessageState, Result
 from gateway.runtime import curve, zmqio
 from gateway.runtime.committer import Committer
@@ -75,9 +76,10 @@ class Gateway:
     ingest_endpoint: str = ""
     status_endpoint: str = ""
     http_url: str = ""
-    """The admin server (metrics, health, admin API; webhooks too without a public bind)."""
+    """The admin server (metrics, health, admin API)."""
     public_http_url: str = ""
-    """Where webhooks and tracking links are served (``http_url`` without a public bind)."""
+    """Where webhooks and tracking links are served (``http.public_bind``, or the webhook
+    processes' ``http.webhook_bind``)."""
     ready: bool = False
     """Recovered and serving; ``accepting`` also needs the journal to be writable."""
     resent_at_start: int = 0
@@ -320,36 +322,39 @@ async def open_gateway(
 
 
 async def _serve_http(nursery: trio.Nursery, gateway: Gateway) -> None:
-    """The admin server (ops + admin API) and the public one (webhooks + tracking links);
-    one server with both when ``http.public_bind`` is empty."""
+    """The admin server (ops + admin API, hypercorn + Starlette) and the public one (webhooks,
+    tracking links and a health check, on the lean server), each on its own address. With
+    webhook processes (``http.webhook_processes``) those are the public surface instead."""
     config = gateway.config
-    public: list[BaseRoute] = [
-        *public_routes(
-            config=config, links=gateway.links, sink=gateway.inbox, now=gateway.clock.now
-        )
-    ]
     admin: list[BaseRoute] = [
         *ops_routes(gateway.registry, gateway.accepting),
         *admin_routes(config, _AdminPort(gateway)),
     ]
-    http = config.http
-    separate = bool(http.public_bind)
-    gateway.http_url = await _serve(
-        nursery, config, "http.bind", admin if separate else [*admin, *public]
-    )
-    gateway.public_http_url = gateway.http_url
-    if separate:
-        # a load balancer health-checks the public side too; nothing else of ops is there
-        health = [
-            r
-            for r in ops_routes(gateway.registry, gateway.accepting)
-            if getattr(r, "path", "") != "/metrics"
-        ]
-        gateway.public_http_url = await _serve(
-            nursery, config, "http.public_bind", [*public, *health]
-        )
-    if not http.public_url:
+    gateway.http_url = await _serve(nursery, config, admin)
+    if config.http.webhook_processes:
+        gateway.public_http_url = f"http://{config.http.webhook_bind}"
+    else:
+        gateway.public_http_url = await _serve_public(nursery, gateway)
+    if not config.http.public_url:
         gateway.links.public_url = gateway.public_http_url
+
+
+async def _serve_public(nursery: trio.Nursery, gateway: Gateway) -> str:
+    config = gateway.config
+    routes = [
+        *public_routes(
+            config=config, links=gateway.links, sink=gateway.inbox, now=gateway.clock.now
+        ),
+        # a load balancer health-checks the public side too; nothing else of ops is there
+        *health_routes(gateway.accepting),
+    ]
+    server = httpserver.Server(httpserver.Router(routes), public_limits(config.http), name="public")
+    bind = config.http.public_bind
+    try:
+        url: str = await nursery.start(server.serve, bind)
+    except OSError as exc:
+        raise _bind_error("http.public_bind", bind, exc.errno, exc.strerror or str(exc)) from exc
+    return url
 
 
 def _first_leaf(group: BaseException) -> BaseException:
@@ -377,10 +382,9 @@ def _bind(sock: zmq.Socket[bytes], key: str, address: str) -> None:
         raise _bind_error(key, address, exc.errno, exc.strerror) from exc
 
 
-async def _serve(
-    nursery: trio.Nursery, config: GatewayConfig, key: str, routes: list[BaseRoute]
-) -> str:
-    bind = config.http.bind if key == "http.bind" else config.http.public_bind
+async def _serve(nursery: trio.Nursery, config: GatewayConfig, routes: list[BaseRoute]) -> str:
+    key = "http.bind"
+    bind = config.http.bind
     hypercorn_config = hypercorn.config.Config()
     hypercorn_config.bind = [bind]
     hypercorn_config.accesslog = None

@@ -189,20 +189,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
                     f"  requests (ZeroMQ ROUTER): {_where(gateway.ingest_endpoint)}",
                     f"  status events (ZeroMQ XPUB): {_where(gateway.status_endpoint)}",
                 ]
-                if gateway.public_http_url != gateway.http_url:
+                lines.append(f"  HTTP admin (metrics, health, /v1 API): {_where(gateway.http_url)}")
+                if http.webhook_processes:
                     lines.append(
-                        f"  HTTP admin (metrics, health, /v1 API): {_where(gateway.http_url)}"
-                    )
-                    lines.append(
-                        f"  HTTP public (webhooks, tracking links): {_where(gateway.public_http_url)}"
+                        f"  HTTP public (webhooks, tracking links, /healthz) in "
+                        f"{http.webhook_processes} webhook processes: {_where(gateway.public_http_url)}"
                     )
                 else:
                     lines.append(
-                        f"  HTTP (metrics, health, webhooks, links, /v1 API): {_where(gateway.http_url)}"
-                    )
-                if http.webhook_processes:
-                    lines.append(
-                        f"  webhook processes ({http.webhook_processes}): http://{http.webhook_bind}"
+                        "  HTTP public (webhooks, tracking links, /healthz): "
+                        f"{_where(gateway.public_http_url)}"
                     )
                 dispatch = f"{args.workers} worker processes" if args.workers else "in-process"
                 lines += [

@@ -88,12 +88,12 @@ class IngestConfig(_Config, frozen=True):
 
 class HttpConfig(_Config, frozen=True):
     bind: str = "127.0.0.1:8080"
-    """Metrics, health and the admin API; also webhooks and tracking links unless
-    ``public_bind`` is set."""
-    public_bind: str = ""
-    """Webhooks and tracking links on their own address (the one providers and recipients
-    reach, usually through a reverse proxy); empty serves them on ``bind``."""
-    public_url: str = "http://127.0.0.1:8080"
+    """Metrics, health and the admin API (hypercorn + Starlette)."""
+    public_bind: str = "127.0.0.1:8081"
+    """Webhooks, tracking links and a health check, on the lean server
+    (``gateway.httpserver``): the address providers and recipients reach, usually through a
+    reverse proxy. Always its own address, never the admin API's."""
+    public_url: str = "http://127.0.0.1:8081"
     """Base URL providers and recipients reach the gateway at (webhooks, links, pixel);
     empty means the address the public HTTP server bound."""
     admin_token: Secret | None = None
@@ -108,12 +108,16 @@ class HttpConfig(_Config, frozen=True):
     """A request whose headers or body do not arrive within this is closed (408)."""
     max_concurrent_requests: PositiveInt = 1000
     """Requests served at once per HTTP server; more are answered 503 at once."""
+    max_connections: PositiveInt = 2000
+    """Connections open at once on the public server (idle keep-alive ones included; each
+    holds a descriptor and buffers); a new one past it is answered 503 and closed."""
     durable_wait_seconds: Positive = 10.0
     """How long an unsubscribe or webhook waits for its journal commit before answering 503
     (never a success that is not yet durable)."""
     webhook_processes: Annotated[int, msgspec.Meta(ge=0)] = 0
-    """0 serves webhooks and tracking links in the router process; N runs them in N hypercorn
-    worker processes on ``webhook_bind``, forwarding to the router over ZeroMQ."""
+    """0 serves webhooks and tracking links in the router process (on ``public_bind``); N runs
+    them in N processes sharing ``webhook_bind`` instead, forwarding to the router over ZeroMQ
+    (the router then serves no public surface itself)."""
     webhook_bind: str = "127.0.0.1:8081"
 
 
@@ -560,10 +564,15 @@ def _validate_binds(config: GatewayConfig) -> None:
         ("ingest.bind", config.ingest.bind),
         ("ingest.status_bind", config.ingest.status_bind),
         ("http.bind", config.http.bind),
+        ("http.public_bind", config.http.public_bind),
         ("http.webhook_bind", config.http.webhook_bind),
     ]
-    if config.http.public_bind:
-        binds.append(("http.public_bind", config.http.public_bind))
+    # port 0 asks for any free port: two of those never collide
+    if config.http.public_bind == config.http.bind and not config.http.bind.endswith(":0"):
+        raise ConfigError(
+            f"http.public_bind = {config.http.public_bind!r} is also http.bind: the public "
+            "surface (webhooks, tracking links) has its own server; give it another port"
+        )
     for key, address in binds:
         scheme, sep, rest = address.partition("://")
         if sep and scheme in ("ipc", "inproc"):

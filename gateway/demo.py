@@ -217,7 +217,7 @@ async def run_demo(
             config.ingest, bind="tcp://127.0.0.1:*", status_bind="tcp://127.0.0.1:*"
         )
         http = msgspec.structs.replace(
-            config.http, bind="127.0.0.1:0", public_bind="", public_url=""
+            config.http, bind="127.0.0.1:0", public_bind="127.0.0.1:0", public_url=""
         )
         config = msgspec.structs.replace(config, store=store, ingest=ingest, http=http)
         tenant = config.tenants["demo"]
@@ -228,7 +228,8 @@ async def run_demo(
             gateway = embedded.gateway
             out.write(
                 f"gateway up: ZeroMQ {gateway.ingest_endpoint}, status PUB {gateway.status_endpoint}, "
-                f"HTTP {gateway.http_url} (try {gateway.http_url}/metrics)\n"
+                f"HTTP admin {gateway.http_url} (try {gateway.http_url}/metrics), "
+                f"HTTP public (webhooks, links) {gateway.public_http_url}\n"
             )
             async with (
                 open_subscription(gateway.status_endpoint, "demo") as events,

@@ -159,19 +159,11 @@ async def open_embedded(
                 ),
                 f"{ENV_PREFIX}HTTP__PUBLIC_URL": json.dumps(config.http.public_url),
             }
-            command = [
-                sys.executable,
-                "-m",
-                "hypercorn",
-                "--worker-class",
-                "trio",
-                "--workers",
-                str(config.http.webhook_processes),
-                "--bind",
-                config.http.webhook_bind,
-                "gateway.http.webhook_app:create_app()",
-            ]
-            nursery.start_soon(partial(trio.run_process, command, env=webhook_environ, check=False))
+            command = [sys.executable, "-m", "gateway.http.webhook_app"]
+            for _ in range(config.http.webhook_processes):
+                nursery.start_soon(
+                    partial(trio.run_process, command, env=webhook_environ, check=False)
+                )
 
         gateway = await stack.enter_async_context(
             open_gateway(

@@ -59,6 +59,7 @@ bind = "tcp://127.0.0.1:*"
 status_bind = "tcp://127.0.0.1:*"
 [http]
 bind = "127.0.0.1:0"
+public_bind = "127.0.0.1:0"
 public_url = "http://gateway.test"
 [store]
 path = "{tmp_path / "journal.db"}"

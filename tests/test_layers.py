@@ -32,6 +32,7 @@ CORE_PURE = "the core is pure: no I/O, no clocks, no runtime"
 INDEPENDENT = "http and runtime are independent: they meet in gateway.inbound"
 STORE_BELOW = "the store lies below the runtime"
 ADAPTERS_LEAVES = "adapters are leaves: they import nothing that runs the gateway"
+HTTPSERVER_LEAF = "the lean HTTP server is a leaf"
 NO_CLOCK = "provider adapters read no clock"
 MEMORY_FOR_TESTS = "the memory journal is for tests: nothing that runs the gateway imports it"
 MEMORY_ALONE = "the memory journal stands alone: no SQLite, no runtime"
@@ -51,6 +52,8 @@ PROBES: list[Probe] = [
     Probe(STORE_BELOW, "gateway.store._probe", "import gateway.runtime.engine"),
     Probe(ADAPTERS_LEAVES, "adapters._probe", "import gateway.runtime.engine"),
     Probe(ADAPTERS_LEAVES, "adapters.simulators._probe", "import gateway.config"),
+    # not a gateway module: the simulators import the server, so that would break theirs too
+    Probe(HTTPSERVER_LEAF, "gateway.httpserver", "import starlette"),
     Probe(NO_CLOCK, "adapters.fcm", "from gateway.clock import wall_time"),
     Probe(MEMORY_FOR_TESTS, "gateway.runtime._probe", "import gateway.store.memory"),
     Probe(MEMORY_ALONE, "gateway.store.memory", "import sqlite3"),

@@ -1,7 +1,8 @@
 """What every provider simulator shares: fates, failure injection, recording, signed receipts.
 
-A simulator is a real HTTP server (Starlette on hypercorn's trio worker) that accepts exactly its
-provider's API, then, like the provider, calls the gateway's webhook URL later with receipts
+A simulator is a real HTTP server (the gateway's lean server, ``gateway.httpserver``, so a
+benchmark measures the gateway rather than the simulators) that accepts exactly its provider's
+API, then, like the provider, calls the gateway's webhook URL later with receipts
 signed the provider's way. Each subclass supplies the routes and the receipt bodies; this module
 decides what happens to a message and when.
 
@@ -49,18 +50,17 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any
 
 import httpx
-import hypercorn.config
-import hypercorn.trio
 import msgspec
 import trio
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
 
 from gateway.clock import wall_time
 from gateway.core.timers import Deadlines
+from gateway.httpserver import Limits, Request, Response, Route, Router, Server, json_response
 from gateway.settings import SimulatorConfig
+
+_MAX_BODY_BYTES = 32 * 1024 * 1024
+"""Larger than any request the real APIs take (SendGrid's is 30 MB), so a simulator refuses
+what its provider would not have refused only at a size no test sends."""
 
 
 class Fate(enum.Enum):
@@ -153,12 +153,13 @@ class Simulator:
         self._due: Deadlines[int] = Deadlines()
         self._receipts: dict[int, Callable[[], Awaitable[None]]] = {}
         self._receipt_ids = 0
+        self._posting = 0
         self._wake = trio.Event()
         self.url = ""
         self._client: httpx.AsyncClient | None = None
 
     # ------------------------------------------------------------ subclass API
-    def routes(self) -> list[BaseRoute]:
+    def routes(self) -> list[Route]:
         raise NotImplementedError
 
     def credentials(self) -> dict[str, object]:
@@ -224,11 +225,9 @@ class Simulator:
 
     # ------------------------------------------------------------ recording
     async def record(self, request: Request) -> bytes:
-        body = await request.body()
+        body = request.body
         self.requests.append(
-            Recorded(
-                request.method, request.url.path, dict(request.headers), body, trio.current_time()
-            )
+            Recorded(request.method, request.path, dict(request.headers), body, trio.current_time())
         )
         return body
 
@@ -247,13 +246,20 @@ class Simulator:
         client = self._client
         assert client is not None, "the simulator is not serving"
         self.last_webhook = (url, content, dict(headers))
+        self._posting += 1
         try:
             response = await client.post(url, content=content, headers=dict(headers))
         except httpx.HTTPError:
             self.webhook_statuses.append(0)
             return 0
+        finally:
+            self._posting -= 1
         self.webhook_statuses.append(response.status_code)
         return response.status_code
+
+    def quiet(self) -> bool:
+        """Nothing scheduled and no webhook being posted: everything due so far was answered."""
+        return not self._receipts and not self._posting
 
     async def replay(self, times: int = 1) -> list[int]:
         """Post the last webhook ``times`` more times, unchanged (same body, same signature),
@@ -291,9 +297,9 @@ class Simulator:
                 await self._wake.wait()
 
     # ------------------------------------------------------------ serving
-    def app(self) -> Starlette:
+    def router(self) -> Router:
         async def recorded(_: Request) -> Response:
-            return JSONResponse(
+            return json_response(
                 [
                     {
                         "method": r.method,
@@ -306,25 +312,28 @@ class Simulator:
             )
 
         async def script(request: Request) -> Response:
-            self.script.append(msgspec.convert(await request.json(), Scripted))
-            return JSONResponse({"queued": len(self.script)})
+            try:
+                self.script.append(msgspec.convert(request.json(), Scripted))
+            except (ValueError, msgspec.ValidationError):
+                return json_response({"error": "expected a Scripted answer"}, 400)
+            return json_response({"queued": len(self.script)})
 
         async def replay(request: Request) -> Response:
             try:
-                times = msgspec.convert(await request.json(), _Replay).times
+                times = msgspec.convert(request.json(), _Replay).times
             except (ValueError, msgspec.ValidationError):
-                return JSONResponse({"error": 'expected {"times": <1..1000>}'}, status_code=400)
+                return json_response({"error": 'expected {"times": <1..1000>}'}, 400)
             try:
-                return JSONResponse({"statuses": await self.replay(times)})
+                return json_response({"statuses": await self.replay(times)})
             except LookupError:
-                return JSONResponse({"error": "no webhook posted yet"}, status_code=409)
+                return json_response({"error": "no webhook posted yet"}, 409)
 
-        return Starlette(
-            routes=[
+        return Router(
+            [
                 *self.routes(),
-                Route("/_sim/requests", recorded, methods=["GET"]),
-                Route("/_sim/script", script, methods=["POST"]),
-                Route("/_sim/replay", replay, methods=["POST"]),
+                Route("GET", "/_sim/requests", recorded),
+                Route("POST", "/_sim/script", script),
+                Route("POST", "/_sim/replay", replay),
             ]
         )
 
@@ -341,13 +350,11 @@ class Simulator:
     ) -> None:
         if self.wall_offset is None:
             self.wall_offset = wall_time() - trio.current_time()
-        config = hypercorn.config.Config()
-        config.bind = [bind]
-        config.accesslog = None
-        config.errorlog = None
+        # a provider API takes what the gateway sends; the limits only stop a runaway client
+        limits = Limits(max_body_bytes=_MAX_BODY_BYTES, read_timeout_seconds=30.0)
+        server = Server(self.router(), limits, name=f"simulator:{self.name}")
         async with httpx.AsyncClient(timeout=10.0) as client, trio.open_nursery() as nursery:
             self._client = client
             nursery.start_soon(self._deliver_receipts, nursery)
-            binds = await nursery.start(hypercorn.trio.serve, self.app(), config)
-            self.url = binds[0]
+            self.url = await nursery.start(server.serve, bind)
             task_status.started(self.url)

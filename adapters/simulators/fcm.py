@@ -22,9 +22,6 @@ import trio
 import zmq
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
 
 from adapters.fcm import (
     ASSERTION_LIFETIME_SECONDS,
@@ -39,6 +36,7 @@ from adapters.fcm import (
 from adapters.simulators._base import Fate, Simulator
 from gateway.client import AsyncClient, ClientError, open_client
 from gateway.core.model import split_key
+from gateway.httpserver import Request, Response, Route, json_response
 from gateway.settings import Secret, SimulatorConfig
 
 TOKEN_LIFETIME_SECONDS: Final = 3600
@@ -187,10 +185,10 @@ class FcmSimulator(Simulator):
             url = await nursery.start(super().serve, bind)
             task_status.started(url)
 
-    def routes(self) -> list[BaseRoute]:
+    def routes(self) -> list[Route]:
         return [
-            Route("/token", self._token, methods=["POST"]),
-            Route("/v1/projects/{project_id}/messages:send", self._send, methods=["POST"]),
+            Route("POST", "/token", self._token),
+            Route("POST", "/v1/projects/{project_id}/messages:send", self._send),
         ]
 
     # ------------------------------------------------------------ OAuth2 token endpoint
@@ -235,7 +233,7 @@ class FcmSimulator(Simulator):
         self._tokens = {t: at for t, at in self._tokens.items() if at > now}
         token = f"ya29.sim-{secrets.token_urlsafe(32)}"
         self._tokens[token] = now + TOKEN_LIFETIME_SECONDS
-        return JSONResponse(
+        return json_response(
             {"access_token": token, "expires_in": TOKEN_LIFETIME_SECONDS, "token_type": "Bearer"}
         )
 
@@ -253,28 +251,28 @@ class FcmSimulator(Simulator):
         body = await self.record(request)
         await self.delay()
         if not self._authorised(request):
-            return JSONResponse(
+            return json_response(
                 google_error(
                     401,
                     "UNAUTHENTICATED",
                     "Request had invalid authentication credentials. Expected OAuth 2 access "
                     "token, login cookie or other valid authentication credential.",
                 ),
-                status_code=401,
+                status=401,
                 headers={"WWW-Authenticate": 'Bearer realm="https://accounts.google.com/"'},
             )
-        if request.path_params["project_id"] != self.project_id:
-            return JSONResponse(
+        if request.params["project_id"] != self.project_id:
+            return json_response(
                 google_error(
                     403,
                     "PERMISSION_DENIED",
                     "Permission 'cloudmessaging.messages.create' denied on resource.",
                 ),
-                status_code=403,
+                status=403,
             )
         document, problem = _validate(body)
         if problem is not None:
-            return JSONResponse(problem, status_code=400)
+            return json_response(problem, status=400)
         assert document is not None
         message: dict[str, Any] = document["message"]
         token = message.get("token")
@@ -283,26 +281,26 @@ class FcmSimulator(Simulator):
             return self._accepted()
         failure = self.api_failure(token)
         if failure is not None:
-            return JSONResponse(
+            return json_response(
                 failure.body or default_error(failure.status),
-                status_code=failure.status,
+                status=failure.status,
                 headers=failure.headers,
             )
         if self.fate(token) is Fate.INVALID:
-            return JSONResponse(
+            return json_response(
                 google_error(
                     404, "NOT_FOUND", "Requested entity was not found.", fcm_code="UNREGISTERED"
                 ),
-                status_code=404,
+                status=404,
             )
         if document.get("validate_only") is True:
-            return JSONResponse({"name": f"projects/{self.project_id}/messages/fake_message_id"})
+            return json_response({"name": f"projects/{self.project_id}/messages/fake_message_id"})
         self._engage(token, message.get("data") or {})
         return self._accepted()
 
     def _accepted(self) -> Response:
         message_id = f"0:{int(self.wall_now() * 1000)}%{secrets.token_hex(8)}"
-        return JSONResponse({"name": f"projects/{self.project_id}/messages/{message_id}"})
+        return json_response({"name": f"projects/{self.project_id}/messages/{message_id}"})
 
     # ------------------------------------------------------------ the app on the phone
     def _engage(self, token: str, data: dict[str, str]) -> None:
@@ -354,7 +352,7 @@ class FcmSimulator(Simulator):
 
 def _oauth_error(error: str, description: str) -> Response:
     """RFC 6749 section 5.2, as Google's token endpoint answers."""
-    return JSONResponse({"error": error, "error_description": description}, status_code=400)
+    return json_response({"error": error, "error_description": description}, status=400)
 
 
 def _invalid(message: str, field: str | None = None) -> dict[str, Any]:

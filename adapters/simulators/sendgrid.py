@@ -6,13 +6,19 @@ before text/html, string ``headers`` and ``custom_args``), answering 401/400/413
 SendGrid's ``{"errors": [{"message", "field", "help"}]}`` and 429 with its rate-limit headers.
 
 Accepted mail gets a ``202`` and an ``X-Message-Id``; then, per the address's fate, the
-simulator posts event batches to ``webhook_url``: ``processed`` + ``delivered`` (or
-``bounce``), later ``open`` and ``click`` (the first link to the gateway's click tracker, only
-when the request left the account's open/click tracking on), or ``unsubscribe``. Every batch is
-a JSON array carrying the request's ``custom_args`` as top-level keys and a fresh
-``sg_event_id`` per event, signed with the simulator's P-256 key over ``timestamp + body``
-exactly like SendGrid's Signed Event Webhook (``replay`` re-posts a batch unchanged, as
-SendGrid's retries do).
+simulator posts events to ``webhook_url``: ``processed`` + ``delivered`` (or ``bounce``), later
+``open`` and ``click`` (the first link to the gateway's click tracker, only when the request
+left the account's open/click tracking on), or ``unsubscribe``. Every POST is a JSON array of
+events, each carrying its request's ``custom_args`` as top-level keys and a fresh
+``sg_event_id``, signed with the simulator's P-256 key over ``timestamp + body`` exactly like
+SendGrid's Signed Event Webhook (``replay`` re-posts the last POST unchanged, as SendGrid's
+retries do).
+
+Like SendGrid, which batches its Event Webhook (a POST every so often or when the batch is
+full, with events of many messages), the simulator collects the events of all messages for up
+to ``[simulator] sendgrid_batch_seconds`` or ``sendgrid_batch_max_events`` events, then posts
+them as one array. With ``sendgrid_batch_seconds = 0`` each message's events go out as they fall
+due, a POST per message.
 """
 
 from __future__ import annotations
@@ -21,18 +27,17 @@ import base64
 import re
 import secrets
 import uuid
+from functools import partial
 from typing import Any, Final
 from urllib.parse import urlsplit
 
 import msgspec
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
 
 from adapters.sendgrid import sign_events
 from adapters.simulators._base import Fate, Simulator
+from gateway.httpserver import Request, Response, Route, json_response
 from gateway.settings import Secret, SimulatorConfig
 
 MAX_PAYLOAD_BYTES: Final = 30 * 1024 * 1024  # Mail Send's documented total message size
@@ -120,7 +125,10 @@ class SendgridSimulator(Simulator):
         ).decode("ascii")
         """The "Verification Key" SendGrid shows in its settings: base64 DER."""
         self.events_posted: list[list[dict[str, Any]]] = []
+        """Every POST's events, in posting order."""
         self.max_payload_bytes = MAX_PAYLOAD_BYTES
+        self._batch: list[dict[str, Any]] | None = None
+        """Events collected for the next POST (``sendgrid_batch_seconds`` > 0)."""
 
     def credentials(self) -> dict[str, object]:
         return {
@@ -129,8 +137,8 @@ class SendgridSimulator(Simulator):
             "webhook_public_key": self.public_key,
         }
 
-    def routes(self) -> list[BaseRoute]:
-        return [Route("/v3/mail/send", self._send, methods=["POST"])]
+    def routes(self) -> list[Route]:
+        return [Route("POST", "/v3/mail/send", self._send)]
 
     # ------------------------------------------------------------ mail send
     async def _send(self, request: Request) -> Response:
@@ -138,20 +146,20 @@ class SendgridSimulator(Simulator):
         await self.delay()
         authorization = request.headers.get("authorization")
         if authorization is None:
-            return JSONResponse(sendgrid_errors((None, "authorization required")), status_code=401)
+            return json_response(sendgrid_errors((None, "authorization required")), status=401)
         if authorization != f"Bearer {self.api_key}":
-            return JSONResponse(default_error(401), status_code=401)
+            return json_response(default_error(401), status=401)
         if len(body) > self.max_payload_bytes:
-            return JSONResponse(default_error(413), status_code=413)
+            return json_response(default_error(413), status=413)
         try:
             mail = msgspec.json.decode(body)
         except msgspec.DecodeError:
-            return JSONResponse(sendgrid_errors((None, "Bad Request")), status_code=400)
+            return json_response(sendgrid_errors((None, "Bad Request")), status=400)
         if not isinstance(mail, dict):
-            return JSONResponse(sendgrid_errors((None, "Bad Request")), status_code=400)
+            return json_response(sendgrid_errors((None, "Bad Request")), status=400)
         errors = _validate(mail)
         if errors:
-            return JSONResponse(sendgrid_errors(*errors), status_code=400)
+            return json_response(sendgrid_errors(*errors), status=400)
         address: str = mail["personalizations"][0]["to"][0]["email"]
         failure = self.api_failure(address)
         if failure is not None:
@@ -160,23 +168,23 @@ class SendgridSimulator(Simulator):
                 headers.setdefault("X-RateLimit-Limit", str(_RATE_LIMIT))
                 headers.setdefault("X-RateLimit-Remaining", "0")
                 headers.setdefault("X-RateLimit-Reset", str(int(self.wall_now()) + 1))
-            return JSONResponse(
+            return json_response(
                 failure.body or default_error(failure.status),
-                status_code=failure.status,
+                status=failure.status,
                 headers=headers,
             )
         if self.fate(address) is Fate.INVALID:
-            return JSONResponse(
+            return json_response(
                 sendgrid_errors(
                     ("personalizations.0.to.0.email", "Does not contain a valid address.")
                 ),
-                status_code=400,
+                status=400,
             )
         message_id = secrets.token_urlsafe(16)
         if not _sandboxed(mail):
             self._schedule_events(mail, message_id)
         return Response(
-            status_code=200 if _sandboxed(mail) else 202,
+            status=200 if _sandboxed(mail) else 202,
             headers={"X-Message-Id": message_id},
         )
 
@@ -215,7 +223,7 @@ class SendgridSimulator(Simulator):
         if bounced:
             self.later(
                 first,
-                lambda: self._post_events(
+                lambda: self._report_events(
                     [
                         event("processed"),
                         event(
@@ -230,11 +238,11 @@ class SendgridSimulator(Simulator):
             )
             return
         if not delivered:
-            self.later(first, lambda: self._post_events([event("processed")]))
+            self.later(first, lambda: self._report_events([event("processed")]))
             return
         self.later(
             first,
-            lambda: self._post_events(
+            lambda: self._report_events(
                 [event("processed"), event("delivered", response="250 2.0.0 OK", ip="127.0.0.1")]
             ),
         )
@@ -254,10 +262,36 @@ class SendgridSimulator(Simulator):
         if engaged:
             self.later(
                 later,
-                lambda: self._post_events([event(name, **fields) for name, fields in engaged]),
+                lambda: self._report_events([event(name, **fields) for name, fields in engaged]),
             )
 
+    async def _report_events(self, events: list[dict[str, Any]]) -> None:
+        """Post events as they fall due: now, or in the batch being collected."""
+        window_seconds = self.behaviour.sendgrid_batch_seconds
+        if not window_seconds:
+            await self._post_events(events)
+            return
+        for event in events:
+            batch = self._batch
+            if batch is None:
+                batch = self._batch = []
+                self.later(window_seconds, partial(self._flush, batch))
+            batch.append(event)
+            if len(batch) >= self.behaviour.sendgrid_batch_max_events:
+                await self._flush(batch)
+
+    def quiet(self) -> bool:
+        return super().quiet() and self._batch is None
+
+    async def _flush(self, batch: list[dict[str, Any]]) -> None:
+        """Post ``batch`` unless it went out already (full before its window ended)."""
+        if self._batch is not batch:
+            return
+        self._batch = None
+        await self._post_events(batch)
+
     async def _post_events(self, events: list[dict[str, Any]]) -> None:
+        """Sign ``events`` and post them now, as one array."""
         body = msgspec.json.encode(events)
         timestamp = str(int(self.wall_now()))
         self.events_posted.append(events)

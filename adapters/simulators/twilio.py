@@ -45,11 +45,9 @@ from typing import Final, Literal
 from urllib.parse import parse_qsl, urlencode
 
 import msgspec
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
 
 from adapters.simulators._base import Fate, Scripted, Simulator
+from gateway.httpserver import Request, Response, Route, json_response
 from gateway.settings import Secret, SimulatorConfig
 
 API_VERSION: Final = "2010-04-01"
@@ -79,15 +77,15 @@ _MESSAGES: Final = {
 }
 
 
-def _error(status: int, code: int, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(
+def _error(status: int, code: int, headers: dict[str, str] | None = None) -> Response:
+    return json_response(
         {
             "code": code,
             "message": _MESSAGES.get(code, "Error"),
             "more_info": f"https://www.twilio.com/docs/errors/{code}",
             "status": status,
         },
-        status_code=status,
+        status=status,
         headers=headers,
     )
 
@@ -164,14 +162,14 @@ class TwilioSimulator(Simulator):
             "auth_token": Secret(self.auth_token),
         }
 
-    def routes(self) -> list[BaseRoute]:
+    def routes(self) -> list[Route]:
         return [
             Route(
+                "POST",
                 f"/{API_VERSION}/Accounts/{{account_sid}}/Messages.json",
                 self._create_message,
-                methods=["POST"],
             ),
-            Route("/_sim/inbound", self._inbound_route, methods=["POST"]),
+            Route("POST", "/_sim/inbound", self._inbound_route),
         ]
 
     # ------------------------------------------------------------ API
@@ -186,7 +184,7 @@ class TwilioSimulator(Simulator):
         expected = f"{self.account_sid}:{self.auth_token}".encode()
         return (
             hmac.compare_digest(f"{user}:{password}".encode(), expected)
-            and request.path_params["account_sid"] == self.account_sid
+            and request.params["account_sid"] == self.account_sid
         )
 
     async def _create_message(self, request: Request) -> Response:
@@ -212,7 +210,7 @@ class TwilioSimulator(Simulator):
         sid = "SM" + "".join(f"{self.random.getrandbits(4):x}" for _ in range(32))
         self._engage(sid, fields, fields.get("StatusCallback", ""))
         now = formatdate(self.wall_now(), usegmt=True)
-        return JSONResponse(
+        return json_response(
             {
                 "account_sid": self.account_sid,
                 "api_version": API_VERSION,
@@ -237,13 +235,13 @@ class TwilioSimulator(Simulator):
                 "to": to,
                 "uri": f"/{API_VERSION}/Accounts/{self.account_sid}/Messages/{sid}.json",
             },
-            status_code=201,
+            status=201,
         )
 
     def _failure(self, failure: Scripted) -> Response:
         """A scripted answer with a body goes out exactly; a bare status gets Twilio's body."""
         if failure.body:
-            return JSONResponse(failure.body, status_code=failure.status, headers=failure.headers)
+            return json_response(failure.body, status=failure.status, headers=failure.headers)
         code = {429: 20429, 500: 20500}.get(failure.status, 20503)
         return _error(failure.status, code, failure.headers)
 
@@ -353,13 +351,13 @@ class TwilioSimulator(Simulator):
 
     async def _inbound_route(self, request: Request) -> Response:
         try:
-            wanted = msgspec.json.decode(await request.body(), type=_Inbound)
+            wanted = msgspec.json.decode(request.body, type=_Inbound)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            return JSONResponse({"error": str(exc)}, status_code=400)
+            return json_response({"error": str(exc)}, status=400)
         status = await self.inbound(
             wanted.from_, wanted.body, opt_out_type=wanted.opt_out_type, to_number=wanted.to
         )
-        return JSONResponse({"status": status})
+        return json_response({"status": status})
 
 
 class _Inbound(msgspec.Struct):

@@ -31,11 +31,9 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 import msgspec
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
 
 from adapters.simulators._base import Fate, Scripted, Simulator
+from gateway.httpserver import Request, Response, Route, json_response
 from gateway.settings import Secret, SimulatorConfig
 
 CHAT_HOSTNAME: Final = "SN-CHAT-01_"
@@ -57,8 +55,8 @@ _STATUS_NAMES: Final = {
 }
 
 
-def _status(status: int) -> JSONResponse:
-    return JSONResponse(
+def _status(status: int) -> Response:
+    return json_response(
         {"status": status, "status_message": _STATUS_NAMES[status], "chat_hostname": CHAT_HOSTNAME}
     )
 
@@ -135,10 +133,10 @@ class ViberSimulator(Simulator):
     def credentials(self) -> dict[str, object]:
         return {"url": self.url, "auth_token": Secret(self.auth_token)}
 
-    def routes(self) -> list[BaseRoute]:
+    def routes(self) -> list[Route]:
         return [
-            Route("/pa/send_message", self._send_message, methods=["POST"]),
-            Route("/pa/set_webhook", self._set_webhook, methods=["POST"]),
+            Route("POST", "/pa/send_message", self._send_message),
+            Route("POST", "/pa/set_webhook", self._set_webhook),
         ]
 
     # ------------------------------------------------------------ API
@@ -170,7 +168,7 @@ class ViberSimulator(Simulator):
             return _status(5)
         token = self.random.getrandbits(63) or 1
         self._schedule_callbacks(receiver, token, str(body.get("text", "")))
-        return JSONResponse(
+        return json_response(
             {
                 "status": 0,
                 "status_message": "ok",
@@ -184,12 +182,12 @@ class ViberSimulator(Simulator):
         (Viber signals rate control in the body, not with HTTP 429); other statuses are HTTP
         errors of Viber's front ends."""
         if failure.body:
-            return JSONResponse(failure.body, status_code=failure.status, headers=failure.headers)
+            return json_response(failure.body, status=failure.status, headers=failure.headers)
         if failure.status == 429:
             return _status(12)
-        return JSONResponse(
+        return json_response(
             {"status": "error", "status_message": "service unavailable"},
-            status_code=failure.status,
+            status=failure.status,
             headers=failure.headers,
         )
 
@@ -221,7 +219,7 @@ class ViberSimulator(Simulator):
                 return _status(1)
         self.webhook_url = url
         self.event_types = frozenset(event_types) & EVENT_TYPES
-        return JSONResponse(
+        return json_response(
             {
                 "status": 0,
                 "status_message": "ok",

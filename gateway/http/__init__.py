@@ -1,1 +1,2 @@
-"""The gateway's HTTP surface (Starlette on hypercorn's trio worker)."""
+"""The gateway's HTTP surface: ops and the admin API on Starlette + hypercorn, the public
+webhooks and tracking links on the lean server (``gateway.httpserver``)."""

@@ -1,9 +1,11 @@
-"""Bounds on every HTTP request: body size per route, read time, requests at once.
+"""Bounds on every admin HTTP request: body size, read time, requests at once.
 
-An ASGI middleware in front of each HTTP server. It reads the request body itself, before any
-route sees it: a declared ``Content-Length`` over the route's limit is answered 413 without
-reading a byte, a body that grows past it is answered 413 while it is read (a 300 MB POST
-with a forged signature costs a buffer, not 300 MB), and a body that stalls is answered 408
+An ASGI middleware in front of the admin server (hypercorn + Starlette); the public server
+(webhooks, tracking links) is ``gateway.httpserver``, which enforces the same bounds itself.
+
+It reads the request body itself, before any route sees it: a declared ``Content-Length`` over
+the limit is answered 413 without reading a byte, a body that grows past it is answered 413
+while it is read (a 300 MB PUT costs a buffer, not 300 MB), and a body that stalls is answered 408
 after ``http.read_timeout_seconds``. Past ``http.max_concurrent_requests`` requests being
 read or worked on, a request is answered 503 at once, except the health checks, which are cheap
 and must answer most when the server is busiest. A request gives its slot back when its
@@ -143,11 +145,9 @@ class Limits:
 
 
 def route_body_limit(config: HttpConfig) -> Callable[[str], int]:
-    """Provider webhooks may be large (SendGrid batches events); everything else is small."""
+    """Every admin route takes small bodies (provider webhooks are the public server's)."""
 
-    def limit(path: str) -> int:
-        if path.startswith("/webhooks/"):
-            return config.webhook_max_body_bytes
+    def limit(_: str) -> int:
         return config.admin_max_body_bytes
 
     return limit

@@ -12,7 +12,8 @@
   button posts the same form, because mail scanners follow GET links and must not unsubscribe.
   "You are unsubscribed." is only said once the withdrawal is durable.
 
-Everything verified is handed to an ``InboundSink`` (``gateway.inbound``).
+Everything verified is handed to an ``InboundSink`` (``gateway.inbound``). The routes run on the
+lean server (``gateway.httpserver``), not Starlette: they are the gateway's hottest HTTP path.
 """
 
 from __future__ import annotations
@@ -22,13 +23,20 @@ import html
 from collections.abc import Callable
 
 import structlog
-from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
-from starlette.routing import Route
 
 from adapters import WebhookRejected
 from adapters.registry import SPECS
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, HttpConfig
+from gateway.httpserver import (
+    Limits,
+    Request,
+    Response,
+    Route,
+    html_response,
+    json_response,
+    redirect,
+    text_response,
+)
 from gateway.inbound import (
     HitKind,
     InboundSink,
@@ -61,18 +69,14 @@ def public_routes(
     now: Callable[[], float],
 ) -> list[Route]:
     async def webhook(request: Request) -> Response:
-        name = request.path_params["provider"]
+        name = request.params["provider"]
         provider = config.providers.get(name)
         if provider is None:
-            return Response("unknown provider", status_code=404)
-        body = await request.body()
-        headers = {key.lower(): value for key, value in request.headers.items()}
+            return text_response("unknown provider", 404)
+        body = request.body
+        headers = dict(request.headers)
         # providers sign the URL they called, which is our public URL, not the socket address
-        url = (
-            links.public_url
-            + request.url.path
-            + (f"?{request.url.query}" if request.url.query else "")
-        )
+        url = links.public_url + request.path + (f"?{request.query}" if request.query else "")
         spec = SPECS[provider.kind]
         try:
             spec.verify_webhook(url=url, headers=headers, body=body, config=provider, now=now())
@@ -84,14 +88,14 @@ def public_routes(
                 sink.notify(WebhookVerdict(name, WebhookOutcome(rejected.verdict)))
             except SinkFull:
                 log.warning("webhook_verdict_not_counted", provider=name)
-            return Response(rejected.verdict, status_code=status)
+            return text_response(rejected.verdict, status)
         try:
             await sink.deliver(WebhookReceipts(name, receipts))
         except SinkFull:
             # not taken or not yet durable: the provider retries a 503, and a retried event
             # is applied once, so the receipt is delayed, never lost nor doubled
-            return Response("busy, retry later", status_code=503, headers={"Retry-After": "5"})
-        return Response("ok")
+            return text_response("busy, retry later", 503, {"Retry-After": "5"})
+        return text_response("ok")
 
     def verified(link_kind: LinkKind, token: str) -> LinkPayload | LinkRejection:
         """The link's payload if genuine, unexpired and of this kind; refusals are counted."""
@@ -113,31 +117,31 @@ def public_routes(
 
     def refused(verdict: LinkRejection) -> Response:
         if verdict is LinkRejection.EXPIRED:
-            return Response("this link has expired", status_code=410, headers=_NO_CACHE)
-        return Response("unknown link", status_code=404, headers=_NO_CACHE)
+            return text_response("this link has expired", 410, _NO_CACHE)
+        return text_response("unknown link", 404, _NO_CACHE)
 
     async def click(request: Request) -> Response:
-        payload = verified(LinkKind.CLICK, request.path_params["token"])
+        payload = verified(LinkKind.CLICK, request.params["token"])
         if isinstance(payload, LinkRejection):
             return refused(payload)
         notify(TrackingHit(HitKind.CLICK, now(), key=payload.key, channel=payload.channel))
         if payload.url is None:
-            return Response("unknown link", status_code=404)
-        return RedirectResponse(payload.url, status_code=302, headers=_NO_CACHE)
+            return text_response("unknown link", 404)
+        return redirect(payload.url, 302, _NO_CACHE)
 
     async def open_pixel(request: Request) -> Response:
-        payload = verified(LinkKind.OPEN, request.path_params["token"])
+        payload = verified(LinkKind.OPEN, request.params["token"])
         if isinstance(payload, LinkPayload):
             notify(TrackingHit(HitKind.OPEN, now(), key=payload.key, channel=payload.channel))
-        return Response(_PIXEL, media_type="image/gif", headers=_NO_CACHE)
+        return Response(200, _PIXEL, {"content-type": "image/gif", **_NO_CACHE})
 
     async def unsubscribe_page(request: Request) -> Response:
-        payload = verified(LinkKind.UNSUBSCRIBE, request.path_params["token"])
+        payload = verified(LinkKind.UNSUBSCRIBE, request.params["token"])
         if isinstance(payload, LinkRejection):
             return refused(payload)
         tenant = config.tenants.get(payload.tenant)
         brand = html.escape(tenant.brand if tenant else "this sender")
-        return HTMLResponse(
+        return html_response(
             f"<!doctype html><title>Unsubscribe</title><h1>Unsubscribe from {brand}</h1>"
             f"<p>Stop receiving {brand} marketing on {payload.channel.value}?</p>"
             f'<form method="post"><input type="hidden" name="List-Unsubscribe" value="One-Click">'
@@ -146,7 +150,7 @@ def public_routes(
         )
 
     async def unsubscribe(request: Request) -> Response:
-        payload = verified(LinkKind.UNSUBSCRIBE, request.path_params["token"])
+        payload = verified(LinkKind.UNSUBSCRIBE, request.params["token"])
         if isinstance(payload, LinkRejection):
             return refused(payload)
         if payload.recipient_id is None or payload.tenant not in config.tenants:
@@ -165,21 +169,52 @@ def public_routes(
             await sink.deliver(opt_out)
         except SinkFull:
             # never "You are unsubscribed." before it is true: the person tries again
-            return HTMLResponse(
+            return html_response(
                 "<!doctype html><title>Try again</title><h1>We could not record that just now."
                 "</h1><p>Please try again in a minute.</p>",
-                status_code=503,
-                headers={"Retry-After": "30", **_NO_CACHE},
+                503,
+                {"Retry-After": "30", **_NO_CACHE},
             )
-        return HTMLResponse(
+        return html_response(
             "<!doctype html><title>Unsubscribed</title><h1>You are unsubscribed.</h1>",
             headers=_NO_CACHE,
         )
 
     return [
-        Route("/webhooks/{provider}", webhook, methods=["POST"]),
-        Route("/t/c/{token}", click, methods=["GET"]),
-        Route("/t/o/{token}.gif", open_pixel, methods=["GET"]),
-        Route("/t/u/{token}", unsubscribe_page, methods=["GET"]),
-        Route("/t/u/{token}", unsubscribe, methods=["POST"]),
+        # provider webhooks may be large (SendGrid batches events); everything else is small
+        Route(
+            "POST",
+            "/webhooks/{provider}",
+            webhook,
+            max_body_bytes=config.http.webhook_max_body_bytes,
+        ),
+        Route("GET", "/t/c/{token}", click),
+        Route("GET", "/t/o/{token}.gif", open_pixel),
+        Route("GET", "/t/u/{token}", unsubscribe_page),
+        Route("POST", "/t/u/{token}", unsubscribe),
     ]
+
+
+def health_routes(ready: Callable[[], bool]) -> list[Route]:
+    """``/healthz`` (alive) and ``/readyz`` (recovered, serving) for a load balancer in front of
+    the public server: the same answers as the admin server's (``gateway.http.ops``)."""
+
+    async def healthz(_: Request) -> Response:
+        return json_response({"status": "ok"})
+
+    async def readyz(_: Request) -> Response:
+        if ready():
+            return json_response({"status": "ready"})
+        return json_response({"status": "starting"}, 503)
+
+    return [Route("GET", "/healthz", healthz), Route("GET", "/readyz", readyz)]
+
+
+def public_limits(config: HttpConfig) -> Limits:
+    """The public server's bounds (``[http]``); the webhook route raises its own body limit."""
+    return Limits(
+        max_body_bytes=config.admin_max_body_bytes,
+        read_timeout_seconds=config.read_timeout_seconds,
+        max_concurrent_requests=config.max_concurrent_requests,
+        max_connections=config.max_connections,
+    )

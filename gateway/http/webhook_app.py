@@ -1,7 +1,8 @@
 """The webhook and tracking server as its own processes (``http.webhook_processes = N``).
 
-hypercorn runs ``create_app()`` in each of its worker processes. The app serves exactly the
-router's public routes (``gateway.http.public``) but hands what it verifies to a ZeroMQ DEALER
+The router starts N of ``python -m gateway.http.webhook_app``, all listening on one port. Each
+serves exactly the router's public routes (``gateway.http.public``, on the lean server) but
+hands what it verifies to a ZeroMQ DEALER
 connected to the router's event socket, so several processes can verify signatures in
 parallel while the router stays the only owner of state. ``deliver`` waits for the router's
 answer, which comes once the journal made the event durable; a router that does not answer in
@@ -15,22 +16,16 @@ The process learns its wiring from the environment the router starts it with:
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
 
+import trio
 import zmq
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from gateway import inbound
 from gateway.client import AsyncClient, ClientError, open_client
 from gateway.clock import wall_time
 from gateway.config import load_config, tracking_secrets
-from gateway.http.limits import Limits, bounded
-from gateway.http.public import public_routes
+from gateway.http.public import health_routes, public_limits, public_routes
+from gateway.httpserver import Router, Server
 from gateway.inbound import Inbound, SinkFull
 from gateway.tracking import LinkSigner
 
@@ -66,8 +61,11 @@ class RemoteSink:
         return self.client
 
 
-def create_app() -> Limits:
-    config = load_config(Path(os.environ["CASCADEGW_CONFIG"]).read_bytes(), os.environ)
+async def serve() -> None:
+    """One webhook process: the public routes on ``http.webhook_bind``, shared with the other
+    processes (``SO_REUSEPORT``: the kernel spreads connections among them)."""
+    raw = await trio.Path(os.environ["CASCADEGW_CONFIG"]).read_bytes()
+    config = load_config(raw, os.environ)
     secrets = tracking_secrets(config.tracking)
     if not secrets:
         raise RuntimeError(
@@ -80,25 +78,24 @@ def create_app() -> Limits:
         unsubscribe_ttl_seconds=config.tracking.unsubscribe_ttl_seconds,
     )
     sink = RemoteSink()
+    # a little over the router's own wait, so its "busy" arrives before our timeout
+    timeout_seconds = config.http.durable_wait_seconds + 2.0
+    async with open_client(
+        os.environ["CASCADEGW_EVENTS"], timeout_seconds=timeout_seconds
+    ) as client:
+        sink.client = client
+        routes = [
+            *public_routes(config=config, links=links, sink=sink, now=wall_time),
+            # alive, not ready: readiness is the router's (its admin server's /readyz)
+            *[route for route in health_routes(lambda: True) if route.pattern == "/healthz"],
+        ]
+        server = Server(Router(routes), public_limits(config.http), name="webhooks")
+        await server.serve(config.http.webhook_bind, reuse_port=True)
 
-    @asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        # a little over the router's own wait, so its "busy" arrives before our timeout
-        timeout_seconds = config.http.durable_wait_seconds + 2.0
-        async with open_client(
-            os.environ["CASCADEGW_EVENTS"], timeout_seconds=timeout_seconds
-        ) as client:
-            sink.client = client
-            try:
-                yield
-            finally:
-                sink.client = None
 
-    async def healthz(_: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+def main() -> None:
+    trio.run(serve)
 
-    routes = [
-        *public_routes(config=config, links=links, sink=sink, now=wall_time),
-        Route("/healthz", healthz, methods=["GET"]),
-    ]
-    return bounded(Starlette(routes=routes, lifespan=lifespan), config.http)
+
+if __name__ == "__main__":
+    main()

@@ -10,7 +10,7 @@ import os
 import time
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 
@@ -27,6 +27,7 @@ from gateway.client import Client, status_request
 
 __all__ = [
     "GatewayProcess",
+    "Standalone",
     "credentials_env",
     "free_port",
     "rss_bytes_of",
@@ -99,14 +100,21 @@ class GatewayProcess:
             return await self.process.wait()
 
 
+class Standalone(NamedTuple):
+    path: Path
+    http_url: str
+    """The admin server: metrics, health, the admin API."""
+    ingest: str
+    public_url: str
+    """The public server: webhooks and tracking links."""
+
+
 def standalone_config(
     tmp_path: Path, *, extra: str = "", store_extra: str = "", http_extra: str = ""
-) -> tuple[Path, str, str]:
-    """A config file for ``cascadegw run`` with its own simulators, on free ports.
-
-    Returns the file, the HTTP URL and the ZeroMQ ingest endpoint.
-    """
+) -> Standalone:
+    """A config file for ``cascadegw run`` with its own simulators, on free ports."""
     http_port, ingest_port, status_port = free_port(), free_port(), free_port()
+    public_port = free_port()
     path = tmp_path / "gateway.toml"
     path.write_text(
         f"""
@@ -115,7 +123,8 @@ bind = "tcp://127.0.0.1:{ingest_port}"
 status_bind = "tcp://127.0.0.1:{status_port}"
 [http]
 bind = "127.0.0.1:{http_port}"
-public_url = "http://127.0.0.1:{http_port}"
+public_bind = "127.0.0.1:{public_port}"
+public_url = "http://127.0.0.1:{public_port}"
 {http_extra}
 [store]
 path = "{tmp_path / "var" / "journal.db"}"
@@ -145,7 +154,12 @@ providers = {{ email = ["email1"], sms = ["sms1"] }}
 {extra}
 """
     )
-    return path, f"http://127.0.0.1:{http_port}", f"tcp://127.0.0.1:{ingest_port}"
+    return Standalone(
+        path,
+        f"http://127.0.0.1:{http_port}",
+        f"tcp://127.0.0.1:{ingest_port}",
+        f"http://127.0.0.1:{public_port}",
+    )
 
 
 def wait_finished(

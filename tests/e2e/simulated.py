@@ -36,6 +36,7 @@ bind = "tcp://127.0.0.1:*"
 status_bind = "tcp://127.0.0.1:*"
 [http]
 bind = "127.0.0.1:0"
+public_bind = "127.0.0.1:0"
 public_url = ""
 [store]
 create = true
@@ -43,6 +44,7 @@ path = "{tmp_path / "journal.db"}"
 synchronous = "normal"
 [simulator]
 latency_seconds = 0.01
+sendgrid_batch_seconds = 1.0
 deliver_probability = 1.0
 read_probability = 0.0
 click_probability = 0.0

@@ -343,7 +343,7 @@ class TestWebhookSecurity:
                     }
                 ]
             ).encode()
-            url = f"{gateway.http_url}/webhooks/email1"
+            url = f"{gateway.public_http_url}/webhooks/email1"
             async with httpx.AsyncClient() as http:
                 forged = await http.post(
                     url,
@@ -355,12 +355,12 @@ class TestWebhookSecurity:
                 )
                 unsigned = await http.post(url, content=body)
                 viber = await http.post(
-                    f"{gateway.http_url}/webhooks/viber1",
+                    f"{gateway.public_http_url}/webhooks/viber1",
                     content=b'{"event":"seen"}',
                     headers={"X-Viber-Content-Signature": "00" * 32},
                 )
                 twilio = await http.post(
-                    f"{gateway.http_url}/webhooks/sms1?m=acme:m1",
+                    f"{gateway.public_http_url}/webhooks/sms1?m=acme:m1",
                     data={"MessageStatus": "delivered"},
                     headers={"X-Twilio-Signature": "bm90IGl0"},
                 )

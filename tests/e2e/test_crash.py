@@ -40,6 +40,7 @@ def crash_config(
     tmp_path: Path,
     *,
     http_port: int,
+    public_port: int,
     ingest_port: int,
     status_port: int,
     viber_url: str,
@@ -51,7 +52,8 @@ bind = "tcp://127.0.0.1:{ingest_port}"
 status_bind = "tcp://127.0.0.1:{status_port}"
 [http]
 bind = "127.0.0.1:{http_port}"
-public_url = "http://127.0.0.1:{http_port}"
+public_bind = "127.0.0.1:{public_port}"
+public_url = "http://127.0.0.1:{public_port}"
 [store]
 create = true
 path = "{tmp_path / "journal.db"}"
@@ -166,11 +168,13 @@ async def test_sigkill_never_loses_an_acked_message(tmp_path: Path) -> None:
         await nursery.start(viber.serve)
         await nursery.start(twilio.serve)
         http_port, ingest_port, status_port = free_port(), free_port(), free_port()
+        public_port = free_port()
         config_path = tmp_path / "gateway.toml"
         config_path.write_text(
             crash_config(
                 tmp_path,
                 http_port=http_port,
+                public_port=public_port,
                 ingest_port=ingest_port,
                 status_port=status_port,
                 viber_url=viber.url,
@@ -178,7 +182,7 @@ async def test_sigkill_never_loses_an_acked_message(tmp_path: Path) -> None:
             )
         )
         http_url = f"http://127.0.0.1:{http_port}"
-        viber.webhook_url = f"{http_url}/webhooks/viber1"
+        viber.webhook_url = f"http://127.0.0.1:{public_port}/webhooks/viber1"
         environ = {**credentials_env("viber1", viber), **credentials_env("sms1", twilio)}
         gateway = GatewayProcess(config_path, without_urls(environ), http_url)
         await gateway.start()

@@ -34,7 +34,7 @@ async def test_the_locustfile_loads_a_live_gateway(tmp_path: Path) -> None:
         assert viber_token is not None
         environ = {
             **locust_environment(gateway.ingest_endpoint, "acme", batch=10),
-            "CASCADEGW_WEBHOOK_URL": f"{gateway.http_url}/webhooks/viber1",
+            "CASCADEGW_WEBHOOK_URL": f"{gateway.public_http_url}/webhooks/viber1",
             "CASCADEGW_VIBER_TOKEN": viber_token.reveal(),
         }
         completed = await trio.run_process(

@@ -1,4 +1,4 @@
-"""Multi-process mode: dispatch in worker processes and webhooks in hypercorn worker processes,
+"""Multi-process mode: dispatch in worker processes and webhooks in webhook processes,
 the same cascade as single-process mode, and one scrape of the router sees every series."""
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ bind = "tcp://127.0.0.1:*"
 status_bind = "tcp://127.0.0.1:*"
 [http]
 bind = "127.0.0.1:{http_port}"
+public_bind = "127.0.0.1:0"
 public_url = ""
 [store]
 create = true

@@ -51,11 +51,11 @@ async def unsubscribe_all(
 
 
 async def test_an_answered_unsubscribe_survives_sigkill(tmp_path: Path) -> None:
-    config, http_url, _ = standalone_config(tmp_path, store_extra="create = true")
+    config, http_url, _, public_url = standalone_config(tmp_path, store_extra="create = true")
     # fsync per commit: the slower the commit, the wider the window a kill can land in
     config.write_text(config.read_text().replace('synchronous = "normal"', 'synchronous = "full"'))
     environ = {"CASCADEGW__TRACKING__SECRET": SECRET}
-    signer = LinkSigner([SECRET.encode()], http_url)
+    signer = LinkSigner([SECRET.encode()], public_url)
     process = GatewayProcess(config, environ, http_url)
     rng = random.Random(20261205)
     told: dict[str, bool] = {}

@@ -53,7 +53,7 @@ def service(message_id: str, *, size: int = 100) -> dict[str, Any]:
 
 class TestMissingJournal:
     def test_refuses_to_start_until_init(self, tmp_path: Path) -> None:
-        config, _, _ = standalone_config(tmp_path)
+        config, _, _, _ = standalone_config(tmp_path)
         refused = cli(config, "run")
         created = cli(config, "init")
         again = cli(config, "init")
@@ -67,7 +67,7 @@ class TestMissingJournal:
         assert "exists already" in again.stdout
 
     async def test_a_deleted_journal_is_not_replaced_by_an_empty_one(self, tmp_path: Path) -> None:
-        config, http_url, ingest = standalone_config(tmp_path)
+        config, http_url, ingest, _ = standalone_config(tmp_path)
         assert 0 == cli(config, "init").returncode
         process = GatewayProcess(config, {}, http_url)
         await process.start()
@@ -93,7 +93,7 @@ class TestMissingJournal:
 
 class TestCorruptRow:
     async def test_start_names_it_and_quarantine_lets_it_start(self, tmp_path: Path) -> None:
-        config, http_url, ingest = standalone_config(tmp_path)
+        config, http_url, ingest, _ = standalone_config(tmp_path)
         assert 0 == cli(config, "init").returncode
         process = GatewayProcess(config, {}, http_url)
         await process.start()
@@ -143,7 +143,7 @@ def limit_file_size() -> None:
 
 class TestDiskFull:
     async def test_no_false_ack_overloaded_meanwhile_and_recovery(self, tmp_path: Path) -> None:
-        config, http_url, ingest = standalone_config(tmp_path)
+        config, http_url, ingest, _ = standalone_config(tmp_path)
         assert 0 == cli(config, "init").returncode
         process = GatewayProcess(config, {}, http_url, preexec=limit_file_size)
         await process.start()
@@ -197,7 +197,7 @@ class TestNeverSilentlyReplaced:
     """What an operator can do to the data directory by mistake, and what start says."""
 
     def started(self, tmp_path: Path) -> Path:
-        config, _, _ = standalone_config(tmp_path)
+        config, _, _, _ = standalone_config(tmp_path)
         assert 0 == cli(config, "init").returncode
         return config
 
@@ -228,7 +228,7 @@ class TestNeverSilentlyReplaced:
         assert (tmp_path / "var" / "tracking.key").exists()
 
     async def test_a_quarantined_consent_withdraws_on_the_safe_side(self, tmp_path: Path) -> None:
-        config, http_url, ingest = standalone_config(tmp_path)
+        config, http_url, ingest, _ = standalone_config(tmp_path)
         assert 0 == cli(config, "init").returncode
         process = GatewayProcess(config, {}, http_url)
         await process.start()
