@@ -105,10 +105,10 @@ class SimulatorConfig(Settings, frozen=True):
     unsubscribe_probability: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.005
     receipt_delay_seconds: NonNegative = 0.5
     read_delay_seconds: NonNegative = 2.0
-    sendgrid_batch_seconds: NonNegative = 0.0
-    """SendGrid posts its Event Webhook in batches: events of many messages in one POST. Above
-    0, the SendGrid simulator does too, posting what fell due at most this long after the first
-    event of a batch (or at ``sendgrid_batch_max_events``); 0 posts each message's events as they
-    fall due, one POST per message (tests that count posts)."""
+    sendgrid_batch_seconds: NonNegative = 1.0
+    """SendGrid posts its Event Webhook in batches: events of many messages in one POST. So
+    does its simulator, posting what fell due at most this long after the first event of a
+    batch (or at ``sendgrid_batch_max_events``); 0 posts each message's events as they fall due,
+    one POST per message."""
     sendgrid_batch_max_events: PositiveInt = 1000
     seed: int | None = None

@@ -49,16 +49,17 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any
 
-import httpx
 import msgspec
 import trio
 
+from adapters._transport import ConnectionPool, HttpRequest, TransportError
 from gateway.clock import wall_time
 from gateway.core.timers import Deadlines
 from gateway.httpserver import Limits, Request, Response, Route, Router, Server, json_response
 from gateway.settings import SimulatorConfig
 
 _MAX_BODY_BYTES = 32 * 1024 * 1024
+_WEBHOOK_TIMEOUT_SECONDS = 10.0
 """Larger than any request the real APIs take (SendGrid's is 30 MB), so a simulator refuses
 what its provider would not have refused only at a size no test sends."""
 
@@ -156,7 +157,7 @@ class Simulator:
         self._posting = 0
         self._wake = trio.Event()
         self.url = ""
-        self._client: httpx.AsyncClient | None = None
+        self._client: ConnectionPool | None = None
 
     # ------------------------------------------------------------ subclass API
     def routes(self) -> list[Route]:
@@ -248,8 +249,8 @@ class Simulator:
         self.last_webhook = (url, content, dict(headers))
         self._posting += 1
         try:
-            response = await client.post(url, content=content, headers=dict(headers))
-        except httpx.HTTPError:
+            response = await client.send(HttpRequest("POST", url, headers, content))
+        except (TransportError, ValueError):  # unreachable, or a URL that is not http(s)
             self.webhook_statuses.append(0)
             return 0
         finally:
@@ -281,8 +282,8 @@ class Simulator:
         client = self._client
         assert client is not None, "the simulator is not serving"
         try:
-            response = await client.get(url, follow_redirects=False)
-        except httpx.HTTPError:
+            response = await client.send(HttpRequest("GET", url))  # redirects are not followed
+        except (TransportError, ValueError):
             self.clicks.append(0)
             return
         self.clicks.append(response.status_code)
@@ -353,7 +354,11 @@ class Simulator:
         # a provider API takes what the gateway sends; the limits only stop a runaway client
         limits = Limits(max_body_bytes=_MAX_BODY_BYTES, read_timeout_seconds=30.0)
         server = Server(self.router(), limits, name=f"simulator:{self.name}")
-        async with httpx.AsyncClient(timeout=10.0) as client, trio.open_nursery() as nursery:
+        # the same lean client the gateway's adapters use, so that a bench measures the gateway
+        async with (
+            ConnectionPool(timeout_seconds=_WEBHOOK_TIMEOUT_SECONDS) as client,
+            trio.open_nursery() as nursery,
+        ):
             self._client = client
             nursery.start_soon(self._deliver_receipts, nursery)
             self.url = await nursery.start(server.serve, bind)

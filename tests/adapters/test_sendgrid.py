@@ -59,7 +59,15 @@ from tests.adapters.local_http import local_server
 from tests.adapters.settling import Outbound, marker_behaviour
 
 NOW = 1_795_435_200.0
-FAST = SimulatorConfig(latency_seconds=0, receipt_delay_seconds=0.01, read_delay_seconds=0.02)
+# one POST per message (batching off): these tests prove their posts settled with a marker
+# mail whose events come last; batching across messages has its own tests
+# (tests/test_sendgrid_batching.py)
+FAST = SimulatorConfig(
+    latency_seconds=0,
+    receipt_delay_seconds=0.01,
+    read_delay_seconds=0.02,
+    sendgrid_batch_seconds=0.0,
+)
 PIXEL = "https://gw.example/t/o/px.gif"
 UNSUB = "https://gw.example/t/u/tok"
 HTML = "<html><body><p>Sale <a href='https://gw.example/t/c/tok1'>shop</a></p></body></html>"
