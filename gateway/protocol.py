@@ -26,7 +26,7 @@ import enum
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 from typing import Annotated, Any, Final
 
@@ -590,9 +590,13 @@ def epoch(moment: str | None) -> float | None:
 _LAST_SECOND: Final = 32503680000.0 - 1  # 2999-12-31T23:59:59Z
 
 
+@lru_cache(maxsize=1024)
 def utc(seconds: float) -> datetime:
     """POSIX seconds as an aware UTC datetime; clamped to the protocol's years, so that no
-    time a provider or a client sends can make a status event fail to encode."""
+    time a provider or a client sends can make a status event fail to encode.
+
+    Memoised (datetimes are immutable): a frame's messages share one ``now``, and messages
+    deferred by one quiet window share their ``deferred_until``."""
     return datetime.fromtimestamp(min(max(seconds, 0.0), _LAST_SECOND), UTC)
 
 

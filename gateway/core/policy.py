@@ -316,8 +316,9 @@ def _quiet_verdict(
     rule = rules.quiet_rule(channel, envelope.category)
     if rule is None or rule.action is QuietAction.BYPASS:
         return GO
-    if not quiet_hours.is_quiet(rule.window, now, tz):
+    opening = quiet_hours.quiet_until(rule.window, now, tz)
+    if opening is None:
         return GO
     if rule.action is QuietAction.DROP:
         return Skip(RejectReason.QUIET_HOURS)
-    return Hold(quiet_hours.next_open(rule.window, now, tz), DeferReason.QUIET_HOURS)
+    return Hold(opening, DeferReason.QUIET_HOURS)

@@ -11,10 +11,17 @@ Rule 2: this module reads no clock and no tz database; the caller passes a ``tzi
 clock only leaves the window in two ways: it reaches ``end``, or a UTC-offset transition jumps
 it out. Both kinds of instant are collected for the days around ``now`` and the earliest one
 that is not quiet wins, so the answer is exact, not a scan.
+
+``quiet_until`` is what the policy asks on every message: both answers at once, memoised per
+(window, zone, UTC minute). A minute's verdict is the same for every instant in it when the
+zone's offset is a whole number of minutes that does not change inside that minute (so it is
+one local minute) and no window bound falls inside that local minute after its first instant;
+any other minute is computed exactly, every time.
 """
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 
 import msgspec
@@ -36,6 +43,38 @@ class QuietWindow(msgspec.Struct, frozen=True):
         if self.start < self.end:
             return self.start <= local < self.end
         return local >= self.start or local < self.end
+
+
+def quiet_until(window: QuietWindow, now: float, tz: tzinfo) -> float | None:
+    """None when ``now`` is not quiet, else ``next_open(window, now, tz)``."""
+    uniform, opening = _minute_verdict(window, tz, int(now // 60))
+    if uniform:
+        return opening
+    if not is_quiet(window, now, tz):
+        return None
+    return next_open(window, now, tz)
+
+
+@functools.lru_cache(maxsize=8192)
+def _minute_verdict(window: QuietWindow, tz: tzinfo, minute: int) -> tuple[bool, float | None]:
+    """``(True, verdict)`` when every instant of the UTC minute shares one verdict (None: not
+    quiet; else the opening); ``(False, None)`` when the instants must be asked one by one."""
+    first = float(minute * 60)
+    local = local_time(first, tz)
+    offset = local.utcoffset()
+    # transitions fall on whole seconds, so the minute's last whole second shows any change
+    if offset is None or offset != _offset(first + 59, tz) or offset % timedelta(minutes=1):
+        return False, None
+    # the UTC minute is one local minute; a window bound inside it (not at its start) splits it
+    local_minute = (local.hour, local.minute)
+    for bound in (window.start, window.end):
+        if (bound.hour, bound.minute) == local_minute and (bound.second or bound.microsecond):
+            return False, None
+    if not is_quiet(window, first, tz):
+        return True, None
+    # quiet from the minute's first instant to its last: the opening lies beyond it, and is
+    # the same whichever instant of the minute asks
+    return True, next_open(window, first, tz)
 
 
 def local_time(now: float, tz: tzinfo) -> datetime:

@@ -10,13 +10,14 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from gateway.core.quiet_hours import QuietWindow, is_quiet, local_time, next_open
+from gateway.core.quiet_hours import QuietWindow, is_quiet, local_time, next_open, quiet_until
 
 MOSCOW = ZoneInfo("Europe/Moscow")
 NEW_YORK = ZoneInfo("America/New_York")
 LONDON = ZoneInfo("Europe/London")
 LORD_HOWE = ZoneInfo("Australia/Lord_Howe")
 APIA = ZoneInfo("Pacific/Apia")
+ODD_OFFSET = timezone(timedelta(hours=3, seconds=30))
 
 FIRST_YEAR, LAST_YEAR = 1990, 2090
 EARLIEST = datetime(FIRST_YEAR, 1, 1, tzinfo=UTC).timestamp()
@@ -420,3 +421,57 @@ class TestNextOpenProperties:
         tz, now = zone_instant
         opening = next_open(quiet, now, tz)
         assert opening == next_open(quiet, opening, tz)
+
+
+class TestQuietUntil:
+    """The policy's question, memoised per (window, zone, UTC minute), answers exactly as
+    ``is_quiet`` and ``next_open`` do for the instant itself."""
+
+    @settings(max_examples=400, deadline=None)
+    @given(
+        quiet=windows,
+        zone_instant=zone_and_instant(),
+        others=st.lists(st.floats(min_value=0.0, max_value=59.999999), max_size=3),
+    )
+    def test_same_answer_as_the_exact_functions(
+        self, quiet: QuietWindow, zone_instant: tuple[ZoneInfo, float], others: list[float]
+    ) -> None:
+        tz, now = zone_instant
+        minute = now // 60 * 60
+        # the instant and others of its minute, in any order: a memoised neighbour must not
+        # answer for an instant it does not speak for
+        for instant in [now, *(minute + offset for offset in others), now]:
+            expected = next_open(quiet, instant, tz) if is_quiet(quiet, instant, tz) else None
+            assert expected == quiet_until(quiet, instant, tz), instant
+
+    @pytest.mark.parametrize(
+        ("quiet", "tz", "now", "expected"),
+        [
+            # 22:59:30 local in Moscow (UTC+3): quiet until 09:00 local
+            (window("21:00", "09:00"), MOSCOW, utc(2026, 3, 2, 19, 59, 30), utc(2026, 3, 3, 6)),
+            # 20:59:59 local: the same minute holds no window bound, and it is open
+            (window("21:00", "09:00"), MOSCOW, utc(2026, 3, 2, 17, 59, 59), None),
+            # a bound inside a minute (21:00:30): the minute's instants differ
+            (window("21:00:30", "09:00"), MOSCOW, utc(2026, 3, 2, 18, 0, 10), None),
+            (
+                window("21:00:30", "09:00"),
+                MOSCOW,
+                utc(2026, 3, 2, 18, 0, 40),
+                utc(2026, 3, 3, 6),
+            ),
+            # an offset with seconds (UTC+03:00:30): one UTC minute, two answers
+            (window("21:00", "09:00"), ODD_OFFSET, utc(2026, 3, 2, 17, 59, 20), None),
+            (
+                window("21:00", "09:00"),
+                ODD_OFFSET,
+                utc(2026, 3, 2, 17, 59, 45),
+                utc(2026, 3, 3, 5, 59, 30),
+            ),
+            # New York's spring-forward minute (02:00 local does not happen): exact answers
+            (window("01:30", "02:30"), NEW_YORK, utc(2026, 3, 8, 6, 59, 30), utc(2026, 3, 8, 7)),
+        ],
+    )
+    def test_examples(
+        self, quiet: QuietWindow, tz: tzinfo, now: float, expected: float | None
+    ) -> None:
+        assert expected == quiet_until(quiet, now, tz)
