@@ -7,6 +7,7 @@ Transport exceptions are translated once, here: the rest of the gateway only eve
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from email.utils import parsedate_to_datetime
@@ -50,9 +51,11 @@ def retry_after_seconds(headers: Mapping[str, str], *, now: float | None = None)
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
-    except ValueError:
+        seconds = float(value)
+    except (ValueError, OverflowError):
         pass
+    else:  # "inf" or "nan" is no delay anyone can wait out: as if the header were absent
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         moment = parsedate_to_datetime(value)
     except (TypeError, ValueError):

@@ -44,6 +44,7 @@ from __future__ import annotations
 import base64
 import binascii
 import html
+import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Final
@@ -208,10 +209,8 @@ def rate_limit_reset_seconds(headers: Mapping[str, str], *, now: float | None) -
     value = headers.get("x-ratelimit-reset")
     if value is None or now is None:
         return None
-    try:
-        return max(0.0, float(value) - now)
-    except ValueError:
-        return None
+    reset_at = _seconds(value)
+    return None if reset_at is None else max(0.0, reset_at - now)
 
 
 def parse_response(
@@ -329,10 +328,9 @@ def verify_webhook(
         )
     except (ValueError, binascii.Error, InvalidSignature) as exc:
         raise WebhookRejected("bad_signature", "sendgrid: the signature does not verify") from exc
-    try:
-        signed_at = float(timestamp)
-    except ValueError as exc:  # signed, yet garbage: SendGrid never sends this
-        raise WebhookRejected("malformed", "sendgrid: the timestamp is not a number") from exc
+    signed_at = _seconds(timestamp)
+    if signed_at is None:  # signed, yet garbage: SendGrid never sends this
+        raise WebhookRejected("malformed", "sendgrid: the timestamp is not a number")
     tolerance = config.webhook_tolerance_seconds
     check_freshness(
         provider=KIND,
@@ -354,16 +352,15 @@ def _string(value: object) -> str | None:
 
 
 def _seconds(value: object) -> float | None:
-    if isinstance(value, bool):
+    """A finite number of seconds, or None: what a provider sends is not trusted to be one
+    (a 400-digit integer overflows a float; "nan" would compare false with every bound)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
         return None
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
+    try:
+        seconds = float(value)
+    except (ValueError, OverflowError):
+        return None
+    return seconds if math.isfinite(seconds) else None
 
 
 def _detail(name: str, event: Mapping[str, Any]) -> str | None:

@@ -47,6 +47,8 @@ class Probe(NamedTuple):
 
 PROBES: list[Probe] = [
     Probe(CORE_PURE, "gateway.core._probe", "import trio"),
+    Probe(CORE_PURE, "gateway.core._probe", "import time"),  # a clock read
+    Probe(CORE_PURE, "gateway.core._probe", "from gateway.clock import wall_time"),
     Probe(INDEPENDENT, "gateway.http._probe", "import gateway.runtime.engine"),
     Probe(INDEPENDENT, "gateway.runtime._probe", "import gateway.http.admin"),
     Probe(STORE_BELOW, "gateway.store._probe", "import gateway.runtime.engine"),
@@ -55,6 +57,7 @@ PROBES: list[Probe] = [
     # not a gateway module: the simulators import the server, so that would break theirs too
     Probe(HTTPSERVER_LEAF, "gateway.httpserver", "import starlette"),
     Probe(NO_CLOCK, "adapters.fcm", "from gateway.clock import wall_time"),
+    Probe(NO_CLOCK, "adapters.fcm", "import time"),
     Probe(MEMORY_FOR_TESTS, "gateway.runtime._probe", "import gateway.store.memory"),
     Probe(MEMORY_ALONE, "gateway.store.memory", "import sqlite3"),
 ]

@@ -382,6 +382,15 @@ class TestParseResponse:
             parse_response(response(429, errors(None), headers), provider="p")
         assert caught.value.retry_after_seconds is None
 
+    @pytest.mark.parametrize(
+        "headers",
+        [{"X-RateLimit-Reset": "1e999"}, {"X-RateLimit-Reset": "nan"}, {"Retry-After": "inf"}],
+    )
+    def test_a_delay_that_is_not_finite_is_no_delay(self, headers: dict[str, str]) -> None:
+        with pytest.raises(RateLimited) as caught:
+            parse_response(response(429, errors(None), headers), provider="p", now=NOW)
+        assert caught.value.retry_after_seconds is None
+
     def test_retry_after_as_http_date(self) -> None:
         headers = {"Retry-After": email.utils.formatdate(NOW + 45, usegmt=True)}
         with pytest.raises(RateLimited) as caught:
@@ -515,13 +524,14 @@ class TestVerifyWebhook:
             verify_webhook(url="u", headers=headers, body=body, config=sendgrid_config(), now=NOW)
         assert "malformed" == caught.value.verdict
 
-    def test_signed_garbage_timestamp_is_malformed(self) -> None:
+    @pytest.mark.parametrize("timestamp", ["soon", "nan", "inf", "1" * 400])
+    def test_signed_garbage_timestamp_is_malformed(self, timestamp: str) -> None:
         body = b"[]"
         headers = {
             "x-twilio-email-event-webhook-signature": sign_events(
-                _SIGNING_KEY, timestamp="soon", body=body
+                _SIGNING_KEY, timestamp=timestamp, body=body
             ),
-            "x-twilio-email-event-webhook-timestamp": "soon",
+            "x-twilio-email-event-webhook-timestamp": timestamp,
         }
         with pytest.raises(WebhookRejected) as caught:
             verify_webhook(url="u", headers=headers, body=body, config=sendgrid_config(), now=NOW)
@@ -640,6 +650,11 @@ class TestParseWebhook:
             (True, "1795435000", 1795435000.0),
             ("soon", "1795435000", 1795435000.0),
             ([1], None, None),
+            # not a finite number of seconds: the header's time, never an exception (a 500
+            # would make SendGrid hold back the whole batch, opt-outs included)
+            (10**400, "1795435000", 1795435000.0),
+            ("nan", "1795435000", 1795435000.0),
+            ("-inf", None, None),
         ],
     )
     def test_timestamps(self, timestamp: object, header: str | None, at: float | None) -> None:
