@@ -41,8 +41,14 @@ class TransportTimeout(TransportError):
     """No complete answer within the client's ``timeout_seconds``."""
 
 
-class _StaleConnection(TransportError):
-    """The connection failed before a single byte of the answer arrived."""
+class _RequestNotSent(TransportError):
+    """The connection failed while the request was being written: part of it never left.
+
+    The server cannot have acted on a request it did not wholly receive, so this one alone may
+    be sent again. A failure after the whole request was written is a plain ``TransportError``
+    even when no answer byte came: the server may have processed the request (a POST is not
+    idempotent: a second send can be a second SMS).
+    """
 
 
 class Headers(Mapping[str, str]):
@@ -219,8 +225,9 @@ class _Connection:
         """Send ``request`` and read its whole answer (``reusable`` says what comes next).
 
         Raises:
-            _StaleConnection: failed before any byte of the answer arrived.
-            TransportError: failed later, or the answer is not HTTP/1.1, or too large.
+            _RequestNotSent: failed while writing the request (the server did not get all of it).
+            TransportError: failed after the whole request was written (with or without part of
+                an answer), or the answer is not HTTP/1.1, or too large.
         """
         state = self._state
         try:
@@ -235,19 +242,20 @@ class _Connection:
         except h11.LocalProtocolError as exc:
             # never quote h11's message: it can hold a header value (a credential)
             raise TransportError("the request is not valid HTTP/1.1") from exc
-        received = eof = False
+        written = received = eof = False
         status_code = 0
         headers: Headers | None = None
         chunks: list[bytes] = []
         size = 0
         try:
             await self._stream.send_all(payload)
+            written = True
             while True:
                 event = state.next_event()
                 if event is h11.NEED_DATA:
                     data = await self._stream.receive_some(RECEIVE_BYTES)
                     if not data and not received:
-                        raise _StaleConnection("the connection closed before any answer")
+                        raise TransportError("the connection closed before any answer")
                     received, eof = True, not data
                     state.receive_data(bytes(data))
                 elif isinstance(event, h11.Response):
@@ -265,8 +273,10 @@ class _Connection:
                     break
                 # an InformationalResponse (100 Continue, 103 Early Hints) is skipped
         except (trio.BrokenResourceError, OSError) as exc:
+            if not written:
+                raise _RequestNotSent("the connection failed while sending the request") from exc
             if not received:
-                raise _StaleConnection("the connection failed before any answer") from exc
+                raise TransportError("the connection failed before any answer") from exc
             raise TransportError("the connection was lost mid-answer") from exc
         except h11.RemoteProtocolError as exc:
             if eof:
@@ -276,12 +286,21 @@ class _Connection:
         return HttpResponse(status_code, headers, b"".join(chunks))
 
     def reusable(self) -> bool:
-        """Start the next request-response cycle if both sides finished this one cleanly."""
+        """Start the next request-response cycle if both sides finished this one cleanly.
+
+        Not when the server sent anything after the end of its answer (more bytes than its
+        ``Content-Length``, a second response): h11 keeps those bytes, and the next request on
+        this connection would read them as its answer, every later answer one request behind.
+        Bytes that arrive later make the socket readable, which ``looks_alive`` catches.
+        """
         state = self._state
-        if state.our_state is h11.DONE and state.their_state is h11.DONE:
-            state.start_next_cycle()
-            return True
-        return False  # Connection: close, or an answer read until EOF
+        if state.our_state is not h11.DONE or state.their_state is not h11.DONE:
+            return False  # Connection: close, an answer read until EOF, a request cut short
+        unread, closed = state.trailing_data
+        if unread or closed:
+            return False
+        state.start_next_cycle()  # both sides IDLE now (h11 raises if either is not DONE)
+        return True
 
 
 def _too_large(limit: int) -> str:
@@ -303,8 +322,13 @@ class ConnectionPool:
 
     Callers beyond ``max_connections`` wait for a connection. Idle connections are reused
     last-in first-out (the warmest one; the others may time out on the server's side, which is
-    cheaper than keeping all of them busy). A request that fails on a reused connection before
-    any answer arrived (the server closed it while it sat idle) is sent once more on a new one.
+    cheaper than keeping all of them busy). An idle connection found closed or readable is
+    dropped unused. A request is sent again (once, on a new connection) only when a reused
+    connection failed while the request was being written: the server did not get all of it,
+    so it cannot have acted on it. A failure after the whole request was written is a
+    ``TransportError`` even before any answer byte: the server may have processed the request,
+    and a POST is not idempotent, so the caller decides (the dispatcher retries with backoff,
+    counts it and records it in the timeline).
 
     Args:
         timeout_seconds: one deadline per request: waiting for a connection, connecting,
@@ -375,8 +399,12 @@ class ConnectionPool:
                 continue
             try:
                 return await self._exchange(pool, connection, request)
-            except _StaleConnection:
-                break  # closed by the server while idle: once more, on a new connection
+            except _RequestNotSent:
+                # closed by the server while idle, noticed while writing: the server did not
+                # receive the whole request, so it cannot have acted on it; once more, on a new
+                # connection (a failure after the whole request was written is not retried here:
+                # the server may have processed it, and a second POST would be a second send)
+                break
         connection = await self._connect(request.origin)
         return await self._exchange(pool, connection, request)
 

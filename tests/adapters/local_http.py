@@ -2,8 +2,13 @@
 
 The handler sees each request with the connection it came on and answers with an
 ``HttpResponse`` (kept alive unless it says ``Connection: close``; chunked when it names
-``Transfer-Encoding: chunked``) or with ``Raw`` bytes written as they are before the server
-closes the connection (an empty ``Raw`` closes it without answering).
+``Transfer-Encoding: chunked``) or with ``Raw`` bytes written as they are, after which the
+server closes the connection (an empty ``Raw`` closes it without answering), resets it, or
+goes on serving it.
+
+An optional head handler sees each request once its head arrived, before its body is read: it
+may let the server read on (``None``), answer early (as a server refusing a large body with 413
+does) or drop the connection with the body unread.
 """
 
 from __future__ import annotations
@@ -11,7 +16,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from itertools import count
+from socket import SO_LINGER, SOL_SOCKET
 from ssl import SSLContext
+from struct import pack
+from typing import Literal
 
 import h11
 import trio
@@ -21,9 +30,13 @@ from adapters._transport import HttpRequest, HttpResponse
 
 @dataclass(frozen=True)
 class Raw:
-    """Bytes to write instead of a well-formed answer; the connection is closed after them."""
+    """Bytes to write instead of a well-formed answer, and what happens to the connection then."""
 
     data: bytes = b""
+    then: Literal["close", "reset", "serve"] = "close"
+    """``close``: an orderly close (FIN). ``reset``: a TCP reset (RST), as a crashing server or a
+    load balancer gives. ``serve``: read the next request from the bytes that follow (plain TCP
+    only for ``reset``)."""
 
 
 @dataclass(frozen=True)
@@ -38,13 +51,21 @@ class Call:
 
 
 Handler = Callable[[Call], Awaitable[HttpResponse | Raw]]
+HeadHandler = Callable[[Call], Awaitable[HttpResponse | Raw | None]]
+"""Called with the request's head (its ``body`` empty); ``None`` reads the body on, an
+``HttpResponse`` answers before the body is read (the body is read and dropped after it),
+``Raw`` leaves the body unread."""
 
 
 @dataclass
 class LocalServer:
     handler: Handler
+    on_head: HeadHandler | None = None
     url: str = ""
     calls: list[Call] = field(default_factory=list)
+    """Every request the server received whole: those it could act on."""
+    heads: list[Call] = field(default_factory=list)
+    """Every request whose head arrived (its ``body`` empty), received whole or not."""
     connections: int = 0
     open_connections: int = 0
     most_open_connections: int = 0
@@ -66,19 +87,41 @@ class LocalServer:
         number = self.connections
         state = h11.Connection(h11.SERVER)
         try:
-            for index in range(1, 1_000_000):
-                request = await self._read_request(stream, state)
-                if request is None:
+            for index in count(1):
+                head = await self._read_head(stream, state)
+                if head is None:
                     return
                 if index == 1 and isinstance(stream, trio.SSLStream):
                     self.alpn.append(stream.selected_alpn_protocol())
-                call = Call(request, number, index)
-                self.calls.append(call)
-                answer = await self.handler(call)
+                early = Call(_as_request(head, b""), number, index)
+                self.heads.append(early)
+                answer = None if self.on_head is None else await self.on_head(early)
+                if answer is None:
+                    body = await self._read_body(stream, state)
+                    if body is None:
+                        return
+                    call = Call(_as_request(head, body), number, index)
+                    self.calls.append(call)
+                    answer = await self.handler(call)
+                    if not isinstance(answer, Raw):
+                        await stream.send_all(_encode(state, answer))
+                elif not isinstance(answer, Raw):
+                    await stream.send_all(_encode(state, answer))
+                    if await self._read_body(stream, state) is None:
+                        return
                 if isinstance(answer, Raw):
                     await stream.send_all(answer.data)
-                    return
-                await stream.send_all(_encode(state, answer))
+                    if answer.then != "serve":
+                        if answer.then == "reset":
+                            assert isinstance(stream, trio.SocketStream)
+                            stream.socket.setsockopt(SOL_SOCKET, SO_LINGER, pack("ii", 1, 0))
+                        return
+                    # the raw answer bypassed h11: a fresh state machine for what follows
+                    unread = state.trailing_data[0]
+                    state = h11.Connection(h11.SERVER)
+                    if unread:  # (no bytes would tell h11 the connection closed)
+                        state.receive_data(unread)
+                    continue
                 if state.our_state is not h11.DONE or state.their_state is not h11.DONE:
                     return
                 state.start_next_cycle()
@@ -88,33 +131,41 @@ class LocalServer:
             self.open_connections -= 1
             await trio.aclose_forcefully(stream)
 
-    async def _read_request(
-        self, stream: trio.abc.Stream, state: h11.Connection
-    ) -> HttpRequest | None:
-        head: h11.Request | None = None
-        body = b""
+    async def _next_event(self, stream: trio.abc.Stream, state: h11.Connection) -> object:
         while True:
             event = state.next_event()
-            if event is h11.NEED_DATA:
-                self._idle.add(stream)
-                try:
-                    data = await stream.receive_some(65536)
-                finally:
-                    self._idle.discard(stream)
-                state.receive_data(bytes(data))
-            elif isinstance(event, h11.Request):
-                head = event
-            elif isinstance(event, h11.Data):
-                body += event.data
+            if event is not h11.NEED_DATA:
+                return event
+            self._idle.add(stream)
+            try:
+                data = await stream.receive_some(65536)
+            finally:
+                self._idle.discard(stream)
+            state.receive_data(bytes(data))
+
+    async def _read_head(
+        self, stream: trio.abc.Stream, state: h11.Connection
+    ) -> h11.Request | None:
+        event = await self._next_event(stream, state)
+        # anything else is ConnectionClosed: the client is done with this connection
+        return event if isinstance(event, h11.Request) else None
+
+    async def _read_body(self, stream: trio.abc.Stream, state: h11.Connection) -> bytes | None:
+        body: list[bytes] = []
+        while True:
+            event = await self._next_event(stream, state)
+            if isinstance(event, h11.Data):
+                body.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
-                assert head is not None
-                headers = [(n.decode(), v.decode()) for n, v in head.headers]
-                host = dict(headers)["host"]
-                return HttpRequest(
-                    head.method.decode(), f"http://{host}{head.target.decode()}", headers, body
-                )
-            else:  # ConnectionClosed: the client is done with this connection
+                return b"".join(body)
+            else:  # ConnectionClosed: the client gave up mid-body
                 return None
+
+
+def _as_request(head: h11.Request, body: bytes) -> HttpRequest:
+    headers = [(n.decode(), v.decode()) for n, v in head.headers]
+    host = dict(headers)["host"]
+    return HttpRequest(head.method.decode(), f"http://{host}{head.target.decode()}", headers, body)
 
 
 def _encode(state: h11.Connection, response: HttpResponse) -> bytes:
@@ -132,10 +183,10 @@ def _encode(state: h11.Connection, response: HttpResponse) -> bytes:
 
 @asynccontextmanager
 async def local_server(
-    handler: Handler, *, ssl_context: SSLContext | None = None
+    handler: Handler, *, on_head: HeadHandler | None = None, ssl_context: SSLContext | None = None
 ) -> AsyncIterator[LocalServer]:
     """Serve ``handler`` on an ephemeral port until the block ends (HTTPS with a context)."""
-    server = LocalServer(handler)
+    server = LocalServer(handler, on_head)
     async with trio.open_nursery() as nursery:
         (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
         port = listener.socket.getsockname()[1]

@@ -1,5 +1,6 @@
 """The adapters' HTTP/1.1 pool against real local servers: reuse, bounds, dead keep-alive
-connections, failures, framing, size limit, TLS and the status mapping on top of it."""
+connections, no request sent twice, failures, framing, size limit, TLS and the status mapping
+on top of it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import datetime
 import ipaddress
 import ssl
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import trio
@@ -17,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from adapters._http import error_for_status, make_client, map_transport_errors
-from adapters._transport import ConnectionPool, HttpRequest, HttpResponse
+from adapters._transport import ConnectionPool, HttpRequest, HttpResponse, TransportError
 from gateway.core.errors import (
     AuthRejected,
     InvalidRequest,
@@ -31,6 +33,9 @@ from tests.support import wait_for
 
 PROVIDER = "prov"
 BODY = b'{"ok":true}'
+LARGE = 64 * 1024 * 1024
+"""A request body more than loopback's socket buffers hold: writing it blocks until the server
+reads, so a server that stops after the head makes the write itself fail."""
 
 
 async def send(client: ConnectionPool, request: HttpRequest) -> HttpResponse:
@@ -41,6 +46,20 @@ async def send(client: ConnectionPool, request: HttpRequest) -> HttpResponse:
 
 def get(url: str) -> HttpRequest:
     return HttpRequest("GET", f"{url}/thing")
+
+
+def post(url: str, body: bytes = BODY) -> HttpRequest:
+    return HttpRequest("POST", f"{url}/send", {"Content-Type": "application/json"}, body)
+
+
+def seen(calls: list[Call]) -> list[tuple[int, int]]:
+    """``(connection, index)`` per request the server saw."""
+    return [(c.connection, c.index) for c in calls]
+
+
+async def own_answer(call: Call) -> HttpResponse:
+    """An answer that names the request it answers."""
+    return HttpResponse(200, {}, f"{call.connection}.{call.index}".encode())
 
 
 class TestRequestsAndResponses:
@@ -115,22 +134,77 @@ class TestConnections:
 
     async def test_an_idle_connection_the_server_closed_is_replaced(self) -> None:
         async with local_server(answer()) as server, make_client(timeout_seconds=5) as client:
-            await send(client, get(server.url))
+            await send(client, post(server.url))
             await wait_for(lambda: server._idle != set(), what="the connection waits, idle")
             server.close_idle()
-            response = await send(client, get(server.url))
-        assert (200, 2) == (response.status_code, server.connections)
+            response = await send(client, post(server.url))
+        # found closed before use: the request went out once, on a new connection
+        assert 200 == response.status_code
+        assert [(1, 1), (2, 1)] == seen(server.calls) == seen(server.heads)
 
-    async def test_a_reused_connection_dropped_before_answering_is_retried_once(self) -> None:
+    @pytest.mark.parametrize(
+        ("then", "message"),
+        [("close", "closed before any answer"), ("reset", "failed before any answer")],
+    )
+    async def test_a_request_processed_on_a_reused_connection_is_not_sent_again(
+        self, then: Literal["close", "reset"], message: str
+    ) -> None:
+        """The server read the whole POST, may have acted on it, then closed or reset the
+        connection without answering. A POST is not idempotent: sending it again could send
+        the message twice, so the failure goes to the caller, whose retries are visible."""
+
         async def handler(call: Call) -> HttpResponse | Raw:
-            # as if the server's keep-alive timer fired just as the second request arrived
-            return Raw() if call.index == 2 else HttpResponse(200, {}, b"{}")
+            return (
+                Raw(then=then)
+                if (call.connection, call.index) == (1, 2)
+                else await own_answer(call)
+            )
 
         async with local_server(handler) as server, make_client(timeout_seconds=5) as client:
-            await send(client, get(server.url))
-            response = await send(client, get(server.url))
-        assert 200 == response.status_code
-        assert [(1, 1), (1, 2), (2, 1)] == [(c.connection, c.index) for c in server.calls]
+            await send(client, post(server.url))
+            with pytest.raises(ProviderUnavailable) as caught:
+                await send(client, post(server.url))
+            assert isinstance(caught.value.__cause__, TransportError)
+            assert f"prov: the connection {message}" == str(caught.value)
+            assert [(1, 1), (1, 2)] == seen(server.calls)  # received once, not again
+            # the caller's next attempt gets a new connection
+            assert b"2.1" == (await send(client, post(server.url))).content
+        assert [(1, 1), (1, 2), (2, 1)] == seen(server.calls)
+
+    @pytest.mark.parametrize("then", ["close", "reset"])
+    async def test_a_reused_connection_lost_while_writing_is_retried_once(
+        self, then: Literal["close", "reset"]
+    ) -> None:
+        """The server dropped the connection having read only the head: it did not get the
+        body, so it cannot have acted on the request, which goes again on a new connection."""
+
+        async def on_head(call: Call) -> Raw | None:
+            return Raw(then=then) if (call.connection, call.index) == (1, 2) else None
+
+        async with (
+            local_server(own_answer, on_head=on_head) as server,
+            make_client(timeout_seconds=30) as client,
+        ):
+            await send(client, post(server.url))
+            response = await send(client, post(server.url, b"x" * LARGE))
+        assert b"2.1" == response.content
+        assert [(1, 1), (1, 2), (2, 1)] == seen(server.heads)
+        assert [(1, 1), (2, 1)] == seen(server.calls)
+        assert LARGE == len(server.calls[-1].request.body)
+
+    async def test_a_request_lost_while_writing_twice_fails(self) -> None:
+        async def on_head(call: Call) -> Raw | None:
+            return Raw(then="reset") if call.request.headers["content-length"] != "11" else None
+
+        async with (
+            local_server(own_answer, on_head=on_head) as server,
+            make_client(timeout_seconds=30) as client,
+        ):
+            await send(client, post(server.url))
+            with pytest.raises(ProviderUnavailable, match="failed while sending the request"):
+                await send(client, post(server.url, b"x" * LARGE))
+        # once more on a new connection, not again: that connection failed as the first did
+        assert ([(1, 1), (1, 2), (2, 1)], [(1, 1)]) == (seen(server.heads), seen(server.calls))
 
     async def test_a_new_connection_dropped_before_answering_is_not_retried(self) -> None:
         async with (
@@ -155,6 +229,51 @@ class TestConnections:
             assert 200 == (await send(client, get(server.url))).status_code
         assert "prov: the connection closed mid-answer" == str(caught.value)
         assert [(1, 1), (1, 2), (2, 1)] == [(c.connection, c.index) for c in server.calls]
+
+    @pytest.mark.parametrize(
+        "extra",
+        [b'HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{"old":1}', b"garbage"],
+        ids=["a second response", "garbage"],
+    )
+    async def test_bytes_after_an_answer_are_never_read_as_the_next_answer(
+        self, extra: bytes
+    ) -> None:
+        """More bytes than the Content-Length in the same packet: h11 holds them, and the next
+        request on that connection would take them for its answer (every later answer one
+        request behind). The connection is dropped instead."""
+
+        async def handler(call: Call) -> HttpResponse | Raw:
+            if (call.connection, call.index) == (1, 1):
+                return Raw(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}" + extra, "serve")
+            return await own_answer(call)
+
+        async with local_server(handler) as server, make_client(timeout_seconds=5) as client:
+            assert b"{}" == (await send(client, post(server.url))).content
+            assert b"2.1" == (await send(client, post(server.url))).content
+            assert b"2.2" == (await send(client, post(server.url))).content
+        assert [(1, 1), (2, 1), (2, 2)] == seen(server.calls)
+
+    @pytest.mark.parametrize(
+        ("headers", "next_call"), [({}, b"1.2"), ({"Connection": "close"}, b"2.1")]
+    )
+    async def test_an_answer_before_the_body_was_read(
+        self, headers: dict[str, str], next_call: bytes
+    ) -> None:
+        """A 413 sent on the head alone: the connection is reused only if h11 saw both sides
+        finish (the server read the body after answering, and kept the connection)."""
+
+        async def on_head(call: Call) -> HttpResponse | None:
+            if (call.connection, call.index) == (1, 1):
+                return HttpResponse(413, headers, b'{"error":"too large"}')
+            return None
+
+        async with (
+            local_server(own_answer, on_head=on_head) as server,
+            make_client(timeout_seconds=5) as client,
+        ):
+            assert 413 == (await send(client, post(server.url))).status_code
+            assert next_call == (await send(client, post(server.url))).content
+        assert [] == [c for c in server.calls if (c.connection, c.index) == (1, 1)]
 
     async def test_connection_close_is_honoured(self) -> None:
         handler = answer(headers={"Connection": "close"})
