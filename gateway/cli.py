@@ -220,7 +220,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                     "cascadegw: shutting down (finishing in-flight requests and journal writes)",
                     flush=True,
                 )
-                await gateway.shutdown(grace_seconds=args.grace_seconds)
+                await embedded.shutdown(grace_seconds=args.grace_seconds)
 
     trio.run(serve)
     return 0

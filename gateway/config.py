@@ -20,6 +20,7 @@ imports the adapters; ``Secret`` and the sections adapters are handed live in
 from __future__ import annotations
 
 import enum
+import errno as errno_codes
 import ipaddress
 import itertools
 import re
@@ -558,8 +559,86 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+def listening_binds(config: GatewayConfig) -> list[tuple[str, str]]:
+    """The addresses the gateway listens on, by key: the public surface is ``public_bind``,
+    or ``webhook_bind`` when webhook processes serve it (the other one is then unused)."""
+    http = config.http
+    public = ("http.webhook_bind", http.webhook_bind) if http.webhook_processes else None
+    return [
+        ("ingest.bind", config.ingest.bind),
+        ("ingest.status_bind", config.ingest.status_bind),
+        ("http.bind", http.bind),
+        public or ("http.public_bind", http.public_bind),
+    ]
+
+
+_WILDCARD_HOSTS: Final = frozenset({"", "*", "0.0.0.0", "::"})  # noqa: S104 - naming, not binding
+_LOCALHOST: Final = frozenset({ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")})
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    """``tcp://host:port`` or ``host:port`` (``[::1]:8080``) as host and port; port 0 for
+    any free port (``*``) and for what is no TCP address (``ipc://``)."""
+    scheme, sep, rest = address.partition("://")
+    host, _, port = (rest if sep else address).rpartition(":")
+    if (sep and scheme != "tcp") or not port.isdigit():
+        return "", 0
+    return host.strip("[]"), int(port)
+
+
+def _host_ips(host: str) -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address] | None:
+    """The addresses a bind host stands for; None for a wildcard or a name we cannot tell."""
+    if host == "localhost":
+        return _LOCALHOST
+    if host in _WILDCARD_HOSTS:
+        return None
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None  # a host name or a ZeroMQ interface name: it may be any address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return frozenset({ip.ipv4_mapped})
+    return frozenset({ip})
+
+
+def binds_clash(first: str, second: str) -> bool:
+    """Whether two of the gateway's listeners would take the same socket: the same port, and
+    either host is a wildcard, or both name the same host (``localhost`` is ``127.0.0.1``; a
+    host name may be any address). Port 0 (ZeroMQ: ``*``) asks for a free port: never."""
+    (host_a, port_a), (host_b, port_b) = _host_port(first), _host_port(second)
+    if port_a == 0 or port_a != port_b:
+        return False
+    ips_a, ips_b = _host_ips(host_a), _host_ips(host_b)
+    return ips_a is None or ips_b is None or bool(ips_a & ips_b)
+
+
+def bind_holder(config: GatewayConfig, key: str, address: str) -> str | None:
+    """Which other of the gateway's own listeners takes ``address`` (``key``'s), if any."""
+    for other, other_address in listening_binds(config):
+        if other != key and binds_clash(address, other_address):
+            return other
+    return None
+
+
+def bind_error(
+    key: str, address: str, errno: int | None, reason: str, *, holder: str | None = None
+) -> ConfigError:
+    """One line naming a bind that failed, why, and the variable that moves it. ``holder`` is
+    the gateway's own listener on that address, when it is one (not another process)."""
+    env = f"{ENV_PREFIX}{key.upper().replace('.', '__')}"
+    if errno == errno_codes.EADDRINUSE:
+        who = f"this gateway's own {holder} takes it" if holder else "another process holds it"
+        hint = f"{who}; {'give one of them another port' if holder else 'stop it'} or set {env}"
+    elif errno == errno_codes.EACCES:
+        hint = f"ports below 1024 need privileges; use another port: set {env}"
+    else:
+        hint = f"set {env}"
+    return ConfigError(f"{key} = {address!r}: {reason.lower()} ({hint})")
+
+
 def _validate_binds(config: GatewayConfig) -> None:
-    """Every address the gateway binds has a host and a port from 0 to 65535."""
+    """Every address the gateway binds has a host and a port from 0 to 65535, and no two of
+    its listeners take the same socket."""
     binds = [
         ("ingest.bind", config.ingest.bind),
         ("ingest.status_bind", config.ingest.status_bind),
@@ -567,12 +646,6 @@ def _validate_binds(config: GatewayConfig) -> None:
         ("http.public_bind", config.http.public_bind),
         ("http.webhook_bind", config.http.webhook_bind),
     ]
-    # port 0 asks for any free port: two of those never collide
-    if config.http.public_bind == config.http.bind and not config.http.bind.endswith(":0"):
-        raise ConfigError(
-            f"http.public_bind = {config.http.public_bind!r} is also http.bind: the public "
-            "surface (webhooks, tracking links) has its own server; give it another port"
-        )
     for key, address in binds:
         scheme, sep, rest = address.partition("://")
         if sep and scheme in ("ipc", "inproc"):
@@ -586,6 +659,15 @@ def _validate_binds(config: GatewayConfig) -> None:
                 f"{key} = {address!r}: expected host:port with a port from 0 to 65535"
                 f"{' (tcp://host:port)' if key.startswith('ingest') else ''}; set it or {env}"
             )
+    listening = listening_binds(config)
+    for index, (key, address) in enumerate(listening):
+        for earlier, earlier_address in listening[:index]:
+            if binds_clash(address, earlier_address):
+                env = ENV_PREFIX + key.upper().replace(".", "__")
+                raise ConfigError(
+                    f"{key} = {address!r} takes the same port as {earlier} = "
+                    f"{earlier_address!r}: every listener needs its own port; set {env}"
+                )
 
 
 def _validate_exposure(config: GatewayConfig) -> None:

@@ -13,7 +13,6 @@ import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import msgspec
@@ -28,9 +27,16 @@ from adapters.viber import ViberAdapter
 from gateway.app import Gateway, open_gateway
 from gateway.clock import Clock
 from gateway.config import ENV_PREFIX, GatewayConfig, Secret
-from gateway.core.errors import ProviderError
+from gateway.core.errors import ConfigError, ProviderError
+from gateway.http import webhook_app
 from gateway.runtime.keyfile import link_secrets
-from gateway.runtime.workers import open_worker_pool
+from gateway.runtime.workers import (
+    ProcessKind,
+    ProcessRestarts,
+    ReportPipe,
+    Supervisor,
+    open_worker_pool,
+)
 
 log = structlog.get_logger("gateway.embedded")
 
@@ -56,6 +62,41 @@ async def _register_webhooks(adapters: Mapping[str, Adapter], gateway: Gateway) 
 class Embedded:
     gateway: Gateway
     simulators: dict[str, Simulator] = field(default_factory=dict)
+    webhooks: Supervisor | None = None
+    """The webhook processes (``http.webhook_processes``), when they serve the public surface."""
+    _readiness_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    async def shutdown(self, *, grace_seconds: float = 10.0) -> None:
+        """``Gateway.shutdown``, after which returning webhook processes no longer make the
+        gateway report ready."""
+        self._readiness_scope.cancel()
+        await self.gateway.shutdown(grace_seconds=grace_seconds)
+
+
+async def _track_readiness(
+    gateway: Gateway,
+    webhooks: Supervisor,
+    scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Not ready while fewer webhook processes serve than configured: the public surface
+    (delivery receipts, opt-outs) is short. Ready again once they all serve; it only restores
+    what it lowered, and ``Embedded.shutdown`` stops it first."""
+    wanted = len(webhooks.children)
+    lowered = False
+    with scope:
+        while True:
+            serving = webhooks.serving()
+            if serving < wanted and gateway.ready:
+                gateway.ready, lowered = False, True
+                log.warning("not_ready_webhook_processes", serving=serving, configured=wanted)
+            elif serving >= wanted and lowered:
+                gateway.ready, lowered = True, False
+                log.info("ready_webhook_processes", serving=serving, configured=wanted)
+            task_status.started()
+            task_status = trio.TASK_STATUS_IGNORED
+            await webhooks.wait_changed()
 
 
 def simulated_env(config: GatewayConfig) -> dict[str, str]:
@@ -116,6 +157,7 @@ async def open_embedded(
         for client in clients:
             await stack.enter_async_context(client)
         executor = None
+        restarts = ProcessRestarts()
         if workers:
             if config_path is None:
                 raise ValueError("worker processes need the config file path")
@@ -129,10 +171,12 @@ async def open_embedded(
                     config_path=config_path,
                     environ=worker_environ,
                     run_dir=Path(config.store.path).parent / "run",
+                    restarts=restarts,
                 )
             )
 
         events_endpoint = None
+        webhooks: Supervisor | None = None
         link_keys: list[bytes] | None = None  # open_gateway's own, after the journal opened
         if config.http.webhook_processes:
             journal_is_new = not await trio.Path(config.store.path).exists()
@@ -159,11 +203,19 @@ async def open_embedded(
                 ),
                 f"{ENV_PREFIX}HTTP__PUBLIC_URL": json.dumps(config.http.public_url),
             }
-            command = [sys.executable, "-m", "gateway.http.webhook_app"]
-            for _ in range(config.http.webhook_processes):
-                nursery.start_soon(
-                    partial(trio.run_process, command, env=webhook_environ, check=False)
-                )
+            webhooks = Supervisor(
+                ProcessKind.WEBHOOK,
+                [sys.executable, "-m", "gateway.http.webhook_app"],
+                webhook_environ,
+                count=config.http.webhook_processes,
+                restarts=restarts,
+                report=ReportPipe(webhook_app.REPORT_FD_ENV, webhook_app.SERVING),
+            )
+            # each has bound (or failed to) before the router binds its own sockets
+            await nursery.start(webhooks.run)
+            failures = [child.failure for child in webhooks.children if child.failure]
+            if failures:  # e.g. http.webhook_bind in use: one line, exit 2 (the CLI)
+                raise ConfigError(failures[0])
 
         gateway = await stack.enter_async_context(
             open_gateway(
@@ -181,5 +233,9 @@ async def open_embedded(
             simulator.webhook_url = gateway.links.webhook_url(name)
             if isinstance(simulator, FcmSimulator):
                 simulator.ingest_endpoint = gateway.ingest_endpoint
+        gateway.registry.register(restarts)
+        embedded = Embedded(gateway, simulators, webhooks)
+        if webhooks is not None:
+            await nursery.start(_track_readiness, gateway, webhooks, embedded._readiness_scope)
         await _register_webhooks(adapters, gateway)
-        yield Embedded(gateway, simulators)
+        yield embedded

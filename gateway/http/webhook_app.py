@@ -10,12 +10,16 @@ time gets the webhook answered 503: providers retry, nothing is lost or applied 
 
 The process learns its wiring from the environment the router starts it with:
 ``CASCADEGW_CONFIG`` (config path), ``CASCADEGW_EVENTS`` (the router's event endpoint),
-``CASCADEGW__TRACKING__SECRET`` and the providers' secrets.
+``CASCADEGW__TRACKING__SECRET`` and the providers' secrets. The router supervises the processes
+(``gateway.runtime.workers.Supervisor``): each writes ``serving`` on the descriptor named by
+``CASCADEGW_REPORT_FD`` once it listens, or the one-line reason it cannot bind (and exits 2).
 """
 
 from __future__ import annotations
 
 import os
+from functools import partial
+from typing import Final
 
 import trio
 import zmq
@@ -23,9 +27,9 @@ import zmq
 from gateway import inbound
 from gateway.client import AsyncClient, ClientError, open_client
 from gateway.clock import wall_time
-from gateway.config import load_config, tracking_secrets
+from gateway.config import bind_error, bind_holder, load_config, tracking_secrets
 from gateway.http.public import health_routes, public_limits, public_routes
-from gateway.httpserver import Router, Server
+from gateway.httpserver import Router, Server, open_listeners, split_bind
 from gateway.inbound import Inbound, SinkFull
 from gateway.tracking import LinkSigner
 
@@ -61,6 +65,12 @@ class RemoteSink:
         return self.client
 
 
+REPORT_FD_ENV: Final = "CASCADEGW_REPORT_FD"
+"""The descriptor the router reads this process's reports on: ``serving`` once it listens,
+else one line saying why it cannot."""
+SERVING: Final = "serving"
+
+
 async def serve() -> None:
     """One webhook process: the public routes on ``http.webhook_bind``, shared with the other
     processes (``SO_REUSEPORT``: the kernel spreads connections among them)."""
@@ -77,6 +87,21 @@ async def serve() -> None:
         click_ttl_seconds=config.tracking.click_ttl_seconds,
         unsubscribe_ttl_seconds=config.tracking.unsubscribe_ttl_seconds,
     )
+    bind = config.http.webhook_bind
+    try:  # first: a process that cannot listen says why and exits, connected to nothing
+        listeners = await open_listeners(bind, reuse_port=True)
+    except OSError as exc:
+        error = bind_error(
+            "http.webhook_bind",
+            bind,
+            exc.errno,
+            exc.strerror or str(exc),
+            holder=bind_holder(config, "http.webhook_bind", bind),
+        )
+        _report(str(error))  # the router fails its start with this line
+        raise SystemExit(2) from exc
+    host, port = split_bind(bind)
+    url = f"http://{host}:{listeners[0].socket.getsockname()[1] if port == 0 else port}"
     sink = RemoteSink()
     # a little over the router's own wait, so its "busy" arrives before our timeout
     timeout_seconds = config.http.durable_wait_seconds + 2.0
@@ -90,7 +115,16 @@ async def serve() -> None:
             *[route for route in health_routes(lambda: True) if route.pattern == "/healthz"],
         ]
         server = Server(Router(routes), public_limits(config.http), name="webhooks")
-        await server.serve(config.http.webhook_bind, reuse_port=True)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(server.serve_listeners, listeners, url=url))
+            _report(SERVING)
+
+
+def _report(line: str) -> None:
+    """A line to the router on the descriptor it passed (``REPORT_FD_ENV``), if any."""
+    fd = os.environ.get(REPORT_FD_ENV)
+    if fd is not None:
+        os.write(int(fd), line.replace("\n", " ").encode() + b"\n")
 
 
 def main() -> None:

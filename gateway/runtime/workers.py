@@ -7,17 +7,24 @@ metrics stay complete without a multiprocess metrics directory. A worker (``casc
 runs jobs concurrently up to ``--concurrency``; the router's per-provider concurrency limits
 bound what is in flight in total.
 
+``Supervisor`` keeps child processes running, the workers here and the webhook processes
+(``gateway.embedded``): one that exits is restarted after a growing delay and counted in
+``gateway_process_restarts_total``.
+
 Socket ownership (``gateway.runtime.zmqio``): on each side one task owns the PUSH socket (fed by
 a memory channel) and one task owns the PULL socket.
 """
 
 from __future__ import annotations
 
+import enum
 import itertools
 import os
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +32,7 @@ import msgspec
 import structlog
 import trio
 import zmq
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from adapters import Adapter, Outgoing, SendReceipt
 from gateway.clock import perf_seconds
@@ -117,6 +125,193 @@ def rebuild_error(result: WorkerResult, provider: str) -> ProviderError:
     return error
 
 
+# ---------------------------------------------------------------- supervision
+class ProcessKind(enum.StrEnum):
+    """The child processes the router keeps running (the ``process`` label)."""
+
+    DISPATCH_WORKER = "dispatch_worker"
+    WEBHOOK = "webhook"
+
+
+class ProcessRestarts:
+    """``gateway_process_restarts_total{process}``: child processes started again after they
+    exited. A collector, because children start before the router's registry exists
+    (``register`` it there once it does); every kind's series exists from the start at 0."""
+
+    def __init__(self) -> None:
+        self.counts: dict[ProcessKind, int] = dict.fromkeys(ProcessKind, 0)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "gateway_process_restarts",
+            "Child processes (dispatch workers, webhook processes) restarted after they exited.",
+            labels=["process"],
+        )
+        for kind, count in self.counts.items():
+            family.add_metric([kind.value], count)
+        yield family
+
+
+def restart_delay(
+    previous: float | None,
+    ran_seconds: float,
+    *,
+    initial: float = 0.5,
+    maximum: float = 30.0,
+    stable_seconds: float = 10.0,
+) -> float:
+    """How long to wait before starting a process again: ``initial`` after one that ran for
+    ``stable_seconds`` or more, twice the last delay (up to ``maximum``) after one that died
+    younger, so a process that dies at once on start does not spin."""
+    if previous is None or ran_seconds >= stable_seconds:
+        return initial
+    return min(previous * 2.0, maximum)
+
+
+@dataclass(frozen=True)
+class ReportPipe:
+    """How a supervised child reports in: the environment variable naming its descriptor, and
+    the line it writes there once it serves (any other line is a failure)."""
+
+    env: str
+    serving: str
+
+
+@dataclass
+class Child:
+    """One supervised slot, as the router sees it."""
+
+    pid: int | None = None
+    serving: bool = False
+    """Running and, with a report descriptor, reported ``serving``."""
+    failure: str | None = None
+    """The last other line it reported (e.g. why it could not bind); cleared by ``serving``."""
+    exits: int = 0
+
+
+class Supervisor:
+    """Keeps ``count`` copies of ``command`` running: one that exits is logged with its exit
+    code, counted in ``restarts`` and started again after ``restart_delay``.
+
+    With ``report``, each child gets a pipe's write end, its descriptor number in
+    ``report.env``, and writes lines on it: ``report.serving`` once it serves, anything else
+    as a failure (``Child.failure``). Without, a running child counts as serving.
+    """
+
+    def __init__(
+        self,
+        kind: ProcessKind,
+        command: Sequence[str],
+        environ: Mapping[str, str],
+        *,
+        count: int,
+        restarts: ProcessRestarts,
+        report: ReportPipe | None = None,
+    ) -> None:
+        self.kind = kind
+        self.command = list(command)
+        self.environ = dict(environ)
+        self.children = [Child() for _ in range(count)]
+        self.restarts = restarts
+        self.report = report
+        self._changed = trio.Event()
+
+    def serving(self) -> int:
+        return sum(child.serving for child in self.children)
+
+    async def wait_changed(self) -> None:
+        """Until a child starts or stops serving, reports a failure or exits."""
+        await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Supervise until cancelled (children are terminated then); ``started`` once every
+        child has served, reported a failure or exited once."""
+        firsts = [trio.Event() for _ in self.children]
+        async with trio.open_nursery() as nursery:
+            for child, first in zip(self.children, firsts, strict=True):
+                nursery.start_soon(self._keep, child, first)
+            for first in firsts:
+                await first.wait()
+            task_status.started()
+
+    async def _keep(self, child: Child, first: trio.Event) -> None:
+        delay: float | None = None
+        while True:
+            started = trio.current_time()
+            returncode = await self._attempt(child, first)
+            child.exits += 1
+            first.set()
+            delay = restart_delay(delay, trio.current_time() - started)
+            log.warning(
+                "child_process_exited",
+                process=self.kind.value,
+                pid=child.pid,
+                returncode=returncode,
+                restart_in_seconds=delay,
+            )
+            self._notify()
+            await trio.sleep(delay)
+            self.restarts.counts[self.kind] += 1
+
+    async def _attempt(self, child: Child, first: trio.Event) -> int:
+        environ = dict(self.environ)
+        read_fd: int | None = None
+        write_fd: int | None = None
+        if self.report is not None:
+            read_fd, write_fd = os.pipe()
+            environ[self.report.env] = str(write_fd)
+        try:
+            async with trio.open_nursery() as nursery:
+                process: trio.Process = await nursery.start(
+                    partial(
+                        trio.run_process,
+                        self.command,
+                        env=environ,
+                        check=False,
+                        pass_fds=() if write_fd is None else (write_fd,),
+                    )
+                )
+                child.pid = process.pid
+                if write_fd is None or read_fd is None:
+                    child.serving = True
+                    first.set()
+                    self._notify()
+                else:
+                    os.close(write_fd)  # the child's copy alone: EOF once it exits
+                    write_fd = None
+                    stream = trio.lowlevel.FdStream(read_fd)
+                    read_fd = None
+                    async with stream:
+                        await self._read_reports(stream, child, first)
+            return process.returncode if process.returncode is not None else -1
+        finally:
+            child.serving = False  # exited, or cancelled: run_process has ended it
+            for fd in (read_fd, write_fd):
+                if fd is not None:
+                    os.close(fd)
+
+    async def _read_reports(
+        self, stream: trio.lowlevel.FdStream, child: Child, first: trio.Event
+    ) -> None:
+        buffer = b""
+        while chunk := await stream.receive_some():
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                text = line.decode(errors="replace").strip()
+                if self.report is not None and text == self.report.serving:
+                    child.serving, child.failure = True, None
+                else:
+                    child.failure = text
+                    log.warning("child_process_failed", process=self.kind.value, reason=text)
+                first.set()
+                self._notify()
+
+
 # ---------------------------------------------------------------- router side
 class WorkerPool:
     """An ``Executor`` that sends each request to a worker process."""
@@ -171,6 +366,7 @@ async def open_worker_pool(
     environ: Mapping[str, str],
     run_dir: Path,
     concurrency: int = 256,
+    restarts: ProcessRestarts | None = None,
 ) -> AsyncIterator[WorkerPool]:
     """Start ``workers`` worker processes and a pool feeding them; stop them on exit."""
     await trio.Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -199,9 +395,16 @@ async def open_worker_pool(
                 "--concurrency",
                 str(concurrency),
             ]
+            # a worker that dies is restarted: the router's retries cover its in-flight requests
+            supervisor = Supervisor(
+                ProcessKind.DISPATCH_WORKER,
+                command,
+                environ,
+                count=workers,
+                restarts=restarts if restarts is not None else ProcessRestarts(),
+            )
             async with trio.open_nursery() as nursery:
-                for _ in range(workers):
-                    nursery.start_soon(_run_worker, command, dict(environ))
+                await nursery.start(supervisor.run)
                 await nursery.start(pool.serve)
                 try:
                     yield pool
@@ -209,14 +412,6 @@ async def open_worker_pool(
                     nursery.cancel_scope.cancel()
     finally:
         context.term()
-
-
-async def _run_worker(command: list[str], environ: dict[str, str]) -> None:
-    # a worker that dies is restarted: the router's retries cover its in-flight requests
-    while True:
-        process = await trio.run_process(command, env=environ, check=False)
-        log.warning("dispatch_worker_exited", returncode=process.returncode)
-        await trio.sleep(1.0)
 
 
 # ---------------------------------------------------------------- worker side

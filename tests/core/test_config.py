@@ -605,6 +605,55 @@ class TestEnvironment:
         assert message.startswith(f"{dotted} = {value!r}: expected host:port")
         assert f"CASCADEGW__{key}" in message
 
+    @pytest.mark.parametrize(
+        ("overrides", "key", "other"),
+        [
+            # the default admin bind is 127.0.0.1:8080, ingest tcp://127.0.0.1:5555
+            ({"HTTP__PUBLIC_BIND": "127.0.0.1:8080"}, "http.public_bind", "http.bind"),
+            ({"HTTP__PUBLIC_BIND": "localhost:8080"}, "http.public_bind", "http.bind"),
+            ({"HTTP__PUBLIC_BIND": "0.0.0.0:8080"}, "http.public_bind", "http.bind"),
+            ({"HTTP__PUBLIC_BIND": "127.0.0.1:5555"}, "http.public_bind", "ingest.bind"),
+            ({"HTTP__BIND": "[::]:5556"}, "http.bind", "ingest.status_bind"),
+            ({"INGEST__STATUS_BIND": "tcp://*:5555"}, "ingest.status_bind", "ingest.bind"),
+            (
+                {"HTTP__WEBHOOK_PROCESSES": "1", "HTTP__WEBHOOK_BIND": "127.0.0.1:8080"},
+                "http.webhook_bind",
+                "http.bind",
+            ),
+            (
+                {"HTTP__WEBHOOK_PROCESSES": "2", "HTTP__WEBHOOK_BIND": "gw.internal:5555"},
+                "http.webhook_bind",
+                "ingest.bind",
+            ),
+        ],
+    )
+    def test_two_listeners_on_one_port_are_refused(
+        self, overrides: dict[str, str], key: str, other: str
+    ) -> None:
+        message = error_of(GATEWAY_TOML, {f"CASCADEGW__{k}": v for k, v in overrides.items()})
+        assert "takes the same port as" in message
+        assert message.startswith(f"{key} = ")
+        assert f"{other} = " in message
+        assert f"CASCADEGW__{key.upper().replace('.', '__')}" in message
+        assert "\n" not in message
+
+    @pytest.mark.parametrize(
+        "overrides",
+        [
+            {"HTTP__PUBLIC_BIND": "127.0.0.2:8080"},  # another address, the same port
+            {"HTTP__PUBLIC_BIND": "[::1]:8080"},
+            {"HTTP__BIND": "127.0.0.1:0", "HTTP__PUBLIC_BIND": "127.0.0.1:0"},  # any free port
+            {"INGEST__BIND": "tcp://127.0.0.1:*", "INGEST__STATUS_BIND": "tcp://127.0.0.1:*"},
+            {"INGEST__BIND": "ipc:///run/cascadegw/8080"},
+            # webhook processes serve the public surface: public_bind is unused, and the
+            # other way round
+            {"HTTP__WEBHOOK_PROCESSES": "1", "HTTP__PUBLIC_BIND": "127.0.0.1:8080"},
+            {"HTTP__WEBHOOK_BIND": "127.0.0.1:8080"},
+        ],
+    )
+    def test_listeners_on_distinct_sockets_pass(self, overrides: dict[str, str]) -> None:
+        load_config(GATEWAY_TOML, {f"CASCADEGW__{k}": v for k, v in overrides.items()})
+
 
 FILE_SECRETS: list[tuple[bytes, str]] = [
     (

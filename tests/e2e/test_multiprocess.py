@@ -3,6 +3,10 @@ the same cascade as single-process mode, and one scrape of the router sees every
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +14,7 @@ import httpx
 import pytest
 import trio
 
-from bench.harness import Metrics
+from bench.harness import Metrics, descendants
 from gateway.client import Client, send_request
 from tests.e2e.processes import GatewayProcess, free_port, wait_finished
 
@@ -138,3 +142,74 @@ async def test_workers_and_webhook_processes_run_the_same_cascade(tmp_path: Path
     )
     assert (durations or 0) >= 30
     assert 30 == metrics.sample("gateway_sends_total", channel="push", provider="fcm1", result="ok")
+
+
+def webhook_pids(gateway: GatewayProcess) -> list[int]:
+    """The gateway's webhook processes (``python -m gateway.http.webhook_app``)."""
+    assert gateway.process is not None
+    found = []
+    for pid in descendants(gateway.process.pid):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # exited meanwhile
+        if b"gateway.http.webhook_app" in command:
+            found.append(pid)
+    return found
+
+
+def answers(url: str) -> int | None:
+    """The status of a GET of ``url`` now; None while nothing listens."""
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.HTTPError:
+        return None
+
+
+async def poll_until(condition: Callable[[], bool], what: str, timeout_seconds: float = 30) -> None:
+    """Until ``condition()`` (a blocking probe, run in a thread) holds. Polls every 20 ms: the
+    window it must catch (a restart's backoff) is half a second."""
+    with trio.fail_after(timeout_seconds):
+        while not await trio.to_thread.run_sync(condition):  # noqa: ASYNC110 - another process
+            await trio.sleep(0.02)
+    assert condition(), what
+
+
+async def test_a_killed_webhook_process_is_restarted_and_readiness_follows(
+    tmp_path: Path,
+) -> None:
+    """kill -9 the only webhook process: /readyz says not ready until a new one serves the
+    public port again; the restart is counted."""
+    http_port, webhook_port, ingest_port, status_port = (free_port() for _ in range(4))
+    config_path = tmp_path / "gateway.toml"
+    config_path.write_text(
+        config_text(tmp_path, http_port, webhook_port, ingest_port, status_port)
+        .replace("webhook_processes = 2", "webhook_processes = 1")
+        .replace("workers = 2", "workers = 0")
+    )
+    admin = f"http://127.0.0.1:{http_port}"
+    public = f"http://127.0.0.1:{webhook_port}/healthz"
+    gateway = GatewayProcess(config_path, {}, admin)
+    await gateway.start()
+    try:
+        assert 200 == answers(public)
+        (first,) = webhook_pids(gateway)
+        os.kill(first, signal.SIGKILL)
+        await poll_until(lambda: answers(f"{admin}/readyz") == 503, "not ready once it died")
+        await poll_until(lambda: answers(public) == 200, "the public port answers again")
+        await poll_until(lambda: answers(f"{admin}/readyz") == 200, "ready again")
+        (second,) = webhook_pids(gateway)
+        async with httpx.AsyncClient() as http:
+            metrics = Metrics.parse((await http.get(f"{admin}/metrics")).text)
+    finally:
+        exit_code = await gateway.stop()
+    assert 0 == exit_code
+    assert first != second
+    assert 1 == metrics.sample("gateway_process_restarts_total", process="webhook")
+    assert 0 == metrics.sample("gateway_process_restarts_total", process="dispatch_worker")
+    exits = [
+        json.loads(line)
+        for line in gateway.log_path.read_text().splitlines()
+        if "child_process_exited" in line
+    ]
+    assert [("webhook", first, -9)] == [(e["process"], e["pid"], e["returncode"]) for e in exits]

@@ -114,6 +114,52 @@ class TestOneLineErrors:
         assert "address already in use" in line
         assert key in line
 
+    def test_a_webhook_bind_on_the_admin_port(self, tmp_path: Path) -> None:
+        """The reviewer's case: check-config and run refuse it, before anything listens."""
+        ports = free_ports(tmp_path)
+        ports["CASCADEGW__HTTP__WEBHOOK_PROCESSES"] = "1"
+        ports["CASCADEGW__HTTP__WEBHOOK_BIND"] = f'"{ports["CASCADEGW__HTTP__BIND"]}"'
+        for command in ("check-config", "run"):
+            line = one_line_exit_2(run([command], tmp_path, ports))
+            assert "http.webhook_bind" in line
+            assert "takes the same port as http.bind" in line
+            assert "CASCADEGW__HTTP__WEBHOOK_BIND" in line
+
+    @pytest.mark.parametrize(
+        ("key", "value"),
+        [
+            ("CASCADEGW__HTTP__PUBLIC_BIND", "localhost:{http}"),
+            ("CASCADEGW__HTTP__PUBLIC_BIND", "0.0.0.0:{http}"),
+            ("CASCADEGW__HTTP__PUBLIC_BIND", "127.0.0.1:{ingest}"),
+        ],
+    )
+    def test_a_public_bind_on_another_listeners_port(
+        self, key: str, value: str, tmp_path: Path
+    ) -> None:
+        ports = free_ports(tmp_path)
+        http = ports["CASCADEGW__HTTP__BIND"].rsplit(":", 1)[1]
+        ingest = ports["CASCADEGW__INGEST__BIND"].rsplit(":", 1)[1]
+        ports[key] = value.format(http=http, ingest=ingest)
+        line = one_line_exit_2(run(["check-config"], tmp_path, ports))
+        assert "takes the same port as" in line
+        assert key in line
+
+    def test_a_webhook_process_that_cannot_bind_fails_the_start(self, tmp_path: Path) -> None:
+        with socket.socket() as taken:  # another process's listener (no SO_REUSEPORT)
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            ports = free_ports(tmp_path)
+            ports["CASCADEGW__HTTP__WEBHOOK_PROCESSES"] = "2"
+            ports["CASCADEGW__HTTP__WEBHOOK_BIND"] = f'"127.0.0.1:{port}"'
+            done = run(["run"], tmp_path, ports)
+            line = one_line_exit_2(done)
+        assert "listening" not in done.stdout
+        assert line.startswith(f"cascadegw: http.webhook_bind = '127.0.0.1:{port}': ")
+        assert "address already in use" in line
+        assert "another process holds it" in line
+        assert "CASCADEGW__HTTP__WEBHOOK_BIND" in line
+
     def test_a_bad_config_value(self, tmp_path: Path) -> None:
         config = tmp_path / "bad.toml"
         config.write_bytes(default_config_bytes().replace(b"percent = 5.0", b"percent = 500.0"))
