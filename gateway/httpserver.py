@@ -8,8 +8,17 @@ pattern (``/t/c/{token}``) to ``async def handler(Request) -> Response``.
 
 Every request is bounded, because the clients are anyone on the internet:
 
+- framing: a request with both ``Content-Length`` and ``Transfer-Encoding`` is answered 400 and
+  the connection closed (RFC 9112 section 6.1: the two framings disagree, and whatever follows
+  the body could be run as a smuggled second request);
 - body: a declared ``Content-Length`` over the route's limit is answered 413 before a byte is
   read; a chunked body that grows past it is answered 413 while it is read;
+- work per body, whatever its decoded size: a body that arrives in more than
+  ``64 + limit / 256`` pieces (chunks, or reads of a ``Content-Length`` body) is answered 400,
+  and one whose bytes on the wire (chunk headers and extensions included; not counting the
+  read that brought the head) pass ``2 * limit + 64 KiB`` is answered 413, both at once and
+  closing; 1-byte chunks would
+  otherwise cost about 5 us of parsing per body byte (5 s of CPU for a 1 MiB webhook);
 - headers: a request head over ``max_header_bytes`` is answered 431 (h11 stops buffering);
 - time: a request head or body that does not arrive within ``read_timeout_seconds`` is
   answered 408 and the connection closed; an idle keep-alive connection is closed after the
@@ -19,7 +28,11 @@ Every request is bounded, because the clients are anyone on the internet:
   is answered 503 at once, except ``uncapped_paths`` (health checks: cheap, and they must
   answer most when the server is busiest); a request gives its slot back when its response
   starts;
-- connections at once: past ``max_connections`` a new connection is answered 503 and closed.
+- connections at once: past ``max_connections`` a new connection is answered 503 and closed,
+  before its request is read, so health checks get that 503 too. ``fit_connections_to_fd_limit``
+  makes sure the cap can answer before the process runs out of file descriptors;
+- out of descriptors anyway (``EMFILE`` from accept): logged once per burst, without a
+  traceback, and accept is retried after a pause growing from 0.1 s to 1 s.
 
 A malformed request gets 400, a handler that raises gets 500; neither answer carries a
 traceback, and the log line names the route pattern and the exception type only (a path, a
@@ -30,11 +43,14 @@ It imports nothing of the gateway's runtime, so the simulators (``adapters``) ma
 
 from __future__ import annotations
 
+import errno
 import json
 import re
+import resource
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any, Final
 from urllib.parse import parse_qsl, quote, unquote
 
@@ -51,7 +67,33 @@ much before closing: closing with unread data makes the kernel send a reset, whi
 the answer before the client has read it."""
 _DRAIN_SECONDS: Final = 2.0
 
+_BODY_PIECES_FLOOR: Final = 64
+_BODY_BYTES_PER_PIECE: Final = 256
+"""A body may arrive in at most ``_BODY_PIECES_FLOOR + limit // _BODY_BYTES_PER_PIECE`` pieces
+(h11 ``Data`` events: one per chunk, or per read of a ``Content-Length`` body): real clients
+send chunks of kilobytes, and TCP segments carry over 500 bytes."""
+_BODY_WIRE_FACTOR: Final = 2
+"""A body's bytes on the wire may be at most this times the route's limit plus one read
+(``_RECEIVE_BYTES``, which may carry pipelined requests after the body's end). Counted from the
+first read after the head: what came in the same read as the head (at most one read) is not."""
+
+_MAX_REFUSING: Final = 32
+"""Refused connections that may drain at once (and hold a descriptor while they do)."""
+
+_ACCEPT_PAUSE_SECONDS: Final = 0.1
+_ACCEPT_MAX_PAUSE_SECONDS: Final = 1.0
+
+FD_RESERVE: Final = 256
+"""File descriptors kept out of the connection cap (``fit_connections_to_fd_limit``): the
+journal (SQLite's database, WAL and shared memory), ZeroMQ (its sockets, internal signalling
+pairs, and one descriptor per connected CRM or webhook process), the admin server's
+connections, the providers' connection pools (``concurrency`` each, 64 by default), trio's
+wake-up pipe and epoll, logs and stdio, and up to ``_MAX_REFUSING`` (32) connections
+being refused past the cap. 256 covers a few providers at their default pools and
+some tens of CRM and admin connections; a process whose limit is tiny keeps half of it."""
+
 _REASONS: Final = {
+    100: b"Continue",
     200: b"OK",
     204: b"No Content",
     302: b"Found",
@@ -68,8 +110,22 @@ _REASONS: Final = {
     429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
+    501: b"Not Implemented",
     503: b"Service Unavailable",
 }
+
+
+def reason(status: int) -> bytes:
+    """The standard reason phrase (``Content Too Large``: RFC 9110's, on every Python)."""
+    known = _REASONS.get(status)
+    if known is not None:
+        return known
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b"Unknown"
+
+
 TEXT: Final = "text/plain; charset=utf-8"
 HTML: Final = "text/html; charset=utf-8"
 JSON: Final = "application/json"
@@ -210,6 +266,54 @@ class Limits:
     uncapped_paths: frozenset[str] = frozenset({"/healthz", "/readyz"})
 
 
+def body_budget(limit: int) -> tuple[int, int]:
+    """The most pieces (h11 ``Data`` events) and bytes on the wire a body under ``limit`` may
+    take: the parsing work a request costs, whatever its decoded size."""
+    pieces = _BODY_PIECES_FLOOR + limit // _BODY_BYTES_PER_PIECE
+    return pieces, _BODY_WIRE_FACTOR * limit + _RECEIVE_BYTES
+
+
+def connection_cap(wanted: int, fd_limit: int, reserve: int = FD_RESERVE) -> int:
+    """How many connections a server may hold when the process may open ``fd_limit``
+    descriptors (``resource.RLIM_INFINITY``: no limit), keeping ``reserve`` for everything
+    else; at most ``wanted``, at least 1. A limit under twice the reserve keeps half of it."""
+    if fd_limit == resource.RLIM_INFINITY:
+        return wanted
+    kept = min(reserve, fd_limit // 2)
+    return max(1, min(wanted, fd_limit - kept))
+
+
+def fit_connections_to_fd_limit(wanted: int, *, reserve: int = FD_RESERVE, name: str = "") -> int:
+    """The connection cap to serve with: raises the soft ``RLIMIT_NOFILE`` toward the hard one
+    as far as ``wanted + reserve`` needs; if that is still short, a lower cap
+    (``connection_cap``) and one warning naming both numbers. Past the descriptor limit the cap
+    could never answer its 503: accept would fail instead, and every other socket and file of
+    the process with it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = wanted + reserve
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        if target > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            except (ValueError, OSError):
+                pass  # some platforms refuse what getrlimit reports; keep the soft limit
+            else:
+                soft = target
+    cap = connection_cap(wanted, soft, reserve)
+    if cap < wanted:
+        log.warning(
+            "http_connection_cap_lowered",
+            server=name,
+            max_connections=wanted,
+            effective_max_connections=cap,
+            fd_limit=soft,
+            fd_hard_limit=hard,
+            reserve=min(reserve, soft // 2),
+        )
+    return cap
+
+
 class _Answered(Exception):
     """Raised inside a connection to answer at once and close (408, 413, 431, ...)."""
 
@@ -231,6 +335,10 @@ class Server:
         """Names this server in log lines (``public``, ``simulator:sendgrid1``)."""
         self.connections = 0
         self.active_requests = 0
+        self.accept_failures = 0
+        self.refusing = 0
+        """Refused connections (past ``max_connections``) still draining."""
+        """Accepts that failed (``EMFILE`` and the like) since the server started."""
 
     async def serve(
         self,
@@ -264,21 +372,46 @@ class Server:
 
     async def _accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         async with listener:
+            failures = 0
             while True:
                 try:
                     stream = await listener.accept()
                 except OSError as exc:
-                    # out of descriptors (EMFILE) or memory: wait for some to be freed
-                    # rather than crash the server; the connection cap should prevent it
-                    log.warning("http_accept_failed", server=self.name, errno=exc.errno)
-                    await trio.sleep(0.1)
+                    # out of descriptors (EMFILE) or memory: wait for some to be freed rather
+                    # than crash the server (fit_connections_to_fd_limit should prevent it);
+                    # once per burst, no traceback: a flood must not flood the log as well
+                    if failures == 0:
+                        log.warning(
+                            "http_accept_failing",
+                            server=self.name,
+                            error=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
+                        )
+                    failures += 1
+                    self.accept_failures += 1
+                    await trio.sleep(
+                        min(
+                            _ACCEPT_PAUSE_SECONDS * 2 ** min(failures - 1, 8),
+                            _ACCEPT_MAX_PAUSE_SECONDS,
+                        )
+                    )
                     continue
+                if failures:
+                    log.info("http_accept_recovered", server=self.name, failures=failures)
+                    failures = 0
                 nursery.start_soon(self._connection, stream)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         if self.connections >= self.limits.max_connections:
-            async with stream:
-                await _refuse(stream, self.limits.read_timeout_seconds)
+            # a refusal holds its descriptor while it drains: past _MAX_REFUSING of those at
+            # once the 503 is sent without waiting and the socket closed, so a flood costs
+            # at most max_connections + _MAX_REFUSING descriptors
+            lingering = self.refusing < _MAX_REFUSING
+            self.refusing += lingering
+            try:
+                async with stream:
+                    await _refuse(stream, self.limits.read_timeout_seconds, linger=lingering)
+            finally:
+                self.refusing -= lingering
             return
         self.connections += 1
         try:
@@ -292,8 +425,9 @@ class Server:
             self.connections -= 1
 
 
-async def _refuse(stream: trio.SocketStream, timeout_seconds: float) -> None:
-    """Past the connection cap: 503 without reading the request, then close."""
+async def _refuse(stream: trio.SocketStream, timeout_seconds: float, *, linger: bool) -> None:
+    """Past the connection cap: 503 without reading the request, then close; with ``linger``,
+    after draining what the client sends (see ``_DRAIN_BYTES``), else at once."""
     message = b"too many connections, retry later"
     head = (
         b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
@@ -301,8 +435,10 @@ async def _refuse(stream: trio.SocketStream, timeout_seconds: float) -> None:
     )
     with trio.move_on_after(min(timeout_seconds, _DRAIN_SECONDS)):
         try:
+            # a fresh socket's send buffer takes this at once: only the drain may wait
             await stream.send_all(head + message)
-            await _drain(stream)
+            if linger:
+                await _drain(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
 
@@ -339,6 +475,8 @@ class _Connection:
         self.conn = h11.Connection(
             h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes
         )
+        self.received = 0
+        """Bytes read from the client so far."""
 
     async def run(self) -> None:
         while True:
@@ -349,7 +487,10 @@ class _Connection:
                 return
             except h11.RemoteProtocolError as exc:
                 status = exc.error_status_hint
-                message = "request headers too large" if status == 431 else "malformed request"
+                message = {
+                    431: "request headers too large",
+                    501: "unsupported transfer coding",
+                }.get(status, "malformed request")
                 await self._answer_and_close(_Answered(status, message))
                 return
             if not keep_alive:
@@ -367,6 +508,7 @@ class _Connection:
                 return event
             with trio.move_on_at(deadline):
                 data = await self.stream.receive_some(_RECEIVE_BYTES)
+                self.received += len(data)
                 self.conn.receive_data(data)
                 continue
             if idle and self.conn.their_state is h11.IDLE and not self.conn.trailing_data[0]:
@@ -388,6 +530,10 @@ class _Connection:
         size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
         if size > limits.max_header_bytes:
             raise _Answered(431, "request headers too large", drain=True)
+        framings = {name for name, _ in event.headers} & {b"content-length", b"transfer-encoding"}
+        if len(framings) == 2:
+            # h11 frames it by Transfer-Encoding and would keep the connection; RFC 9112 6.1
+            raise _Answered(400, "both Content-Length and Transfer-Encoding", drain=True)
         method = event.method.decode("ascii", "replace")
         raw_path, _, query = event.target.decode("latin-1").partition("?")
         path = unquote(raw_path)
@@ -420,7 +566,10 @@ class _Connection:
         # handling; the header says the same for a request whose body is not read yet
         if headers.get("expect", "").lower() == "100-continue":
             await self.stream.send_all(
-                self.conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
+                self.conn.send(
+                    h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+                )
+                or b""
             )
         body = await self._body(limit)
         if isinstance(matched, int):
@@ -441,15 +590,21 @@ class _Connection:
 
     async def _body(self, limit: int) -> bytes:
         deadline = trio.current_time() + self.limits.read_timeout_seconds
+        max_pieces, max_wire = body_budget(limit)
+        wire_start = self.received
         chunks: list[bytes] = []
         size = 0
         while True:
             event = await self._next_event(deadline)
+            if self.received - wire_start > max_wire:
+                raise _Answered(413, f"body over {max_wire} bytes on the wire", drain=True)
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limit:
                     raise _Answered(413, f"body over the {limit}-byte limit", drain=True)
                 chunks.append(event.data)
+                if len(chunks) > max_pieces:
+                    raise _Answered(400, f"body in over {max_pieces} pieces", drain=True)
             elif isinstance(event, h11.EndOfMessage):
                 return b"".join(chunks)
             else:  # ConnectionClosed mid-body
@@ -461,9 +616,10 @@ class _Connection:
             for name, value in response.headers.items()
         ]
         headers.append((b"content-length", b"%d" % len(response.body)))
-        reason = _REASONS.get(response.status, b"")
         data = self.conn.send(
-            h11.Response(status_code=response.status, headers=headers, reason=reason)
+            h11.Response(
+                status_code=response.status, headers=headers, reason=reason(response.status)
+            )
         )
         assert data is not None
         if response.body and not head_only:
@@ -479,7 +635,6 @@ class _Connection:
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return  # a response already started: nothing coherent can follow it
         status = answer.status
-        reason = _REASONS.get(status, b"")
         body = answer.message.encode()
         headers = [
             (b"content-type", TEXT.encode()),
@@ -489,7 +644,7 @@ class _Connection:
         if status == 503:
             headers.append((b"retry-after", b"1"))
         data = (
-            b"HTTP/1.1 %d %s\r\n" % (status, reason)
+            b"HTTP/1.1 %d %s\r\n" % (status, reason(status))
             + b"".join(b"%s: %s\r\n" % header for header in headers)
             + b"\r\n"
             + body

@@ -21,6 +21,7 @@ import base64
 import enum
 import hashlib
 import hmac
+import re
 from collections.abc import Sequence
 from typing import Final
 from urllib.parse import quote
@@ -74,8 +75,23 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+_B64URL: Final = re.compile(r"[A-Za-z0-9_-]*")
+
+
 def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """Strict: only the URL-safe alphabet, unpadded, in its one canonical spelling (the lenient
+    decoder skips stray characters and ignores spare bits, so many strings would decode to
+    the same token).
+
+    Raises:
+        ValueError: anything else.
+    """
+    if _B64URL.fullmatch(text) is None or len(text) % 4 == 1:
+        raise ValueError("not unpadded base64url")
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64(data) != text:
+        raise ValueError("not canonical base64url")
+    return data
 
 
 class LinkSigner:

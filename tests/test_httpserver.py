@@ -6,9 +6,15 @@ client that never reads) is what a well-behaved client library will not do.
 
 from __future__ import annotations
 
+import os
+import re
+import resource
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -23,7 +29,10 @@ from gateway.httpserver import (
     Route,
     Router,
     Server,
+    body_budget,
+    connection_cap,
     json_response,
+    reason,
     text_response,
 )
 from tests.support import wait_for
@@ -212,6 +221,7 @@ class TestConnections:
             answer = await read_response(stream, buffer)
             await stream.aclose()
         assert 100 == go_on[0]
+        assert b"HTTP/1.1 100 Continue" == go_on[1]
         assert (200, True) == (answer[0], b'"body":"ok"' in answer[2])
 
     async def test_cancelling_the_server_closes_its_connections(
@@ -403,6 +413,246 @@ class TestLimits:
             elapsed = trio.current_time() - started
             sock.close()
         assert TIMEOUT_SECONDS <= elapsed < TIMEOUT_SECONDS + 2
+
+
+class TestFraming:
+    async def test_content_length_with_transfer_encoding_is_400_and_closed(
+        self, clock: trio.testing.MockClock
+    ) -> None:
+        async with serving(routes()) as served:
+            stream = await served.connect()
+            # framed by Transfer-Encoding, the GET after "0" would run as a second request
+            await stream.send_all(
+                b"POST /webhooks/e HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+                b"GET /t/c/smuggled HTTP/1.1\r\nHost: t\r\n\r\n"
+            )
+            buffer = bytearray()
+            status, head, body = await read_response(stream, buffer)
+            while not await closed(stream):
+                pass  # whatever else arrives must not be a second answer
+            await stream.aclose()
+        assert (400, b"both Content-Length and Transfer-Encoding") == (status, body)
+        assert b"connection: close" in head.lower()
+        assert b"" == bytes(buffer)
+
+    async def test_every_answer_carries_its_standard_reason_phrase(
+        self, clock: trio.testing.MockClock
+    ) -> None:
+        async def teapot(_: Request) -> Response:
+            return text_response("short and stout", 418)
+
+        async def bad_gateway(_: Request) -> Response:
+            return text_response("upstream", 502)
+
+        router = routes(Route("GET", "/teapot", teapot), Route("GET", "/502", bad_gateway))
+        async with serving(router) as served:
+            heads = []
+            for request in (
+                b"GET /teapot HTTP/1.1\r\nHost: t\r\n\r\n",
+                b"GET /502 HTTP/1.1\r\nHost: t\r\n\r\n",
+                # h11 answers these itself: an unsupported and a repeated transfer coding
+                b"POST /small HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                b"POST /small HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n",
+            ):
+                stream = await served.connect()
+                await stream.send_all(request)
+                heads.append((await read_response(stream, bytearray()))[1].split(b"\r\n")[0])
+                await stream.aclose()
+        assert [
+            b"HTTP/1.1 418 I'm a Teapot",
+            b"HTTP/1.1 502 Bad Gateway",
+            b"HTTP/1.1 501 Not Implemented",
+            b"HTTP/1.1 501 Not Implemented",
+        ] == heads
+
+    def test_no_status_goes_without_a_reason_phrase(self) -> None:
+        assert all(reason(status) for status in range(100, 600))
+        assert b"Content Too Large" == reason(413)
+
+
+class TestWorkPerBody:
+    """The parsing a body costs is bounded by the route's limit, not by its decoded size."""
+
+    async def test_a_body_in_too_many_chunks_is_cut_off_before_it_is_whole(
+        self, clock: trio.testing.MockClock
+    ) -> None:
+        pieces, _ = body_budget(1000)
+        async with serving(routes()) as served:
+            stream = await served.connect()
+            # 1-byte chunks: 200 bytes of body, far under the route's 1000, and no end sent;
+            # before the cap this waited for the rest (408 after the read timeout)
+            await stream.send_all(
+                b"POST /webhooks/e HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + b"1\r\nX\r\n" * (pieces + 1)
+            )
+            status, head, body = await read_response(stream, bytearray())
+            await stream.aclose()
+        assert 67 == pieces
+        assert (400, f"body in over {pieces} pieces".encode()) == (status, body)
+        assert b"connection: close" in head.lower()
+
+    async def test_a_body_at_the_piece_budget_is_served(
+        self, clock: trio.testing.MockClock
+    ) -> None:
+        pieces, _ = body_budget(1000)
+        async with serving(routes()) as served:
+            stream = await served.connect()
+            await stream.send_all(
+                b"POST /webhooks/e HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + b"1\r\nX\r\n" * pieces
+                + b"0\r\n\r\n"
+            )
+            status, _, body = await read_response(stream, bytearray())
+            await stream.aclose()
+        assert 200 == status
+        assert b'"body":"' + b"X" * pieces + b'"' in body
+
+    async def test_a_body_whose_framing_outweighs_it_is_cut_off_by_wire_bytes(
+        self, clock: trio.testing.MockClock
+    ) -> None:
+        _, wire = body_budget(1000)
+        extension = b";" + b"e" * 8000  # 8 KB of chunk extension per byte of body
+        # bytes that came with the head are not counted: at most one read (64 KiB) more
+        chunks = (wire + 64 * 1024) // len(extension) + 1
+        async with serving(routes()) as served:
+            stream = await served.connect()
+            await stream.send_all(
+                b"POST /webhooks/e HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + (b"1" + extension + b"\r\nX\r\n") * chunks
+            )
+            status, _, body = await read_response(stream, bytearray())
+            await stream.aclose()
+        assert chunks < body_budget(1000)[0]  # the piece budget alone would let it through
+        assert (413, f"body over {wire} bytes on the wire".encode()) == (status, body)
+
+
+_FD_SERVER = """
+import resource, sys, trio
+from gateway.httpserver import Limits, Route, Router, Server, fit_connections_to_fd_limit
+from gateway.httpserver import text_response
+
+limit, wanted = int(sys.argv[1]), int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+cap = fit_connections_to_fd_limit(wanted, name="fd")
+
+async def ok(_):
+    return text_response("ok")
+
+async def main():
+    server = Server(
+        Router([Route("GET", "/", ok)]),
+        Limits(max_connections=cap, read_timeout_seconds=120.0),
+        name="fd",
+    )
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(server.serve, "127.0.0.1:0")
+        print("serving", url.rsplit(":", 1)[1], cap, flush=True)
+
+trio.run(main)
+"""
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class TestDescriptors:
+    """The connection cap must answer before the process runs out of descriptors."""
+
+    @pytest.mark.parametrize(
+        ("wanted", "fd_limit", "cap"),
+        [
+            (2000, 1024, 768),  # the usual soft limit: 256 kept for the rest of the process
+            (2000, 400, 200),  # a tiny limit keeps half
+            (500, 1024, 500),  # room enough: the configured cap
+            (2000, 4096, 2000),
+            (2000, resource.RLIM_INFINITY, 2000),
+            (10, 1, 1),  # never 0: the server still answers someone
+        ],
+    )
+    def test_the_effective_cap_leaves_a_reserve(self, wanted: int, fd_limit: int, cap: int) -> None:
+        assert cap == connection_cap(wanted, fd_limit)
+
+    async def test_a_flood_past_a_low_fd_limit_gets_503s_not_accept_failures(
+        self, tmp_path: Path
+    ) -> None:
+        # a real process at 128 descriptors asked for 1000 connections: it serves 64 and
+        # refuses the rest, instead of running out of descriptors before the cap answers
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-c", _FD_SERVER, "128", "1000"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        assert process.stdout is not None
+        output = bytearray()
+        try:
+            with trio.fail_after(60):
+                while (started := re.search(rb"serving (\d+) (\d+)\n", output)) is None:
+                    output += await process.stdout.receive_some()
+            port, cap = int(started[1]), int(started[2])
+            assert 64 == cap
+            refused = 0
+            with trio.fail_after(60):
+                # the server holds the first 64 (idle, unanswered) and refuses the others
+                streams = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(200)]
+
+                async def answer_of(stream: trio.SocketStream) -> None:
+                    nonlocal refused
+                    status, _, _ = await read_response(stream, bytearray())
+                    assert 503 == status
+                    refused += 1
+
+                async with trio.open_nursery() as nursery:
+                    for stream in streams:
+                        nursery.start_soon(answer_of, stream)
+                    await wait_for(lambda: refused == 200 - 64, timeout_seconds=60)
+                    nursery.cancel_scope.cancel()
+                for stream in streams:
+                    await stream.aclose()
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+                    after = await http.get("/")
+        finally:
+            process.kill()
+            await process.wait()
+            output += await process.stdout.receive_some() or b""
+        assert 200 == after.status_code
+        assert b"http_connection_cap_lowered" in output
+        assert b"http_accept_failing" not in output
+        assert b"Traceback" not in output
+
+    async def test_accept_failures_are_logged_once_per_burst_and_retried_with_a_pause(
+        self, clock: trio.testing.MockClock
+    ) -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        async with serving(routes()) as served:
+            # the clients' descriptors exist before the limit drops; connecting needs no more
+            clients = [trio.socket.socket() for _ in range(6)]
+            with structlog.testing.capture_logs() as logs:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (open_fds() + 2, hard))
+                try:
+                    for client in clients:
+                        await client.connect((served.host, served.port))
+                    await wait_for(lambda: served.server.accept_failures >= 1)
+                    first_failure = trio.current_time()
+                    await wait_for(lambda: served.server.accept_failures >= 8)
+                    elapsed = trio.current_time() - first_failure
+                finally:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+                # the descriptors are back: the connections still waiting are accepted
+                await wait_for(lambda: any(e["event"] == "http_accept_recovered" for e in logs))
+            for client in clients:
+                client.close()
+        failing = [entry for entry in logs if entry["event"] == "http_accept_failing"]
+        recovered = [entry for entry in logs if entry["event"] == "http_accept_recovered"]
+        assert [("EMFILE", "warning")] == [(e["error"], e["log_level"]) for e in failing]
+        assert not any("exc_info" in entry or "exception" in entry for entry in logs)
+        assert 1 == len(recovered)
+        assert recovered[0]["failures"] >= 8
+        # pauses of 0.1, 0.2, 0.4, 0.8, 1, 1, 1 s between the first failure and the eighth
+        assert elapsed >= 4.5
 
 
 class TestErrors:

@@ -7,6 +7,8 @@
   applied once). Twilio's inbound messages arrive here too: a STOP withdraws SMS consent.
 - ``GET /t/c/{token}``: click tracker; counts as read on any channel, then redirects.
 - ``GET /t/o/{token}.gif``: the email open pixel.
+- ``HEAD`` on any tracking link answers as ``GET`` would (status, headers, no body) and records
+  nothing, not even a refused token: link scanners send HEAD, and RFC 9110 makes it safe.
 - ``GET|POST /t/u/{token}``: unsubscribe; ``POST`` is RFC 8058 one-click
   (``List-Unsubscribe=One-Click``) and withdraws consent at once; ``GET`` shows a page whose
   button posts the same form, because mail scanners follow GET links and must not unsubscribe.
@@ -32,6 +34,7 @@ from gateway.httpserver import (
     Request,
     Response,
     Route,
+    fit_connections_to_fd_limit,
     html_response,
     json_response,
     redirect,
@@ -97,12 +100,13 @@ def public_routes(
             return text_response("busy, retry later", 503, {"Retry-After": "5"})
         return text_response("ok")
 
-    def verified(link_kind: LinkKind, token: str) -> LinkPayload | LinkRejection:
-        """The link's payload if genuine, unexpired and of this kind; refusals are counted."""
-        verdict = links.verify(token, now=now())
+    def verified(link_kind: LinkKind, request: Request) -> LinkPayload | LinkRejection:
+        """The link's payload if genuine, unexpired and of this kind; refusals are counted,
+        except on HEAD, which records nothing."""
+        verdict = links.verify(request.params["token"], now=now())
         if isinstance(verdict, LinkPayload) and verdict.kind is not link_kind:
             verdict = LinkRejection.BAD_TOKEN
-        if isinstance(verdict, LinkRejection):
+        if isinstance(verdict, LinkRejection) and request.method != "HEAD":
             notify(
                 TrackingHit(_HIT_KINDS[link_kind], now(), verdict=TrackingVerdict(verdict.value))
             )
@@ -121,22 +125,23 @@ def public_routes(
         return text_response("unknown link", 404, _NO_CACHE)
 
     async def click(request: Request) -> Response:
-        payload = verified(LinkKind.CLICK, request.params["token"])
+        payload = verified(LinkKind.CLICK, request)
         if isinstance(payload, LinkRejection):
             return refused(payload)
-        notify(TrackingHit(HitKind.CLICK, now(), key=payload.key, channel=payload.channel))
+        if request.method != "HEAD":
+            notify(TrackingHit(HitKind.CLICK, now(), key=payload.key, channel=payload.channel))
         if payload.url is None:
             return text_response("unknown link", 404)
         return redirect(payload.url, 302, _NO_CACHE)
 
     async def open_pixel(request: Request) -> Response:
-        payload = verified(LinkKind.OPEN, request.params["token"])
-        if isinstance(payload, LinkPayload):
+        payload = verified(LinkKind.OPEN, request)
+        if isinstance(payload, LinkPayload) and request.method != "HEAD":
             notify(TrackingHit(HitKind.OPEN, now(), key=payload.key, channel=payload.channel))
         return Response(200, _PIXEL, {"content-type": "image/gif", **_NO_CACHE})
 
     async def unsubscribe_page(request: Request) -> Response:
-        payload = verified(LinkKind.UNSUBSCRIBE, request.params["token"])
+        payload = verified(LinkKind.UNSUBSCRIBE, request)
         if isinstance(payload, LinkRejection):
             return refused(payload)
         tenant = config.tenants.get(payload.tenant)
@@ -150,7 +155,7 @@ def public_routes(
         )
 
     async def unsubscribe(request: Request) -> Response:
-        payload = verified(LinkKind.UNSUBSCRIBE, request.params["token"])
+        payload = verified(LinkKind.UNSUBSCRIBE, request)
         if isinstance(payload, LinkRejection):
             return refused(payload)
         if payload.recipient_id is None or payload.tenant not in config.tenants:
@@ -211,10 +216,15 @@ def health_routes(ready: Callable[[], bool]) -> list[Route]:
 
 
 def public_limits(config: HttpConfig) -> Limits:
-    """The public server's bounds (``[http]``); the webhook route raises its own body limit."""
+    """The public server's bounds (``[http]``); the webhook route raises its own body limit.
+
+    Called where the public server starts (the gateway, each webhook process): it raises the
+    process's soft descriptor limit as far as ``http.max_connections`` needs, and serves with a
+    lower cap, with one warning, when the hard limit is too low for it
+    (``gateway.httpserver.fit_connections_to_fd_limit``)."""
     return Limits(
         max_body_bytes=config.admin_max_body_bytes,
         read_timeout_seconds=config.read_timeout_seconds,
         max_concurrent_requests=config.max_concurrent_requests,
-        max_connections=config.max_connections,
+        max_connections=fit_connections_to_fd_limit(config.max_connections, name="public"),
     )

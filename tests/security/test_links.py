@@ -5,17 +5,22 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
+import httpx
 import msgspec
 import pytest
+import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.app import open_gateway
+from gateway.client import open_client
 from gateway.config import load_config, tracking_secrets
 from gateway.core.errors import ConfigError
 from gateway.core.model import Channel
 from gateway.runtime.keyfile import KEY_FILE, link_secrets, load_or_create
 from gateway.tracking import LinkKind, LinkPayload, LinkRejection, LinkSigner
-from tests.support import NOON_UTC, make_config
+from tests.support import NOON_UTC, in_test_providers, make_config, promo, wait_for
 
 OLD, NEW = b"old-secret-0123456789abcdef", b"new-secret-0123456789abcdef"
 DAY = 86400.0
@@ -151,3 +156,117 @@ class TestKeptSecret:
         config = load_config(b"", {})
         assert [] == tracking_secrets(config.tracking)
         assert 400 * DAY == msgspec.structs.asdict(config.tracking)["unsubscribe_ttl_seconds"]
+
+
+class TestStrictTokens:
+    """Only the one canonical base64url spelling of a token verifies: the lenient decoder
+    skipped stray characters and spare bits, so many URLs stood for one link."""
+
+    def valid(self) -> tuple[LinkSigner, str]:
+        signer = LinkSigner([NEW], "https://gw.example")
+        url = signer.click_url("acme:m1", Channel.EMAIL, "https://shop", now=NOON_UTC)
+        return signer, token_of(url)
+
+    # four characters: the length modulo 4, which the lenient decoder's padding needs, holds
+    @pytest.mark.parametrize("insert", ["!!!!", "====", "+/+/", "    ", "\n\n\n\n", "%%%%"])
+    def test_characters_outside_the_alphabet_are_refused(self, insert: str) -> None:
+        signer, token = self.valid()
+        assert isinstance(signer.verify(token, now=NOON_UTC), LinkPayload)
+        body, signature = token.split(".")
+        for forged in (
+            f"{body[:4]}{insert}{body[4:]}.{signature}",
+            f"{body}.{signature[:3]}{insert}{signature[3:]}",
+            f"{body}{insert}.{signature}",
+        ):
+            assert LinkRejection.BAD_TOKEN == signer.verify(forged, now=NOON_UTC), forged
+
+    def test_padding_and_other_spellings_of_the_same_bytes_are_refused(self) -> None:
+        signer, token = self.valid()
+        body, signature = token.split(".")
+        padded = f"{body}{'=' * (-len(body) % 4)}.{signature}=="
+        # 16 signature bytes: 22 characters, the last carrying 4 spare bits
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+        last = alphabet.index(signature[-1])
+        respelled = f"{body}.{signature[:-1]}{alphabet[last ^ 1]}"
+        assert LinkRejection.BAD_TOKEN == signer.verify(padded, now=NOON_UTC)
+        assert LinkRejection.BAD_TOKEN == signer.verify(respelled, now=NOON_UTC)
+
+
+class TestHeadRecordsNothing:
+    """Link scanners send HEAD (RFC 9110: safe): it answers as GET would and records nothing."""
+
+    async def test_head_on_click_open_and_unsubscribe_links(
+        self, tmp_path: Path, jumping_clock: trio.testing.MockClock
+    ) -> None:
+        config = make_config(tmp_path)
+        async with (
+            open_gateway(config, adapters=in_test_providers(config), wall_at_start=NOON_UTC) as gw,
+            open_client(gw.ingest_endpoint, timeout_seconds=1e6) as client,
+            httpx.AsyncClient(base_url=gw.public_http_url, timeout=1e6) as http,
+        ):
+            await client.send(promo("m1", channels=["email"]))
+            now = gw.clock.now()
+            click = gw.links.click_url("acme:m1", Channel.EMAIL, "https://shop.example", now=now)
+            pixel = gw.links.open_pixel_url("acme:m1", Channel.EMAIL, now=now)
+            unsubscribe = gw.links.unsubscribe_url(
+                "acme:m1", Channel.EMAIL, recipient_id="r1", topic="promo", now=now
+            )
+            paths = [url.removeprefix(gw.links.public_url) for url in (click, pixel, unsubscribe)]
+            heads = [await http.head(path) for path in paths]
+            gets = [await http.get(path) for path in paths[1:]]  # a GET click would record it
+            forged = await http.head("/t/c/forged.token")
+
+            def count(kind: str, verdict: str) -> float:
+                value = gw.registry.get_sample_value(
+                    "gateway_tracking_requests_total", {"kind": kind, "verdict": verdict}
+                )
+                return value or 0.0
+
+            # hits are applied in order: once a GET's shows, every HEAD before it would have
+            await wait_for(lambda: count("open", "accepted") == 1)
+            after_heads = (await client.status("m1", "acme"))["message"]["timeline"]
+            bad_after_head = count("click", "bad_token")
+            refused = await http.get("/t/c/forged.token")
+            await wait_for(lambda: count("click", "bad_token") == 1)
+            clicked = await http.get(paths[0])
+            await wait_for(lambda: count("click", "accepted") == 1)
+            after_get = (await client.status("m1", "acme"))["message"]["timeline"]
+            counted = {
+                kind: sum(count(kind, verdict) for verdict in ("accepted", "repeat", "bad_token"))
+                for kind in ("click", "open", "unsubscribe")
+            }
+        click_head, pixel_head, page_head = heads
+        pixel_get, page_get = gets
+        assert (302, "https://shop.example", b"") == (
+            click_head.status_code,
+            click_head.headers["location"],
+            click_head.content,
+        )
+        assert (302, "https://shop.example") == (clicked.status_code, clicked.headers["location"])
+        for head, get in ((pixel_head, pixel_get), (page_head, page_get)):
+            assert (get.status_code, b"") == (head.status_code, head.content)
+            assert get.headers["content-type"] == head.headers["content-type"]
+            assert str(len(get.content)) == head.headers["content-length"]
+        assert (404, 404) == (forged.status_code, refused.status_code)
+        assert 0 == bad_after_head
+        assert "clicked" not in [event["kind"] for event in after_heads]
+        assert 1 == [event["kind"] for event in after_get].count("clicked")
+        # the GETs' only: one open, a forged click and a click, no unsubscribe refusal
+        assert {"click": 2, "open": 1, "unsubscribe": 0} == counted
+
+    async def test_a_token_with_stray_characters_is_404(
+        self, tmp_path: Path, jumping_clock: trio.testing.MockClock
+    ) -> None:
+        config = make_config(tmp_path)
+        async with (
+            open_gateway(config, adapters=in_test_providers(config), wall_at_start=NOON_UTC) as gw,
+            httpx.AsyncClient(base_url=gw.public_http_url, timeout=1e6) as http,
+        ):
+            url = gw.links.click_url(
+                "acme:m1", Channel.EMAIL, "https://shop.example", now=gw.clock.now()
+            )
+            token = token_of(url)
+            genuine = await http.get(f"/t/c/{token}")
+            stray = await http.get(f"/t/c/{token[:5]}!!{token[5:]}")
+        assert 302 == genuine.status_code
+        assert (404, "unknown link") == (stray.status_code, stray.text)
