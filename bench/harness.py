@@ -256,10 +256,15 @@ def rss_bytes_of(pid: int) -> int:
 
 
 def kill_tree(pid: int) -> None:
-    """SIGKILL a process and its descendants, children first, as a crash would leave them."""
-    for member in reversed(descendants(pid)):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(member, signal.SIGKILL)
+    """SIGKILL a process and its descendants, as a crash would leave them.
+
+    The whole tree is stopped first: killed one by one, a parent could see its child die
+    and act on it in between (exit normally, restart a worker) instead of being killed."""
+    tree = descendants(pid)
+    for signal_number in (signal.SIGSTOP, signal.SIGKILL):
+        for member in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(member, signal_number)
 
 
 # ---------------------------------------------------------------- /metrics
