@@ -10,7 +10,6 @@ committer, timer service and ingest run in every mode; ``--workers N`` only swap
 
 from __future__ import annotations
 
-import errno as errno_codes
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -28,10 +27,9 @@ from starlette.routing import BaseRoute
 from adapters import Adapter
 from gateway import httpserver
 from gateway.clock import Clock
-from gateway.config import ENV_PREFIX, GatewayConfig
+from gateway.config import GatewayConfig, bind_error, bind_holder
 from gateway.core.caps import horizon_seconds
 from gateway.core.consent import ConsentRecord
-from gateway.core.errors import ConfigError
 from gateway.core.model import RecipientKey
 from gateway.http.admin import admin_routes
 from gateway.http.limits import bounded
@@ -211,8 +209,8 @@ async def open_gateway(
             if secret_key is not None:
                 curve.make_server(router_sock, secret_key.reveal())
                 curve.make_server(pub_sock, secret_key.reveal())
-            _bind(router_sock, "ingest.bind", config.ingest.bind)
-            _bind(pub_sock, "ingest.status_bind", config.ingest.status_bind)
+            _bind(config, router_sock, "ingest.bind", config.ingest.bind)
+            _bind(config, pub_sock, "ingest.status_bind", config.ingest.status_bind)
             publisher = Publisher(pub_sock, metrics, principals=principals)
             queues = DispatchQueues(config)
             alarm = TimerAlarm()
@@ -353,7 +351,9 @@ async def _serve_public(nursery: trio.Nursery, gateway: Gateway) -> str:
     try:
         url: str = await nursery.start(server.serve, bind)
     except OSError as exc:
-        raise _bind_error("http.public_bind", bind, exc.errno, exc.strerror or str(exc)) from exc
+        holder = bind_holder(config, "http.public_bind", bind)
+        reason = exc.strerror or str(exc)
+        raise bind_error("http.public_bind", bind, exc.errno, reason, holder=holder) from exc
     return url
 
 
@@ -363,23 +363,12 @@ def _first_leaf(group: BaseException) -> BaseException:
     return group
 
 
-def _bind_error(key: str, address: str, errno: int | None, reason: str) -> ConfigError:
-    """One line naming the bind, why it failed, and the variable that moves it."""
-    env = f"{ENV_PREFIX}{key.upper().replace('.', '__')}"
-    if errno == errno_codes.EADDRINUSE:
-        hint = f"another process holds it; stop it or set {env}"
-    elif errno == errno_codes.EACCES:
-        hint = f"ports below 1024 need privileges; use another port: set {env}"
-    else:
-        hint = f"set {env}"
-    return ConfigError(f"{key} = {address!r}: {reason.lower()} ({hint})")
-
-
-def _bind(sock: zmq.Socket[bytes], key: str, address: str) -> None:
+def _bind(config: GatewayConfig, sock: zmq.Socket[bytes], key: str, address: str) -> None:
     try:
         sock.bind(address)
     except zmq.ZMQError as exc:
-        raise _bind_error(key, address, exc.errno, exc.strerror) from exc
+        holder = bind_holder(config, key, address)
+        raise bind_error(key, address, exc.errno, exc.strerror, holder=holder) from exc
 
 
 async def _serve(nursery: trio.Nursery, config: GatewayConfig, routes: list[BaseRoute]) -> str:
@@ -399,7 +388,8 @@ async def _serve(nursery: trio.Nursery, config: GatewayConfig, routes: list[Base
     except* OSError as failed:  # hypercorn binds inside nurseries of its own
         exc = _first_leaf(failed)
         reason = getattr(exc, "strerror", None) or str(exc)
-        raise _bind_error(key, bind, getattr(exc, "errno", None), reason) from exc
+        holder = bind_holder(config, key, bind)
+        raise bind_error(key, bind, getattr(exc, "errno", None), reason, holder=holder) from exc
     return binds[0]
 
 
