@@ -84,7 +84,9 @@ def send_request(index: int) -> dict[str, Any]:
         },
     }
     if SEND_AHEAD:
-        request["send_at"] = datetime.now(UTC) + timedelta(seconds=float(SEND_AHEAD))
+        # times travel as RFC 3339 strings (a msgpack timestamp is refused as invalid)
+        send_at = datetime.now(UTC) + timedelta(seconds=float(SEND_AHEAD))
+        request["send_at"] = send_at.isoformat().replace("+00:00", "Z")
     if STEP_TIMEOUTS:
         request["step_timeout_seconds"] = STEP_TIMEOUTS
     return request

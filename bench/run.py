@@ -294,6 +294,8 @@ def locust(
         raise RuntimeError(f"locust failed: {completed.stderr.decode()[-2000:]}") from exc
     frames = sum(e["num_requests"] for e in entries)
     failures = sum(e["num_failures"] for e in entries)
+    if not frames:  # a locustfile that raises sends nothing: a figure of 0 would look measured
+        raise RuntimeError(f"locust sent no request: {completed.stderr.decode()[-2000:]}")
     histogram: dict[float, int] = {}
     first = min((e["start_time"] for e in entries), default=started)
     last = max((e["last_request_timestamp"] or first for e in entries), default=first)

@@ -66,3 +66,33 @@ async def test_the_locustfile_loads_a_live_gateway(tmp_path: Path) -> None:
     assert accepted == sends["num_requests"] * 10
     # plus the one callback Viber makes to check the webhook the gateway registers at start
     assert webhooks == receipts["num_requests"] + 1
+
+
+async def test_scheduled_sends_are_deferred_not_refused(tmp_path: Path) -> None:
+    """``CASCADEGW_SEND_AT`` (the bench's pending scenario): sends a day ahead are accepted and
+    wait; the locustfile once sent `send_at` as a msgpack timestamp, which raised in locust."""
+    config = load_config(campaign_config(tmp_path, 0).encode(), {})
+    async with open_embedded(config) as embedded:
+        gateway = embedded.gateway
+        environ = {
+            **locust_environment(gateway.ingest_endpoint, "acme", batch=10),
+            "CASCADEGW_SEND_AT": "86400",
+            "CASCADEGW_MAX_MESSAGES": "200",
+        }
+        completed = await trio.run_process(
+            locust_command(
+                users=2, run_time_seconds=10, stop_timeout_seconds=5, user_classes=["CrmUser"]
+            ),
+            env=environ,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            cwd=tmp_path,
+        )
+        deferred = gateway.metrics.registry.get_sample_value(
+            "gateway_admissions_total", {"outcome": "deferred", "reason": "send_at"}
+        )
+    sends = {entry["name"]: entry for entry in json.loads(completed.stdout)}["send x10 (normal)"]
+    assert sends["num_requests"] >= 20, completed.stderr.decode()[-2000:]
+    assert 0 == sends["num_failures"]
+    assert deferred == sends["num_requests"] * 10
