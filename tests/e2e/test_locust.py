@@ -8,6 +8,7 @@ it too).
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,25 @@ from gateway.embedded import open_embedded
 from tests.e2e.test_observability import campaign_config
 
 pytestmark = pytest.mark.slow
+
+
+async def run_locust(
+    environ: dict[str, str], *, users: int, seconds: int, user_classes: list[str], cwd: Path
+) -> subprocess.CompletedProcess[bytes]:
+    """Locust headless from the bench virtualenv; its JSON stats on stdout."""
+    return await trio.run_process(
+        locust_command(
+            users=users,
+            run_time_seconds=seconds,
+            stop_timeout_seconds=5,
+            user_classes=user_classes,
+        ),
+        env=environ,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        cwd=cwd,
+    )
 
 
 async def test_the_locustfile_loads_a_live_gateway(tmp_path: Path) -> None:
@@ -37,18 +57,8 @@ async def test_the_locustfile_loads_a_live_gateway(tmp_path: Path) -> None:
             "CASCADEGW_WEBHOOK_URL": f"{gateway.public_http_url}/webhooks/viber1",
             "CASCADEGW_VIBER_TOKEN": viber_token.reveal(),
         }
-        completed = await trio.run_process(
-            locust_command(
-                users=4,
-                run_time_seconds=4,
-                stop_timeout_seconds=5,
-                user_classes=["CrmUser", "WebhookUser"],
-            ),
-            env=environ,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            cwd=tmp_path,
+        completed = await run_locust(
+            environ, users=4, seconds=4, user_classes=["CrmUser", "WebhookUser"], cwd=tmp_path
         )
         accepted = gateway.metrics.registry.get_sample_value(
             "gateway_admissions_total", {"outcome": "admitted", "reason": "none"}
@@ -79,15 +89,8 @@ async def test_scheduled_sends_are_deferred_not_refused(tmp_path: Path) -> None:
             "CASCADEGW_SEND_AT": "86400",
             "CASCADEGW_MAX_MESSAGES": "200",
         }
-        completed = await trio.run_process(
-            locust_command(
-                users=2, run_time_seconds=10, stop_timeout_seconds=5, user_classes=["CrmUser"]
-            ),
-            env=environ,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            cwd=tmp_path,
+        completed = await run_locust(
+            environ, users=2, seconds=10, user_classes=["CrmUser"], cwd=tmp_path
         )
         deferred = gateway.metrics.registry.get_sample_value(
             "gateway_admissions_total", {"outcome": "deferred", "reason": "send_at"}
