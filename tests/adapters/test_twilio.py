@@ -5,8 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -14,15 +13,9 @@ from typing import Final
 from urllib.parse import parse_qs, parse_qsl, urlencode
 
 import httpx
-import hypercorn.config
-import hypercorn.trio
 import msgspec
 import pytest
 import trio
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
-from starlette.routing import Route
 
 from adapters import Outgoing, ProviderReceipt, ReceiptKind, SendReceipt, WebhookRejected, twilio
 from adapters._http import make_client
@@ -42,6 +35,7 @@ from gateway.core.errors import (
 )
 from gateway.core.model import Category, Channel
 from gateway.protocol import SmsContent, ViberContent
+from tests.adapters.fake_gateway import FakeGateway, Hit
 from tests.adapters.settling import Outbound, marker_behaviour
 
 SID = "AC" + "0123456789abcdef" * 2
@@ -654,61 +648,6 @@ class TestAdapterConstruction:
 
 
 # ---------------------------------------------------------------- against the simulator
-@dataclass(frozen=True)
-class Hit:
-    """One request that reached the test's stand-in for the gateway."""
-
-    kind: str  # "webhook" | "click"
-    url: str
-    headers: dict[str, str]
-    body: bytes
-
-
-class FakeGateway:
-    """The gateway's public side: records status callbacks and tracked-link clicks."""
-
-    def __init__(self) -> None:
-        self.url = ""
-        self._send, self._receive = trio.open_memory_channel[Hit](math.inf)
-
-    def app(self) -> Starlette:
-        async def webhook(request: Request) -> Response:
-            body = await request.body()
-            self._send.send_nowait(Hit("webhook", str(request.url), dict(request.headers), body))
-            return Response(status_code=200)
-
-        async def click(request: Request) -> Response:
-            self._send.send_nowait(Hit("click", str(request.url), dict(request.headers), b""))
-            return RedirectResponse("https://shop.test/landing", status_code=302)
-
-        return Starlette(
-            routes=[
-                Route("/webhooks/{provider}", webhook, methods=["POST"]),
-                Route("/t/c/{token}", click, methods=["GET"]),
-            ]
-        )
-
-    async def hits(self, count: int) -> list[Hit]:
-        with trio.fail_after(5):
-            return [await self._receive.receive() for _ in range(count)]
-
-    async def until(self, last: Callable[[Hit], bool]) -> list[Hit]:
-        """Every hit up to and including the first that ``last`` picks (bounded by the caller)."""
-        hits = [await self._receive.receive()]
-        while not last(hits[-1]):
-            hits.append(await self._receive.receive())
-        return hits
-
-    def received(self) -> list[Hit]:
-        """The hits that have arrived and were not taken yet."""
-        hits = []
-        while True:
-            try:
-                hits.append(self._receive.receive_nowait())
-            except trio.WouldBlock:
-                return hits
-
-
 @dataclass
 class Rig:
     sim: TwilioSimulator
@@ -763,13 +702,9 @@ async def rig(behaviour: SimulatorConfig = FAST) -> AsyncIterator[Rig]:
     sim = TwilioSimulator(name="sms1", behaviour=behaviour, seed=11)
     outbound = Outbound(sim)
     gateway = FakeGateway()
-    config = hypercorn.config.Config()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = None
-    config.errorlog = None
     async with trio.open_nursery() as nursery:
         await nursery.start(sim.serve)
-        (gateway.url,) = await nursery.start(hypercorn.trio.serve, gateway.app(), config)
+        await nursery.start(gateway.serve)
         provider = msgspec.structs.replace(TwilioSettings(), **sim.credentials())
         async with make_client(timeout_seconds=5) as client:
             adapter = twilio.TwilioAdapter("sms1", provider, client)
