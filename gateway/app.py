@@ -37,6 +37,7 @@ from gateway.http.ops import ops_routes
 from gateway.http.public import health_routes, public_limits, public_routes
 from gateway.protocol import ConsentRequest, MessageState, Result
 from gateway.runtime import curve, zmqio
+from gateway.runtime import edge as edge_link
 from gateway.runtime.committer import Committer
 from gateway.runtime.dispatch import Dispatcher, Executor, InProcessExecutor
 from gateway.runtime.inbox import Inbox, serve_events
@@ -122,6 +123,17 @@ class _AdminPort:
         return await self.gateway.journal.campaign_rows(tenant, campaign)
 
 
+@dataclass(frozen=True)
+class EdgeLink:
+    """The ZeroMQ edge process in front of the router (``gateway.runtime.edge``): the internal
+    endpoints the router binds for it, and the public ones it serves to clients."""
+
+    requests_endpoint: str
+    status_endpoint: str
+    public_ingest_endpoint: str
+    public_status_endpoint: str
+
+
 def policy_horizon(config: GatewayConfig) -> float:
     """How far back any cap rule of any tenant looks."""
     return max((horizon_seconds(config.policy_rules(t).caps) for t in config.tenants), default=0.0)
@@ -138,6 +150,7 @@ async def open_gateway(
     serve_http: bool = True,
     tracking_secrets: list[bytes] | None = None,
     events_endpoint: str | None = None,
+    edge: EdgeLink | None = None,
 ) -> AsyncIterator[Gateway]:
     """Run a gateway for the duration of the ``async with`` block.
 
@@ -149,6 +162,7 @@ async def open_gateway(
         serve_http: serve the admin API, metrics, webhooks and tracking links.
         tracking_secrets: sign and verify tracking links; the configured (or kept) ones if None.
         events_endpoint: bind a ROUTER socket here for webhook processes' events.
+        edge: the ZeroMQ edge process serves clients; the router binds only its link to it.
 
     Raises:
         gateway.store.base.JournalError: the journal is missing (and ``store.create`` is off)
@@ -180,24 +194,28 @@ async def open_gateway(
     try:
         async with AsyncExitStack() as sockets:
             zap_sock = None
-            if principals is not None:
+            if principals is not None and edge is None:
                 zap_sock = curve.open_zap_socket(context)
                 sockets.callback(zmqio.close, zap_sock)
+            if edge is None:
+                router_options: dict[int, int] = {
+                    zmq.ROUTER_MANDATORY: 1,  # else replies to vanished peers vanish silently
+                    # per client: frames waiting to be read, replies waiting to be taken
+                    # (a client that stops reading loses replies past this, counted)
+                    zmq.RCVHWM: 1_000,
+                    zmq.SNDHWM: 1_000,
+                    # bytes per part: bigger frames up to this get an `invalid` reply; past
+                    # it libzmq drops the connection (it cannot answer what it refused)
+                    zmq.MAXMSGSIZE: 8 * config.ingest.max_frame_bytes,
+                }
+            else:  # the edge's link: it bounded every frame before sending it
+                router_options = {
+                    zmq.ROUTER_MANDATORY: 1,
+                    zmq.RCVHWM: edge_link.INTERNAL_HWM,
+                    zmq.SNDHWM: edge_link.INTERNAL_HWM,
+                }
             router_sock = await sockets.enter_async_context(
-                zmqio.open_socket(
-                    context,
-                    zmq.ROUTER,
-                    options={
-                        zmq.ROUTER_MANDATORY: 1,  # else replies to vanished peers vanish silently
-                        # per client: frames waiting to be read, replies waiting to be taken
-                        # (a client that stops reading loses replies past this, counted)
-                        zmq.RCVHWM: 1_000,
-                        zmq.SNDHWM: 1_000,
-                        # bytes per part: bigger frames up to this get an `invalid` reply; past
-                        # it libzmq drops the connection (it cannot answer what it refused)
-                        zmq.MAXMSGSIZE: 8 * config.ingest.max_frame_bytes,
-                    },
-                )
+                zmqio.open_socket(context, zmq.ROUTER, options=router_options)
             )
             pub_sock = await sockets.enter_async_context(
                 zmqio.open_socket(
@@ -206,12 +224,26 @@ async def open_gateway(
                     options={zmq.SNDHWM: 100_000, zmq.XPUB_MANUAL: 1, zmq.MAXMSGSIZE: 4096},
                 )
             )
-            if secret_key is not None:
-                curve.make_server(router_sock, secret_key.reveal())
-                curve.make_server(pub_sock, secret_key.reveal())
-            _bind(config, router_sock, "ingest.bind", config.ingest.bind)
-            _bind(config, pub_sock, "ingest.status_bind", config.ingest.status_bind)
-            publisher = Publisher(pub_sock, metrics, principals=principals)
+            if edge is None:
+                if secret_key is not None:
+                    curve.make_server(router_sock, secret_key.reveal())
+                    curve.make_server(pub_sock, secret_key.reveal())
+                _bind(config, router_sock, "ingest.bind", config.ingest.bind)
+                _bind(config, pub_sock, "ingest.status_bind", config.ingest.status_bind)
+                ingest_endpoint = zmqio.bound_endpoint(router_sock)
+                status_endpoint = zmqio.bound_endpoint(pub_sock)
+            else:
+                router_sock.bind(edge.requests_endpoint)
+                pub_sock.bind(edge.status_endpoint)
+                ingest_endpoint = edge.public_ingest_endpoint
+                status_endpoint = edge.public_status_endpoint
+            # behind the edge, it applies each subscriber's allowed tenants
+            publisher = Publisher(
+                pub_sock,
+                metrics,
+                principals=principals if edge is None else None,
+                count_subscriptions=edge is None,
+            )
             queues = DispatchQueues(config)
             alarm = TimerAlarm()
             router = Router(
@@ -256,8 +288,8 @@ async def open_gateway(
                 metrics=metrics,
                 registry=registry,
                 links=links,
-                ingest_endpoint=zmqio.bound_endpoint(router_sock),
-                status_endpoint=zmqio.bound_endpoint(pub_sock),
+                ingest_endpoint=ingest_endpoint,
+                status_endpoint=status_endpoint,
             )
             gateway.resent_at_start = await router.recover(now=clock.now())
             metrics.watch(
@@ -274,12 +306,16 @@ async def open_gateway(
                 metrics=metrics,
                 config=config.ingest,
                 principals=principals,
+                behind_edge=edge is not None,
             )
             async with trio.open_nursery() as nursery:
                 if zap_sock is not None and principals is not None:
                     await nursery.start(curve.serve_zap, zap_sock, principals)
                 await nursery.start(committer.serve)
                 await nursery.start(publisher.serve)
+                if edge is not None:
+                    # the edge's link: until it subscribes, status events would go nowhere
+                    await _wait_for_edge(publisher)
                 await nursery.start(dispatcher.serve)
                 await nursery.start(timers.serve)
                 nursery.start_soon(_housekeeping, gateway)
@@ -391,6 +427,14 @@ async def _serve(nursery: trio.Nursery, config: GatewayConfig, routes: list[Base
         holder = bind_holder(config, key, bind)
         raise bind_error(key, bind, getattr(exc, "errno", None), reason, holder=holder) from exc
     return binds[0]
+
+
+async def _wait_for_edge(publisher: Publisher) -> None:
+    with trio.move_on_after(5.0):
+        await publisher.subscribed.wait()
+        return
+    log.warning("waiting_for_zeromq_edge")
+    await publisher.subscribed.wait()
 
 
 async def _serve_ingest(

@@ -165,6 +165,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import trio
 
     from gateway.embedded import open_embedded
+    from gateway.runtime import edge as edge_process
     from gateway.runtime.logging import configure_logging
 
     config = _load(args.config)
@@ -177,7 +178,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # instead of killing it half-started (the default action of SIGTERM).
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with open_embedded(
-                config, workers=args.workers, config_path=_config_file(args), environ=os.environ
+                config,
+                workers=args.workers,
+                config_path=_config_file(args),
+                environ={**os.environ, edge_process.LOG_LEVEL_ENV: args.log_level},
+                edge=config.ingest.edge_process,
             ) as embedded:
                 gateway = embedded.gateway
                 # what recovery loaded (possibly a million cascades) lives for the process: keep
@@ -277,9 +282,11 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     from adapters.registry import build_adapters
     from gateway.clock import Clock
+    from gateway.orphans import die_with_parent
     from gateway.runtime.logging import configure_logging
     from gateway.runtime.workers import serve_worker
 
+    die_with_parent()  # an orphan would wait forever for jobs from a router that is gone
     config = _load(args.config)
     configure_logging(level=args.log_level)
     tune_gc()

@@ -85,6 +85,13 @@ class IngestConfig(_Config, frozen=True):
     """How far in the future ``send_at``/``expires_at`` may lie."""
     max_requests_per_wakeup: PositiveInt = 500
     """Requests handled per wake-up before yielding to timers, receipts and dispatch."""
+    edge_process: bool = True
+    """``cascadegw run`` serves both ZeroMQ sockets from a separate edge process
+    (``gateway.runtime.edge``), so that no message a client sends can grow the router; off, the
+    router binds them itself (as embedded and test gateways always do)."""
+    edge_memory_bytes: Annotated[int, msgspec.Meta(ge=64 * 1024 * 1024)] = 512 * 1024 * 1024
+    """Address space the edge process may use beyond what it maps once serving: the most one
+    client's unread messages can occupy before libzmq drops its connection."""
 
 
 class HttpConfig(_Config, frozen=True):

@@ -24,11 +24,12 @@ from adapters.registry import SPECS, build_adapters
 from adapters.simulators._base import Simulator
 from adapters.simulators.fcm import FcmSimulator
 from adapters.viber import ViberAdapter
-from gateway.app import Gateway, open_gateway
+from gateway.app import EdgeLink, Gateway, open_gateway
 from gateway.clock import Clock
 from gateway.config import ENV_PREFIX, GatewayConfig, Secret
 from gateway.core.errors import ConfigError, ProviderError
 from gateway.http import webhook_app
+from gateway.runtime import edge as edge_process
 from gateway.runtime.keyfile import link_secrets
 from gateway.runtime.workers import (
     ProcessKind,
@@ -37,6 +38,7 @@ from gateway.runtime.workers import (
     Supervisor,
     open_worker_pool,
 )
+from gateway.store.base import JournalError
 
 log = structlog.get_logger("gateway.embedded")
 
@@ -75,28 +77,103 @@ class Embedded:
 
 async def _track_readiness(
     gateway: Gateway,
-    webhooks: Supervisor,
+    supervisors: list[Supervisor],
     scope: trio.CancelScope,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Not ready while fewer webhook processes serve than configured: the public surface
-    (delivery receipts, opt-outs) is short. Ready again once they all serve; it only restores
-    what it lowered, and ``Embedded.shutdown`` stops it first."""
-    wanted = len(webhooks.children)
+    """Not ready while fewer child processes serve than configured (webhook processes: the
+    public surface, delivery receipts and opt-outs, is short; the ZeroMQ edge: no CRM can
+    reach the gateway). Ready again once they all serve; it only restores what it lowered, and
+    ``Embedded.shutdown`` stops it first."""
     lowered = False
     with scope:
         while True:
-            serving = webhooks.serving()
-            if serving < wanted and gateway.ready:
+            short = [s for s in supervisors if s.serving() < len(s.children)]
+            if short and gateway.ready:
                 gateway.ready, lowered = False, True
-                log.warning("not_ready_webhook_processes", serving=serving, configured=wanted)
-            elif serving >= wanted and lowered:
+                for supervisor in short:
+                    log.warning(
+                        "not_ready_child_processes",
+                        process=supervisor.kind.value,
+                        serving=supervisor.serving(),
+                        configured=len(supervisor.children),
+                    )
+            elif not short and lowered:
                 gateway.ready, lowered = True, False
-                log.info("ready_webhook_processes", serving=serving, configured=wanted)
+                log.info("ready_child_processes")
             task_status.started()
             task_status = trio.TASK_STATUS_IGNORED
-            await webhooks.wait_changed()
+            async with trio.open_nursery() as waiting:  # until any of them changes
+                for supervisor in supervisors:
+                    waiting.start_soon(_cancel_when_changed, supervisor, waiting.cancel_scope)
+
+
+async def _cancel_when_changed(supervisor: Supervisor, scope: trio.CancelScope) -> None:
+    await supervisor.wait_changed()
+    scope.cancel()
+
+
+def _raise_failure(supervisor: Supervisor) -> None:
+    """A child that could not start says why in one line (e.g. its bind is in use): the
+    gateway does not start either (the CLI exits 2 with that line)."""
+    failures = [child.failure for child in supervisor.children if child.failure]
+    if failures:
+        raise ConfigError(failures[0])
+
+
+async def _run_dir(config: GatewayConfig) -> Path:
+    """The directory of the child processes' ipc sockets, beside the journal; made here, so
+    that an unusable data directory fails like the journal would. Private (0700) whatever
+    directory the journal is in: whoever can connect to the edge's socket could name any
+    client key, and to the events socket forge any receipt."""
+    run_dir = Path(config.store.path).parent / "run"
+    try:
+        await trio.Path(run_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        await trio.Path(run_dir).chmod(0o700)
+    except OSError as exc:
+        raise JournalError(
+            f"journal {config.store.path}: cannot open it ({exc.strerror or exc}); make its "
+            "directory writable for this user, or set store.data_dir / store.path"
+        ) from exc
+    return run_dir
+
+
+async def start_edge(
+    nursery: trio.Nursery,
+    config: GatewayConfig,
+    *,
+    config_path: str,
+    environ: dict[str, str],
+    restarts: ProcessRestarts,
+) -> tuple[Supervisor, EdgeLink]:
+    """Start the ZeroMQ edge process (``gateway.runtime.edge``) and wait until it listens."""
+    run_dir = await _run_dir(config)
+    requests_endpoint = f"ipc://{run_dir}/ingest-{os.getpid()}"
+    status_endpoint = f"ipc://{run_dir}/status-{os.getpid()}"
+    supervisor = Supervisor(
+        ProcessKind.ZEROMQ_EDGE,
+        [sys.executable, "-m", "gateway.runtime.edge"],
+        {
+            **environ,
+            "CASCADEGW_CONFIG": config_path,
+            edge_process.REQUESTS_ENV: requests_endpoint,
+            edge_process.STATUS_ENV: status_endpoint,
+            # each malloc arena reserves 64 MiB of address space, some only at a thread's
+            # first allocation, after the cap is set: two arenas keep that off the cap
+            "MALLOC_ARENA_MAX": "2",
+        },
+        count=1,
+        restarts=restarts,
+        report=ReportPipe(edge_process.REPORT_FD_ENV, edge_process.SERVING),
+    )
+    await nursery.start(supervisor.run)
+    _raise_failure(supervisor)
+    (child,) = supervisor.children
+    public_ingest, _, public_status = child.announced.partition(" ")
+    if not child.serving or not public_status:
+        raise ConfigError("the ZeroMQ edge process exited before it served; its log says why")
+    return supervisor, EdgeLink(requests_endpoint, status_endpoint, public_ingest, public_status)
 
 
 def simulated_env(config: GatewayConfig) -> dict[str, str]:
@@ -131,8 +208,10 @@ async def open_embedded(
     config_path: str | None = None,
     environ: Mapping[str, str] | None = None,
     simulator_seed: int | None = None,
+    edge: bool = False,
 ) -> AsyncIterator[Embedded]:
-    """Run simulators (if any provider is simulated), adapters and the gateway together."""
+    """Run simulators (if any provider is simulated), adapters and the gateway together;
+    with ``edge``, behind the ZeroMQ edge process (``cascadegw run``; needs ``config_path``)."""
     workers = config.dispatch.workers if workers is None else workers
     async with AsyncExitStack() as stack:
         nursery = await stack.enter_async_context(trio.open_nursery())
@@ -170,11 +249,12 @@ async def open_embedded(
                     workers=workers,
                     config_path=config_path,
                     environ=worker_environ,
-                    run_dir=Path(config.store.path).parent / "run",
+                    run_dir=await _run_dir(config),
                     restarts=restarts,
                 )
             )
 
+        supervisors: list[Supervisor] = []  # the gateway is ready only while all serve
         events_endpoint = None
         webhooks: Supervisor | None = None
         link_keys: list[bytes] | None = None  # open_gateway's own, after the journal opened
@@ -183,8 +263,7 @@ async def open_embedded(
             link_keys = link_secrets(config, journal_is_new=journal_is_new)
             if config_path is None:
                 raise ValueError("webhook processes need the config file path")
-            run_dir = Path(config.store.path).parent / "run"
-            await trio.Path(run_dir).mkdir(parents=True, exist_ok=True)
+            run_dir = await _run_dir(config)
             events_endpoint = f"ipc://{run_dir}/events-{os.getpid()}"
             if not config.http.public_url:
                 http = msgspec.structs.replace(
@@ -213,9 +292,21 @@ async def open_embedded(
             )
             # each has bound (or failed to) before the router binds its own sockets
             await nursery.start(webhooks.run)
-            failures = [child.failure for child in webhooks.children if child.failure]
-            if failures:  # e.g. http.webhook_bind in use: one line, exit 2 (the CLI)
-                raise ConfigError(failures[0])
+            _raise_failure(webhooks)
+            supervisors.append(webhooks)
+
+        edge_link: EdgeLink | None = None
+        if edge:
+            if config_path is None:
+                raise ValueError("the ZeroMQ edge process needs the config file path")
+            edge_supervisor, edge_link = await start_edge(
+                nursery,
+                config,
+                config_path=config_path,
+                environ={**(environ if environ is not None else os.environ)},
+                restarts=restarts,
+            )
+            supervisors.append(edge_supervisor)
 
         gateway = await stack.enter_async_context(
             open_gateway(
@@ -225,6 +316,7 @@ async def open_embedded(
                 clock=clock,
                 tracking_secrets=link_keys,
                 events_endpoint=events_endpoint,
+                edge=edge_link,
             )
         )
         # the one late binding: each side's address exists only once it listens, and the
@@ -235,7 +327,7 @@ async def open_embedded(
                 simulator.ingest_endpoint = gateway.ingest_endpoint
         gateway.registry.register(restarts)
         embedded = Embedded(gateway, simulators, webhooks)
-        if webhooks is not None:
-            await nursery.start(_track_readiness, gateway, webhooks, embedded._readiness_scope)
+        if supervisors:
+            await nursery.start(_track_readiness, gateway, supervisors, embedded._readiness_scope)
         await _register_webhooks(adapters, gateway)
         yield embedded

@@ -36,8 +36,10 @@ def make_config(
     unknown_advertising: str = "grant",
     provider_options: str = "",
     environ: dict[str, str] | None = None,
+    write_to: Path | None = None,
 ) -> GatewayConfig:
-    """A gateway config on ephemeral ports and a fresh SQLite file, tenant ``acme``.
+    """A gateway config on ephemeral ports and a fresh SQLite file, tenant ``acme``; also
+    written to ``write_to`` for processes that read it themselves (the ZeroMQ edge).
 
     Providers are named ``{channel}{n}`` (push1, email1, email2, ...) and point nowhere: tests
     give the gateway in-test adapters for them.
@@ -76,6 +78,8 @@ providers = {{ {", ".join(tenant_providers)} }}
 sender = {{ email_from = "news@acme.example", email_name = "Acme", sms_from = "ACME", viber_name = "Acme" }}
 {tenant_extra}
 """
+    if write_to is not None:
+        write_to.write_text(text)
     return load_config(text.encode(), environ or {})
 
 

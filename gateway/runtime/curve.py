@@ -43,6 +43,45 @@ def principals(config: GatewayConfig) -> Principals | None:
     return {key: frozenset(names) for key, names in tenants.items()}
 
 
+SUBSCRIBE: Final = 1
+UNSUBSCRIBE: Final = 0
+
+
+def subscription(
+    data: bytes, key: str | None, principals: Principals | None
+) -> tuple[int, list[bytes]] | None:
+    """What one XPUB subscription message may change: ``(zmq.SUBSCRIBE or zmq.UNSUBSCRIBE,
+    topics)``, or None for a message that is not a subscription.
+
+    Without CURVE (``principals`` None) the topic stands as sent. With it, ``key`` is the
+    subscriber's (None for libzmq's own messages, e.g. a departed subscriber's unsubscriptions)
+    and only its tenants pass: everything ("") means every tenant it may see, and a tenant it
+    may not see gives no topics (refused).
+    """
+    if not data or data[0] not in (SUBSCRIBE, UNSUBSCRIBE):
+        return None
+    option = zmq.SUBSCRIBE if data[0] == SUBSCRIBE else zmq.UNSUBSCRIBE
+    topic = data[1:]
+    if principals is None:
+        return option, [topic]
+    allowed = principals.get(key, frozenset()) if key is not None else frozenset()
+    if not topic:
+        return option, [tenant.encode() for tenant in sorted(allowed)]
+    if topic.decode(errors="replace") in allowed:
+        return option, [topic]
+    return option, []
+
+
+def user_id(frame: zmq.Frame) -> str | None:
+    """The client key the ZAP handler gave the connection a frame came on (None: no metadata,
+    as on libzmq's own messages)."""
+    try:
+        key = frame.get("User-Id")
+    except zmq.ZMQError:
+        return None
+    return key if isinstance(key, str) else None
+
+
 def make_server(sock: zmq.Socket[bytes], secret_key: str) -> None:
     """Make ``sock`` a CURVE server whose handshakes the ZAP handler must approve."""
     sock.curve_secretkey = secret_key.encode()

@@ -24,6 +24,7 @@ import zmq
 
 from gateway.config import IngestConfig
 from gateway.protocol import Result, ResultStatus, decode_frame, encode_reply, invalid
+from gateway.runtime import edge as edge_link
 from gateway.runtime import zmqio
 from gateway.runtime.committer import Committer
 from gateway.runtime.curve import Principals
@@ -36,19 +37,28 @@ from gateway.store.base import Batch
 _MAX_ENVELOPE_BYTES = 1024
 """Correlation frames are echoed with the reply: a client may not make us echo much."""
 
+_INGEST_DROPS = frozenset(IngestDrop)
+_REPLY_DROPS = frozenset(ReplyDrop)
+
 log = structlog.get_logger("gateway.ingest")
 
 
 class _Reply:
     """One frame's answer on its way out: sent once computed and its writes are durable."""
 
-    __slots__ = ("batch", "envelope", "identity", "payload")
+    __slots__ = ("batch", "envelope", "payload", "route")
 
-    def __init__(self, identity: bytes, envelope: list[bytes], batch: Batch | None) -> None:
-        self.identity = identity
+    def __init__(self, route: list[bytes], envelope: list[bytes], batch: Batch | None) -> None:
+        self.route = route
+        """The identity frames back to the client: its own, or the edge's and its own."""
         self.envelope = envelope
         self.batch = batch
         self.payload: bytes | None = None
+
+    @property
+    def client(self) -> bytes:
+        """Whose order this reply keeps (identities are unique per ROUTER socket)."""
+        return self.route[-1]
 
     def ready(self) -> bool:
         return self.payload is not None and (self.batch is None or self.batch.committed)
@@ -64,6 +74,7 @@ class Ingest:
         metrics: Metrics,
         config: IngestConfig,
         principals: Principals | None,
+        behind_edge: bool = False,
     ) -> None:
         self.sock = sock
         self.router = router
@@ -72,6 +83,8 @@ class Ingest:
         self.config = config
         self.principals = principals
         """Tenants per client key (CURVE on), or None: every client may act for every tenant."""
+        self.behind_edge = behind_edge
+        """The socket is the edge process's link (``gateway.runtime.edge``), not the clients'."""
         self._pending: deque[_Reply] = deque()
         self._idle: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
@@ -91,8 +104,9 @@ class Ingest:
                 # the budget counts requests, not frames: 64 frames of 500 sends would hold the
                 # loop for seconds while timers, receipts and the critical lane's dispatch wait
                 handled = 0
+                receive = self._receive_from_edge if self.behind_edge else self._receive
                 while handled < budget and zmqio.readable(sock):
-                    handled += self._receive(sock)
+                    handled += receive(sock)
                 self._flush()
                 if handled >= budget or zmqio.readable(sock):
                     await trio.lowlevel.checkpoint()
@@ -132,13 +146,44 @@ class Ingest:
             self.metrics.ingest_dropped.labels(IngestDrop.TOO_MANY_PARTS).inc()
             log.warning("frame_dropped", reason="too_many_parts", parts=count)
             return 1
-        return self._handle(parts, principal)
-
-    def _handle(self, parts: list[bytes], principal: frozenset[str] | None) -> int:
-        """Answer one frame (the reply waits for durability); returns how many requests it held."""
         if len(parts) < 2:
             return 1  # a ROUTER always prepends the peer identity; nothing to answer
-        identity, envelope, payload = parts[0], parts[1:-1], parts[-1]
+        return self._handle([parts[0]], parts[1:-1], parts[-1], principal)
+
+    def _receive_from_edge(self, sock: zmq.Socket[bytes]) -> int:
+        """Take one message from the edge process: a request, a frame it answered, or a count
+        (the edge's note frame says which; ``gateway.runtime.edge``)."""
+        received = sock.recv_multipart(zmq.NOBLOCK)
+        if len(received) < 2:
+            return 1  # not the edge's: only it can reach this socket, and it always notes
+        edge, note, *parts = received
+        kind, detail = note[:1], note[1:].decode(errors="replace")
+        if kind == edge_link.REQUEST and len(parts) >= 2:
+            principal: frozenset[str] | None = None
+            if self.principals is not None:
+                principal = self.principals.get(detail, frozenset())
+            return self._handle([edge, parts[0]], parts[1:-1], parts[-1], principal)
+        if kind == edge_link.ANSWERED and len(parts) >= 2:
+            reply = _Reply([edge, parts[0]], parts[1:-1], None)
+            reply.payload = parts[-1]
+            self._pending.append(reply)
+            return 1
+        if kind == edge_link.INGEST_DROP and detail in _INGEST_DROPS:
+            self.metrics.ingest_dropped.labels(IngestDrop(detail)).inc()
+        elif kind == edge_link.REPLY_DROP and detail in _REPLY_DROPS:
+            self.metrics.replies_dropped.labels(ReplyDrop(detail)).inc()
+        elif kind == edge_link.SUBSCRIPTION and detail in ("accepted", "refused"):
+            self.metrics.subscriptions.labels(detail).inc()
+        return 1
+
+    def _handle(
+        self,
+        route: list[bytes],
+        envelope: list[bytes],
+        payload: bytes,
+        principal: frozenset[str] | None,
+    ) -> int:
+        """Answer one frame (the reply waits for durability); returns how many requests it held."""
         if sum(len(part) for part in envelope) > _MAX_ENVELOPE_BYTES:
             self.metrics.ingest_dropped.labels(IngestDrop.ENVELOPE_TOO_LARGE).inc()
             log.warning("frame_dropped", reason="envelope_too_large")
@@ -163,7 +208,7 @@ class Ingest:
             or (isinstance(item, Result) and item.status is ResultStatus.REJECTED)
             for item in results
         )
-        reply = _Reply(identity, envelope, batch if batch and promises else None)
+        reply = _Reply(route, envelope, batch if batch and promises else None)
         self._pending.append(reply)
         queries = [item for item in results if not isinstance(item, Result)]
         if not queries:
@@ -199,13 +244,13 @@ class Ingest:
         kept: deque[_Reply] = deque()
         sock = self.sock
         for reply in pending:
-            if reply.identity in waiting or not reply.ready():
-                waiting.add(reply.identity)
+            if reply.client in waiting or not reply.ready():
+                waiting.add(reply.client)
                 kept.append(reply)
                 continue
             assert reply.payload is not None
             try:
-                sock.send_multipart([reply.identity, *reply.envelope, reply.payload], zmq.NOBLOCK)
+                sock.send_multipart([*reply.route, *reply.envelope, reply.payload], zmq.NOBLOCK)
             except zmq.ZMQError as exc:
                 reason = (
                     ReplyDrop.PEER_GONE if exc.errno == zmq.EHOSTUNREACH else ReplyDrop.PEER_FULL

@@ -23,15 +23,13 @@ import trio
 import zmq
 
 from gateway.protocol import StatusEvent, encode
-from gateway.runtime import zmqio
+from gateway.runtime import curve, zmqio
 from gateway.runtime.curve import Principals
 from gateway.runtime.metrics import Metrics
 
 log = structlog.get_logger("gateway.publisher")
 
 _MAX_BATCH: Final = 1000
-_SUBSCRIBE: Final = 1
-_UNSUBSCRIBE: Final = 0
 
 
 class Publisher:
@@ -42,10 +40,17 @@ class Publisher:
         *,
         principals: Principals | None,
         buffer: int = 100_000,
+        count_subscriptions: bool = True,
     ) -> None:
         self.sock = sock
         self.metrics = metrics
         self.principals = principals
+        self.count_subscriptions = count_subscriptions
+        self.subscribed = trio.Event()
+        """Set once some subscriber's subscription was applied: behind the ZeroMQ edge, the
+        router waits for the edge's before it takes requests, whose events would be lost."""
+        """Off behind the ZeroMQ edge: its one subscription is not a client's (the edge
+        counts those)."""
         self._queue: deque[StatusEvent] = deque()
         self._buffer = buffer
         self._idle: trio.CancelScope | None = None
@@ -87,31 +92,17 @@ class Publisher:
 
     def _subscription(self, message: zmq.Frame) -> None:
         """Apply (or refuse) one subscription message from a subscriber."""
-        data = message.bytes
-        if not data or data[0] not in (_SUBSCRIBE, _UNSUBSCRIBE):
+        key = curve.user_id(message) if self.principals is not None else None
+        change = curve.subscription(message.bytes, key, self.principals)
+        if change is None:
             return
-        option = zmq.SUBSCRIBE if data[0] == _SUBSCRIBE else zmq.UNSUBSCRIBE
-        topic = data[1:]
-        if self.principals is None:
-            topics = [topic]
-        else:
-            try:
-                key = message.get("User-Id")
-            except zmq.ZMQError:
-                # libzmq's own messages (a departed subscriber's unsubscriptions) carry no
-                # metadata; its filters went with it
-                key = None
-            allowed = self.principals.get(key, frozenset()) if isinstance(key, str) else ()
-            if not topic:
-                topics = [tenant.encode() for tenant in sorted(allowed)]
-            elif topic.decode(errors="replace") in allowed:
-                topics = [topic]
-            else:
-                topics = []
-        if option == zmq.SUBSCRIBE:
+        option, topics = change
+        if option == zmq.SUBSCRIBE and self.count_subscriptions:
             self.metrics.subscriptions.labels("accepted" if topics else "refused").inc()
             if not topics:
                 log.warning("subscription_refused")
         for allowed_topic in topics:
             # XPUB_MANUAL: applies to the subscriber whose message was just read
             self.sock.setsockopt(option, allowed_topic)
+        if option == zmq.SUBSCRIBE and topics:
+            self.subscribed.set()

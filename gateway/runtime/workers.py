@@ -7,8 +7,8 @@ metrics stay complete without a multiprocess metrics directory. A worker (``casc
 runs jobs concurrently up to ``--concurrency``; the router's per-provider concurrency limits
 bound what is in flight in total.
 
-``Supervisor`` keeps child processes running, the workers here and the webhook processes
-(``gateway.embedded``): one that exits is restarted after a growing delay and counted in
+``Supervisor`` keeps child processes running, the workers here, the webhook processes and the
+ZeroMQ edge (``gateway.embedded``): one that exits is restarted after a growing delay and counted in
 ``gateway_process_restarts_total``.
 
 Socket ownership (``gateway.runtime.zmqio``): on each side one task owns the PUSH socket (fed by
@@ -131,6 +131,7 @@ class ProcessKind(enum.StrEnum):
 
     DISPATCH_WORKER = "dispatch_worker"
     WEBHOOK = "webhook"
+    ZEROMQ_EDGE = "zeromq_edge"
 
 
 class ProcessRestarts:
@@ -144,7 +145,8 @@ class ProcessRestarts:
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(
             "gateway_process_restarts",
-            "Child processes (dispatch workers, webhook processes) restarted after they exited.",
+            "Child processes (dispatch workers, webhook processes, the ZeroMQ edge) restarted "
+            "after they exited.",
             labels=["process"],
         )
         for kind, count in self.counts.items():
@@ -171,7 +173,8 @@ def restart_delay(
 @dataclass(frozen=True)
 class ReportPipe:
     """How a supervised child reports in: the environment variable naming its descriptor, and
-    the line it writes there once it serves (any other line is a failure)."""
+    the word that starts the line it writes there once it serves (any other line is a
+    failure)."""
 
     env: str
     serving: str
@@ -186,6 +189,8 @@ class Child:
     """Running and, with a report descriptor, reported ``serving``."""
     failure: str | None = None
     """The last other line it reported (e.g. why it could not bind); cleared by ``serving``."""
+    announced: str = ""
+    """What followed ``serving`` on its last such line (e.g. the addresses it bound)."""
     exits: int = 0
 
 
@@ -303,8 +308,9 @@ class Supervisor:
             *lines, buffer = buffer.split(b"\n")
             for line in lines:
                 text = line.decode(errors="replace").strip()
-                if self.report is not None and text == self.report.serving:
-                    child.serving, child.failure = True, None
+                word, _, announced = text.partition(" ")
+                if self.report is not None and word == self.report.serving:
+                    child.serving, child.failure, child.announced = True, None, announced
                 else:
                     child.failure = text
                     log.warning("child_process_failed", process=self.kind.value, reason=text)

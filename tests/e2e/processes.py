@@ -18,6 +18,7 @@ from bench.harness import (
     POLL_INTERVAL_SECONDS,
     answers_ok,
     credentials_env,
+    descendants,
     free_port,
     gateway_command,
     kill_tree,
@@ -29,6 +30,7 @@ __all__ = [
     "GatewayProcess",
     "Standalone",
     "credentials_env",
+    "edge_pids",
     "free_port",
     "rss_bytes_of",
     "standalone_config",
@@ -48,6 +50,19 @@ async def wait_answering(
             if process.returncode is not None:
                 raise RuntimeError(f"{what} exited with {process.returncode}")
             await trio.sleep(POLL_INTERVAL_SECONDS)
+
+
+def edge_pids(router_pid: int) -> list[int]:
+    """The ZeroMQ edge processes below the router (one, or its restarted successor)."""
+    found = []
+    for pid in descendants(router_pid)[1:]:
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue  # exited meanwhile
+        if b"gateway.runtime.edge" in command:
+            found.append(pid)
+    return found
 
 
 class GatewayProcess:
@@ -110,7 +125,12 @@ class Standalone(NamedTuple):
 
 
 def standalone_config(
-    tmp_path: Path, *, extra: str = "", store_extra: str = "", http_extra: str = ""
+    tmp_path: Path,
+    *,
+    extra: str = "",
+    store_extra: str = "",
+    http_extra: str = "",
+    ingest_extra: str = "",
 ) -> Standalone:
     """A config file for ``cascadegw run`` with its own simulators, on free ports."""
     http_port, ingest_port, status_port = free_port(), free_port(), free_port()
@@ -121,6 +141,7 @@ def standalone_config(
 [ingest]
 bind = "tcp://127.0.0.1:{ingest_port}"
 status_bind = "tcp://127.0.0.1:{status_port}"
+{ingest_extra}
 [http]
 bind = "127.0.0.1:{http_port}"
 public_bind = "127.0.0.1:{public_port}"

