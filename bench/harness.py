@@ -231,10 +231,11 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def tree_usage(pid: int) -> Usage:
-    """CPU ticks and RSS of a process and all its descendants (workers, webhook processes)."""
+def tree_usage(pid: int, *, alone: bool = False) -> Usage:
+    """CPU ticks and RSS of a process and all its descendants (workers, webhook processes,
+    the ZeroMQ edge), or of the process ``alone``."""
     ticks = rss = peak = 0
-    for member in descendants(pid):
+    for member in [pid] if alone else descendants(pid):
         try:
             fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
             status = Path(f"/proc/{member}/status").read_text()

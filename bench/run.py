@@ -49,6 +49,7 @@ from bench.harness import (  # noqa: E402
     wait_ready,
     without_urls,
 )
+from gateway.runtime.cpu import CpuPart  # noqa: E402
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
 TICK_MICROSECONDS = 1_000_000 / os.sysconf("SC_CLK_TCK")
@@ -86,6 +87,8 @@ unsubscribe_probability = 0.0
 [policy.consent]
 unknown_advertising = "grant"
 {quiet}
+[diagnostics]
+cpu_breakdown = {cpu_breakdown}
 [providers.fcm_sim]
 kind = "fcm"
 url = "http://127.0.0.1:{sim_port_fcm}"
@@ -136,6 +139,8 @@ class Stack:
     # throughput scales with worker processes. (With httpx a larger pool also cost more CPU per
     # request; the adapters' own pool does not: bench/http_client_bench.py)
     concurrency: int = 8
+    cpu_breakdown: bool = False
+    """gateway_cpu_seconds_total{part}: a few percent of a send's CPU, so only where reported."""
     ports: dict[str, int] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     environ: dict[str, str] = field(default_factory=dict)
@@ -171,6 +176,7 @@ class Stack:
             store=store,
             synchronous=self.synchronous,
             quiet=QUIET_ALL_DAY if self.quiet else "",
+            cpu_breakdown="true" if self.cpu_breakdown else "false",
             rate=self.rate,
             concurrency=self.concurrency,
             **{f"sim_port_{name}": simulator_base + index for index, name in enumerate(names)},
@@ -236,7 +242,12 @@ class Stack:
                 process.wait()
 
     def usage(self) -> dict[str, Usage]:
-        return {name: tree_usage(process.pid) for name, process in self.processes.items()}
+        """Per process tree; ``router`` is the gateway's own process, without the ZeroMQ edge
+        and workers below it."""
+        usage = {name: tree_usage(process.pid) for name, process in self.processes.items()}
+        if "gateway" in self.processes:
+            usage["router"] = tree_usage(self.processes["gateway"].pid, alone=True)
+        return usage
 
     def metrics(self) -> Metrics:
         return scrape(self.http_url)
@@ -426,7 +437,7 @@ def scenario_e2e(report: Report, work: Path, quick: bool) -> None:
     # loaded one here); the higher rates show how the backlog grows
     for workers, offers in ((0, (250, 1000, 2500)), (2, (1000, 2500))):
         for offered in offers:
-            stack = Stack(work / f"e2e-{workers}-{offered}", workers=workers)
+            stack = Stack(work / f"e2e-{workers}-{offered}", workers=workers, cpu_breakdown=True)
             with running(stack):
                 metrics_before = stack.metrics()
                 before = stack.usage()
@@ -437,6 +448,12 @@ def scenario_e2e(report: Report, work: Path, quick: bool) -> None:
                 metrics_after = stack.metrics()
             sends = _delta(metrics_before, metrics_after, "gateway_sends_total", **_PUSH_SENDS)
             cpu = cpu_per_message(before, after, int(sends))
+            parts = {
+                part.value: _delta(metrics_before, metrics_after, _CPU_PARTS, part=part.value)
+                * 1e6
+                / max(sends, 1.0)
+                for part in CpuPart
+            }
             p99 = metrics_after.bucket_bound(_ACCEPT_TO_SEND, 0.99, lane="normal")
             backlog = metrics_after.total("gateway_queue_depth", lane="normal")
             rows.append(
@@ -448,13 +465,17 @@ def scenario_e2e(report: Report, work: Path, quick: bool) -> None:
                     f"{backlog:,.0f}",
                     f"{p99 * 1000:.0f}" if p99 is not None else "-",
                     _cpu_cell(cpu),
+                    _cpu_cell({name: value for name, value in parts.items() if value >= 0.5}),
                     ", ".join(f"{n} {_mib(u.peak_rss_bytes)}" for n, u in after.items()),
                 ]
             )
     report.table(
         "End-to-end first-step sends (push through the FCM simulator, receipts on)",
         "Goal: >= 2,000 end-to-end first-step sends/s on this 2-core machine, simulators included. "
-        "Load is paced at the offered rate; what the providers did not take is still queued at the end.",
+        "Load is paced at the offered rate; what the providers did not take is still queued at the end. "
+        "CPU: `gateway` is the router with the ZeroMQ edge and any workers, `router` its own process; "
+        "its parts come from gateway_cpu_seconds_total (diagnostics.cpu_breakdown, on here, "
+        "costs a few percent of a send).",
         [
             "dispatch",
             "offered msgs/s",
@@ -463,12 +484,14 @@ def scenario_e2e(report: Report, work: Path, quick: bool) -> None:
             "queued at the end",
             "p99 accept->sent ms (bucket bound)",
             "CPU µs per send",
+            "router CPU µs per send, by part",
             "peak RSS MiB",
         ],
         rows,
     )
 
 
+_CPU_PARTS = "gateway_cpu_seconds_total"
 _PUSH_SENDS = {"channel": "push", "provider": "fcm_sim", "result": "ok"}
 _ACCEPT_TO_SEND = "gateway_accept_to_send_seconds"
 

@@ -39,6 +39,7 @@ from gateway.protocol import ConsentRequest, MessageState, Result
 from gateway.runtime import curve, zmqio
 from gateway.runtime import edge as edge_link
 from gateway.runtime.committer import Committer
+from gateway.runtime.cpu import CpuAccounting
 from gateway.runtime.dispatch import Dispatcher, Executor, InProcessExecutor
 from gateway.runtime.inbox import Inbox, serve_events
 from gateway.runtime.ingest import Ingest
@@ -178,6 +179,10 @@ async def open_gateway(
     metrics = Metrics(registry, {name: p.channel for name, p in config.providers.items()})
     journal = SqliteJournal(config.store.path, synchronous=config.store.synchronous.value)
     await journal.open(create=config.store.create)
+    cpu = None
+    if config.diagnostics.cpu_breakdown:
+        cpu = CpuAccounting(lambda: journal.thread_cpu_seconds)
+        registry.register(cpu)
     state = State(horizon_seconds=policy_horizon(config))
     committer = Committer(journal, metrics)
     links = LinkSigner(
@@ -308,6 +313,9 @@ async def open_gateway(
                 principals=principals,
                 behind_edge=edge is not None,
             )
+            if cpu is not None:
+                trio.lowlevel.add_instrument(cpu)
+                sockets.callback(trio.lowlevel.remove_instrument, cpu)
             async with trio.open_nursery() as nursery:
                 if zap_sock is not None and principals is not None:
                     await nursery.start(curve.serve_zap, zap_sock, principals)

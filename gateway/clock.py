@@ -47,3 +47,13 @@ def wall_time() -> float:
 def perf_seconds() -> float:
     """A monotonic high-resolution reading, for measuring durations only."""
     return time.perf_counter()
+
+
+def thread_cpu_seconds() -> float:
+    """CPU time of the calling thread, for attributing it (``gateway.runtime.cpu``)."""
+    return time.thread_time()
+
+
+def process_cpu_seconds() -> float:
+    """CPU time of the whole process, every thread."""
+    return time.process_time()

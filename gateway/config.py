@@ -280,6 +280,13 @@ class TrackingConfig(_Config, frozen=True):
     from an old message at any time."""
 
 
+class DiagnosticsConfig(_Config, frozen=True):
+    cpu_breakdown: bool = False
+    """Count the router's CPU time by what it did (``gateway_cpu_seconds_total{part}``, as
+    ``make bench`` reports it). Costs 1-3 µs per trio task step, a few percent of a send:
+    for benchmarks and for finding a regression, not for every day."""
+
+
 class GatewayConfig(_Config, frozen=True):
     currency: str = "RUB"
     ingest: IngestConfig = IngestConfig()
@@ -292,6 +299,7 @@ class GatewayConfig(_Config, frozen=True):
     tenants: dict[Name, TenantConfig] = {}
     simulator: SimulatorConfig = SimulatorConfig()
     tracking: TrackingConfig = TrackingConfig()
+    diagnostics: DiagnosticsConfig = DiagnosticsConfig()
 
     def tenant_policy(self, tenant: str) -> PolicyConfig:
         return self.tenants[tenant].policy or self.policy

@@ -27,8 +27,9 @@ detail:
   the router's metrics (``gateway.runtime.labels``).
 
 The router answers ``[client, *envelope, reply]`` and the edge routes it back. Status events go
-from the router's XPUB to the edge's XSUB (subscribed to everything) and out of the public XPUB,
-which applies each subscriber's allowed topics (``curve.subscription``).
+from the router's XPUB to the edge's XSUB and out of the public XPUB, which applies each
+subscriber's allowed topics (``curve.subscription``); the edge subscribes upstream to the
+tenants somebody subscribed to, so the router sends nothing while nobody listens.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ LOG_LEVEL_ENV: Final = "CASCADEGW_LOG_LEVEL"
 SERVING: Final = "serving"
 """The report line's first word once both public sockets listen; their endpoints follow."""
 
+LINK_TOPIC: Final = b"\x00edge"
+"""The edge's subscription upstream as soon as it starts (see ``main``)."""
+
 _DRAIN_BUDGET: Final = 1000
 """Messages relayed per socket per wake-up, so one busy direction cannot starve the other."""
 
@@ -100,6 +104,8 @@ class Edge:
         self.max_frame_bytes = config.ingest.max_frame_bytes
         self.max_batch = config.ingest.max_batch
         self.most_parts = config.ingest.max_envelope_parts + 2  # identity, envelope, payload
+        self.upstream: set[bytes] = set()
+        """Topics the edge subscribed to at the router."""
 
     def run(self) -> None:
         """Relay until the process is terminated."""
@@ -108,6 +114,7 @@ class Edge:
             poller.register(sock, zmq.POLLIN)
         if self.zap is not None:
             poller.register(self.zap, zmq.POLLIN)
+        stalled = False
         while True:
             ready = dict(poller.poll())
             if self.zap is not None and self.zap in ready:
@@ -117,9 +124,11 @@ class Edge:
             if ready.get(self.back, 0) & zmq.POLLOUT or self.public in ready:
                 # read clients only while the router can take more: what waits, waits in
                 # libzmq's bounded queues, not in ours
-                stalled = not self._relay_requests()
-                poller.modify(self.public, 0 if stalled else zmq.POLLIN)
-                poller.modify(self.back, zmq.POLLIN | (zmq.POLLOUT if stalled else 0))
+                now_stalled = not self._relay_requests()
+                if now_stalled != stalled:  # the poller rebuilds its lists on every change
+                    stalled = now_stalled
+                    poller.modify(self.public, 0 if stalled else zmq.POLLIN)
+                    poller.modify(self.back, zmq.POLLIN | (zmq.POLLOUT if stalled else 0))
             if self.xpub in ready:
                 self._subscriptions()
             if self.xsub in ready:
@@ -198,6 +207,16 @@ class Edge:
                     log.warning("subscription_refused")
             for topic in topics:
                 xpub.setsockopt(option, topic)  # XPUB_MANUAL: for the subscriber just read
+                if option == zmq.SUBSCRIBE and topic not in self.upstream:
+                    self._subscribe_upstream(topic)
+
+    def _subscribe_upstream(self, topic: bytes) -> None:
+        """Have the router send this tenant's events (every tenant's, for ""): it then sends
+        only tenants somebody here listens to. Never undone: which subscriber an
+        unsubscription came from is libzmq's secret, and a client must not be able to stop
+        another's events; the set is bounded by the tenants."""
+        self.upstream.add(topic)
+        self.xsub.send(bytes([curve.SUBSCRIBE]) + topic)
 
     def _relay_events(self) -> None:
         xsub, xpub = self.xsub, self.xpub
@@ -290,7 +309,9 @@ def main() -> None:
     status_endpoint = _bind(config, xpub, "ingest.status_bind", ingest.status_bind)
     back.connect(os.environ[REQUESTS_ENV])
     xsub.connect(os.environ[STATUS_ENV])
-    xsub.send(bytes([curve.SUBSCRIBE]))  # every event; the public XPUB filters per subscriber
+    # the link's sign of life for the router, which waits for a subscription before it takes
+    # requests; no event's topic (a tenant name) starts with this byte, so it matches none
+    xsub.send(bytes([curve.SUBSCRIBE]) + LINK_TOPIC)
     cap = cap_address_space(ingest.edge_memory_bytes)
     log.info("edge_serving", ingest=ingest_endpoint, status=status_endpoint, memory_cap=cap)
     _report(f"{SERVING} {ingest_endpoint} {status_endpoint}")

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import msgspec
 import trio
 
+from gateway.clock import thread_cpu_seconds
 from gateway.core.caps import SendEntry
 from gateway.core.consent import ConsentAction, ConsentKind, ConsentRecord
 from gateway.core.model import MessageKey, Outcome, RecipientKey
@@ -124,6 +125,8 @@ class SqliteJournal:
         self._reader: sqlite3.Connection | None = None
         self.created = False
         """Whether ``open`` made a new journal (the file did not exist)."""
+        self._write_cpu = [0.0]
+        self._read_cpu = [0.0]
         self._write_lock = trio.CapacityLimiter(1)
         self._read_lock = trio.CapacityLimiter(1)
 
@@ -132,9 +135,27 @@ class SqliteJournal:
     ) -> _T:
         """Run a blocking sqlite3 call in a worker thread, or inline (``threads=False``)."""
         if self._threads:
-            return await trio.to_thread.run_sync(function, *args, limiter=limiter)
+            spent = self._write_cpu if limiter is self._write_lock else self._read_cpu
+            return await trio.to_thread.run_sync(
+                self._timed, spent, function, *args, limiter=limiter
+            )
         await trio.lowlevel.checkpoint()
         return function(*args)
+
+    @staticmethod
+    def _timed(spent: list[float], function: Callable[..., _T], *args: Any) -> _T:
+        """``function`` in this worker thread, its CPU time added to ``spent`` (one total per
+        limiter: only one thread at a time adds to it)."""
+        started = thread_cpu_seconds()
+        try:
+            return function(*args)
+        finally:
+            spent[0] += thread_cpu_seconds() - started
+
+    @property
+    def thread_cpu_seconds(self) -> float:
+        """CPU time spent in worker threads on this journal's calls (``gateway.runtime.cpu``)."""
+        return self._write_cpu[0] + self._read_cpu[0]
 
     # ------------------------------------------------------------ lifecycle
     async def open(self, *, create: bool = False) -> None:
