@@ -312,7 +312,9 @@ class AsyncClient:
     def wake_reader(self) -> None:
         """Tell the reader task to re-check the socket (after any send from another task)."""
         if self._reader_idle is not None:
+            # once: trio's cancel() formats the current task's repr on every call
             self._reader_idle.cancel()
+            self._reader_idle = None
 
     async def _read(self) -> None:
         sock = self.sock

@@ -89,6 +89,9 @@ class Admission:
         }
         self._timeouts = config.step_timeouts()
         self._lane_limits = {lane: config.dispatch.max_queued.limit(lane) for lane in Lane}
+        self._frame_depths: dict[Lane, int] = {}
+        """Each lane's queued and deferred sends, as of this frame's first send in it plus
+        what the frame admitted since (``overloaded``); cleared per frame."""
 
     def handle_frame(
         self, frame: Frame, principal: Principal, now: float
@@ -100,6 +103,19 @@ class Admission:
         """
         metrics = self.metrics
         metrics.frames.inc()
+        # the lanes' depths are summed over every provider queue: once per frame, then
+        # counted up as this frame admits (nothing leaves a queue while the frame is handled)
+        self._frame_depths.clear()
+        metrics.hold_admission_counts()
+        try:
+            return self._answer_all(frame, principal, now)
+        finally:
+            metrics.release_admission_counts()
+
+    def _answer_all(
+        self, frame: Frame, principal: Principal, now: float
+    ) -> list[Result | JournalQuery]:
+        metrics = self.metrics
         results: list[Result | JournalQuery] = []
         for item, raw in zip(frame.items, frame.raws or [b""] * len(frame.items), strict=True):
             if isinstance(item, Result):
@@ -152,18 +168,22 @@ class Admission:
         pending = self.committer.pending_rows
         if pending >= self.config.store.max_pending_rows:
             return f"the journal is {pending} rows behind; retry later"
-        # deferred messages wait in memory like queued ones: both count toward the bound
-        depth = self.dispatch.depth(lane) + self.state.deferred(lane)
+        depths = self._frame_depths
+        depth = depths.get(lane)
+        if depth is None:
+            # deferred messages wait in memory like queued ones: both count toward the bound
+            depth = depths[lane] = self.dispatch.depth(lane) + self.state.deferred(lane)
         if depth >= self._lane_limits[lane]:
             return f"the {lane} lane holds {depth} queued or deferred sends; retry later"
         return None
 
-    def _beyond_horizon(self, request: SendRequest, now: float) -> str | None:
+    def _beyond_horizon(
+        self, send_at: float | None, expires_at: float | None, now: float
+    ) -> str | None:
         """A ``send_at``/``expires_at`` too far ahead: it would wait (in memory and in the
         journal, unpruned) for longer than anyone means to."""
         horizon = self.config.ingest.max_schedule_ahead_seconds
-        for name, moment in (("send_at", request.send_at), ("expires_at", request.expires_at)):
-            seconds = epoch(moment)
+        for name, seconds in (("send_at", send_at), ("expires_at", expires_at)):
             if seconds is not None and seconds - now > horizon:
                 days = horizon / 86400
                 return f"{name} is more than {days:g} days ahead - at `$.{name}`"
@@ -173,7 +193,10 @@ class Admission:
         key = message_key(request.tenant, request.id)
         state = self.state
         metrics = self.metrics
-        too_far = self._beyond_horizon(request, now)
+        send_at, expires_at = epoch(request.send_at), epoch(request.expires_at)
+        too_far = None
+        if send_at is not None or expires_at is not None:
+            too_far = self._beyond_horizon(send_at, expires_at, now)
         if too_far is not None:
             metrics.refused(RejectReason.INVALID)
             return rejected(RejectReason.INVALID, too_far, request.id)
@@ -208,8 +231,8 @@ class Admission:
             topic=share(request.effective_topic),
             lane=lane,
             channels=plan,
-            send_at=epoch(request.send_at),
-            expires_at=epoch(request.expires_at),
+            send_at=send_at,
+            expires_at=expires_at,
         )
         engine = self.engine
         decision = decide(
@@ -241,6 +264,9 @@ class Admission:
             key, envelope, share(recipient.tz), cascade, now, request.campaign, request.variant
         )
         state.add(record)
+        depths = self._frame_depths
+        if lane in depths:
+            depths[lane] += 1
         engine.batch.insert(record, raw)
         engine.opening(record, StatusKind.ACCEPTED, now)
         if isinstance(decision, Defer):

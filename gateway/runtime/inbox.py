@@ -194,9 +194,11 @@ async def serve_events(
     idle: trio.CancelScope | None = None
 
     def answer(parts: list[bytes]) -> None:
+        nonlocal idle
         answers.append(parts)
         if idle is not None:
-            idle.cancel()
+            idle.cancel()  # once: trio's cancel() formats the current task's repr each call
+            idle = None
 
     async def handle(identity: bytes, correlation: bytes, item: Inbound) -> None:
         try:

@@ -250,6 +250,8 @@ class Metrics:
         self._pre_initialise(providers)
         self._requests = _Children(self.requests)
         self._admissions = _Children(self.admissions)
+        self._holding = False
+        self._held: dict[Any, int] = {}
         self._gate = _Children(self.gate_verdicts)
         self._steps = _Children(self.steps)
         self._receipts = _Children(self.receipts)
@@ -313,21 +315,39 @@ class Metrics:
             self.subscriptions.labels(subscription_verdict)
 
     # ------------------------------------------------------------ requests and admission
+    def hold_admission_counts(self) -> None:
+        """Count requests and admissions in a plain dict until ``release_admission_counts``:
+        a frame's hundred sends then take each counter's lock once, not a hundred times."""
+        self._holding = True
+
+    def release_admission_counts(self) -> None:
+        self._holding = False
+        held = self._held
+        for child, count in held.items():
+            child.inc(count)
+        held.clear()
+
+    def _count(self, child: Any) -> None:
+        if self._holding:
+            self._held[child] = self._held.get(child, 0) + 1
+        else:
+            child.inc()
+
     def request(self, op: Op, status: ResultStatus) -> None:
-        self._requests[op, status].inc()
+        self._count(self._requests[op, status])
 
     def admitted(self) -> None:
-        self._admissions["admitted", _NONE].inc()
+        self._count(self._admissions["admitted", _NONE])
 
     def deferred(self, why: DeferReason) -> None:
-        self._admissions["deferred", why].inc()
+        self._count(self._admissions["deferred", why])
 
     def refused(self, reason: RejectReason) -> None:
         """A send answered ``rejected`` (policy, overload, a bad id or time, a conflict)."""
-        self._admissions["rejected", reason].inc()
+        self._count(self._admissions["rejected", reason])
 
     def duplicate(self) -> None:
-        self._admissions["duplicate", _NONE].inc()
+        self._count(self._admissions["duplicate", _NONE])
 
     # ------------------------------------------------------------ cascades
     def gate(self, verdict: Gate, reason: RejectReason | DeferReason | None = None) -> None:

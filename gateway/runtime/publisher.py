@@ -62,7 +62,9 @@ class Publisher:
             return
         self._queue.append(event)
         if self._idle is not None:
+            # once: trio's cancel() formats the current task's repr on every call
             self._idle.cancel()
+            self._idle = None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         sock = self.sock

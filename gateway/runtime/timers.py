@@ -38,7 +38,10 @@ class TimerAlarm:
     def changed(self, deadline: float) -> None:
         """A timer was scheduled: wake the service if it is earlier than what it sleeps towards."""
         if deadline < self._sleeping_until and self._scope is not None:
+            # once: trio's cancel() formats the current task's repr on every call, and a
+            # frame of deferred sends schedules a timer per message
             self._scope.cancel()
+            self._scope = None
 
     async def sleep_until(self, clock: Clock, deadline: float | None) -> None:
         """Sleep until wall time ``deadline`` (forever for None) or an earlier ``changed``."""
