@@ -247,6 +247,10 @@ async def open_gateway(
                 pub_sock,
                 metrics,
                 principals=principals if edge is None else None,
+                # behind the edge, its own link topic (its sign of life) is allowed too
+                tenants=frozenset(config.tenants)
+                if edge is None
+                else frozenset((*config.tenants, edge_link.LINK_TOPIC.decode())),
                 count_subscriptions=edge is None,
             )
             queues = DispatchQueues(config)

@@ -282,11 +282,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     from adapters.registry import build_adapters
     from gateway.clock import Clock
-    from gateway.orphans import die_with_parent
+    from gateway.orphans import guarded
     from gateway.runtime.logging import configure_logging
     from gateway.runtime.workers import serve_worker
 
-    die_with_parent()  # an orphan would wait forever for jobs from a router that is gone
     config = _load(args.config)
     configure_logging(level=args.log_level)
     tune_gc()
@@ -305,7 +304,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             for client in clients:
                 await client.aclose()
 
-    trio.run(serve)
+    trio.run(guarded, serve)  # an orphan would wait forever for jobs from a router that is gone
     return 0
 
 

@@ -131,12 +131,28 @@ async def _run_dir(config: GatewayConfig) -> Path:
     try:
         await trio.Path(run_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
         await trio.Path(run_dir).chmod(0o700)
+        await trio.to_thread.run_sync(_remove_stale_sockets, run_dir)
     except OSError as exc:
         raise JournalError(
             f"journal {config.store.path}: cannot open it ({exc.strerror or exc}); make its "
             "directory writable for this user, or set store.data_dir / store.path"
         ) from exc
     return run_dir
+
+
+def _remove_stale_sockets(run_dir: Path) -> None:
+    """Remove the ipc sockets of routers that are gone (``ingest-<pid>`` and the like): one
+    killed outright leaves its files behind."""
+    for path in run_dir.iterdir():
+        _, _, pid = path.name.rpartition("-")
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # a live process of another user (a shared directory): not ours to touch
 
 
 async def start_edge(
@@ -146,34 +162,46 @@ async def start_edge(
     config_path: str,
     environ: dict[str, str],
     restarts: ProcessRestarts,
-) -> tuple[Supervisor, EdgeLink]:
-    """Start the ZeroMQ edge process (``gateway.runtime.edge``) and wait until it listens."""
+) -> tuple[Supervisor, Supervisor, EdgeLink]:
+    """Start the ZeroMQ edge processes (``gateway.runtime.edge``), requests and status, and
+    wait until each listens."""
     run_dir = await _run_dir(config)
     requests_endpoint = f"ipc://{run_dir}/ingest-{os.getpid()}"
     status_endpoint = f"ipc://{run_dir}/status-{os.getpid()}"
-    supervisor = Supervisor(
-        ProcessKind.ZEROMQ_EDGE,
-        [sys.executable, "-m", "gateway.runtime.edge"],
-        {
-            **environ,
-            "CASCADEGW_CONFIG": config_path,
-            edge_process.REQUESTS_ENV: requests_endpoint,
-            edge_process.STATUS_ENV: status_endpoint,
-            # each malloc arena reserves 64 MiB of address space, some only at a thread's
-            # first allocation, after the cap is set: two arenas keep that off the cap
-            "MALLOC_ARENA_MAX": "2",
-        },
-        count=1,
-        restarts=restarts,
-        report=ReportPipe(edge_process.REPORT_FD_ENV, edge_process.SERVING),
-    )
-    await nursery.start(supervisor.run)
-    _raise_failure(supervisor)
-    (child,) = supervisor.children
-    public_ingest, _, public_status = child.announced.partition(" ")
-    if not child.serving or not public_status:
-        raise ConfigError("the ZeroMQ edge process exited before it served; its log says why")
-    return supervisor, EdgeLink(requests_endpoint, status_endpoint, public_ingest, public_status)
+    child_environ = {
+        **environ,
+        "CASCADEGW_CONFIG": config_path,
+        edge_process.REQUESTS_ENV: requests_endpoint,
+        edge_process.STATUS_ENV: status_endpoint,
+        # each malloc arena reserves 64 MiB of address space, some only at a thread's
+        # first allocation, after the cap is set: two arenas keep that off the cap
+        "MALLOC_ARENA_MAX": "2",
+    }
+    supervisors = []
+    announced = []
+    for kind, role in (
+        (ProcessKind.ZEROMQ_EDGE, edge_process.REQUESTS),
+        (ProcessKind.ZEROMQ_STATUS, edge_process.STATUS),
+    ):
+        supervisor = Supervisor(
+            kind,
+            [sys.executable, "-m", "gateway.runtime.edge", role],
+            child_environ,
+            count=1,
+            restarts=restarts,
+            report=ReportPipe(edge_process.REPORT_FD_ENV, edge_process.SERVING),
+        )
+        await nursery.start(supervisor.run)
+        _raise_failure(supervisor)
+        (child,) = supervisor.children
+        if not child.serving or not child.announced:
+            raise ConfigError(
+                f"the ZeroMQ {role} edge process exited before it served; its log says why"
+            )
+        supervisors.append(supervisor)
+        announced.append(child.announced)
+    link = EdgeLink(requests_endpoint, status_endpoint, announced[0], announced[1])
+    return supervisors[0], supervisors[1], link
 
 
 def simulated_env(config: GatewayConfig) -> dict[str, str]:
@@ -299,13 +327,15 @@ async def open_embedded(
         if edge:
             if config_path is None:
                 raise ValueError("the ZeroMQ edge process needs the config file path")
-            edge_supervisor, edge_link = await start_edge(
+            edge_supervisor, _, edge_link = await start_edge(
                 nursery,
                 config,
                 config_path=config_path,
                 environ={**(environ if environ is not None else os.environ)},
                 restarts=restarts,
             )
+            # not ready without the requests edge; the status edge's restarts are counted, but
+            # requests are still taken while it is away
             supervisors.append(edge_supervisor)
 
         gateway = await stack.enter_async_context(

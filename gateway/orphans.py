@@ -1,30 +1,61 @@
-"""Child processes end with the router that started them.
+"""Child processes end with the router that started them, at once.
 
 A router that is killed outright (SIGKILL, the OOM killer) cannot stop its children, and an
 orphaned ZeroMQ edge or webhook process would keep its port: the restarted gateway could not
-bind it, or would share it with a process feeding a router that no longer exists. Linux can
-signal a child when its parent dies (``PR_SET_PDEATHSIG``); each child asks for SIGTERM.
+bind it (and exits 2, which its service manager does not restart), or would share it with a
+process feeding a router that no longer exists.
+
+The router holds the write end of one pipe for as long as it lives and never writes to it;
+every supervised child gets the read end (``LIFELINE_FD_ENV``). The kernel closes the write end
+when the router dies, however it dies, so the read end becomes readable (end of file) and the
+child exits. ``PR_SET_PDEATHSIG`` would be simpler but fires when the *thread* that started
+the child ends, and trio starts processes from worker threads that end after ten idle seconds.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
-import sys
+from collections.abc import Awaitable, Callable
 from typing import Final
 
-_PR_SET_PDEATHSIG: Final = 1
+import trio
+
+LIFELINE_FD_ENV: Final = "CASCADEGW_LIFELINE_FD"
+
+_lifeline: tuple[int, int] | None = None
 
 
-def die_with_parent() -> None:
-    """Be sent SIGTERM when the parent exits; exit now if it already has (we were orphaned
-    before asking). Nothing elsewhere than Linux, where the supervisor's stop is the only way."""
-    if not sys.platform.startswith("linux"):
-        return
-    parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != parent:
-        raise SystemExit(0)
+def lifeline() -> int:
+    """The read end to pass to a child (made once per router process; its write end stays
+    open, unwritten, until the process exits)."""
+    global _lifeline  # one pipe per process, for every child it starts
+    if _lifeline is None:
+        _lifeline = os.pipe()  # both ends close on exec, except where passed on purpose
+    return _lifeline[0]
+
+
+def inherited_lifeline() -> int | None:
+    """The read end this process was started with, or None (not started by a router)."""
+    fd = os.environ.get(LIFELINE_FD_ENV)
+    return int(fd) if fd is not None else None
+
+
+async def exit_with_parent(
+    *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """In a trio child: exit the moment the router is gone (runs forever otherwise)."""
+    fd = inherited_lifeline()
+    task_status.started()
+    if fd is None:
+        await trio.sleep_forever()
+    await trio.lowlevel.wait_readable(fd)
+    # nothing here outlives the router usefully, and it may hold a port the next one needs
+    os._exit(0)
+
+
+async def guarded(main: Callable[[], Awaitable[None]]) -> None:
+    """Run a child's ``main`` until it returns or the router is gone (``trio.run(guarded,
+    main)``). The watch is a system task: ``main``'s own exits (``SystemExit(2)`` with one
+    line) leave as they are, not wrapped in a nursery's exception group."""
+    trio.lowlevel.spawn_system_task(exit_with_parent)
+    await main()

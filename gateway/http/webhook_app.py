@@ -31,7 +31,7 @@ from gateway.config import bind_error, bind_holder, load_config, tracking_secret
 from gateway.http.public import health_routes, public_limits, public_routes
 from gateway.httpserver import Router, Server, open_listeners, split_bind
 from gateway.inbound import Inbound, SinkFull
-from gateway.orphans import die_with_parent
+from gateway.orphans import guarded
 from gateway.tracking import LinkSigner
 
 
@@ -129,8 +129,7 @@ def _report(line: str) -> None:
 
 
 def main() -> None:
-    die_with_parent()  # an orphan would share the port, feeding a router that is gone
-    trio.run(serve)
+    trio.run(guarded, serve)  # an orphan would share the port, feeding a router that is gone
 
 
 if __name__ == "__main__":

@@ -48,20 +48,24 @@ UNSUBSCRIBE: Final = 0
 
 
 def subscription(
-    data: bytes, key: str | None, principals: Principals | None
+    data: bytes, key: str | None, principals: Principals | None, tenants: frozenset[bytes]
 ) -> tuple[int, list[bytes]] | None:
     """What one XPUB subscription message may change: ``(zmq.SUBSCRIBE or zmq.UNSUBSCRIBE,
     topics)``, or None for a message that is not a subscription.
 
-    Without CURVE (``principals`` None) the topic stands as sent. With it, ``key`` is the
-    subscriber's (None for libzmq's own messages, e.g. a departed subscriber's unsubscriptions)
-    and only its tenants pass: everything ("") means every tenant it may see, and a tenant it
-    may not see gives no topics (refused).
+    A topic is everything ("") or one of ``tenants``: libzmq keeps each subscriber's topics in
+    a trie, which a flood of made-up topics would grow until the process ran out of memory.
+    Without CURVE (``principals`` None) that is all. With it, ``key`` is the subscriber's
+    (None for libzmq's own messages, e.g. a departed subscriber's unsubscriptions) and only
+    its tenants pass: everything means every tenant it may see, and a tenant it may not see
+    gives no topics (refused).
     """
     if not data or data[0] not in (SUBSCRIBE, UNSUBSCRIBE):
         return None
     option = zmq.SUBSCRIBE if data[0] == SUBSCRIBE else zmq.UNSUBSCRIBE
     topic = data[1:]
+    if topic and topic not in tenants:
+        return option, []
     if principals is None:
         return option, [topic]
     allowed = principals.get(key, frozenset()) if key is not None else frozenset()

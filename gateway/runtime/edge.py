@@ -1,50 +1,55 @@
-"""The ZeroMQ edge: the process CRMs connect to, so that what they send never grows the router.
+"""The ZeroMQ edges: the processes CRMs connect to, so that what they send never grows the router.
 
 libzmq assembles a multipart message whole before the application can read any part of it, and
 has no limit on the number of parts (only on bytes per part): one client could make the process
 holding the socket allocate 1,500 parts of a MiB before a line of ours runs. ``cascadegw run``
-therefore keeps the public sockets (``ingest.bind``, ``ingest.status_bind``) in this small
-process, with its address space capped at what it uses once serving plus
-``ingest.edge_memory_bytes``. A message that would outgrow the cap fails its allocation: libzmq
-drops that client's connection (or, when the failing allocation is one of its small ones, the
-process aborts; the router's supervisor starts it again and clients reconnect by themselves).
-The router, which holds the state, never sees it.
+therefore keeps the public sockets in two small processes, ``python -m gateway.runtime.edge
+requests`` (``ingest.bind``) and ``... status`` (``ingest.status_bind``), each with its address
+space capped at what it uses once serving plus ``ingest.edge_memory_bytes``. A message that
+would outgrow the cap fails its allocation: libzmq drops that client's connection (or, when the
+failing allocation is one of its small ones, the process aborts; the router's supervisor starts
+it again and clients reconnect by themselves). The router, which holds the state, never sees it.
+Status has its own process because subscriptions are the one input libzmq keeps before anyone
+can refuse it (see ``STATUS``).
 
-The edge terminates CURVE (it runs the ZAP handler, ``gateway.runtime.curve``), drops messages
-with more parts than any client needs, answers frames over ``ingest.max_frame_bytes`` itself
-(so the router never holds them either) and relays the rest. It keeps no state and does no I/O
-but ZeroMQ, so it is a plain blocking ``zmq.Poller`` loop, not a trio program.
+The requests edge terminates CURVE (it runs a ZAP handler, ``gateway.runtime.curve``), drops
+messages with more parts or more envelope bytes than any client needs, answers frames over
+``ingest.max_frame_bytes`` itself (so the router never holds them either) and relays the rest.
+An edge keeps no state and does no I/O but ZeroMQ, so it is a plain blocking ``zmq.Poller``
+loop, not a trio program; it exits when its lifeline reads end of file (``gateway.orphans``).
 
-Between edge and router, over ipc in the journal's private directory: the edge's DEALER to the
-router's ROUTER. Every message from the edge starts with a note frame, a kind byte and its
+Between an edge and the router, over ipc in the journal's private directory: the edge's DEALER
+to the router's ROUTER (the status edge sends only counts on it). Every message from the edge starts with a note frame, a kind byte and its
 detail:
 
 - ``r`` + the client's key (z85; empty without CURVE), then ``[client, *envelope, payload]``: a
   request for the router to decide;
 - ``a``, then ``[client, *envelope, reply]``: a frame answered here (too large); the router
   sends the reply in its turn among that client's replies, which leave in arrival order;
-- ``d``/``p``/``s`` + a label: a dropped message, a dropped reply, a subscription verdict, for
-  the router's metrics (``gateway.runtime.labels``).
+- ``d``/``p``/``s`` + ``label=count``: dropped messages, dropped replies, subscription
+  verdicts, for the router's metrics (``gateway.runtime.labels``).
 
 The router answers ``[client, *envelope, reply]`` and the edge routes it back. Status events go
-from the router's XPUB to the edge's XSUB and out of the public XPUB, which applies each
+from the router's XPUB to the status edge's XSUB and out of the public XPUB, which applies each
 subscriber's allowed topics (``curve.subscription``); the edge subscribes upstream to the
 tenants somebody subscribed to, so the router sends nothing while nobody listens.
 """
 
 from __future__ import annotations
 
-import contextlib
+import math
 import os
 import resource
 import signal
+import sys
 from typing import Final
 
 import structlog
 import zmq
 
+from gateway.clock import perf_seconds
 from gateway.config import GatewayConfig, bind_error, bind_holder, load_config
-from gateway.orphans import die_with_parent
+from gateway.orphans import inherited_lifeline
 from gateway.protocol import Result, decode_frame, encode_reply
 from gateway.runtime import curve
 from gateway.runtime.curve import Principals
@@ -66,7 +71,14 @@ STATUS_ENV: Final = "CASCADEGW_EDGE_STATUS"
 REPORT_FD_ENV: Final = "CASCADEGW_REPORT_FD"
 LOG_LEVEL_ENV: Final = "CASCADEGW_LOG_LEVEL"
 SERVING: Final = "serving"
-"""The report line's first word once both public sockets listen; their endpoints follow."""
+"""The report line's first word once the public socket listens; its endpoint follows."""
+
+REQUESTS: Final = "requests"
+"""The role of the edge process that serves ``ingest.bind`` (the ROUTER)."""
+STATUS: Final = "status"
+"""The role of the one that serves ``ingest.status_bind`` (the XPUB): apart, so that a
+subscriber who floods libzmq's subscription trie until that process runs out of memory takes
+down status events for a moment, never requests."""
 
 LINK_TOPIC: Final = b"\x00edge"
 """The edge's subscription upstream as soon as it starts (see ``main``)."""
@@ -75,10 +87,14 @@ _DRAIN_BUDGET: Final = 1000
 """Messages relayed per socket per wake-up, so one busy direction cannot starve the other."""
 
 
-INTERNAL_HWM: Final = 256
-"""Messages queued on each end of the edge-router link. Every frame is bounded by
-``ingest.max_frame_bytes`` before it leaves the edge, so the bytes waiting for the router are
-bounded too (and the router's own queue from the edge with them)."""
+INTERNAL_HWM: Final = 32
+"""Messages queued on each end of the edge-router link. Every message is bounded before it
+leaves the edge (a payload of at most ``ingest.max_frame_bytes``, envelope frames of at most
+``MAX_ENVELOPE_BYTES`` in all), so the router never holds more than twice this many of them
+from clients (256 MiB at the default 4 MiB frame; a batch of 100 sends is about 30 KB)."""
+
+MAX_ENVELOPE_BYTES: Final = 1024
+"""Correlation frames are echoed with the reply: a client may not make anyone echo much."""
 
 
 class Edge:
@@ -87,10 +103,10 @@ class Edge:
     def __init__(
         self,
         *,
-        public: zmq.Socket[bytes],
+        public: zmq.Socket[bytes] | None,
         back: zmq.Socket[bytes],
-        xpub: zmq.Socket[bytes],
-        xsub: zmq.Socket[bytes],
+        xpub: zmq.Socket[bytes] | None,
+        xsub: zmq.Socket[bytes] | None,
         zap: zmq.Socket[bytes] | None,
         config: GatewayConfig,
         principals: Principals | None,
@@ -106,22 +122,37 @@ class Edge:
         self.most_parts = config.ingest.max_envelope_parts + 2  # identity, envelope, payload
         self.upstream: set[bytes] = set()
         """Topics the edge subscribed to at the router."""
+        self.tenants = frozenset(name.encode() for name in config.tenants)
+        """The topics a subscriber may ask for besides "" (``curve.subscription``)."""
+        self.lifeline = inherited_lifeline()
+        self.notes: dict[tuple[bytes, str], int] = {}
+        """Counts for the router not yet sent (``_note``)."""
+        self.refused_unlogged = 0
+        self.refusals_logged_at = -math.inf
 
     def run(self) -> None:
         """Relay until the process is terminated."""
         poller = zmq.Poller()
         for sock in (self.public, self.back, self.xpub, self.xsub):
-            poller.register(sock, zmq.POLLIN)
+            if sock is not None:
+                poller.register(sock, zmq.POLLIN)
         if self.zap is not None:
             poller.register(self.zap, zmq.POLLIN)
+        if self.lifeline is not None:
+            poller.register(self.lifeline, zmq.POLLIN)  # readable: the router is gone
         stalled = False
         while True:
             ready = dict(poller.poll())
+            if self.lifeline is not None and self.lifeline in ready:
+                log.warning("edge_exiting", reason="the router is gone")
+                return
             if self.zap is not None and self.zap in ready:
                 self._answer_zap()
             if ready.get(self.back, 0) & zmq.POLLIN:
                 self._relay_replies()
-            if ready.get(self.back, 0) & zmq.POLLOUT or self.public in ready:
+            if self.public is not None and (
+                ready.get(self.back, 0) & zmq.POLLOUT or self.public in ready
+            ):
                 # read clients only while the router can take more: what waits, waits in
                 # libzmq's bounded queues, not in ours
                 now_stalled = not self._relay_requests()
@@ -133,6 +164,8 @@ class Edge:
                 self._subscriptions()
             if self.xsub in ready:
                 self._relay_events()
+            if self.notes:
+                self._send_notes()
 
     def _writable(self, sock: zmq.Socket[bytes]) -> bool:
         return bool(int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLOUT)
@@ -143,6 +176,7 @@ class Edge:
     def _relay_requests(self) -> bool:
         """Relay what clients sent; False when the router's queue is full (resume on POLLOUT)."""
         public, back = self.public, self.back
+        assert public is not None
         for _ in range(_DRAIN_BUDGET):
             if not self._readable(public):
                 return True
@@ -162,6 +196,10 @@ class Edge:
                 continue
             if count < 2:
                 continue  # a ROUTER always prepends the identity: nothing to answer
+            if sum(len(part) for part in parts[1:-1]) > MAX_ENVELOPE_BYTES:
+                log.warning("frame_dropped", reason=IngestDrop.ENVELOPE_TOO_LARGE.value)
+                self._note(INGEST_DROP, IngestDrop.ENVELOPE_TOO_LARGE)
+                continue
             payload = parts[-1]
             if len(payload) > self.max_frame_bytes:
                 frame = decode_frame(
@@ -183,6 +221,8 @@ class Edge:
             if not self._readable(back):
                 return
             parts = back.recv_multipart(zmq.NOBLOCK, copy=False)
+            if public is None:
+                continue  # the status edge takes no replies: nothing should come
             try:
                 public.send_multipart(parts, zmq.NOBLOCK, copy=False)
             except zmq.ZMQError as exc:
@@ -194,17 +234,16 @@ class Edge:
 
     def _subscriptions(self) -> None:
         xpub = self.xpub
+        assert xpub is not None
         while self._readable(xpub):
             message = xpub.recv(zmq.NOBLOCK, copy=False)
             key = curve.user_id(message) if self.principals is not None else None
-            change = curve.subscription(message.bytes, key, self.principals)
+            change = curve.subscription(message.bytes, key, self.principals, self.tenants)
             if change is None:
                 continue
             option, topics = change
             if option == zmq.SUBSCRIBE:
                 self._note(SUBSCRIPTION, "accepted" if topics else "refused")
-                if not topics:
-                    log.warning("subscription_refused")
             for topic in topics:
                 xpub.setsockopt(option, topic)  # XPUB_MANUAL: for the subscriber just read
                 if option == zmq.SUBSCRIBE and topic not in self.upstream:
@@ -215,11 +254,14 @@ class Edge:
         only tenants somebody here listens to. Never undone: which subscriber an
         unsubscription came from is libzmq's secret, and a client must not be able to stop
         another's events; the set is bounded by the tenants."""
+        assert self.xsub is not None
         self.upstream.add(topic)
         self.xsub.send(bytes([curve.SUBSCRIBE]) + topic)
 
     def _relay_events(self) -> None:
         xsub, xpub = self.xsub, self.xpub
+        assert xsub is not None
+        assert xpub is not None
         for _ in range(_DRAIN_BUDGET):
             if not self._readable(xsub):
                 return
@@ -237,9 +279,29 @@ class Edge:
             zap.send_multipart(reply)
 
     def _note(self, kind: bytes, label: str) -> None:
-        # a count lost while the router is this busy: the log line stands
-        with contextlib.suppress(zmq.Again):
-            self.back.send(kind + label.encode(), zmq.NOBLOCK)
+        """Count something for the router's metrics; sent by ``_send_notes``."""
+        key = (kind, label)
+        self.notes[key] = self.notes.get(key, 0) + 1
+
+    def _send_notes(self) -> None:
+        """One note per count with what accumulated since the last: a flood of refusals
+        must neither fill the link (and lose counts) nor take one message each."""
+        for (kind, label), count in list(self.notes.items()):
+            try:
+                self.back.send(kind + f"{label}={count}".encode(), zmq.NOBLOCK)
+            except zmq.Again:
+                return  # the router is busy: kept for the next round
+            del self.notes[kind, label]
+            if kind == SUBSCRIPTION and label == "refused":
+                self._log_refusals(count)
+
+    def _log_refusals(self, count: int) -> None:
+        """A line per second at most: a flood of refusals must not become a flood of logs."""
+        self.refused_unlogged += count
+        now = perf_seconds()
+        if now - self.refusals_logged_at >= 1.0:
+            log.warning("subscriptions_refused", count=self.refused_unlogged)
+            self.refused_unlogged, self.refusals_logged_at = 0, now
 
 
 def cap_address_space(extra_bytes: int) -> int:
@@ -275,46 +337,57 @@ def main() -> None:
     # Ctrl-C reaches the whole process group: the edge keeps relaying the router's last
     # replies while it drains, and is terminated by its supervisor after
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    die_with_parent()  # an orphan would hold the ports the restarted gateway needs
     configure_logging(level=os.environ.get(LOG_LEVEL_ENV, "info"))
+    role = sys.argv[1] if len(sys.argv) > 1 else ""
+    if role not in (REQUESTS, STATUS):
+        raise SystemExit(f"usage: python -m gateway.runtime.edge {REQUESTS}|{STATUS}")
     with open(os.environ["CASCADEGW_CONFIG"], "rb") as file:
         config = load_config(file.read(), os.environ)
     ingest = config.ingest
     principals = curve.principals(config)
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     zap = curve.open_zap_socket(context) if principals is not None else None
-    public: zmq.Socket[bytes] = context.socket(zmq.ROUTER)
-    xpub: zmq.Socket[bytes] = context.socket(zmq.XPUB)
+    # both roles count toward the router's metrics over this link; requests also go over it
     back: zmq.Socket[bytes] = context.socket(zmq.DEALER)
-    xsub: zmq.Socket[bytes] = context.socket(zmq.XSUB)
-    for sock in (public, xpub, back, xsub):
-        sock.setsockopt(zmq.LINGER, 0)
-    public.setsockopt(zmq.ROUTER_MANDATORY, 1)  # else replies to vanished peers vanish silently
-    public.setsockopt(zmq.RCVHWM, 1_000)
-    public.setsockopt(zmq.SNDHWM, 1_000)
-    # bytes per part: bigger frames up to this get an `invalid` reply; past it libzmq drops
-    # the connection (it cannot answer what it refused)
-    public.setsockopt(zmq.MAXMSGSIZE, 8 * ingest.max_frame_bytes)
-    xpub.setsockopt(zmq.SNDHWM, 100_000)
-    xpub.setsockopt(zmq.XPUB_MANUAL, 1)
-    xpub.setsockopt(zmq.MAXMSGSIZE, 4096)
-    for sock in (back, xsub):  # the router binds once the edge serves: link up soon after
-        sock.setsockopt(zmq.RECONNECT_IVL, 10)
+    back.setsockopt(zmq.LINGER, 0)
+    back.setsockopt(zmq.RECONNECT_IVL, 10)  # the router binds once the edge serves
     back.setsockopt(zmq.SNDHWM, INTERNAL_HWM)
     back.setsockopt(zmq.RCVHWM, INTERNAL_HWM)
-    if ingest.curve_secret_key is not None:
-        curve.make_server(public, ingest.curve_secret_key.reveal())
-        curve.make_server(xpub, ingest.curve_secret_key.reveal())
-    ingest_endpoint = _bind(config, public, "ingest.bind", ingest.bind)
-    status_endpoint = _bind(config, xpub, "ingest.status_bind", ingest.status_bind)
+    public = xpub = xsub = None
+    if role == REQUESTS:
+        public = context.socket(zmq.ROUTER)
+        public.setsockopt(zmq.LINGER, 0)
+        public.setsockopt(zmq.ROUTER_MANDATORY, 1)  # else replies to vanished peers vanish
+        public.setsockopt(zmq.RCVHWM, 1_000)
+        public.setsockopt(zmq.SNDHWM, 1_000)
+        # bytes per part: bigger frames up to this get an `invalid` reply; past it libzmq
+        # drops the connection (it cannot answer what it refused)
+        public.setsockopt(zmq.MAXMSGSIZE, 8 * ingest.max_frame_bytes)
+        if ingest.curve_secret_key is not None:
+            curve.make_server(public, ingest.curve_secret_key.reveal())
+        endpoint = _bind(config, public, "ingest.bind", ingest.bind)
+    else:
+        xpub = context.socket(zmq.XPUB)
+        xsub = context.socket(zmq.XSUB)
+        for sock in (xpub, xsub):
+            sock.setsockopt(zmq.LINGER, 0)
+        xpub.setsockopt(zmq.SNDHWM, 100_000)
+        xpub.setsockopt(zmq.XPUB_MANUAL, 1)
+        # room for the handshake's commands (CURVE's INITIATE with its metadata) and a
+        # subscription to any tenant name; more drops the subscriber
+        xpub.setsockopt(zmq.MAXMSGSIZE, 1024)
+        xsub.setsockopt(zmq.RECONNECT_IVL, 10)
+        if ingest.curve_secret_key is not None:
+            curve.make_server(xpub, ingest.curve_secret_key.reveal())
+        endpoint = _bind(config, xpub, "ingest.status_bind", ingest.status_bind)
+        xsub.connect(os.environ[STATUS_ENV])
+        # the link's sign of life for the router, which waits for a subscription before it
+        # takes requests; no event's topic (a tenant name) starts with this byte
+        xsub.send(bytes([curve.SUBSCRIBE]) + LINK_TOPIC)
     back.connect(os.environ[REQUESTS_ENV])
-    xsub.connect(os.environ[STATUS_ENV])
-    # the link's sign of life for the router, which waits for a subscription before it takes
-    # requests; no event's topic (a tenant name) starts with this byte, so it matches none
-    xsub.send(bytes([curve.SUBSCRIBE]) + LINK_TOPIC)
     cap = cap_address_space(ingest.edge_memory_bytes)
-    log.info("edge_serving", ingest=ingest_endpoint, status=status_endpoint, memory_cap=cap)
-    _report(f"{SERVING} {ingest_endpoint} {status_endpoint}")
+    log.info("edge_serving", role=role, endpoint=endpoint, memory_cap=cap)
+    _report(f"{SERVING} {endpoint}")
     Edge(
         public=public,
         back=back,

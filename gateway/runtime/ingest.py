@@ -34,9 +34,6 @@ from gateway.runtime.queries import JournalQuery, StatusQuery
 from gateway.runtime.router import Router
 from gateway.store.base import Batch
 
-_MAX_ENVELOPE_BYTES = 1024
-"""Correlation frames are echoed with the reply: a client may not make us echo much."""
-
 _INGEST_DROPS = frozenset(IngestDrop)
 _REPLY_DROPS = frozenset(ReplyDrop)
 
@@ -170,12 +167,14 @@ class Ingest:
             reply.payload = parts[-1]
             self._pending.append(reply)
             return 1
-        if kind == edge_link.INGEST_DROP and detail in _INGEST_DROPS:
-            self.metrics.ingest_dropped.labels(IngestDrop(detail)).inc()
-        elif kind == edge_link.REPLY_DROP and detail in _REPLY_DROPS:
-            self.metrics.replies_dropped.labels(ReplyDrop(detail)).inc()
-        elif kind == edge_link.SUBSCRIPTION and detail in ("accepted", "refused"):
-            self.metrics.subscriptions.labels(detail).inc()
+        label, _, number = detail.partition("=")
+        count = int(number) if number.isdigit() else 1
+        if kind == edge_link.INGEST_DROP and label in _INGEST_DROPS:
+            self.metrics.ingest_dropped.labels(IngestDrop(label)).inc(count)
+        elif kind == edge_link.REPLY_DROP and label in _REPLY_DROPS:
+            self.metrics.replies_dropped.labels(ReplyDrop(label)).inc(count)
+        elif kind == edge_link.SUBSCRIPTION and label in ("accepted", "refused"):
+            self.metrics.subscriptions.labels(label).inc(count)
         return 1
 
     def _handle(
@@ -186,7 +185,7 @@ class Ingest:
         principal: frozenset[str] | None,
     ) -> int:
         """Answer one frame (the reply waits for durability); returns how many requests it held."""
-        if sum(len(part) for part in envelope) > _MAX_ENVELOPE_BYTES:
+        if sum(len(part) for part in envelope) > edge_link.MAX_ENVELOPE_BYTES:
             self.metrics.ingest_dropped.labels(IngestDrop.ENVELOPE_TOO_LARGE).inc()
             log.warning("frame_dropped", reason="envelope_too_large")
             return 1

@@ -39,12 +39,15 @@ class Publisher:
         metrics: Metrics,
         *,
         principals: Principals | None,
+        tenants: frozenset[str],
         buffer: int = 100_000,
         count_subscriptions: bool = True,
     ) -> None:
         self.sock = sock
         self.metrics = metrics
         self.principals = principals
+        self.tenants = frozenset(name.encode() for name in tenants)
+        """The topics a subscriber may ask for besides "" (``curve.subscription``)."""
         self.count_subscriptions = count_subscriptions
         self.subscribed = trio.Event()
         """Set once some subscriber's subscription was applied: behind the ZeroMQ edge, the
@@ -95,7 +98,7 @@ class Publisher:
     def _subscription(self, message: zmq.Frame) -> None:
         """Apply (or refuse) one subscription message from a subscriber."""
         key = curve.user_id(message) if self.principals is not None else None
-        change = curve.subscription(message.bytes, key, self.principals)
+        change = curve.subscription(message.bytes, key, self.principals, self.tenants)
         if change is None:
             return
         option, topics = change

@@ -39,6 +39,7 @@ from gateway.clock import perf_seconds
 from gateway.core import errors
 from gateway.core.errors import ProviderError
 from gateway.core.model import Channel
+from gateway.orphans import LIFELINE_FD_ENV, lifeline
 from gateway.protocol import EmailContent, PushContent, SmsContent, ViberContent
 from gateway.runtime import zmqio
 
@@ -132,6 +133,9 @@ class ProcessKind(enum.StrEnum):
     DISPATCH_WORKER = "dispatch_worker"
     WEBHOOK = "webhook"
     ZEROMQ_EDGE = "zeromq_edge"
+    """The edge process of ``ingest.bind`` (requests)."""
+    ZEROMQ_STATUS = "zeromq_status"
+    """The edge process of ``ingest.status_bind`` (status events)."""
 
 
 class ProcessRestarts:
@@ -145,8 +149,8 @@ class ProcessRestarts:
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(
             "gateway_process_restarts",
-            "Child processes (dispatch workers, webhook processes, the ZeroMQ edge) restarted "
-            "after they exited.",
+            "Child processes (dispatch workers, webhook processes, the ZeroMQ edge processes) "
+            "restarted after they exited.",
             labels=["process"],
         )
         for kind, count in self.counts.items():
@@ -264,6 +268,9 @@ class Supervisor:
 
     async def _attempt(self, child: Child, first: trio.Event) -> int:
         environ = dict(self.environ)
+        # the child exits the moment this process is gone (gateway.orphans)
+        life_fd = lifeline()
+        environ[LIFELINE_FD_ENV] = str(life_fd)
         read_fd: int | None = None
         write_fd: int | None = None
         if self.report is not None:
@@ -277,7 +284,7 @@ class Supervisor:
                         self.command,
                         env=environ,
                         check=False,
-                        pass_fds=() if write_fd is None else (write_fd,),
+                        pass_fds=(life_fd,) if write_fd is None else (life_fd, write_fd),
                     )
                 )
                 child.pid = process.pid

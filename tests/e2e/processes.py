@@ -52,15 +52,16 @@ async def wait_answering(
             await trio.sleep(POLL_INTERVAL_SECONDS)
 
 
-def edge_pids(router_pid: int) -> list[int]:
-    """The ZeroMQ edge processes below the router (one, or its restarted successor)."""
+def edge_pids(router_pid: int, role: str = "requests") -> list[int]:
+    """The ZeroMQ edge processes of ``role`` (requests, status) below the router: one, or its
+    restarted successor."""
     found = []
     for pid in descendants(router_pid)[1:]:
         try:
             command = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue  # exited meanwhile
-        if b"gateway.runtime.edge" in command:
+        if b"gateway.runtime.edge\0" + role.encode() in command:
             found.append(pid)
     return found
 

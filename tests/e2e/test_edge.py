@@ -6,6 +6,7 @@ router under it and pipeline frames through it, against real processes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Callable
@@ -16,7 +17,7 @@ import msgpack
 import trio
 import zmq
 
-from bench.harness import answers_ok
+from bench.harness import answers_ok, descendants
 from gateway.client import open_client
 from tests.e2e.processes import GatewayProcess, edge_pids, standalone_config
 from tests.support import promo
@@ -43,11 +44,66 @@ def exited(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
-async def running_gateway(tmp_path: Path) -> tuple[GatewayProcess, str]:
-    path, http_url, ingest, _ = standalone_config(tmp_path, store_extra="create = true")
+async def running_gateway(
+    tmp_path: Path, *, all_children: bool = False
+) -> tuple[GatewayProcess, str]:
+    """``cascadegw run``; with ``all_children``, a dispatch worker and a webhook process too."""
+    path, http_url, ingest, _ = standalone_config(
+        tmp_path,
+        store_extra="create = true",
+        http_extra='webhook_processes = 1\nwebhook_bind = "127.0.0.1:0"' if all_children else "",
+        extra="[dispatch]\nworkers = 1\n" if all_children else "",
+    )
     process = GatewayProcess(path, {}, http_url)
     await process.start()
     return process, ingest
+
+
+def children(router_pid: int) -> dict[int, str]:
+    """The router's child processes, pid -> command line."""
+    found = {}
+    for pid in descendants(router_pid)[1:]:
+        with contextlib.suppress(OSError):
+            found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    return found
+
+
+async def test_children_live_as_long_as_the_router_however_idle(tmp_path: Path) -> None:
+    """trio starts processes from worker threads that end after ten idle seconds: nothing
+    about a child's life may hang on that thread (PR_SET_PDEATHSIG did, and killed every
+    child ten seconds into each idle spell)."""
+    process, _ = await running_gateway(tmp_path, all_children=True)
+    try:
+        assert process.process is not None
+        before = children(process.process.pid)
+        await trio.sleep(13)
+        after = children(process.process.pid)
+        async with httpx.AsyncClient() as http:
+            metrics = (await http.get(f"{process.http_url}/metrics")).text
+    finally:
+        await process.stop()
+    kinds = sorted(
+        kind
+        for kind in (
+            "gateway.runtime.edge requests",
+            "gateway.runtime.edge status",
+            "gateway.http.webhook_app",
+            " worker ",
+        )
+        for command in before.values()
+        if kind in command
+    )
+    assert [
+        " worker ",
+        "gateway.http.webhook_app",
+        "gateway.runtime.edge requests",
+        "gateway.runtime.edge status",
+    ] == kinds
+    assert before == after
+    assert 'gateway_process_restarts_total{process="zeromq_edge"} 0.0' in metrics
+    assert 'gateway_process_restarts_total{process="zeromq_status"} 0.0' in metrics
+    assert 'gateway_process_restarts_total{process="webhook"} 0.0' in metrics
+    assert 'gateway_process_restarts_total{process="dispatch_worker"} 0.0' in metrics
 
 
 async def test_a_killed_edge_is_restarted_and_serves_again(tmp_path: Path) -> None:
@@ -85,22 +141,29 @@ async def test_the_link_to_the_router_is_private(tmp_path: Path) -> None:
     assert 0o700 == mode
 
 
-async def test_a_killed_router_takes_its_edge_along(tmp_path: Path) -> None:
+async def test_a_killed_router_takes_its_children_along(tmp_path: Path) -> None:
     """An orphaned edge would keep the ZeroMQ ports, and the restarted gateway could not bind
-    them (systemd would restart it into the same error forever)."""
-    process, ingest = await running_gateway(tmp_path)
+    them (and exits 2, which its service manager does not restart); orphaned workers and
+    webhook processes would wait for a router that is gone."""
+    process, ingest = await running_gateway(tmp_path, all_children=True)
     assert process.process is not None
-    (edge,) = edge_pids(process.process.pid)
+    orphans = list(children(process.process.pid))
     process.process.kill()  # the router alone, as the OOM killer would
     await process.process.wait()
-    await wait_until(lambda: exited(edge), timeout_seconds=10)
+    await wait_until(lambda: all(exited(pid) for pid in orphans), timeout_seconds=5)
+    stale = sorted(path.name for path in (tmp_path / "var" / "run").iterdir())
     await process.start()  # the same config: the same ports
+    fresh = sorted(path.name for path in (tmp_path / "var" / "run").iterdir())
     try:
         async with open_client(ingest, timeout_seconds=30) as client:
             answer = await client.send(promo("after-crash"))
     finally:
         await process.stop()
+    assert 4 == len(orphans)
     assert "accepted" == answer["status"]
+    # the dead router's ipc sockets were removed when the next one started
+    assert 5 == len(stale)  # ingest, status, events, jobs, results
+    assert not set(stale) & set(fresh)
 
 
 async def test_a_frame_the_edge_answers_keeps_its_place_in_the_client_order(

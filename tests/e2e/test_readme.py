@@ -11,6 +11,7 @@ import trio
 
 from gateway.config import default_config_bytes, load_config
 from gateway.embedded import open_embedded
+from tests.support import NOON_UTC
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,7 +32,9 @@ async def test_the_readme_example_works(tmp_path: Path) -> None:
     http = msgspec.structs.replace(config.http, bind="127.0.0.1:0", public_url="")
     store = msgspec.structs.replace(config.store, path=str(tmp_path / "journal.db"), create=True)
     config = msgspec.structs.replace(config, ingest=ports, http=http, store=store)
-    async with open_embedded(config) as embedded:
+    # at noon UTC (15:00 in the example's Moscow): run in Moscow's evening quiet hours, the
+    # promo would be deferred to the morning and the reply would say so
+    async with open_embedded(config, wall_at_start=NOON_UTC) as embedded:
         gateway = embedded.gateway
         code = readme_example().replace("tcp://127.0.0.1:5555", gateway.ingest_endpoint)
         namespace: dict[str, Any] = {}

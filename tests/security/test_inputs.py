@@ -24,7 +24,7 @@ import trio.testing
 import zmq
 
 from gateway.app import open_gateway
-from gateway.client import open_client
+from gateway.client import open_client, open_subscription
 from gateway.core.model import Channel
 from tests.e2e.processes import GatewayProcess, edge_pids, rss_bytes_of, standalone_config
 from tests.support import NOON_UTC, in_test_providers, make_config, promo
@@ -184,6 +184,20 @@ def reply_to(sock: zmq.Socket[bytes], correlation: bytes) -> list[list[bytes]]:
     raise AssertionError("no reply")
 
 
+def _sample(metrics: str, name: str) -> float:
+    """One sample's value from a /metrics page (0 when absent)."""
+    for line in metrics.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def _status_port(process: GatewayProcess) -> int:
+    """The status (XPUB) port from the gateway's config file."""
+    text = process.config_path.read_text()
+    return int(text.split('status_bind = "tcp://127.0.0.1:', 1)[1].split('"', 1)[0])
+
+
 def status_request(correlation: bytes) -> list[bytes]:
     request = {"v": 1, "op": "status", "id": "nope", "tenant": "acme"}
     return [correlation, msgpack.packb(request)]
@@ -267,6 +281,77 @@ class TestZeroMqMessages:
         assert peaks.edge_peak <= cap
         assert peaks.edge_peak < 300 * MIB  # against 1.5 GB unbounded
         assert peaks.router_peak - router_before < 50 * MIB
+
+    @pytest.mark.parametrize("payload_mib", [0, 5], ids=["small-payload", "oversize-payload"])
+    async def test_big_envelope_frames_are_dropped_at_the_edge(
+        self, payload_mib: int, tmp_path: Path
+    ) -> None:
+        """Correlation frames are echoed with the reply, so their bytes are bounded too: seven
+        of 30 MiB never reach the router, whether the edge or the router would answer."""
+        async with gateway_process(tmp_path) as (process, ingest, _):
+            router = pid_of(process)
+            router_before = rss_bytes_of(router)
+            context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+            sock: zmq.Socket[bytes] = context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(ingest)
+            peaks = PeakRss(router)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    partial(trio.to_thread.run_sync, peaks.sample, abandon_on_cancel=True)
+                )
+                big = b"x" * (30 * MIB)
+                payload = status_request(b"big")[1] + b" " * (payload_mib * MIB)
+                await trio.to_thread.run_sync(sock.send_multipart, [big] * 7 + [payload])
+                sock.send_multipart(status_request(b"after"))
+                received = await trio.to_thread.run_sync(reply_to, sock, b"after")
+                peaks.stop()
+            sock.close(linger=0)
+            context.term()
+        assert [b"after"] == [parts[0] for parts in received]  # nothing echoed before it
+        assert peaks.router_peak - router_before < 50 * MIB
+
+    async def test_a_subscription_flood_never_reaches_requests(self, tmp_path: Path) -> None:
+        """libzmq keeps every subscription it reads in a trie before anyone can refuse it, so
+        a flood of made-up topics can run the status edge out of memory. It is its own
+        process: requests go on, and subscribers get events again once it is restarted."""
+        async with gateway_process(tmp_path) as (process, ingest, _):
+            status_endpoint = ingest.rsplit(":", 1)[0] + ":" + str(_status_port(process))
+            context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+            flood: zmq.Socket[bytes] = context.socket(zmq.XSUB)
+            flood.setsockopt(zmq.LINGER, 0)
+            flood.connect(status_endpoint)
+            sock: zmq.Socket[bytes] = context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(ingest)
+            answered = 0
+            for chunk in range(60):
+                for n in range(chunk * 500, chunk * 500 + 500):
+                    flood.send(b"\x01" + b"%08d" % n + b"t" * 1000)
+                sock.send_multipart(status_request(b"during-%d" % chunk))
+                received = await trio.to_thread.run_sync(reply_to, sock, b"during-%d" % chunk)
+                answered += received[-1][0] == b"during-%d" % chunk
+                await trio.sleep(0.02)
+            flood.close(linger=0)
+            async with httpx.AsyncClient() as http:
+                metrics = (await http.get(f"{process.http_url}/metrics")).text
+            # a subscriber after the flood gets events (the status edge restarted if it died)
+            async with (
+                open_subscription(status_endpoint, "acme") as events,
+                open_client(ingest, timeout_seconds=30) as client,
+            ):
+                with trio.fail_after(60):
+                    seen = None
+                    while seen is None:
+                        await client.send(promo(f"after-{trio.current_time()}"))
+                        with trio.move_on_after(1):
+                            seen = await events.receive()
+            sock.close(linger=0)
+            context.term()
+        assert 60 == answered
+        assert 'gateway_process_restarts_total{process="zeromq_edge"} 0.0' in metrics
+        assert _sample(metrics, 'gateway_status_subscriptions_total{verdict="refused"}') > 0
+        assert "acme" == seen["tenant"]
 
     async def test_a_20_mib_frame_gets_an_invalid_answer(self, tmp_path: Path) -> None:
         async with gateway_process(tmp_path) as (_, ingest, _):

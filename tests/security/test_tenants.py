@@ -69,7 +69,7 @@ async def running_edge(config: GatewayConfig, tmp_path: Path) -> AsyncIterator[G
     """The gateway as ``cascadegw run`` serves it: behind the ZeroMQ edge process, which
     does CURVE and reads the same config file and secrets."""
     async with trio.open_nursery() as nursery:
-        _, link = await start_edge(
+        _, _, link = await start_edge(
             nursery,
             config,
             config_path=str(tmp_path / "gateway.toml"),
