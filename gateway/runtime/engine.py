@@ -249,9 +249,7 @@ class Engine:
             return
         rkey = recipient_key(envelope.tenant, envelope.recipient_id)
         history = self.state.histories.get(rkey)
-        if history is not None and any(
-            e.message == record.key and e.channel is channel for e in history.entries
-        ):
+        if history is not None and history.counted(record.key, channel):
             return
         entry = SendEntry(now, record.key, envelope.category, channel)
         self.state.record_send(rkey, entry)
