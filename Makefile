@@ -76,6 +76,7 @@ bench-env: $(BENCH_STAMP)
 bench: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/python bench/core_bench.py
 	$(BIN)/python bench/admission_bench.py
+	$(BIN)/python bench/memory_bench.py
 	$(BIN)/python bench/run.py
 
 # the Dockerfile and compose file, as `make test` checks them (hadolint, compose schema)

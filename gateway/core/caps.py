@@ -1,6 +1,6 @@
 """Frequency caps: sliding windows over what one recipient was sent.
 
-Rule 1: a history is an immutable, time-ordered tuple of sends; checking is a pure function.
+Rule 1: a history is an immutable, time-ordered sequence of sends; checking is a pure function.
 Rule 2: this module knows categories and channels, not consent, quiet hours or cascades.
 
 A rule counts *messages*, not cascade steps: a promo that escalated from push to SMS is one
@@ -15,6 +15,11 @@ passes exactly (no float drift between "when" and "whether").
 from __future__ import annotations
 
 import enum
+import functools
+import hashlib
+import struct
+from collections.abc import Iterable
+from typing import Final
 
 import msgspec
 
@@ -42,7 +47,7 @@ class CapRule(msgspec.Struct, frozen=True):
 
 
 class SendEntry(msgspec.Struct, frozen=True, gc=False, array_like=True):
-    """One cascade step that went out to the recipient."""
+    """One cascade step that went out to the recipient (the journal's row for it)."""
 
     at: float
     message: str
@@ -50,19 +55,97 @@ class SendEntry(msgspec.Struct, frozen=True, gc=False, array_like=True):
     channel: Channel
 
 
-class CapHistory(msgspec.Struct, frozen=True, gc=False, array_like=True):
-    """A recipient's recent sends, oldest first."""
+def message_digest(message: str) -> int:
+    """The 64-bit digest that stands for a message key in a history.
 
-    entries: tuple[SendEntry, ...] = ()
+    A history keeps this instead of the key (a key string costs 60-100 bytes per send, and every
+    known recipient has a history). Two keys with equal digests (a chance of 2^-64 per pair of
+    messages to one recipient inside one window) would be taken for one message by that
+    recipient's caps: the second would pass the rules the first filled, and a step of it on a
+    channel the first used would not be counted again. Even a million messages to one
+    recipient inside a window would make that a chance below 10^-7 (the birthday bound).
+    """
+    digest = hashlib.blake2b(message.encode("utf-8", "surrogatepass"), digest_size=8)
+    return int.from_bytes(digest.digest(), "little")
+
+
+_ENTRY: Final = struct.Struct("<dQB")
+"""A packed send: when (float64, exact: windows compare ``at + window > now``), the message's
+digest (uint64) and the category and channel as one code byte."""
+ENTRY_BYTES: Final = _ENTRY.size
+_AT: Final = struct.Struct("<d")
+_TIMES: Final = struct.Struct(f"<d{ENTRY_BYTES - _AT.size}x")
+"""Reads only the times of packed sends."""
+_KINDS: Final = tuple((category, channel) for category in Category for channel in Channel)
+_CODES: Final = {kind: code for code, kind in enumerate(_KINDS)}
+assert len(_KINDS) <= 256, "a category and channel pair must fit one byte"
+
+
+class CapHistory(msgspec.Struct, frozen=True, gc=False):
+    """A recipient's recent sends in the order recorded (oldest first), packed.
+
+    Each send is ``ENTRY_BYTES`` bytes in one ``bytes`` value instead of a ``SendEntry`` with its
+    own key string and float: the live state keeps a history for every known recipient, and
+    three sends took ~420 bytes as objects against 51 packed. The message is known by its
+    digest (``message_digest``), which is all ``check`` needs: whether two sends are the same
+    message.
+    """
+
+    packed: bytes = b""
+
+    @classmethod
+    def of(cls, entries: Iterable[SendEntry]) -> CapHistory:
+        """The history of exactly these sends, in this order."""
+        return cls(b"".join(_pack(entry) for entry in entries))
+
+    def sends(self) -> list[tuple[float, int, Category, Channel]]:
+        """``(at, message digest, category, channel)`` per send, in order."""
+        return [(at, digest, *_KINDS[code]) for at, digest, code in _ENTRY.iter_unpack(self.packed)]
+
+    def counted(self, message: str, channel: Channel) -> bool:
+        """Whether a send of ``message`` on ``channel`` is in the history."""
+        if not self.packed:
+            return False
+        digest = message_digest(message)
+        return any(
+            entry_digest == digest and _KINDS[code][1] is channel
+            for _, entry_digest, code in _ENTRY.iter_unpack(self.packed)
+        )
 
     def with_entry(self, entry: SendEntry, *, horizon_seconds: float) -> CapHistory:
         """Append ``entry`` and drop what no rule can see any more (older than the horizon)."""
         cutoff = entry.at - horizon_seconds
-        kept = tuple(e for e in self.entries if e.at > cutoff)
-        if kept and kept[-1].at > entry.at:
-            # sends are recorded in clock order; keep the tuple sorted if a caller is late
-            return CapHistory(tuple(sorted((*kept, entry), key=lambda e: e.at)))
-        return CapHistory((*kept, entry))
+        packed, added = self.packed, _pack(entry)
+        times = [at for (at,) in _TIMES.iter_unpack(packed)]
+        if all(at > cutoff for at in times) and (not times or times[-1] <= entry.at):
+            return CapHistory(packed + added)  # the usual case: nothing to drop, in order
+        kept = [
+            packed[index * ENTRY_BYTES : (index + 1) * ENTRY_BYTES]
+            for index, at in enumerate(times)
+            if at > cutoff
+        ]
+        late = bool(kept) and _at(kept[-1], 0) > entry.at
+        kept.append(added)
+        if late:
+            # sends are recorded in clock order; keep them sorted if a caller is late
+            # (sorted is stable: equal times keep the order they were recorded in)
+            kept.sort(key=_entry_at)
+        return CapHistory(b"".join(kept))
+
+
+def _pack(entry: SendEntry) -> bytes:
+    return _ENTRY.pack(
+        entry.at, message_digest(entry.message), _CODES[entry.category, entry.channel]
+    )
+
+
+def _at(packed: bytes, offset: int) -> float:
+    at: float = _AT.unpack_from(packed, offset)[0]
+    return at
+
+
+def _entry_at(entry: bytes) -> float:
+    return _at(entry, 0)
 
 
 class Capped(msgspec.Struct, frozen=True):
@@ -95,25 +178,28 @@ def check(
     Returns:
         ``None`` when the send fits, else the rule that is full and when it frees up.
     """
-    entries = history.entries
-    if category is Category.SERVICE or not rules or not entries:
+    if category is Category.SERVICE or not rules or not history.packed:
         return None
+    entries = list(_ENTRY.iter_unpack(history.packed))
+    digest: int | None = None  # the message's digest, computed once a rule is full enough
     verdict: Capped | None = None
     for rule in rules:
         categories, channels, window = rule.categories, rule.channels, rule.window_seconds
         if (categories and category not in categories) or (channels and channel not in channels):
             continue
-        latest: dict[str, float] = {}
-        # the entries this rule counts, spelled out in place: this loop runs for every admission
-        for entry in entries:
-            if (
-                entry.at + window > now
-                and entry.category is not Category.SERVICE
-                and (not categories or entry.category in categories)
-                and (not channels or entry.channel in channels)
-            ):
-                latest[entry.message] = entry.at  # entries are oldest first: keeps the latest
-        if message in latest or len(latest) < rule.max_count:
+        counted = _counted_codes(categories, channels)
+        # the entries this rule counts, spelled out in place: this runs for every admission.
+        # Entries are oldest first, so each message keeps its latest time
+        latest = {
+            entry_digest: at
+            for at, entry_digest, code in entries
+            if at + window > now and code in counted
+        }
+        if len(latest) < rule.max_count:
+            continue
+        if digest is None:
+            digest = message_digest(message)
+        if digest in latest:
             continue
         times = sorted(latest.values())
         until = times[len(times) - rule.max_count] + rule.window_seconds
@@ -121,6 +207,19 @@ def check(
         if verdict is None or _worse(capped, verdict):
             verdict = capped
     return verdict
+
+
+@functools.lru_cache(maxsize=1024)
+def _counted_codes(categories: frozenset[Category], channels: frozenset[Channel]) -> frozenset[int]:
+    """The codes of the sends a rule narrowed to these counts: marketing sends of its
+    categories on its channels (empty means all). A handful of rules ask, so it is kept."""
+    return frozenset(
+        code
+        for code, (category, channel) in enumerate(_KINDS)
+        if category is not Category.SERVICE
+        and (not categories or category in categories)
+        and (not channels or channel in channels)
+    )
 
 
 def _worse(candidate: Capped, current: Capped) -> bool:

@@ -248,10 +248,7 @@ class Engine:
         if not envelope.category.is_marketing or not self.rules[envelope.tenant].caps:
             return
         rkey = recipient_key(envelope.tenant, envelope.recipient_id)
-        history = self.state.histories.get(rkey)
-        if history is not None and any(
-            e.message == record.key and e.channel is channel for e in history.entries
-        ):
+        if self.state.history(rkey).counted(record.key, channel):
             return
         entry = SendEntry(now, record.key, envelope.category, channel)
         self.state.record_send(rkey, entry)

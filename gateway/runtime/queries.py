@@ -198,7 +198,7 @@ class Queries:
         self, recipient: RecipientKey
     ) -> tuple[list[ConsentRecord], list[ConsentRecord]]:
         """The recipient's effective consent records, and the whole history."""
-        current = self.state.consents.get(recipient)
+        current = self.state.consents_of(recipient)
         history = await self.journal.consent_history(recipient)
         return (list(current.records) if current else []), history
 

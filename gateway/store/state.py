@@ -19,13 +19,12 @@ from gateway.core.consent import ConsentRecord, ConsentState
 from gateway.core.model import Channel, Lane, Outcome, RecipientKey, TimerKind, recipient_key
 from gateway.core.policy import RecipientState
 from gateway.core.timers import Deadlines
+from gateway.store import packed
 from gateway.store.base import MessageRecord
 
 ADDRESS_INDEXED = frozenset({Channel.VIBER, Channel.SMS})
 """Channels whose provider opt-outs name only the address (a Viber user id, a phone): the
 recipients sent to each address are remembered, keyed, so such an opt-out finds them."""
-
-_EMPTY_CONSENTS = ConsentState()
 
 
 def address_ref(channel: Channel, address: str, key: bytes) -> str:
@@ -46,12 +45,25 @@ def legacy_address_ref(channel: Channel, address: str) -> str:
     return digest.hexdigest()
 
 
-_EMPTY_HISTORY = CapHistory()
 _SHARED_LIMIT = 10_000
 """Distinct values kept for sharing: tenants, topics, zones, plans and timeouts repeat, but a
 CRM may send arbitrary topics or per-message timeouts, and the table must not grow with them."""
 
 _Value = TypeVar("_Value", bound=Hashable)
+_NOBODY = RecipientState()
+_REF_HEX_DIGITS = 24
+
+
+def _address_key(ref: str) -> int | str:
+    """The index key for an ``address_ref``: its 12-byte digest as an int (40 bytes, where the
+    24-character hex string takes 73). Anything that is not exactly such a hex string (no ref
+    the gateway makes; a damaged journal row could hold one) stays a string, so two refs share
+    a key only if they are equal."""
+    try:
+        key = int(ref, 16)
+    except ValueError:
+        return ref
+    return key if len(ref) == _REF_HEX_DIGITS and f"{key:024x}" == ref else ref
 
 
 class State:
@@ -61,13 +73,16 @@ class State:
         self.finished: dict[str, Outcome] = {}
         """Finished messages within the idempotency retention, with their outcome."""
         self._finished_order: deque[tuple[float, str]] = deque()
-        self.consents: dict[str, ConsentState] = {}
-        self.histories: dict[str, CapHistory] = {}
+        self._recipients: dict[str, bytes] = {}
+        """Recipient key -> its consents and recent sends in one packed value
+        (``gateway/store/packed.py``): every known recipient is here, so each byte counts."""
         self.by_recipient: dict[str, list[str]] = {}
         """Active message keys per recipient: a consent change reaches them at once."""
-        self.recipients_by_address: dict[str, tuple[str, ...]] = {}
-        """``address_ref(channel, address)`` -> recipient keys, for the channels whose
-        opt-outs name only the address (a Viber user leaving the bot, an SMS STOP)."""
+        self._by_address: dict[int | str, str | tuple[str, ...]] = {}
+        """``address_ref(channel, address)`` -> recipient key(s), for the channels whose
+        opt-outs name only the address (a Viber user leaving the bot, an SMS STOP). Keyed by
+        the digest as an int (see ``_address_key``); one recipient is stored as its key string
+        (the very object keying it in ``_recipients``, not a copy), several as a tuple."""
         self.by_provider_id: dict[str, str] = {}
         """``"{provider}:{provider message id}"`` -> key, for providers whose receipts carry
         only their own id (Viber). Active messages only."""
@@ -181,13 +196,28 @@ class State:
 
     # ------------------------------------------------------------ recipients
     def recipient(self, rkey: str) -> RecipientState:
-        return RecipientState(
-            self.consents.get(rkey, _EMPTY_CONSENTS), self.histories.get(rkey, _EMPTY_HISTORY)
-        )
+        value = self._recipients.get(rkey)
+        if not value:
+            return _NOBODY
+        return RecipientState(*packed.both(value))
+
+    def consents_of(self, rkey: str) -> ConsentState | None:
+        """The recipient's effective consent records; ``None`` if none was ever applied."""
+        value = self._recipients.get(rkey)
+        consents = packed.consents(value) if value else packed.EMPTY_CONSENTS
+        return consents if consents.records else None
+
+    def history(self, rkey: str) -> CapHistory:
+        """The recipient's recent sends (empty if none)."""
+        value = self._recipients.get(rkey)
+        return packed.history(value) if value else packed.EMPTY_HISTORY
 
     def apply_consent(self, rkey: str, record: ConsentRecord) -> ConsentState:
-        state = self.consents.get(rkey, _EMPTY_CONSENTS).with_record(record)
-        self.consents[rkey] = state
+        value = self._recipients.get(rkey, b"")
+        before = packed.consents(value)
+        state = before.with_record(record)
+        if state is not before:  # the same object when the record changes nothing
+            self._recipients[rkey] = packed.pack(state, packed.history(value))
         return state
 
     def address_refs(self, channel: Channel, address: str) -> tuple[str, str]:
@@ -196,21 +226,36 @@ class State:
 
     def recipients_of(self, channel: Channel, address: str) -> tuple[str, ...]:
         keyed, legacy = self.address_refs(channel, address)
-        found = self.recipients_by_address.get(keyed, ())
-        old = self.recipients_by_address.get(legacy, ())
+        found = self._indexed(keyed)
+        old = self._indexed(legacy)
         return found + tuple(r for r in old if r not in found)
 
     def remember_address(self, ref: str, rkey: str) -> bool:
         """Map an address to a recipient; returns whether the pair is new."""
-        known = self.recipients_by_address.get(ref, ())
-        if rkey in known:
+        key = _address_key(ref)
+        known = self._by_address.get(key)
+        if known is not None and (rkey == known if isinstance(known, str) else rkey in known):
             return False
-        self.recipients_by_address[ref] = (*known, rkey)
+        # the index names the recipient by the very key object of ``_recipients`` (a key
+        # string costs ~65 bytes): re-inserted under this ``rkey``, the table keeps this object
+        recipients = self._recipients
+        recipients[rkey] = recipients.pop(rkey, b"")
+        if known is None:
+            self._by_address[key] = rkey
+        elif isinstance(known, str):
+            self._by_address[key] = (known, rkey)
+        else:
+            self._by_address[key] = (*known, rkey)
         return True
 
     def record_send(self, rkey: str, entry: SendEntry) -> None:
-        history = self.histories.get(rkey, _EMPTY_HISTORY)
-        self.histories[rkey] = history.with_entry(entry, horizon_seconds=self.horizon_seconds)
+        value = self._recipients.get(rkey, b"")
+        history = packed.history(value).with_entry(entry, horizon_seconds=self.horizon_seconds)
+        self._recipients[rkey] = packed.with_history(value, history)
+
+    def _indexed(self, ref: str) -> tuple[str, ...]:
+        known = self._by_address.get(_address_key(ref), ())
+        return (known,) if isinstance(known, str) else known
 
     # ------------------------------------------------------------ timers
     def schedule(self, key: str, kind: TimerKind, at: float) -> None:

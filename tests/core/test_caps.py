@@ -26,7 +26,7 @@ MARKETING = [category for category in Category if category.is_marketing]
 
 
 def history(*entries: tuple[float, str, Category, Channel]) -> CapHistory:
-    return CapHistory(tuple(SendEntry(*entry) for entry in entries))
+    return CapHistory.of(SendEntry(*entry) for entry in entries)
 
 
 def check(
@@ -119,7 +119,7 @@ class TestCapRule:
         """One send earlier in the window fills a one-slot rule for the next message exactly
         when the rule counts that send and its scope covers the next one."""
         verdict = check(
-            CapHistory((earlier,)), (rule,), category=category, channel=channel, now=1.0
+            CapHistory.of((earlier,)), (rule,), category=category, channel=channel, now=1.0
         )
         expected = counts(rule, earlier) and in_scope(rule, category, channel)
         assert (Capped(rule, DAY) if expected else None) == verdict
@@ -256,13 +256,13 @@ class TestHistory:
     def test_with_entry_keeps_order_for_a_late_caller(self) -> None:
         hist = history((0.0, "a", PROMO, EMAIL), (5.0, "b", PROMO, EMAIL))
         after = hist.with_entry(SendEntry(3.0, "c", PROMO, EMAIL), horizon_seconds=100.0)
-        assert [0.0, 3.0, 5.0] == [entry.at for entry in after.entries]
+        assert [0.0, 3.0, 5.0] == [at for at, *_ in after.sends()]
 
     def test_with_entry_returns_a_new_value(self) -> None:
         hist = CapHistory()
         after = hist.with_entry(SendEntry(1.0, "a", PROMO, EMAIL), horizon_seconds=10.0)
-        assert () == hist.entries
-        assert (SendEntry(1.0, "a", PROMO, EMAIL),) == after.entries
+        assert [] == hist.sends()
+        assert history((1.0, "a", PROMO, EMAIL)) == after
 
 
 # ---------------------------------------------------------------- properties
@@ -346,7 +346,7 @@ class TestCapProperties:
     def test_service_is_never_capped(
         self, rules: list[CapRule], entries: list[SendEntry], channel: Channel, now: float
     ) -> None:
-        hist = CapHistory(tuple(sorted(entries, key=lambda entry: entry.at)))
+        hist = CapHistory.of(sorted(entries, key=lambda entry: entry.at))
         assert None is check(hist, tuple(rules), category=SERVICE, channel=channel, now=now)
 
     @settings(max_examples=150, deadline=None)
@@ -366,7 +366,7 @@ class TestCapProperties:
             now += attempt.delay
             verdict = probe(hist, ruleset, attempt, now)
             # trimming to the horizon never changes a verdict
-            assert verdict == probe(CapHistory(tuple(log)), ruleset, attempt, now)
+            assert verdict == probe(CapHistory.of(log), ruleset, attempt, now)
             if attempt.category is SERVICE:
                 assert verdict is None
             if verdict is not None:
@@ -420,7 +420,7 @@ class TestCapProperties:
         to channels, and among deferring rules the one that frees up last decides. Each rule's
         own ``until`` is exact: it passes then and not one ulp before.
         """
-        hist = CapHistory(tuple(sorted(entries, key=lambda entry: entry.at)))
+        hist = CapHistory.of(sorted(entries, key=lambda entry: entry.at))
         if narrowed_twin:
             # the same limit, narrowed to this channel and looking further back: full together
             rule = rules[0]
@@ -447,7 +447,7 @@ class TestCapProperties:
                 e.message == attempt.message
                 and counts(rule, e)
                 and e.at + rule.window_seconds > now
-                for e in hist.entries
+                for e in entries
             )
             if counted and counts(rule, step):
                 assert None is single[rule]
@@ -507,3 +507,159 @@ class TestCapProperties:
             checked += 1
         if checked:
             event("a cap verdict was re-checked at its until")
+
+
+# ---------------------------------------------------------------- the packed history
+def reference_check(
+    entries: tuple[SendEntry, ...],
+    rules: tuple[CapRule, ...],
+    *,
+    message: str,
+    category: Category,
+    channel: Channel,
+    now: float,
+) -> Capped | None:
+    """``check`` as it was over a tuple of ``SendEntry`` with full message keys (the reference
+    the packed history must agree with, verdict for verdict)."""
+    if category is Category.SERVICE or not rules or not entries:
+        return None
+    verdict: Capped | None = None
+    for rule in rules:
+        categories, channels, window = rule.categories, rule.channels, rule.window_seconds
+        if (categories and category not in categories) or (channels and channel not in channels):
+            continue
+        latest: dict[str, float] = {}
+        for entry in entries:
+            if (
+                entry.at + window > now
+                and entry.category is not Category.SERVICE
+                and (not categories or entry.category in categories)
+                and (not channels or entry.channel in channels)
+            ):
+                latest[entry.message] = entry.at
+        if message in latest or len(latest) < rule.max_count:
+            continue
+        times = sorted(latest.values())
+        until = times[len(times) - rule.max_count] + rule.window_seconds
+        capped = Capped(rule, until)
+        if verdict is None or caps._worse(capped, verdict):
+            verdict = capped
+    return verdict
+
+
+def reference_with_entry(
+    entries: tuple[SendEntry, ...], entry: SendEntry, horizon_seconds: float
+) -> tuple[SendEntry, ...]:
+    cutoff = entry.at - horizon_seconds
+    kept = tuple(e for e in entries if e.at > cutoff)
+    if kept and kept[-1].at > entry.at:
+        return tuple(sorted((*kept, entry), key=lambda e: e.at))
+    return (*kept, entry)
+
+
+MESSAGES = st.sampled_from(["a", "b", "c", "acme:m-1", "acme:m-2", "", "\udcff", "ключ"])
+TIMES = st.integers(0, 40).map(float) | st.floats(min_value=-1e10, max_value=1e10)
+send_entries = st.builds(
+    SendEntry,
+    at=TIMES,
+    message=MESSAGES,
+    category=st.sampled_from(Category),
+    channel=st.sampled_from(Channel),
+)
+any_rules = st.lists(
+    rule_strategy(st.integers(1, 30).map(float) | st.floats(min_value=1e-3, max_value=1e9)),
+    max_size=4,
+).map(tuple)
+
+
+class TestPackedHistory:
+    """The packed history gives exactly the verdicts the tuple of ``SendEntry`` gave."""
+
+    @settings(max_examples=500, deadline=None)
+    @given(
+        entries=st.lists(send_entries, max_size=12),
+        rules=any_rules,
+        message=MESSAGES,
+        category=st.sampled_from(Category),
+        channel=st.sampled_from(Channel),
+        now=TIMES,
+    )
+    def test_check_agrees_with_the_reference_for_any_history(
+        self,
+        entries: list[SendEntry],
+        rules: tuple[CapRule, ...],
+        message: str,
+        category: Category,
+        channel: Channel,
+        now: float,
+    ) -> None:
+        """Any order, even one no caller produces: ``of`` keeps it, and so does the verdict."""
+        expected = reference_check(
+            tuple(entries), rules, message=message, category=category, channel=channel, now=now
+        )
+        got = caps.check(
+            CapHistory.of(entries),
+            rules,
+            message=message,
+            category=category,
+            channel=channel,
+            now=now,
+        )
+        assert expected == got
+        event("capped" if got is not None else "fits")
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        sends=st.lists(send_entries, max_size=15),
+        horizon=st.integers(0, 30).map(float) | st.floats(min_value=0.0, max_value=1e9),
+        rules=any_rules,
+        attempt=st.tuples(MESSAGES, st.sampled_from(Category), st.sampled_from(Channel)),
+        now=TIMES,
+    )
+    def test_with_entry_keeps_what_the_tuple_kept(
+        self,
+        sends: list[SendEntry],
+        horizon: float,
+        rules: tuple[CapRule, ...],
+        attempt: tuple[str, Category, Channel],
+        now: float,
+    ) -> None:
+        """Sends recorded in any order (late ones included): the packed history holds the same
+        entries in the same order as the tuple would, and every verdict agrees."""
+        reference: tuple[SendEntry, ...] = ()
+        hist = CapHistory()
+        message, category, channel = attempt
+        for entry in sends:
+            reference = reference_with_entry(reference, entry, horizon)
+            hist = hist.with_entry(entry, horizon_seconds=horizon)
+            assert CapHistory.of(reference) == hist
+            expected = reference_check(
+                reference, rules, message=message, category=category, channel=channel, now=now
+            )
+            assert expected == caps.check(
+                hist, rules, message=message, category=category, channel=channel, now=now
+            )
+
+    @settings(max_examples=200)
+    @given(
+        entries=st.lists(send_entries, max_size=8),
+        message=MESSAGES,
+        channel=st.sampled_from(Channel),
+    )
+    def test_counted_is_the_key_and_channel_lookup(
+        self, entries: list[SendEntry], message: str, channel: Channel
+    ) -> None:
+        expected = any(e.message == message and e.channel is channel for e in entries)
+        assert expected == CapHistory.of(entries).counted(message, channel)
+
+    @given(entries=st.lists(send_entries, max_size=8))
+    def test_sends_unpack_what_was_packed(self, entries: list[SendEntry]) -> None:
+        expected = [(e.at, caps.message_digest(e.message), e.category, e.channel) for e in entries]
+        assert expected == CapHistory.of(entries).sends()
+        assert len(entries) * caps.ENTRY_BYTES == len(CapHistory.of(entries).packed)
+
+    def test_a_message_is_known_by_a_stable_64_bit_digest(self) -> None:
+        digest = caps.message_digest("acme:m1")
+        assert digest == caps.message_digest("".join(["acme:", "m1"]))
+        assert 0 <= digest < 2**64
+        assert digest != caps.message_digest("acme:m2")

@@ -119,9 +119,7 @@ def envelope(
 
 
 def sent(*entries: tuple[float, str, Channel]) -> CapHistory:
-    return CapHistory(
-        tuple(SendEntry(at, message, PROMO, channel) for at, message, channel in entries)
-    )
+    return CapHistory.of(SendEntry(at, message, PROMO, channel) for at, message, channel in entries)
 
 
 def run_decide(
@@ -956,6 +954,7 @@ def situations(
     rules = timing_rules(draw, env.channels[0]) if focused else draw(policy_rules)
     # the history the gateway would have recorded under these caps: only sends that fitted
     history = CapHistory()
+    recorded: list[SendEntry] = []
     for entry in entries:
         fits = caps.check(
             history,
@@ -966,7 +965,8 @@ def situations(
             now=entry.at,
         )
         if fits is None:
-            history = CapHistory((*history.entries, entry))
+            recorded.append(entry)
+            history = CapHistory.of(recorded)
     recipient = RecipientState(consents(*records), history)
     return env, recipient, rules, now, draw(st.sampled_from(ZONES))
 

@@ -259,7 +259,7 @@ class TestRecovery:
         record = harness.state.records["acme:m1"]
         assert Status.AWAITING == record.cascade.status
         assert record.step_due == pytest.approx(NOON_UTC + PUSH_TIMEOUT_SECONDS)
-        assert harness.state.histories["acme:r-m1"].entries  # the send still counts
+        assert harness.state.history("acme:r-m1").sends()  # the send still counts
         mock_clock.jump(PUSH_TIMEOUT_SECONDS)
         assert 1 == harness.fire_timers()
         await harness.commit()
