@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -37,10 +38,30 @@ POLL_INTERVAL_SECONDS = 0.05
 
 # ---------------------------------------------------------------- ports
 def free_port() -> int:
+    """A port free now, below the kernel's ephemeral range: a port the kernel handed out for
+    ``bind(0)`` is also its pick for the next outgoing connection, and a test's gateway once
+    found its admin port taken by one between the probe and its own bind."""
+    low, _ = _ephemeral_range()
+    for _ in range(200):
+        port = random.randrange(20_000, max(20_001, low))
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+        chosen: int = probe.getsockname()[1]
+        return chosen
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+    return int(low), int(high)
 
 
 def free_port_block(count: int) -> int:

@@ -217,7 +217,7 @@ async def open_gateway(
                 router_options = {
                     zmq.ROUTER_MANDATORY: 1,
                     zmq.RCVHWM: edge_link.INTERNAL_HWM,
-                    zmq.SNDHWM: edge_link.INTERNAL_HWM,
+                    zmq.SNDHWM: edge_link.REPLY_HWM,
                 }
             router_sock = await sockets.enter_async_context(
                 zmqio.open_socket(context, zmq.ROUTER, options=router_options)

@@ -206,8 +206,17 @@ class Client:
     def request_raw(self, frame: bytes) -> Any:
         """Send an already-encoded frame; for interop and fuzz tests."""
         correlation = next(self._ids).to_bytes(8, "big")
-        self.sock.send_multipart([correlation, frame])
         deadline_ms = int(self.timeout_seconds * 1000)
+        # a DEALER with nowhere to send (e.g. after a refused CURVE handshake) would block
+        # the send forever
+        self.sock.setsockopt(zmq.SNDTIMEO, deadline_ms)
+        try:
+            self.sock.send_multipart([correlation, frame])
+        except zmq.Again as exc:
+            raise ClientError(
+                f"could not send within {self.timeout_seconds} s (is the gateway reachable, "
+                "and does it accept this client's CURVE key?)"
+            ) from exc
         while self.sock.poll(deadline_ms, zmq.POLLIN):
             parts = self.sock.recv_multipart()
             if len(parts) == 2 and parts[0] == correlation:

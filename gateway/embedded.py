@@ -190,6 +190,9 @@ async def start_edge(
             count=1,
             restarts=restarts,
             report=ReportPipe(edge_process.REPORT_FD_ENV, edge_process.SERVING),
+            # an edge that dies was most likely made to run out of memory by a client: back
+            # within two seconds, not thirty, whatever the attacker does next
+            max_restart_delay_seconds=2.0,
         )
         await nursery.start(supervisor.run)
         _raise_failure(supervisor)

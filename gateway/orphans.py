@@ -40,6 +40,13 @@ def inherited_lifeline() -> int | None:
     return int(fd) if fd is not None else None
 
 
+def parent_gone(fd: int) -> bool:
+    """Whether the readable lifeline ``fd`` says the router is gone (end of file). Anything
+    else read from it (nobody should write there) is discarded: it must not make every child,
+    and every restarted one, exit."""
+    return os.read(fd, 4096) == b""
+
+
 async def exit_with_parent(
     *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -48,9 +55,11 @@ async def exit_with_parent(
     task_status.started()
     if fd is None:
         await trio.sleep_forever()
-    await trio.lowlevel.wait_readable(fd)
-    # nothing here outlives the router usefully, and it may hold a port the next one needs
-    os._exit(0)
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        if parent_gone(fd):
+            # nothing here outlives the router usefully, and it may hold a port the next needs
+            os._exit(0)
 
 
 async def guarded(main: Callable[[], Awaitable[None]]) -> None:

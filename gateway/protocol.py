@@ -421,25 +421,45 @@ def decode_frame(
         detail = f"frame of {size} bytes exceeds the {max_frame_bytes}-byte limit"
         if not batch:
             return Frame(False, [invalid(detail)])
-        return Frame(True, _refuse_all(data, detail))
+        return Frame(True, _refuse_all(data, detail, max_batch))
     if not batch:
         return Frame(False, [_decode_one(data)], [bytes(data)])
+    count = _array_length(data)
+    if count is not None and count > max_batch:
+        detail = f"batch of {count} requests exceeds the limit of {max_batch}"
+        return Frame(True, _refuse_all(data, detail, max_batch))
     try:
         raws = _raw_list_decoder.decode(data)
     except _MALFORMED as exc:
         # an array that cannot be read: its requests cannot be counted, but the client sent
         # a batch and gets a list back
         return Frame(True, [invalid(f"malformed msgpack: {exc}")])
-    if len(raws) > max_batch:
-        # one result per request, as for any batch: each says why the whole batch was refused
-        detail = f"batch of {len(raws)} requests exceeds the limit of {max_batch}"
-        return Frame(True, _refuse_all(data, detail))
     return Frame(True, [_decode_one(raw) for raw in raws], [bytes(raw) for raw in raws])
 
 
-def _refuse_all(data: bytes | memoryview, detail: str) -> list[Request | Result]:
-    """One ``invalid`` per request of a batch refused whole (each keeps its id), or one for
-    an array that cannot even be read."""
+_REFUSALS_PER_BATCH_LIMIT: Final = 2
+"""A batch refused whole gets one result per request (a client matches replies by position)
+up to this many times ``max_batch`` requests; past that it is not a batch anybody meant, and
+one result per element would answer a frame of nils with a hundred times its size."""
+
+
+def _array_length(data: bytes | memoryview) -> int | None:
+    """The element count a msgpack array header promises, or None when it cannot tell."""
+    marker = data[0]
+    if 0x90 <= marker <= 0x9F:
+        return marker & 0x0F
+    width = {0xDC: 2, 0xDD: 4}.get(marker)
+    if width is None or len(data) < 1 + width:
+        return None
+    return int.from_bytes(data[1 : 1 + width], "big")
+
+
+def _refuse_all(data: bytes | memoryview, detail: str, max_batch: int) -> list[Request | Result]:
+    """One ``invalid`` per request of a batch refused whole (each keeps its id); one for an
+    array that cannot even be read, or that holds far more than any batch may."""
+    count = _array_length(data)
+    if count is None or count > _REFUSALS_PER_BATCH_LIMIT * max_batch:
+        return [invalid(detail)]
     try:
         raws = _raw_list_decoder.decode(data)
     except _MALFORMED:

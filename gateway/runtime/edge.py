@@ -14,7 +14,8 @@ can refuse it (see ``STATUS``).
 
 The requests edge terminates CURVE (it runs a ZAP handler, ``gateway.runtime.curve``), drops
 messages with more parts or more envelope bytes than any client needs, answers frames over
-``ingest.max_frame_bytes`` itself (so the router never holds them either) and relays the rest.
+``ingest.max_frame_bytes`` itself (the router holds only the short answer, kept in the
+client's order) and relays the rest.
 An edge keeps no state and does no I/O but ZeroMQ, so it is a plain blocking ``zmq.Poller``
 loop, not a trio program; it exits when its lifeline reads end of file (``gateway.orphans``).
 
@@ -49,7 +50,7 @@ import zmq
 
 from gateway.clock import perf_seconds
 from gateway.config import GatewayConfig, bind_error, bind_holder, load_config
-from gateway.orphans import inherited_lifeline
+from gateway.orphans import inherited_lifeline, parent_gone
 from gateway.protocol import Result, decode_frame, encode_reply
 from gateway.runtime import curve
 from gateway.runtime.curve import Principals
@@ -88,10 +89,15 @@ _DRAIN_BUDGET: Final = 1000
 
 
 INTERNAL_HWM: Final = 32
-"""Messages queued on each end of the edge-router link. Every message is bounded before it
+"""Requests queued on each end of the edge-router link. Every request is bounded before it
 leaves the edge (a payload of at most ``ingest.max_frame_bytes``, envelope frames of at most
 ``MAX_ENVELOPE_BYTES`` in all), so the router never holds more than twice this many of them
-from clients (256 MiB at the default 4 MiB frame; a batch of 100 sends is about 30 KB)."""
+from clients (256 MiB at the default 4 MiB frame; a batch of 100 sends is about 30 KB). When
+the edge stops taking them, it stops reading clients: they wait in libzmq's queues."""
+
+REPLY_HWM: Final = 1000
+"""Replies queued on each end of the link. One reply per request the router took, each one
+result per request in it; a full link makes the router wait, never drop (``Ingest._flush``)."""
 
 MAX_ENVELOPE_BYTES: Final = 1024
 """Correlation frames are echoed with the reply: a client may not make anyone echo much."""
@@ -142,8 +148,9 @@ class Edge:
             poller.register(self.lifeline, zmq.POLLIN)  # readable: the router is gone
         stalled = False
         while True:
-            ready = dict(poller.poll())
-            if self.lifeline is not None and self.lifeline in ready:
+            # counts not yet sent go out within a second even when nothing else happens
+            ready = dict(poller.poll(1000 if self.notes else None))
+            if self.lifeline is not None and self.lifeline in ready and parent_gone(self.lifeline):
                 log.warning("edge_exiting", reason="the router is gone")
                 return
             if self.zap is not None and self.zap in ready:
@@ -352,7 +359,7 @@ def main() -> None:
     back.setsockopt(zmq.LINGER, 0)
     back.setsockopt(zmq.RECONNECT_IVL, 10)  # the router binds once the edge serves
     back.setsockopt(zmq.SNDHWM, INTERNAL_HWM)
-    back.setsockopt(zmq.RCVHWM, INTERNAL_HWM)
+    back.setsockopt(zmq.RCVHWM, REPLY_HWM)
     public = xpub = xsub = None
     if role == REQUESTS:
         public = context.socket(zmq.ROUTER)

@@ -15,6 +15,7 @@ reply waits its turn in that client's order.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from typing import cast
 
@@ -244,7 +245,7 @@ class Ingest:
         waiting: set[bytes] = set()
         kept: deque[_Reply] = deque()
         sock = self.sock
-        for reply in pending:
+        for index, reply in enumerate(pending):
             if reply.client in waiting or not reply.ready():
                 waiting.add(reply.client)
                 kept.append(reply)
@@ -253,6 +254,13 @@ class Ingest:
             try:
                 sock.send_multipart([*reply.route, *reply.envelope, reply.payload], zmq.NOBLOCK)
             except zmq.ZMQError as exc:
+                if self.behind_edge and exc.errno == zmq.EAGAIN:
+                    # the link to the edge is full for a moment (every client's replies share
+                    # it), not a client that stopped reading: this reply and all later ones
+                    # wait, in order; the edge reading makes room and wakes this loop
+                    kept.append(reply)
+                    kept.extend(itertools.islice(pending, index + 1, None))
+                    break
                 reason = (
                     ReplyDrop.PEER_GONE if exc.errno == zmq.EHOSTUNREACH else ReplyDrop.PEER_FULL
                 )

@@ -216,6 +216,7 @@ class Supervisor:
         count: int,
         restarts: ProcessRestarts,
         report: ReportPipe | None = None,
+        max_restart_delay_seconds: float = 30.0,
     ) -> None:
         self.kind = kind
         self.command = list(command)
@@ -223,6 +224,7 @@ class Supervisor:
         self.children = [Child() for _ in range(count)]
         self.restarts = restarts
         self.report = report
+        self.max_restart_delay_seconds = max_restart_delay_seconds
         self._changed = trio.Event()
 
     def serving(self) -> int:
@@ -254,7 +256,9 @@ class Supervisor:
             returncode = await self._attempt(child, first)
             child.exits += 1
             first.set()
-            delay = restart_delay(delay, trio.current_time() - started)
+            delay = restart_delay(
+                delay, trio.current_time() - started, maximum=self.max_restart_delay_seconds
+            )
             log.warning(
                 "child_process_exited",
                 process=self.kind.value,

@@ -459,6 +459,18 @@ class TestDecodeRejects:
         assert expected == decode_frame(pack([STATUS] * 3), max_batch=2)
         assert 2 == len(decode_frame(pack([STATUS] * 2), max_batch=2).items)
 
+    def test_a_batch_far_over_the_limit_gets_one_result(self) -> None:
+        """Past twice the limit it is no batch anybody meant: one result per element would
+        answer a frame of nils with a hundred times its size (a 4 MiB frame of 700,000 nils
+        made a reply of 65 MB, and crashed the process building it)."""
+        nils = b"\xdd" + (700_000).to_bytes(4, "big") + b"\xc0" * 700_000
+        detail = "batch of 700000 requests exceeds the limit of 1000"
+
+        assert Frame(True, [invalid(detail)]) == decode_frame(nils)
+        assert 1 == len(decode_frame(nils, max_frame_bytes=100_000).items)
+        assert 1 == len(decode_frame(pack([STATUS] * 3), max_batch=1).items)
+        assert 2 == len(decode_frame(pack([STATUS] * 2), max_batch=1).items)
+
     def test_invalid_request_does_not_affect_its_neighbours(self) -> None:
         bad = with_(SEND, "recipient.tz", "Nowhere/Special")
         frame = decode_frame(pack([CANCEL, bad, without(STATUS, "id"), EVENT]))
