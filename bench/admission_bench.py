@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.harness import free_port, free_port_block  # noqa: E402
+from bench.payloads import promo_send  # noqa: E402
 from bench.run import CONFIG, QUIET_ALL_DAY  # noqa: E402
 from gateway.app import open_gateway  # noqa: E402
 from gateway.cli import tune_gc  # noqa: E402
@@ -37,30 +38,8 @@ BATCH = 100
 
 
 def send(index: int) -> dict[str, object]:
-    """The locustfile's send request (bench/locustfile.py), without its environment."""
-    return {
-        "v": 1,
-        "op": "send",
-        "id": f"bench-{index}",
-        "tenant": "demo",
-        "category": "promo",
-        "priority": "normal",
-        "recipient": {
-            "id": f"load-{index % 1_000_000}",
-            "tz": "Europe/Moscow",
-            "push_tokens": [f"tok-{index}"],
-            "email": f"load{index}@example.com",
-            "viber_id": f"vb-{index}",
-            "phone": f"+7916{index % 1_000_000:06d}9",
-        },
-        "content": {
-            "push": {"title": "Sale", "body": "Up to 50% off {link}"},
-            "email": {"subject": "Sale", "text": "Sale {link}"},
-            "viber": {"text": "Sale {link}"},
-            "sms": {"text": "Sale {link}"},
-            "link_url": "https://shop.example/sale",
-        },
-    }
+    """The locustfile's send request (bench/payloads.py)."""
+    return promo_send(index, message_id=f"bench-{index}", tenant="demo", priority="normal")
 
 
 def config_text(directory: Path) -> str:

@@ -38,6 +38,7 @@ import msgpack
 import zmq.green as zmq
 from locust import FastHttpUser, User, between, constant, constant_throughput, events, task
 from locust.exception import StopUser
+from payloads import promo_send  # locust puts this file's directory on the path
 
 ENDPOINT = os.environ.get("CASCADEGW_ENDPOINT", "tcp://127.0.0.1:5555")
 TENANT = os.environ.get("CASCADEGW_TENANT", "demo")
@@ -60,29 +61,8 @@ _ids = itertools.count()
 
 
 def send_request(index: int) -> dict[str, Any]:
-    request: dict[str, Any] = {
-        "v": 1,
-        "op": "send",
-        "id": f"{PREFIX}-{os.getpid()}-{index}",
-        "tenant": TENANT,
-        "category": "promo" if PRIORITY != "critical" else "service",
-        "priority": PRIORITY,
-        "recipient": {
-            "id": f"load-{index % 1_000_000}",
-            "tz": "Europe/Moscow",
-            "push_tokens": [f"tok-{index}"],
-            "email": f"load{index}@example.com",
-            "viber_id": f"vb-{index}",
-            "phone": f"+7916{index % 1_000_000:06d}9",
-        },
-        "content": {
-            "push": {"title": "Sale", "body": "Up to 50% off {link}"},
-            "email": {"subject": "Sale", "text": "Sale {link}"},
-            "viber": {"text": "Sale {link}"},
-            "sms": {"text": "Sale {link}"},
-            "link_url": "https://shop.example/sale",
-        },
-    }
+    message_id = f"{PREFIX}-{os.getpid()}-{index}"
+    request = promo_send(index, message_id=message_id, tenant=TENANT, priority=PRIORITY)
     if SEND_AHEAD:
         # times travel as RFC 3339 strings (a msgpack timestamp is refused as invalid)
         send_at = datetime.now(UTC) + timedelta(seconds=float(SEND_AHEAD))
