@@ -244,6 +244,30 @@ class PeakRss:
 EDGE_CAP_BYTES = 64 * MIB
 
 
+async def attack(ingest: str, router: int, parts: list[bytes]) -> tuple[list[list[bytes]], PeakRss]:
+    """Send ``parts`` as one message, then a status request on the same connection, sampling
+    the processes' memory throughout. Returns every message received until that request's
+    reply (an echo of the attack would come before it, in order) and the peaks."""
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock: zmq.Socket[bytes] = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(ingest)
+    peaks = PeakRss(router)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                partial(trio.to_thread.run_sync, peaks.sample, abandon_on_cancel=True)
+            )
+            await trio.to_thread.run_sync(sock.send_multipart, parts)
+            sock.send_multipart(status_request(b"after"))
+            received = await trio.to_thread.run_sync(reply_to, sock, b"after")
+            peaks.stop()
+    finally:
+        sock.close(linger=0)
+        context.term()
+    return received, peaks
+
+
 class TestZeroMqMessages:
     async def test_1500_parts_are_dropped_unanswered_and_bounded(self, tmp_path: Path) -> None:
         """libzmq assembles a multipart message whole before anyone reads it; the edge process
@@ -256,24 +280,8 @@ class TestZeroMqMessages:
             cap = address_space_cap(edge)
             mapped = mapped_bytes(edge)
             router_before = rss_bytes_of(router)
-            context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-            sock: zmq.Socket[bytes] = context.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(ingest)
-            peaks = PeakRss(router)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(
-                    partial(trio.to_thread.run_sync, peaks.sample, abandon_on_cancel=True)
-                )
-                part = b"x" * MIB
-                payload = msgpack.packb({"v": 1, "op": "status", "id": "m", "tenant": "acme"})
-                await trio.to_thread.run_sync(sock.send_multipart, [part] * 1500 + [payload])
-                # ordered on one connection: an echo of the attack would come before this reply
-                sock.send_multipart(status_request(b"after"))
-                received = await trio.to_thread.run_sync(reply_to, sock, b"after")
-                peaks.stop()
-            sock.close(linger=0)
-            context.term()
+            payload = msgpack.packb({"v": 1, "op": "status", "id": "m", "tenant": "acme"})
+            received, peaks = await attack(ingest, router, [b"x" * MIB] * 1500 + [payload])
         assert [b"after"] == [parts[0] for parts in received]
         # the edge's cap: what it mapped once serving plus edge_memory_bytes (its own code
         # and libraries map ~100 MB, most of it never resident)
@@ -291,23 +299,8 @@ class TestZeroMqMessages:
         async with gateway_process(tmp_path) as (process, ingest, _):
             router = pid_of(process)
             router_before = rss_bytes_of(router)
-            context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-            sock: zmq.Socket[bytes] = context.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(ingest)
-            peaks = PeakRss(router)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(
-                    partial(trio.to_thread.run_sync, peaks.sample, abandon_on_cancel=True)
-                )
-                big = b"x" * (30 * MIB)
-                payload = status_request(b"big")[1] + b" " * (payload_mib * MIB)
-                await trio.to_thread.run_sync(sock.send_multipart, [big] * 7 + [payload])
-                sock.send_multipart(status_request(b"after"))
-                received = await trio.to_thread.run_sync(reply_to, sock, b"after")
-                peaks.stop()
-            sock.close(linger=0)
-            context.term()
+            payload = status_request(b"big")[1] + b" " * (payload_mib * MIB)
+            received, peaks = await attack(ingest, router, [b"x" * (30 * MIB)] * 7 + [payload])
         assert [b"after"] == [parts[0] for parts in received]  # nothing echoed before it
         assert peaks.router_peak - router_before < 50 * MIB
 
