@@ -128,10 +128,16 @@ class TestHttpBodies:
         async with gateway_process(tmp_path) as (process, _, public_url):
             url = url_of(server, process, public_url)
             before = rss_bytes_of(pid_of(process))
-            status, sent = await post_until_answered(
-                url, chunked=chunked, total_bytes=300 * MIB, head=BIG_BODY[server]
-            )
-            growth = rss_bytes_of(pid_of(process)) - before
+            peaks = PeakRss(pid_of(process))  # the peak while it is read, not what is left
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    partial(trio.to_thread.run_sync, peaks.sample, abandon_on_cancel=True)
+                )
+                status, sent = await post_until_answered(
+                    url, chunked=chunked, total_bytes=300 * MIB, head=BIG_BODY[server]
+                )
+                peaks.stop()
+            growth = peaks.router_peak - before
             async with httpx.AsyncClient() as http:
                 health = await http.get(f"{url}/healthz")
         assert status.startswith(b"HTTP/1.1 413")
