@@ -43,6 +43,7 @@ import os
 import resource
 import signal
 import sys
+from collections.abc import Callable
 from typing import Final
 
 import structlog
@@ -99,6 +100,20 @@ REPLY_HWM: Final = 1000
 """Replies queued on each end of the link. One reply per request the router took, each one
 result per request in it; a full link makes the router wait, never drop (``Ingest._flush``)."""
 
+PUBLIC_REPLY_HWM: Final = 1_000
+"""Replies the requests edge keeps for one client: a burst of replies to a client that reads
+them fills this faster than libzmq's I/O thread writes them out, so it cannot be small; what
+clients that never read make the edge hold is bounded by its memory watch instead."""
+
+HEADROOM_BYTES: Final = 48 * 1024 * 1024
+"""How close to its address-space cap an edge lets itself come: past this it exits to be
+restarted (``Edge.check_memory``), because at the cap libzmq's allocations fail one by one and
+the edge was seen to hang, alive and serving nobody, rather than die."""
+
+MEMORY_SHORT_SECONDS: Final = 2.0
+"""How long the address space may stay within ``HEADROOM_BYTES`` of the cap before the edge
+gives up and exits."""
+
 MAX_ENVELOPE_BYTES: Final = 1024
 """Correlation frames are echoed with the reply: a client may not make anyone echo much."""
 
@@ -116,6 +131,8 @@ class Edge:
         zap: zmq.Socket[bytes] | None,
         config: GatewayConfig,
         principals: Principals | None,
+        memory_cap_bytes: int | None,
+        exit_process: Callable[[int], object] = os._exit,
     ) -> None:
         self.public = public
         self.back = back
@@ -133,8 +150,13 @@ class Edge:
         self.lifeline = inherited_lifeline()
         self.notes: dict[tuple[bytes, str], int] = {}
         """Counts for the router not yet sent (``_note``)."""
-        self.refused_unlogged = 0
-        self.refusals_logged_at = -math.inf
+        self.unlogged: dict[tuple[bytes, str], int] = {}
+        self.logged_at: dict[tuple[bytes, str], float] = {}
+        self.memory_cap_bytes = memory_cap_bytes
+        """The address-space cap ``check_memory`` keeps clear of (None: no cap set)."""
+        self.exit_process = exit_process
+        self.memory_checked_at = -math.inf
+        self.memory_short_since: float | None = None
 
     def run(self) -> None:
         """Relay until the process is terminated."""
@@ -148,8 +170,9 @@ class Edge:
             poller.register(self.lifeline, zmq.POLLIN)  # readable: the router is gone
         stalled = False
         while True:
-            # counts not yet sent go out within a second even when nothing else happens
-            ready = dict(poller.poll(1000 if self.notes else None))
+            # counts not yet sent, and the memory check, run every second even when idle
+            ready = dict(poller.poll(1000))
+            self.check_memory(perf_seconds())
             if self.lifeline is not None and self.lifeline in ready and parent_gone(self.lifeline):
                 log.warning("edge_exiting", reason="the router is gone")
                 return
@@ -173,6 +196,26 @@ class Edge:
                 self._relay_events()
             if self.notes:
                 self._send_notes()
+
+    def check_memory(self, now: float) -> None:
+        """Exit (to be restarted) when the address space stays within ``HEADROOM_BYTES`` of
+        the cap for ``MEMORY_SHORT_SECONDS``; read at most ten times a second."""
+        cap = self.memory_cap_bytes
+        if cap is None or now - self.memory_checked_at < 0.1:
+            return
+        self.memory_checked_at = now
+        mapped = mapped_bytes()
+        if mapped <= cap - HEADROOM_BYTES:
+            self.memory_short_since = None
+            return
+        # a hostile message passing through peaks and is dropped by libzmq within a moment;
+        # only memory that stays this short means nothing will free it
+        if self.memory_short_since is None:
+            self.memory_short_since = now
+        elif now - self.memory_short_since >= MEMORY_SHORT_SECONDS:
+            log.error("edge_memory_exhausted", mapped=mapped, cap=cap)
+            # no cleanup: at this point even it could fail; the supervisor starts a new edge
+            self.exit_process(3)
 
     def _writable(self, sock: zmq.Socket[bytes]) -> bool:
         return bool(int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLOUT)
@@ -198,13 +241,11 @@ class Edge:
                 if count <= self.most_parts:
                     parts.append(part)
             if count > self.most_parts:
-                log.warning("frame_dropped", reason=IngestDrop.TOO_MANY_PARTS.value, parts=count)
                 self._note(INGEST_DROP, IngestDrop.TOO_MANY_PARTS)
                 continue
             if count < 2:
                 continue  # a ROUTER always prepends the identity: nothing to answer
             if sum(len(part) for part in parts[1:-1]) > MAX_ENVELOPE_BYTES:
-                log.warning("frame_dropped", reason=IngestDrop.ENVELOPE_TOO_LARGE.value)
                 self._note(INGEST_DROP, IngestDrop.ENVELOPE_TOO_LARGE)
                 continue
             payload = parts[-1]
@@ -236,7 +277,6 @@ class Edge:
                 reason = (
                     ReplyDrop.PEER_GONE if exc.errno == zmq.EHOSTUNREACH else ReplyDrop.PEER_FULL
                 )
-                log.warning("reply_dropped", reason=reason.value)
                 self._note(REPLY_DROP, reason)
 
     def _subscriptions(self) -> None:
@@ -299,23 +339,39 @@ class Edge:
             except zmq.Again:
                 return  # the router is busy: kept for the next round
             del self.notes[kind, label]
-            if kind == SUBSCRIPTION and label == "refused":
-                self._log_refusals(count)
+            if not (kind == SUBSCRIPTION and label == "accepted"):
+                self._log_counted(kind, label, count)
 
-    def _log_refusals(self, count: int) -> None:
-        """A line per second at most: a flood of refusals must not become a flood of logs."""
-        self.refused_unlogged += count
+    def _log_counted(self, kind: bytes, label: str, count: int) -> None:
+        """A line per second per kind at most: a flood of refusals or drops must not become
+        a flood of logs."""
+        key = (kind, label)
+        self.unlogged[key] = self.unlogged.get(key, 0) + count
         now = perf_seconds()
-        if now - self.refusals_logged_at >= 1.0:
-            log.warning("subscriptions_refused", count=self.refused_unlogged)
-            self.refused_unlogged, self.refusals_logged_at = 0, now
+        if now - self.logged_at.get(key, -math.inf) >= 1.0:
+            log.warning(
+                _LOG_EVENTS.get(kind, "edge_counted"), reason=label, count=self.unlogged.pop(key)
+            )
+            self.logged_at[key] = now
+
+
+_LOG_EVENTS: Final = {
+    INGEST_DROP: "frames_dropped",
+    REPLY_DROP: "replies_dropped",
+    SUBSCRIPTION: "subscriptions",
+}
+
+
+def mapped_bytes() -> int:
+    """This process's address space now (VmSize)."""
+    with open("/proc/self/statm", "rb") as statm:
+        pages = int(statm.read().split()[0])
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def cap_address_space(extra_bytes: int) -> int:
     """Cap this process's address space at what it maps now plus ``extra_bytes``; the cap."""
-    with open("/proc/self/statm", "rb") as statm:
-        pages = int(statm.read().split()[0])
-    cap = pages * os.sysconf("SC_PAGE_SIZE") + extra_bytes
+    cap = mapped_bytes() + extra_bytes
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
     if hard != resource.RLIM_INFINITY:
         cap = min(cap, hard)
@@ -366,7 +422,7 @@ def main() -> None:
         public.setsockopt(zmq.LINGER, 0)
         public.setsockopt(zmq.ROUTER_MANDATORY, 1)  # else replies to vanished peers vanish
         public.setsockopt(zmq.RCVHWM, 1_000)
-        public.setsockopt(zmq.SNDHWM, 1_000)
+        public.setsockopt(zmq.SNDHWM, PUBLIC_REPLY_HWM)  # more are dropped, counted peer_full
         # bytes per part: bigger frames up to this get an `invalid` reply; past it libzmq
         # drops the connection (it cannot answer what it refused)
         public.setsockopt(zmq.MAXMSGSIZE, 8 * ingest.max_frame_bytes)
@@ -403,6 +459,7 @@ def main() -> None:
         zap=zap,
         config=config,
         principals=principals,
+        memory_cap_bytes=cap,
     ).run()
 
 

@@ -352,6 +352,57 @@ class TestZeroMqMessages:
         assert _sample(metrics, 'gateway_status_subscriptions_total{verdict="refused"}') > 0
         assert "acme" == seen["tenant"]
 
+    async def test_clients_that_never_read_cannot_wedge_the_edge(self, tmp_path: Path) -> None:
+        """Connections pipelining frames of 1,000 invalid requests (each answered with ~69 KB)
+        and never reading make the edge hold their replies. Near its cap it was seen to hang
+        for good, serving nobody; now it drops them or exits and is restarted, and a client
+        that reads is served again soon after."""
+        async with gateway_process(
+            tmp_path, ingest_extra=f"edge_memory_bytes = {EDGE_CAP_BYTES}"
+        ) as (process, ingest, _):
+            context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+            hogs = []
+            garbage = b"\xdc" + (1000).to_bytes(2, "big") + b"\xc0" * 1000
+            for _ in range(4):
+                hog: zmq.Socket[bytes] = context.socket(zmq.DEALER)
+                hog.setsockopt(zmq.LINGER, 0)
+                hog.setsockopt(zmq.SNDHWM, 0)
+                # read nothing, ever: libzmq would otherwise take 1,000 replies off the wire
+                hog.setsockopt(zmq.RCVHWM, 1)
+                hog.setsockopt(zmq.RCVBUF, 4096)
+                hog.setsockopt(zmq.RECONNECT_IVL, 60_000)  # dropped: gone for good
+                hog.connect(ingest)
+                hogs.append(hog)
+            for hog in hogs:
+                for _ in range(300):
+                    hog.send(garbage)
+            restarts = 'gateway_process_restarts_total{process="zeromq_edge"}'
+            async with httpx.AsyncClient() as http:
+                with trio.fail_after(120):  # the router answered every hog frame, or the edge died
+                    while True:
+                        metrics = (await http.get(f"{process.http_url}/metrics")).text
+                        if _sample(metrics, "gateway_frames_total") >= 1200:
+                            break
+                        if _sample(metrics, restarts) >= 1:
+                            break
+                        await trio.sleep(0.2)
+            answered = False
+            with trio.move_on_after(30):
+                while not answered:
+                    probe: zmq.Socket[bytes] = context.socket(zmq.DEALER)
+                    probe.setsockopt(zmq.LINGER, 0)
+                    probe.connect(ingest)
+                    probe.send_multipart(status_request(b"probe"))
+                    answered = await trio.to_thread.run_sync(probe.poll, 3000) != 0
+                    probe.close(linger=0)
+            (edge,) = edge_pids(pid_of(process))
+            edge_rss = rss_bytes_of(edge)
+            for sock in hogs:
+                sock.close(linger=0)
+            context.term()
+        assert answered
+        assert edge_rss < 300 * MIB
+
     async def test_a_20_mib_frame_gets_an_invalid_answer(self, tmp_path: Path) -> None:
         async with gateway_process(tmp_path) as (_, ingest, _):
             context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
