@@ -448,13 +448,17 @@ def _array_length(data: bytes | memoryview) -> int | None:
     return int.from_bytes(data[1 : 1 + width], "big")
 
 
+_REFUSALS_PER_BATCH_LIMIT: Final = 2
+"""A batch refused whole gets one result per request (a client matches replies by position)
+up to this many times ``max_batch`` requests; past that it is not a batch anybody meant, and
+one result per element would answer a frame of nils with ninety times its size, unbounded."""
+
+
 def _refuse_all(data: bytes | memoryview, detail: str, max_batch: int) -> list[Request | Result]:
-    """One ``invalid`` per request of a frame refused for its size (each keeps its id); one for
-    an array that cannot even be read, or that holds more than ``max_batch`` elements: one
-    result per element would answer a frame of nils with ninety times its size, and a client
-    that never read such answers could fill the process holding them."""
+    """One ``invalid`` per request of a batch refused whole (each keeps its id); one for an
+    array that cannot even be read, or that holds far more than any batch may."""
     count = _array_length(data)
-    if count is None or count > max_batch:
+    if count is None or count > _REFUSALS_PER_BATCH_LIMIT * max_batch:
         return [invalid(detail)]
     try:
         raws = _raw_list_decoder.decode(data)

@@ -452,11 +452,11 @@ class TestDecodeRejects:
         assert [DECODED[0][1]] == decode_frame(data, max_frame_bytes=len(data)).items
 
     def test_oversize_batch(self) -> None:
-        """More requests than a batch may hold: one result for the frame (one per element
-        would answer a frame of nils with ninety times its size)."""
+        """One result per request even then: a client matches replies by position."""
         detail = "batch of 3 requests exceeds the limit of 2"
+        expected = Frame(True, [invalid(detail, "order-1001")] * 3)
 
-        assert Frame(True, [invalid(detail)]) == decode_frame(pack([STATUS] * 3), max_batch=2)
+        assert expected == decode_frame(pack([STATUS] * 3), max_batch=2)
         assert 2 == len(decode_frame(pack([STATUS] * 2), max_batch=2).items)
 
     def test_a_frame_over_the_byte_limit_gets_a_result_per_request(self) -> None:
@@ -468,15 +468,16 @@ class TestDecodeRejects:
         assert expected == decode_frame(data, max_frame_bytes=10)
 
     def test_a_batch_far_over_the_limit_gets_one_result(self) -> None:
-        """One result per element would answer a frame of nils with ninety times its size (a
-        4 MiB frame of 700,000 elements made a reply of 65 MB, and crashed the process
-        building it)."""
+        """Past twice the limit it is no batch anybody meant: one result per element would
+        answer a frame of nils with ninety times its size (a 4 MiB frame of 700,000 elements
+        made a reply of 65 MB, and crashed the process building it)."""
         nils = b"\xdd" + (700_000).to_bytes(4, "big") + b"\xc0" * 700_000
         detail = "batch of 700000 requests exceeds the limit of 1000"
 
         assert Frame(True, [invalid(detail)]) == decode_frame(nils)
         assert 1 == len(decode_frame(nils, max_frame_bytes=100_000).items)
-        assert 1 == len(decode_frame(pack([STATUS] * 2), max_batch=1).items)
+        assert 1 == len(decode_frame(pack([STATUS] * 3), max_batch=1).items)
+        assert 2 == len(decode_frame(pack([STATUS] * 2), max_batch=1).items)
 
     def test_invalid_request_does_not_affect_its_neighbours(self) -> None:
         bad = with_(SEND, "recipient.tz", "Nowhere/Special")
