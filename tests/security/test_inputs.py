@@ -289,9 +289,10 @@ class TestZeroMqMessages:
             payload = msgpack.packb({"v": 1, "op": "status", "id": "m", "tenant": "acme"})
             received, peaks = await attack(ingest, router, [b"x" * MIB] * 1500 + [payload])
         assert [b"after"] == [parts[0] for parts in received]
-        # the edge's cap: what it mapped once serving plus edge_memory_bytes (its own code
-        # and libraries map ~100 MB, most of it never resident)
-        assert cap - mapped <= EDGE_CAP_BYTES
+        # the edge's cap: what it mapped once serving (~100-220 MB, most of it never
+        # resident; it may unmap some later, so today's mapping is only a lower bound) plus
+        # edge_memory_bytes
+        assert mapped <= cap < 300 * MIB + EDGE_CAP_BYTES
         assert peaks.edge_peak <= cap
         assert peaks.edge_peak < 300 * MIB  # against 1.5 GB unbounded
         assert peaks.router_peak - router_before < 50 * MIB
