@@ -28,7 +28,7 @@ from gateway.app import EdgeLink, Gateway, open_gateway
 from gateway.clock import Clock
 from gateway.config import ENV_PREFIX, GatewayConfig, Secret
 from gateway.core.errors import ConfigError, ProviderError
-from gateway.http import webhook_app
+from gateway.orphans import REPORT_FD_ENV, SERVING
 from gateway.runtime import edge as edge_process
 from gateway.runtime.keyfile import link_secrets
 from gateway.runtime.workers import (
@@ -189,7 +189,7 @@ async def start_edge(
             child_environ,
             count=1,
             restarts=restarts,
-            report=ReportPipe(edge_process.REPORT_FD_ENV, edge_process.SERVING),
+            report=ReportPipe(REPORT_FD_ENV, SERVING),
             # an edge that dies was most likely made to run out of memory by a client: back
             # within two seconds, not thirty, whatever the attacker does next
             max_restart_delay_seconds=2.0,
@@ -319,7 +319,7 @@ async def open_embedded(
                 webhook_environ,
                 count=config.http.webhook_processes,
                 restarts=restarts,
-                report=ReportPipe(webhook_app.REPORT_FD_ENV, webhook_app.SERVING),
+                report=ReportPipe(REPORT_FD_ENV, SERVING),
             )
             # each has bound (or failed to) before the router binds its own sockets
             await nursery.start(webhooks.run)

@@ -22,6 +22,12 @@ import trio
 
 LIFELINE_FD_ENV: Final = "CASCADEGW_LIFELINE_FD"
 
+REPORT_FD_ENV: Final = "CASCADEGW_REPORT_FD"
+"""The descriptor the router reads a child's reports on (``report_to_router``)."""
+SERVING: Final = "serving"
+"""The first word of a child's report once it listens (what it bound may follow); any other
+line is the one-line reason it cannot (``gateway.runtime.workers.ReportPipe``)."""
+
 _lifeline: tuple[int, int] | None = None
 
 
@@ -32,6 +38,13 @@ def lifeline() -> int:
     if _lifeline is None:
         _lifeline = os.pipe()  # both ends close on exec, except where passed on purpose
     return _lifeline[0]
+
+
+def report_to_router(line: str) -> None:
+    """One line to the router on the descriptor it passed (``REPORT_FD_ENV``), if any."""
+    fd = os.environ.get(REPORT_FD_ENV)
+    if fd is not None:
+        os.write(int(fd), line.replace("\n", " ").encode() + b"\n")
 
 
 def inherited_lifeline() -> int | None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 from functools import partial
-from typing import Final
 
 import trio
 import zmq
@@ -31,7 +30,7 @@ from gateway.config import bind_error, bind_holder, load_config, tracking_secret
 from gateway.http.public import health_routes, public_limits, public_routes
 from gateway.httpserver import Router, Server, open_listeners, split_bind
 from gateway.inbound import Inbound, SinkFull
-from gateway.orphans import guarded
+from gateway.orphans import SERVING, guarded, report_to_router
 from gateway.tracking import LinkSigner
 
 
@@ -66,12 +65,6 @@ class RemoteSink:
         return self.client
 
 
-REPORT_FD_ENV: Final = "CASCADEGW_REPORT_FD"
-"""The descriptor the router reads this process's reports on: ``serving`` once it listens,
-else one line saying why it cannot."""
-SERVING: Final = "serving"
-
-
 async def serve() -> None:
     """One webhook process: the public routes on ``http.webhook_bind``, shared with the other
     processes (``SO_REUSEPORT``: the kernel spreads connections among them)."""
@@ -99,7 +92,7 @@ async def serve() -> None:
             exc.strerror or str(exc),
             holder=bind_holder(config, "http.webhook_bind", bind),
         )
-        _report(str(error))  # the router fails its start with this line
+        report_to_router(str(error))  # the router fails its start with this line
         raise SystemExit(2) from exc
     host, port = split_bind(bind)
     url = f"http://{host}:{listeners[0].socket.getsockname()[1] if port == 0 else port}"
@@ -118,14 +111,7 @@ async def serve() -> None:
         server = Server(Router(routes), public_limits(config.http), name="webhooks")
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(server.serve_listeners, listeners, url=url))
-            _report(SERVING)
-
-
-def _report(line: str) -> None:
-    """A line to the router on the descriptor it passed (``REPORT_FD_ENV``), if any."""
-    fd = os.environ.get(REPORT_FD_ENV)
-    if fd is not None:
-        os.write(int(fd), line.replace("\n", " ").encode() + b"\n")
+            report_to_router(SERVING)
 
 
 def main() -> None:

@@ -51,7 +51,7 @@ import zmq
 
 from gateway.clock import perf_seconds
 from gateway.config import GatewayConfig, bind_error, bind_holder, load_config
-from gateway.orphans import inherited_lifeline, parent_gone
+from gateway.orphans import SERVING, inherited_lifeline, parent_gone, report_to_router
 from gateway.protocol import Result, decode_frame, encode_reply
 from gateway.runtime import curve
 from gateway.runtime.curve import Principals
@@ -70,10 +70,7 @@ REQUESTS_ENV: Final = "CASCADEGW_EDGE_REQUESTS"
 """The router's internal ROUTER endpoint the edge connects its DEALER to."""
 STATUS_ENV: Final = "CASCADEGW_EDGE_STATUS"
 """The router's internal XPUB endpoint the edge subscribes to."""
-REPORT_FD_ENV: Final = "CASCADEGW_REPORT_FD"
 LOG_LEVEL_ENV: Final = "CASCADEGW_LOG_LEVEL"
-SERVING: Final = "serving"
-"""The report line's first word once the public socket listens; its endpoint follows."""
 
 REQUESTS: Final = "requests"
 """The role of the edge process that serves ``ingest.bind`` (the ROUTER)."""
@@ -379,18 +376,12 @@ def cap_address_space(extra_bytes: int) -> int:
     return cap
 
 
-def _report(line: str) -> None:
-    fd = os.environ.get(REPORT_FD_ENV)
-    if fd is not None:
-        os.write(int(fd), line.replace("\n", " ").encode() + b"\n")
-
-
 def _bind(config: GatewayConfig, sock: zmq.Socket[bytes], key: str, address: str) -> str:
     try:
         sock.bind(address)
     except zmq.ZMQError as exc:
         holder = bind_holder(config, key, address)
-        _report(str(bind_error(key, address, exc.errno, exc.strerror, holder=holder)))
+        report_to_router(str(bind_error(key, address, exc.errno, exc.strerror, holder=holder)))
         raise SystemExit(2) from exc
     endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
     return endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
@@ -450,7 +441,7 @@ def main() -> None:
     back.connect(os.environ[REQUESTS_ENV])
     cap = cap_address_space(ingest.edge_memory_bytes)
     log.info("edge_serving", role=role, endpoint=endpoint, memory_cap=cap)
-    _report(f"{SERVING} {endpoint}")
+    report_to_router(f"{SERVING} {endpoint}")
     Edge(
         public=public,
         back=back,
