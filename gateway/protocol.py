@@ -437,12 +437,16 @@ def decode_frame(
     return Frame(True, [_decode_one(raw) for raw in raws], [bytes(raw) for raw in raws])
 
 
+_ARRAY_COUNT_WIDTHS: Final = {0xDC: 2, 0xDD: 4}
+"""Bytes of the element count after an array16 / array32 marker."""
+
+
 def _array_length(data: bytes | memoryview) -> int | None:
     """The element count a msgpack array header promises, or None when it cannot tell."""
     marker = data[0]
     if 0x90 <= marker <= 0x9F:
         return marker & 0x0F
-    width = {0xDC: 2, 0xDD: 4}.get(marker)
+    width = _ARRAY_COUNT_WIDTHS.get(marker)
     if width is None or len(data) < 1 + width:
         return None
     return int.from_bytes(data[1 : 1 + width], "big")
