@@ -179,7 +179,7 @@ def main() -> None:
                 cells.append(f"{cpu:9.0f} µs {rate:8.0f}/s")
             rows.append(f"{concurrency:>11} | " + " | ".join(cells))
         print(f"client CPU per request, median of {args.rounds} rounds of {args.requests}")
-        print(f"{'concurrency':>11} | {'httpx':^22} | {'adapters pool (h11)':^22}")
+        print(f"{'concurrency':>11} | {'httpx':^22} | {'adapters pool':^22}")
         print("\n".join(rows))
     finally:
         server.terminate()

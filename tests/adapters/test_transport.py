@@ -7,6 +7,8 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import ssl
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -386,6 +388,190 @@ class TestFraming:
             with pytest.raises(ProviderUnavailable, match="larger than 1000 bytes"):
                 await send(client, HttpRequest("GET", f"{server.url}/big"))
         assert limit == len(fits.content)
+
+    @pytest.mark.parametrize(
+        ("raw", "content", "reused"),
+        [
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", b"{}", True),
+            (b"HTTP/1.1 200\r\ncontent-length:2\r\n\r\n{}", b"{}", True),
+            (
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+                b"{}",
+                True,
+            ),
+            (b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n", b"", True),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b'2;name=value\r\n{"\r\n3\r\na":\r\n2\r\n1}\r\n0\r\nX-Trailer: t\r\n\r\n',
+                b'{"a":1}',
+                True,
+            ),
+            (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}", b"{}", False),
+            (
+                b"HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 2\r\n\r\n{}",
+                b"{}",
+                False,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n"
+                b"2\r\n{}\r\n0\r\n\r\n",
+                b"{}",
+                False,
+            ),
+        ],
+        ids=[
+            "content-length",
+            "no reason phrase, lower case, no space",
+            "100 continue skipped",
+            "204 has no body",
+            "chunked with extensions and trailers",
+            "HTTP/1.0",
+            "connection close among tokens",
+            "chunked and a content-length",
+        ],
+    )
+    async def test_answers_the_framing_rules_allow(
+        self, raw: bytes, content: bytes, reused: bool
+    ) -> None:
+        """Each answer arrives in one piece and, on a connection the server keeps open, is read
+        whole; the connection carries the next request only when the answer allows it."""
+
+        async def handler(call: Call) -> HttpResponse | Raw:
+            if (call.connection, call.index) == (1, 1):
+                return Raw(raw, "serve")
+            return await own_answer(call)
+
+        async with local_server(handler) as server, make_client(timeout_seconds=5) as client:
+            assert content == (await send(client, get(server.url))).content
+            following = (await send(client, get(server.url))).content
+        assert (b"1.2" if reused else b"2.1") == following
+
+    async def test_an_answer_delimited_by_the_connection_end(self) -> None:
+        handler = answer(200, b"")
+
+        async def to_the_end(call: Call) -> HttpResponse | Raw:
+            if (call.connection, call.index) == (1, 1):
+                return Raw(b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 100_000, "close")
+            return await handler(call)
+
+        async with local_server(to_the_end) as server, make_client(timeout_seconds=5) as client:
+            assert b"x" * 100_000 == (await send(client, get(server.url))).content
+            assert 200 == (await send(client, get(server.url))).status_code
+        assert [(1, 1), (2, 1)] == seen(server.calls)
+
+    async def test_an_answer_arriving_a_byte_at_a_time(self) -> None:
+        """Framing does not depend on how the answer is cut into reads."""
+        answer_bytes = (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+        )
+
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(
+                partial(trio.serve_tcp, _dribbler(answer_bytes), 0, host="127.0.0.1")
+            )
+            port = listeners[0].socket.getsockname()[1]
+            async with make_client(timeout_seconds=5) as client:
+                for _ in range(2):  # and the connection is reused
+                    response = await send(client, get(f"http://127.0.0.1:{port}"))
+                    assert b"abcde" == response.content
+            nursery.cancel_scope.cancel()
+
+    @pytest.mark.parametrize(
+        "raw",
+        [
+            b"HTTP/2 200 OK\r\n\r\n",
+            b"HTTP/1.1 2000 OK\r\n\r\n",
+            b"ICY 200 OK\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nX-Folded: a\r\n b\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nBad Name: a\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\nab",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nab",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x2\r\nab\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n0\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * (70 * 1024) + b"\r\n\r\n",
+        ],
+        ids=[
+            "HTTP/2 status line",
+            "four-digit status",
+            "not HTTP",
+            "obsolete line folding",
+            "space in a field name",
+            "negative length",
+            "two lengths",
+            "unknown transfer coding",
+            "chunk size with 0x",
+            "chunk longer than its size",
+            "unasked upgrade",
+            "head over 64 KiB",
+        ],
+    )
+    async def test_answers_that_break_the_framing_are_refused(self, raw: bytes) -> None:
+        """Refused with one message that quotes nothing of the answer; the next request gets
+        a new connection."""
+
+        async def handler(call: Call) -> HttpResponse | Raw:
+            if (call.connection, call.index) == (1, 1):
+                return Raw(raw, "serve")
+            return await own_answer(call)
+
+        async with local_server(handler) as server, make_client(timeout_seconds=5) as client:
+            with pytest.raises(ProviderUnavailable) as caught:
+                await send(client, get(server.url))
+            assert "prov: the server's answer is not valid HTTP/1.1" == str(caught.value)
+            assert b"2.1" == (await send(client, get(server.url))).content
+
+    @pytest.mark.parametrize(
+        "partial",
+        [b"HTTP/1.1 200 OK\r\nContent-Le", b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{}"],
+    )
+    async def test_a_connection_closed_mid_head_or_body(self, partial: bytes) -> None:
+        async with (
+            local_server(lambda call: _raw(partial)) as server,
+            make_client(timeout_seconds=5) as client,
+        ):
+            with pytest.raises(ProviderUnavailable, match="prov: the connection closed mid-answer"):
+                await send(client, get(server.url))
+
+    @pytest.mark.parametrize(
+        "request_",
+        [
+            HttpRequest("POST", "http://127.0.0.1:1/send", {"X-Token": "a\r\nX-Injected: 1"}),
+            HttpRequest("POST", "http://127.0.0.1:1/send", {"X Bad": "a"}),
+            HttpRequest("GET", "http://127.0.0.1:1/a b"),
+            HttpRequest("G ET", "http://127.0.0.1:1/"),
+        ],
+        ids=["CR LF in a value", "space in a name", "space in the target", "space in the method"],
+    )
+    async def test_a_request_that_is_not_valid_http_is_not_sent(
+        self, request_: HttpRequest
+    ) -> None:
+        """A CR LF in a header value (from a template or a credential) would start a header of
+        its own; nothing is written, and the message does not quote the value."""
+        async with make_client(timeout_seconds=5) as client:
+            with pytest.raises(ProviderUnavailable) as caught:
+                await send(client, request_)
+        assert "prov: the request is not valid HTTP/1.1" == str(caught.value)
+
+
+def _dribbler(data: bytes) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """A server that answers every request with ``data``, one byte per write."""
+
+    async def serve(stream: trio.SocketStream) -> None:
+        buffer = b""
+        while True:
+            while b"\r\n\r\n" not in buffer:
+                received = await stream.receive_some(65536)
+                if not received:
+                    return
+                buffer += received
+            buffer = buffer.split(b"\r\n\r\n", 1)[1]
+            for index in range(len(data)):
+                await stream.send_all(data[index : index + 1])
+                await trio.sleep(0.0005)  # one byte per segment, mostly
+
+    return serve
 
 
 # ---------------------------------------------------------------- TLS
