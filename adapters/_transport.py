@@ -16,6 +16,7 @@ body: those carry credentials and recipients.
 
 from __future__ import annotations
 
+import functools
 import re
 import select
 import ssl
@@ -120,21 +121,16 @@ class HttpRequest:
         headers: Mapping[str, str] | Iterable[tuple[str, str]] = (),
         body: bytes = b"",
     ) -> None:
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        if scheme not in _DEFAULT_PORTS or not parts.hostname:
-            raise ValueError("an http or https URL with a host is needed")
+        self.origin, self.target, host = _split_url(url)
         self.method = method
         self.url = url
         self.headers = Headers(headers)
         self.body = body
-        self.origin: Origin = (scheme, parts.hostname, parts.port or _DEFAULT_PORTS[scheme])
-        self.target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         wire = [
             (name.encode("latin-1"), value.encode("latin-1")) for name, value in self.headers.raw()
         ]
         if "host" not in self.headers:
-            wire.insert(0, (b"Host", parts.netloc.rpartition("@")[2].encode("idna")))
+            wire.insert(0, (b"Host", host))
         if "content-length" not in self.headers and (body or method in ("POST", "PUT", "PATCH")):
             wire.append((b"Content-Length", str(len(body)).encode("ascii")))
         if "user-agent" not in self.headers:
@@ -171,6 +167,23 @@ class HttpRequest:
 
     def __repr__(self) -> str:
         return f"HttpRequest({self.method} {self.origin[0]}://{self.origin[1]}:{self.origin[2]})"
+
+
+@functools.lru_cache(maxsize=1024)
+def _split_url(url: str) -> tuple[Origin, str, bytes]:
+    """``(origin, target, Host header)`` of a URL; an adapter sends to a handful of URLs, so
+    each is parsed once.
+
+    Raises:
+        ValueError: not ``http``/``https`` with a host.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        raise ValueError("an http or https URL with a host is needed")
+    origin = (scheme, parts.hostname, parts.port or _DEFAULT_PORTS[scheme])
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return origin, target, parts.netloc.rpartition("@")[2].encode("idna")
 
 
 def _request_head(method: str, target: str, headers: list[tuple[bytes, bytes]]) -> bytes | None:

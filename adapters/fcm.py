@@ -468,6 +468,9 @@ class FcmAdapter:
         self.token_fetches = 0
 
     async def _access_token(self) -> str:
+        current = self._token
+        if current is not None and self._wall_clock() < self._token_expires_at:
+            return current  # the common case needs no lock
         async with self._token_lock:
             now = self._wall_clock()
             if self._token is not None and now < self._token_expires_at:

@@ -131,7 +131,7 @@ class LinkSigner:
 
     @staticmethod
     def _sign(secret: bytes, body: bytes) -> bytes:
-        return hmac.new(secret, body, hashlib.sha256).digest()[:_SIGNATURE_BYTES]
+        return hmac.digest(secret, body, hashlib.sha256)[:_SIGNATURE_BYTES]
 
     def verify(self, token: str, *, now: float) -> LinkPayload | LinkRejection:
         """The payload of a genuine, unexpired token; a rejection for anything else."""

@@ -203,7 +203,7 @@ class Dispatcher:
                 ProviderUnavailable(f"adapter error: {type(exc).__name__}", provider=queue.name),
             )
             return
-        metrics.provider_duration.labels(queue.name, queue.channel).observe(duration)
+        metrics.provider_request(queue.name, queue.channel, duration)
         self.provider_acceptances += 1
         self.feedback.send_succeeded(
             job,
@@ -218,7 +218,7 @@ class Dispatcher:
         now = self.clock.now()
         duration = exc.duration_seconds
         if duration is not None:
-            metrics.provider_duration.labels(queue.name, queue.channel).observe(duration)
+            metrics.provider_request(queue.name, queue.channel, duration)
         result = SendResult.PERMANENT_ERROR if exc.permanent else SendResult.TRANSIENT_ERROR
         metrics.sends.labels(queue.channel, queue.name, result).inc()
         metrics.provider_errors.labels(queue.name, exc.kind).inc()

@@ -256,6 +256,8 @@ class Metrics:
         self._steps = _Children(self.steps)
         self._receipts = _Children(self.receipts)
         self._sends = _Children(self.sends)
+        self._provider_duration = _Children(self.provider_duration)
+        self._accept_to_send = _Children(self.accept_to_send)
         self._cost = _Children(self.cost)
         self._unsubscribes = _Children(self.unsubscribes)
         self._webhooks = _Children(self.webhooks)
@@ -362,9 +364,13 @@ class Metrics:
         self._cost[channel,].inc(price)
         self._steps[channel, Step.SENT].inc()
 
+    def provider_request(self, provider: str, channel: Channel, seconds: float) -> None:
+        """How long one provider request took, answered or failed."""
+        self._provider_duration[provider, channel].observe(seconds)
+
     def first_send(self, lane: Lane, *, waited_seconds: float, sms_price: float) -> None:
         """A message's first step went out: how long it waited, what SMS would have cost."""
-        self.accept_to_send.labels(lane).observe(max(0.0, waited_seconds))
+        self._accept_to_send[lane,].observe(max(0.0, waited_seconds))
         self.sms_equivalent_cost.inc(sms_price)
 
     def finished(self, outcome: Outcome, final_channel: Channel | None, depth: int) -> None:
