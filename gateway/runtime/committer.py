@@ -6,6 +6,12 @@ publish the status events) and tells listeners (the ingest loop, which then send
 the journal sees one transaction per burst, however many frames, timers and receipts it holds,
 and nothing leaves the process before it is durable.
 
+Nobody waits for some writes: a provider took a send, a timer fired, a receipt came in a
+batch nobody answers. A batch of only those lingers up to ``LINGER_SECONDS`` for more before it
+commits: a transaction and its thread hand-off cost about as much as twenty rows, and sends
+finish one by one. Anything somebody waits for (a client's ack, a webhook's answer, a status
+query) calls ``hurry`` and commits at once, with whatever lingered.
+
 A commit that fails for a reason that may pass (disk full, an I/O error) is retried, the same
 batch in the same place, until it lands: nothing staged is dropped and nothing is acknowledged
 early. Meanwhile ``unavailable`` says why, so admission answers ``overloaded`` instead of
@@ -29,6 +35,9 @@ log = structlog.get_logger("gateway.committer")
 
 _RETRY_FIRST_SECONDS: Final = 0.05
 _RETRY_MAX_SECONDS: Final = 5.0
+LINGER_SECONDS: Final = 0.005
+"""How long a batch nobody waits for gathers more rows before it commits (at 1,000 sends/s,
+about 5 sends a commit instead of one or two)."""
 
 
 class Committer:
@@ -38,6 +47,7 @@ class Committer:
         self._current = Batch()
         self._committing: Batch | None = None
         self._staged = trio.Event()
+        self._hurry = trio.Event()
         self._lock = trio.Lock()
         """One commit at a time: ``serve`` and a caller of ``flush`` must not interleave, or
         the batch of one would vanish from ``pending_rows`` while the other's commits."""
@@ -51,6 +61,11 @@ class Committer:
         """The batch to stage writes into; asking for it wakes ``serve``."""
         self._staged.set()
         return self._current
+
+    def hurry(self) -> None:
+        """Somebody waits for the batch being staged: commit it without lingering."""
+        self._staged.set()
+        self._hurry.set()
 
     def peek(self) -> Batch:
         """The batch being staged, without waking ``serve``."""
@@ -92,7 +107,7 @@ class Committer:
             return
         done = trio.Event()
         batch.after.append(done.set)
-        self._staged.set()
+        self.hurry()
         await done.wait()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -102,6 +117,10 @@ class Committer:
                 self._staged = trio.Event()
                 await self._staged.wait()
                 continue
+            if not self._hurry.is_set():
+                with trio.move_on_after(LINGER_SECONDS):
+                    await self._hurry.wait()
+            self._hurry = trio.Event()
             await self.flush()
 
     async def flush(self) -> None:

@@ -211,6 +211,8 @@ class Ingest:
             for item in results
         )
         reply = _Reply(route, envelope, batch if batch and promises else None)
+        if reply.batch is not None:
+            self.committer.hurry()  # a client waits for this commit
         self._pending.append(reply)
         queries = [item for item in results if not isinstance(item, Result)]
         if not queries:

@@ -1,4 +1,4 @@
-"""The committer's retry path, on the memory journal under a hand-driven clock.
+"""The committer's retry path and lingering, on the memory journal under a hand-driven clock.
 
 ``MemoryJournal`` has no threads, so ``wait_all_tasks_blocked`` means "the committer is
 asleep in its back-off", and time moves only when the test jumps it.
@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.core.cascade import Cascade
 from gateway.core.model import Category, Channel, Envelope, Lane, MessageKey
-from gateway.runtime.committer import Committer
+from gateway.runtime.committer import LINGER_SECONDS, Committer
 from gateway.runtime.metrics import Metrics
 from gateway.store.base import Batch, MessageRecord
 from gateway.store.memory import MemoryJournal, MemoryStore
@@ -47,6 +47,7 @@ async def test_a_failing_commit_is_retried_with_back_off_until_the_cause_passes(
         batch = committer.current
         batch.insert(record("acme:m1"), b"request")
         batch.then(lambda: ran.append("dispatched"))
+        committer.hurry()  # a client waits for its ack
 
         await trio.testing.wait_all_tasks_blocked()
         assert FULL == unavailable()  # admission reads this to answer "overloaded"
@@ -97,6 +98,7 @@ async def test_a_flush_while_serve_commits_waits_its_turn_and_loses_nothing(
     async with trio.open_nursery() as nursery:
         await nursery.start(committer.serve)
         committer.current.insert(record("acme:a"), b"a")
+        committer.hurry()
         await committing.wait()  # serve is committing batch a
         committer.current.insert(record("acme:b"), b"b")
         nursery.start_soon(committer.flush)  # e.g. the admin API making a consent durable
@@ -107,4 +109,58 @@ async def test_a_flush_while_serve_commits_waits_its_turn_and_loses_nothing(
         await trio.testing.wait_all_tasks_blocked()
         assert [["acme:a"], ["acme:b"]] == order
         assert 0 == committer.pending_rows
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_batch_nobody_waits_for_lingers_and_a_waiter_ends_the_linger(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Sends reported one by one share a commit; a write somebody waits for (an ack) is
+    committed at once, with what lingered before it, and nothing is held longer than
+    ``LINGER_SECONDS``."""
+    journal = MemoryJournal(MemoryStore())
+    await journal.open(create=True)
+    committer = Committer(journal, Metrics(CollectorRegistry(), {}))
+    committed: list[list[str]] = []
+    commit = journal.commit
+
+    async def recorded(batch: Batch) -> None:
+        committed.append(list(batch.dirty))
+        await commit(batch)
+
+    journal.commit = recorded  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(committer.serve)
+        committer.current.insert(record("acme:sent1"), b"a")
+        await trio.testing.wait_all_tasks_blocked()
+        mock_clock.jump(LINGER_SECONDS * 0.6)
+        committer.current.insert(record("acme:sent2"), b"b")
+        await trio.testing.wait_all_tasks_blocked()
+        assert [] == committed  # still gathering
+        mock_clock.jump(LINGER_SECONDS * 0.5)  # the first row's linger is over
+        await trio.testing.wait_all_tasks_blocked()
+        assert [["acme:sent1", "acme:sent2"]] == committed
+
+        committer.current.insert(record("acme:sent3"), b"c")
+        await trio.testing.wait_all_tasks_blocked()
+        committer.current.insert(record("acme:acked"), b"d")
+        committer.hurry()
+        await trio.testing.wait_all_tasks_blocked()  # no clock jump: at once
+        assert [["acme:sent3", "acme:acked"]] == committed[1:]
+
+        # a waiter for a batch already committing does not make the next one skip its linger
+        # for good: after the hurried commit, lingering resumes
+        committer.current.insert(record("acme:sent4"), b"e")
+        await trio.testing.wait_all_tasks_blocked()
+        assert 2 == len(committed)
+        mock_clock.jump(LINGER_SECONDS)
+        await trio.testing.wait_all_tasks_blocked()
+        assert [["acme:sent4"]] == committed[2:]
+
+        # wait_committed is a waiter too
+        batch = committer.current
+        batch.insert(record("acme:status"), b"f")
+        nursery.start_soon(committer.wait_committed, batch)
+        await trio.testing.wait_all_tasks_blocked()  # no clock jump
+        assert batch.committed
         nursery.cancel_scope.cancel()
