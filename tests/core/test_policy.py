@@ -534,6 +534,52 @@ class TestDecideCaps:
         event("decide found the opening" if hops == 0 else "the gate held on past decide")
 
 
+class TestDecideCapProperties:
+    """Deferring and rejecting caps together, over sends made and sends planned (issue #15)."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        rules=st.lists(
+            st.builds(
+                CapRule,
+                name=st.sampled_from(["a", "b", "c"]),
+                max_count=st.integers(1, 3),
+                window_seconds=st.sampled_from([HOUR, 6 * HOUR, DAY, 3 * DAY, 7 * DAY]),
+                action=st.sampled_from(CapAction),
+            ),
+            min_size=1,
+            max_size=3,
+        ),
+        made=st.lists(st.integers(1, 7 * 24).map(lambda h: NOON - h * HOUR), max_size=6),
+        planned=st.lists(st.integers(0, 10 * 24).map(lambda h: NOON + h * HOUR), max_size=4),
+        quiet=st.booleans(),
+    )
+    def test_no_deferral_lands_over_any_cap(
+        self, rules: list[CapRule], made: list[float], planned: list[float], quiet: bool
+    ) -> None:
+        """A deferred message goes where every cap, rejecting ones included, lets it through
+        (and outside quiet hours); an admitted one fits every cap now."""
+        history = CapHistory.of(
+            SendEntry(at, f"made{i}", PROMO, SMS) for i, at in enumerate(sorted(made))
+        ).with_planned(SendEntry(at, f"planned{i}", PROMO, PUSH) for i, at in enumerate(planned))
+        recipient = RecipientState(OPTED_IN.consents, history)
+        policy = PolicyRules(caps=tuple(rules), quiet_hours=(QuietRule(NIGHT),) if quiet else ())
+        decision = run_decide(envelope(), recipient, policy)
+        at = decision.until if isinstance(decision, Defer) else NOON
+        if isinstance(decision, Reject):
+            assert RejectReason.CAPPED == decision.reason
+            event("capped at once")
+            return
+        fits = caps.check(
+            history, policy.caps, message=MESSAGE, category=PROMO, channel=PUSH, now=at
+        )
+        assert None is fits
+        if quiet:
+            assert not quiet_hours.is_quiet(NIGHT, at, MOSCOW)
+        assert Go() == run_gate(envelope(), recipient, policy, now=at)
+        event("deferred" if isinstance(decision, Defer) else "admitted")
+
+
 class TestGate:
     """``gate`` re-checks one step: Go, Hold, Skip this channel, or Stop the message."""
 
