@@ -10,8 +10,9 @@ The same inputs always give the same decision.
 
 Order of checks in ``decide`` (cheapest and most final first): expired, no address, no
 personal-data consent, control group (marketing only), no channel with advertising consent,
-then the first step's timing through ``gate``: message-wide caps, quiet hours, ``send_at``.
-A deferral that would pass the message's TTL expires it instead.
+then the first step's timing through ``gate``: caps, quiet hours, ``send_at``. A channel the
+timing rules out (``Skip``) passes the question to the next one, as the cascade would; a
+deferral that would pass the message's TTL expires it instead.
 """
 
 from __future__ import annotations
@@ -118,23 +119,39 @@ Decision = Admit | Defer | Reject
 
 
 # ---------------------------------------------------------------- pre-send gate verdicts
+# What the router does with each verdict (gateway/runtime/feedback.py runs ``gate`` just before
+# a step goes to a provider; ``decide`` asks the same question of the first steps on arrival):
 class Go(msgspec.Struct, frozen=True):
-    pass
+    """Send the step now; the router counts it against the caps."""
 
 
 class Hold(msgspec.Struct, frozen=True):
+    """Not before ``until``: the router publishes ``deferred`` (``why``) and the cascade waits
+    (``StepDeferred``) on the same channel. On arrival: ``Defer`` to ``until``."""
+
     until: float
     why: DeferReason
 
 
 class Skip(msgspec.Struct, frozen=True):
-    """Not on this channel; the cascade may try the next one."""
+    """Not on this channel; the cascade may try the next one.
+
+    The router publishes ``skipped`` (``reason``) and the cascade moves on to the next allowed
+    channel (``StepSkipped``), or ends ``exhausted`` when none is left. On arrival ``decide``
+    does the same: the message is admitted on the rest of the plan and refused only when every
+    channel is skipped.
+    """
 
     reason: RejectReason
 
 
 class Stop(msgspec.Struct, frozen=True):
-    """Not at all; the cascade ends."""
+    """Not at all; the cascade ends.
+
+    The router ends it ``expired`` (``EXPIRED``), ``unsubscribed`` (``NO_CONSENT``: a consent
+    went while the step waited) or ``dropped`` (anything else: a full message-wide rejecting
+    cap). On arrival: ``Reject`` with ``reason``.
+    """
 
     reason: RejectReason
 
@@ -185,12 +202,8 @@ def decide(
         if rules.control_group.holds_out(envelope.tenant, envelope.recipient_id, now=now):
             return Reject(RejectReason.HOLDOUT, "the recipient is in this period's control group")
         allowed = advertising_mask(consents, topic=envelope.topic, defaults=defaults)
-    first = None
-    for channel in plan:
-        if allowed & channel.bit:
-            first = channel
-            break
-    if first is None:
+    candidates = [channel for channel in plan if allowed & channel.bit]
+    if not candidates:
         names = ", ".join(plan)
         return Reject(
             RejectReason.NO_CONSENT,
@@ -199,28 +212,41 @@ def decide(
 
     at = now if envelope.send_at is None else max(now, envelope.send_at)
     why = DeferReason.SEND_AT
-    for _ in range(_MAX_HOLD_ROUNDS):
-        # consent for `first` was just established: only caps and quiet hours remain
-        verdict = _timing(envelope, recipient, rules, message=message, channel=first, now=at, tz=tz)
+    index = holds = 0
+    while holds < _MAX_HOLD_ROUNDS:
+        # consent for the candidate was just established: only caps and quiet hours remain
+        channel = candidates[index]
+        verdict = _timing(
+            envelope, recipient, rules, message=message, channel=channel, now=at, tz=tz
+        )
         match verdict:
-            case Go() | Skip(reason=RejectReason.CAPPED):
-                # a per-channel cap skips only this channel: the edge's gate will move the
-                # cascade to the next one, so the message itself is admitted
+            case Go():
                 break
             case Hold(until=until, why=hold_why):
-                at, why = until, hold_why
-            case Skip(reason=RejectReason.QUIET_HOURS):
-                return Reject(
-                    RejectReason.QUIET_HOURS,
-                    f"quiet hours on {first} drop {envelope.category} messages",
-                )
-            case Skip(reason=reason) | Stop(reason=reason):
+                # a later instant may open the channels skipped so far: start over from the
+                # first one there, as the cascade will
+                at, why, index, holds = until, hold_why, 0, holds + 1
+            case Skip(reason=reason):
+                # not this channel now (a per-channel cap, a dropping quiet rule): the cascade
+                # starts with it and the pre-send check skips it, so the message goes on the
+                # rest of the plan; only when no channel is left is it refused (issue #15)
+                index += 1
+                if index == len(candidates):
+                    return Reject(reason, _skip_detail(reason, envelope, candidates))
+            case Stop(reason=reason):
                 return Reject(reason, _STOP_DETAILS.get(reason, str(reason)))
             case _:
                 assert_never(verdict)
     if at > now:
         return Defer(plan, allowed, at, why)
     return Admit(plan, allowed)
+
+
+def _skip_detail(reason: RejectReason, envelope: Envelope, channels: list[Channel]) -> str:
+    names = ", ".join(channels)
+    if reason is RejectReason.QUIET_HOURS:
+        return f"quiet hours drop {envelope.category} messages on {names}"
+    return f"a frequency cap for this recipient is full on {names}"
 
 
 _STOP_DETAILS = {

@@ -534,6 +534,48 @@ class TestDecideCaps:
         event("decide found the opening" if hops == 0 else "the gate held on past decide")
 
 
+class TestDecideSkips:
+    """A channel ruled out on arrival is skipped, and the rest of the plan goes (issue #15)."""
+
+    PUSH_DROP = PolicyRules(quiet_hours=(QuietRule(NIGHT, QuietAction.DROP, frozenset({PUSH})),))
+
+    def test_a_push_only_drop_rule_admits_a_push_email_promo_at_night(self) -> None:
+        env = envelope(channels=(PUSH, EMAIL))
+        assert Admit((PUSH, EMAIL), 0b1111) == run_decide(env, rules=self.PUSH_DROP, now=LATE)
+        # the cascade starts on push; the pre-send check skips it and email goes
+        assert Skip(RejectReason.QUIET_HOURS) == run_gate(env, rules=self.PUSH_DROP, now=LATE)
+        assert Go() == run_gate(env, rules=self.PUSH_DROP, channel=EMAIL, now=LATE)
+
+    def test_every_channel_dropped_is_refused_with_the_reason(self) -> None:
+        decision = run_decide(envelope(channels=(PUSH,)), rules=self.PUSH_DROP, now=LATE)
+        assert Reject(RejectReason.QUIET_HOURS, "quiet hours drop promo messages on push") == (
+            decision
+        )
+
+    def test_the_next_channel_may_be_deferred(self) -> None:
+        # push dropped at night, email deferred to the morning: at 09:00 push is open again,
+        # so the message waits for the morning and starts on push, as the cascade will
+        rules = PolicyRules(
+            quiet_hours=(
+                QuietRule(NIGHT, QuietAction.DROP, frozenset({PUSH})),
+                QuietRule(NIGHT),
+            )
+        )
+        env = envelope(channels=(PUSH, EMAIL))
+        assert Defer((PUSH, EMAIL), 0b1111, MORNING, DeferReason.QUIET_HOURS) == run_decide(
+            env, rules=rules, now=LATE
+        )
+
+    def test_every_channel_capped_is_refused_capped(self) -> None:
+        recipient = RecipientState(OPTED_IN.consents, sent((NOON - HOUR, "old", EMAIL)))
+        rules = PolicyRules(caps=(EMAIL_REJECT_CAP,))
+        decision = run_decide(envelope(channels=(EMAIL,)), recipient, rules)
+        assert (
+            Reject(RejectReason.CAPPED, "a frequency cap for this recipient is full on email")
+            == decision
+        )
+
+
 class TestDecideCapProperties:
     """Deferring and rejecting caps together, over sends made and sends planned (issue #15)."""
 
@@ -1066,25 +1108,27 @@ class TestPolicyProperties:
             assert reason(decision) != RejectReason.CAPPED
             assert not (isinstance(decision, Defer) and decision.why is DeferReason.CAPPED)
         start = now if env.send_at is None else max(now, env.send_at)
+        usable = [c for c in env.channels if allowed_now(recipient, rules, env, c)]
         if RejectReason.CAPPED == reason(decision):
-            # only a full message-wide rejecting rule refuses a whole message; rules only free
-            # up as time passes, so it is already full when the first step would go
-            wide = tuple(r for r in rules.caps if r.action is CapAction.REJECT and not r.channels)
-            first_allowed = next(c for c in env.channels if allowed_now(recipient, rules, env, c))
-            assert None is not caps.check(
-                recipient.history,
-                wide,
-                message=MESSAGE,
-                category=env.category,
-                channel=first_allowed,
-                now=start,
+            # a full message-wide rejecting rule, or per-channel ones on every channel left;
+            # rules only free up as time passes, so one is already full when the message came
+            assert any(
+                caps.check(
+                    recipient.history,
+                    rules.caps,
+                    message=MESSAGE,
+                    category=env.category,
+                    channel=channel,
+                    now=start,
+                )
+                is not None
+                for channel in usable
             )
-            event("a message-wide cap refused the message")
+            event("a cap refused the message")
         if RejectReason.QUIET_HOURS == reason(decision):
-            first_allowed = next(c for c in env.channels if allowed_now(recipient, rules, env, c))
-            dropping = rules.quiet_rule(first_allowed, env.category)
-            assert dropping is not None
-            assert QuietAction.DROP is dropping.action
+            # every channel was skipped, the last one by a dropping quiet rule
+            dropping = [rules.quiet_rule(c, env.category) for c in usable]
+            assert any(r is not None and QuietAction.DROP is r.action for r in dropping)
         if isinstance(decision, Reject):
             return
 
@@ -1102,10 +1146,22 @@ class TestPolicyProperties:
             and env.lane is Lane.CRITICAL
             and env.category is SERVICE
         )
+
+        def walk(at: float) -> Verdict | None:
+            """The cascade's first step at ``at``: skipped channels pass to the next one."""
+            for channel in decision.channels:
+                verdict = gate(
+                    env, recipient, rules, message=MESSAGE, channel=channel, now=at, tz=tz
+                )
+                if not isinstance(verdict, Skip):
+                    return verdict
+            return None
+
         if isinstance(decision, Admit):
             assert start == now
+            assert Go() == walk(now)
             passing = gate(env, recipient, rules, message=MESSAGE, channel=first, now=now, tz=tz)
-            assert passing in (Go(), Skip(RejectReason.CAPPED))
+            assert passing in (Go(), Skip(RejectReason.CAPPED), Skip(RejectReason.QUIET_HOURS))
             # a first step that goes now goes outside quiet hours, unless a rule lets it through
             # (one a per-channel cap skips is re-gated on the next channel by the cascade)
             quiet_now = quiet is not None and quiet_hours.is_quiet(quiet.window, now, tz)
@@ -1118,18 +1174,22 @@ class TestPolicyProperties:
         assert decision.until >= start
         if env.expires_at is not None:
             assert decision.until < env.expires_at
-        at_until = gate(
-            env, recipient, rules, message=MESSAGE, channel=first, now=decision.until, tz=tz
-        )
-        assert at_until in (Go(), Skip(RejectReason.CAPPED))
+        assert Go() == walk(decision.until)
         # and no earlier instant would have passed
         if decision.until > start:
             for i in range(12):
                 sample = start + (decision.until - start) * i / 12
-                early = gate(
-                    env, recipient, rules, message=MESSAGE, channel=first, now=sample, tz=tz
-                )
-                assert isinstance(early, Hold), (sample, early)
+                early = walk(sample)
+                assert Go() != early, (sample, early)
+        first = next(
+            c
+            for c in decision.channels
+            if not isinstance(
+                gate(env, recipient, rules, message=MESSAGE, channel=c, now=decision.until, tz=tz),
+                Skip,
+            )
+        )
+        quiet = rules.quiet_rule(first, env.category)
         # the reason names what the send waited for last, and the wait ends exactly then
         just_before = math.nextafter(decision.until, -math.inf)
         if decision.why is DeferReason.SEND_AT:
@@ -1185,8 +1245,21 @@ class TestPolicyProperties:
             return
         assert rule is not None
         if rule.action is QuietAction.DROP:
-            assert RejectReason.QUIET_HOURS == reason(decision)
-            event("dropped")
+            # the first channel is skipped; the message is refused only if every one is
+            def dropped(channel: Channel) -> bool:
+                other = rules.quiet_rule(channel, env.category)
+                return (
+                    other is not None
+                    and other.action is QuietAction.DROP
+                    and quiet_hours.is_quiet(other.window, start, tz)
+                )
+
+            if all(dropped(channel) for channel in env.channels):
+                assert RejectReason.QUIET_HOURS == reason(decision)
+                event("dropped")
+            else:
+                assert RejectReason.QUIET_HOURS != reason(decision)
+                event("first channel skipped, the rest of the plan goes")
             return
         opening = quiet_hours.next_open(rule.window, start, tz)
         if env.expires_at is not None and env.expires_at <= opening:
