@@ -40,9 +40,10 @@ from gateway.core.consent import ConsentDefaults
 from gateway.core.control_group import ControlGroup
 from gateway.core.errors import ConfigError
 from gateway.core.model import DEFAULT_CASCADE, Category, Channel, Lane
-from gateway.core.policy import PolicyRules, QuietAction, QuietRule
+from gateway.core.policy import PolicyRules, QuietAction, QuietRule, WindowRule
 from gateway.core.quiet_hours import QuietWindow
 from gateway.core.retry import RetryPolicy
+from gateway.core.send_windows import SendWindows, send_windows
 from gateway.settings import Positive, PositiveInt
 from gateway.settings import Secret as Secret
 from gateway.settings import SenderConfig as SenderConfig
@@ -202,6 +203,22 @@ class QuietHoursConfig(_Config, frozen=True):
     categories: frozenset[Category] = frozenset()
 
 
+class WindowConfig(_Config, frozen=True):
+    """One local-time window ``[start, end)``; wraps midnight when ``start > end``."""
+
+    start: LocalTime
+    end: LocalTime
+
+
+class SendWindowsConfig(_Config, frozen=True):
+    """Preferred send windows for some marketing categories (empty: all of them). Outside
+    them a message waits for the next window start in the recipient's zone (never into quiet
+    hours); service messages ignore windows."""
+
+    windows: tuple[WindowConfig, ...]
+    categories: frozenset[Category] = frozenset()
+
+
 class CapConfig(_Config, frozen=True):
     name: Name
     max_count: PositiveInt
@@ -226,6 +243,8 @@ class PolicyConfig(_Config, frozen=True):
     """Policy rules; the top-level ones are the defaults every tenant may override."""
 
     quiet_hours: tuple[QuietHoursConfig, ...] = ()
+    send_windows: tuple[SendWindowsConfig, ...] = ()
+    """The first entry whose categories cover a message's category applies."""
     caps: tuple[CapConfig, ...] = ()
     control_group: ControlGroupConfig = ControlGroupConfig()
     consent: ConsentConfig = ConsentConfig()
@@ -351,7 +370,35 @@ def policy_rules(policy: PolicyConfig) -> PolicyRules:
             for q in policy.quiet_hours
         ),
         critical_service_bypasses_quiet_hours=policy.critical_service_bypasses_quiet_hours,
+        send_windows=tuple(
+            WindowRule(windows=windows_of(w.windows), categories=w.categories)
+            for w in policy.send_windows
+        ),
     )
+
+
+def _closed_category(
+    policy: PolicyConfig, spans: tuple[QuietWindow, ...], categories: frozenset[Category]
+) -> Category | None:
+    """A category whose every window minute is quiet on every channel (a message of it would
+    wait forever), or None. Minutes of the local day suffice: windows are set in minutes."""
+    rules = policy_rules(policy)
+    minutes = [time(m // 60, m % 60) for m in range(24 * 60)]
+    open_minutes = [m for m in minutes if any(span.contains(m) for span in spans)]
+    for category in sorted(categories or {c for c in Category if c.is_marketing}):
+        if not any(
+            rule is None or rule.action is QuietAction.BYPASS or not rule.window.contains(m)
+            for channel in Channel
+            for rule in [rules.quiet_rule(channel, category)]
+            for m in open_minutes
+        ):
+            return category
+    return None
+
+
+def windows_of(windows: tuple[WindowConfig, ...]) -> SendWindows:
+    """The core's send windows for configured ones (``ValueError`` names what is wrong)."""
+    return send_windows((w.start, w.end) for w in windows)
 
 
 # ---------------------------------------------------------------- loading
@@ -752,6 +799,24 @@ def _validate(config: GatewayConfig, *, serving: bool) -> None:
         for index, quiet in enumerate(policy.quiet_hours):
             if quiet.start == quiet.end:
                 raise ConfigError(f"{where}.quiet_hours[{index}]: start and end must differ")
+        for index, windows in enumerate(policy.send_windows):
+            if Category.SERVICE in windows.categories:
+                raise ConfigError(
+                    f"{where}.send_windows[{index}].categories: service messages ignore send "
+                    "windows (a receipt or a code goes when it is due); leave service out"
+                )
+            try:
+                windows_of(windows.windows)
+            except ValueError as exc:
+                raise ConfigError(f"{where}.send_windows[{index}].windows: {exc}") from exc
+        for index, windows in enumerate(policy.send_windows):
+            closed = _closed_category(policy, windows_of(windows.windows).spans, windows.categories)
+            if closed is not None:
+                raise ConfigError(
+                    f"{where}.send_windows[{index}].windows: every window lies in the quiet "
+                    f"hours of {closed} messages on every channel, so none could ever be sent; "
+                    "move the windows or the quiet hours"
+                )
         cap_names = [cap.name for cap in policy.caps]
         if len(set(cap_names)) != len(cap_names):
             raise ConfigError(f"{where}.caps: cap names must be unique")

@@ -23,7 +23,7 @@ from typing import assert_never
 
 import msgspec
 
-from gateway.core import caps, quiet_hours
+from gateway.core import caps, quiet_hours, send_windows
 from gateway.core.caps import CapAction, CapHistory, CapRule
 from gateway.core.consent import ConsentDefaults, ConsentState, advertising_mask
 from gateway.core.control_group import ControlGroup
@@ -37,10 +37,12 @@ from gateway.core.model import (
     RejectReason,
 )
 from gateway.core.quiet_hours import QuietWindow
+from gateway.core.send_windows import SendWindows
 
 # Holds can chain (quiet hours end, then a cap is still full, then quiet hours begin again);
-# a handful of rounds settles every realistic configuration, and the edge re-checks anyway.
-_MAX_HOLD_ROUNDS = 8
+# a handful of rounds settles every realistic configuration (send windows add a few: a window
+# start in quiet hours, a cap freeing up after the window), and the edge re-checks anyway.
+_MAX_HOLD_ROUNDS = 16
 
 
 class QuietAction(enum.StrEnum):
@@ -63,6 +65,13 @@ class QuietRule(msgspec.Struct, frozen=True):
         )
 
 
+class WindowRule(msgspec.Struct, frozen=True):
+    """Send windows for some marketing categories (empty: every marketing category)."""
+
+    windows: SendWindows
+    categories: frozenset[Category] = frozenset()
+
+
 class PolicyRules(msgspec.Struct, frozen=True):
     """One tenant's rules, as the core needs them (built from the config at start)."""
 
@@ -71,6 +80,25 @@ class PolicyRules(msgspec.Struct, frozen=True):
     caps: tuple[CapRule, ...] = ()
     quiet_hours: tuple[QuietRule, ...] = ()
     critical_service_bypasses_quiet_hours: bool = True
+    send_windows: tuple[WindowRule, ...] = ()
+    variant_windows: tuple[tuple[str, SendWindows], ...] = ()
+    """``("{experiment}/{variant}", windows)`` for the experiment variants that set a window."""
+
+    def window(self, envelope: Envelope) -> SendWindows | None:
+        """The send windows of a message: its variant's, else its category's first rule's;
+        service messages have none (a receipt or a code goes when it is due)."""
+        category = envelope.category
+        if category is Category.SERVICE:
+            return None
+        variant = envelope.variant
+        if variant is not None:
+            for name, windows in self.variant_windows:
+                if name == variant:
+                    return windows
+        for rule in self.send_windows:
+            if not rule.categories or category in rule.categories:
+                return rule.windows
+        return None
 
     def quiet_rule(self, channel: Channel, category: Category) -> QuietRule | None:
         """The first rule that covers this channel and category; order in the config matters."""
@@ -301,7 +329,7 @@ def _timing(
     now: float,
     tz: tzinfo,
 ) -> Verdict:
-    """Caps and quiet hours for a step whose consent is already established."""
+    """Caps, quiet hours and send windows for a step whose consent is already established."""
     expires_at = envelope.expires_at
     if expires_at is not None and now >= expires_at:
         return Stop(RejectReason.EXPIRED)
@@ -320,6 +348,15 @@ def _timing(
     quiet = _quiet_verdict(envelope, rules, channel=channel, now=now, tz=tz)
     if isinstance(quiet, Hold):
         return _within_ttl(quiet, expires_at)
+    if not isinstance(quiet, Go) or not (rules.send_windows or rules.variant_windows):
+        return quiet
+    windows = rules.window(envelope)
+    if windows is not None:
+        # outside the windows: the next window start. ``decide`` re-checks caps and quiet
+        # hours there, so a window start in quiet hours or over a cap moves on again
+        opening = send_windows.next_start(windows, now, tz)
+        if opening is not None:
+            return _within_ttl(Hold(opening, DeferReason.SEND_WINDOW), expires_at)
     return quiet
 
 

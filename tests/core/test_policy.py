@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 import pytest
-from hypothesis import event, example, given, settings
+from hypothesis import assume, event, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.core import caps, quiet_hours
@@ -64,10 +64,12 @@ from gateway.core.policy import (
     Skip,
     Stop,
     Verdict,
+    WindowRule,
     decide,
     gate,
 )
 from gateway.core.quiet_hours import QuietWindow
+from gateway.core.send_windows import SendWindows, send_windows
 
 MOSCOW = ZoneInfo("Europe/Moscow")
 PUSH, EMAIL, VIBER, SMS = Channel.PUSH, Channel.EMAIL, Channel.VIBER, Channel.SMS
@@ -574,6 +576,139 @@ class TestDecideSkips:
             Reject(RejectReason.CAPPED, "a frequency cap for this recipient is full on email")
             == decision
         )
+
+
+ARTICLE_WINDOWS = send_windows([(time(9), time(11)), (time(15), time(17)), (time(20), time(22))])
+EVENING = send_windows([(time(20), time(22))])
+PROMO_WINDOWS = PolicyRules(send_windows=(WindowRule(ARTICLE_WINDOWS, frozenset({PROMO})),))
+
+
+def in_window(windows: SendWindows, at: float, tz: tzinfo = MOSCOW) -> bool:
+    wall = datetime.fromtimestamp(at, tz).time()
+    return any(span.contains(wall) for span in windows.spans)
+
+
+class TestSendWindows:
+    """Outside its windows a message waits for the next window start (issue #15, item 2)."""
+
+    def test_outside_the_windows_waits_for_the_next_start(self) -> None:
+        # noon in Moscow: the next window opens at 15:00
+        decision = run_decide(envelope(), rules=PROMO_WINDOWS)
+        until = moscow(2024, 3, 14, 15)
+        assert Defer(DEFAULT_CASCADE, 0b1111, until, DeferReason.SEND_WINDOW) == decision
+        assert Go() == run_gate(envelope(), rules=PROMO_WINDOWS, now=until)
+
+    def test_inside_a_window_goes_now(self) -> None:
+        at = moscow(2024, 3, 14, 10)
+        assert Admit(DEFAULT_CASCADE, 0b1111) == run_decide(envelope(), rules=PROMO_WINDOWS, now=at)
+
+    def test_service_ignores_windows(self) -> None:
+        rules = PolicyRules(send_windows=(WindowRule(ARTICLE_WINDOWS),))
+        assert Admit(DEFAULT_CASCADE, 0b1111) == run_decide(envelope(SERVICE), rules=rules)
+
+    def test_other_categories_ignore_a_promo_window(self) -> None:
+        env = envelope(Category.CONTENT)
+        assert Admit(DEFAULT_CASCADE, 0b1111) == run_decide(env, rules=PROMO_WINDOWS)
+
+    def test_a_variant_window_replaces_the_categorys(self) -> None:
+        rules = msgspec.structs.replace(PROMO_WINDOWS, variant_windows=(("exp/late", EVENING),))
+        env = msgspec.structs.replace(envelope(), variant="exp/late")
+        at = moscow(2024, 3, 14, 10)  # inside the category's window, not the variant's
+        decision = run_decide(env, rules=rules, now=at)
+        assert Defer(DEFAULT_CASCADE, 0b1111, moscow(2024, 3, 14, 20), DeferReason.SEND_WINDOW) == (
+            decision
+        )
+        # a variant without a window of its own keeps the category's
+        other = msgspec.structs.replace(envelope(), variant="exp/plain")
+        assert Admit(DEFAULT_CASCADE, 0b1111) == run_decide(other, rules=rules, now=at)
+
+    def test_a_window_start_in_quiet_hours_waits_for_the_morning(self) -> None:
+        # the evening window 20:00-22:00 starts inside quiet hours from 19:00: nothing of it
+        # is allowed, so the message goes at 09:00 the next morning (the morning window)
+        rules = PolicyRules(
+            quiet_hours=(QuietRule(QuietWindow(time(19), time(9))),),
+            send_windows=(WindowRule(ARTICLE_WINDOWS),),
+        )
+        decision = run_decide(envelope(), rules=rules, now=moscow(2024, 3, 14, 18))
+        assert isinstance(decision, Defer)
+        assert moscow(2024, 3, 15, 9) == decision.until
+
+    def test_a_window_start_over_a_cap_moves_on(self) -> None:
+        # the cap frees up at 16:00, inside the 15-17 window
+        recipient = RecipientState(OPTED_IN.consents, sent((moscow(2024, 3, 13, 16), "old", SMS)))
+        rules = msgspec.structs.replace(PROMO_WINDOWS, caps=(DEFER_CAP,))
+        decision = run_decide(envelope(), recipient, rules)
+        assert Defer(DEFAULT_CASCADE, 0b1111, moscow(2024, 3, 14, 16), DeferReason.CAPPED) == (
+            decision
+        )
+
+    def test_a_window_past_expiry_expires(self) -> None:
+        decision = run_decide(envelope(expires_at=NOON + HOUR), rules=PROMO_WINDOWS)
+        assert RejectReason.EXPIRED == reason(decision)
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        spans=st.lists(
+            st.tuples(st.integers(0, 47), st.integers(1, 12))
+            .map(lambda p: (time(p[0] // 2, 30 * (p[0] % 2)), time((p[0] // 2 + p[1]) % 24)))
+            .filter(lambda pair: pair[0] != pair[1]),
+            min_size=1,
+            max_size=3,
+        ),
+        quiet=st.sampled_from([None, NIGHT, QuietWindow(time(23), time(7))]),
+        cap_windows=st.lists(st.sampled_from([HOUR, 6 * HOUR, DAY]), max_size=2),
+        made=st.lists(st.integers(1, 48).map(lambda h: NOON - h * HOUR / 2), max_size=4),
+        planned=st.lists(st.integers(0, 96).map(lambda h: NOON + h * HOUR / 2), max_size=3),
+        hours=st.integers(0, 47),
+        tz=st.sampled_from([MOSCOW, ZoneInfo("America/New_York"), ZoneInfo("Australia/Lord_Howe")]),
+    )
+    def test_nothing_goes_outside_its_window_in_quiet_hours_or_over_a_cap(
+        self,
+        spans: list[tuple[time, time]],
+        quiet: QuietWindow | None,
+        cap_windows: list[float],
+        made: list[float],
+        planned: list[float],
+        hours: int,
+        tz: tzinfo,
+    ) -> None:
+        """Where ``decide`` lets the first step go (now or at the deferral), the recipient's
+        clock is inside a window and outside quiet hours, and every cap has room."""
+        windows = send_windows(spans)
+        # a window wholly inside quiet hours can never be used (the config refuses that)
+        minutes = [time(m // 60, m % 60) for m in range(0, 24 * 60, 30)]
+        assume(
+            any(
+                in_span and (quiet is None or not quiet.contains(m))
+                for m in minutes
+                for in_span in [any(span.contains(m) for span in windows.spans)]
+            )
+        )
+        rules = PolicyRules(
+            caps=tuple(
+                CapRule(f"c{i}", 1 + i, w, action=CapAction.DEFER)
+                for i, w in enumerate(cap_windows)
+            ),
+            quiet_hours=(QuietRule(quiet),) if quiet is not None else (),
+            send_windows=(WindowRule(windows),),
+        )
+        history = CapHistory.of(
+            SendEntry(at, f"made{i}", PROMO, SMS) for i, at in enumerate(sorted(made))
+        ).with_planned(SendEntry(at, f"planned{i}", PROMO, PUSH) for i, at in enumerate(planned))
+        recipient = RecipientState(OPTED_IN.consents, history)
+        now = NOON + hours * HOUR / 2
+        decision = run_decide(envelope(), recipient, rules, now=now, tz=tz)
+        if isinstance(decision, Reject):
+            raise AssertionError(decision)
+        at = decision.until if isinstance(decision, Defer) else now
+        assert Go() == run_gate(envelope(), recipient, rules, now=at, tz=tz)
+        assert in_window(windows, at, tz)
+        if quiet is not None:
+            assert not quiet_hours.is_quiet(quiet, at, tz)
+        assert None is caps.check(
+            history, rules.caps, message=MESSAGE, category=PROMO, channel=PUSH, now=at
+        )
+        event(type(decision).__name__ + (f" {decision.why}" if isinstance(decision, Defer) else ""))
 
 
 class TestDecideCapProperties:

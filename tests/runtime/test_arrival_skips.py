@@ -56,3 +56,44 @@ class TestQuietDropOnTheFirstChannel:
         harness = await Harness.start(config, MemoryStore(), Clock(MIDNIGHT_UTC))
         (result,) = harness.requests([promo("m1")])
         assert ("rejected", "quiet_hours") == (result.status, result.reason)
+
+
+AFTERNOON_WINDOW = """
+[[policy.send_windows]]
+categories = ["promo"]
+windows = [{ start = 15:00:00, end = 17:00:00 }]
+"""
+
+
+class TestSendWindowsAtTheEdge:
+    """A promo outside its window waits for the next start; a later step waits too."""
+
+    async def test_deferred_to_the_window_then_a_late_step_waits_for_the_next_one(
+        self, tmp_path: Path, mock_clock: trio.testing.MockClock
+    ) -> None:
+        config = make_config(tmp_path, extra=AFTERNOON_WINDOW, cascade=("push", "email"))
+        harness = await Harness.start(config, MemoryStore(), Clock(NOON_UTC))
+        (result,) = harness.requests([promo("m1"), promo("otp", category="service")])[:1]
+        assert result.deferred_until is not None
+        assert NOON_UTC + 3 * 3600.0 == result.deferred_until.timestamp()
+        await harness.commit()
+        (service,) = harness.take_jobs()  # the service message ignores the window
+        assert "acme:otp" == service.key
+        mock_clock.jump(3 * 3600.0)
+        assert 1 == harness.fire_timers()
+        await harness.commit()
+        (push,) = harness.take_jobs()
+        assert None is not harness.claim(push)
+        harness.router.feedback.send_succeeded(push, provider="push1", price=0.0, now=harness.now)
+        await harness.commit()
+        # push stays unread past 17:00: the email step waits for tomorrow's 15:00
+        mock_clock.jump(2 * 3600.0)
+        harness.fire_timers()
+        await harness.commit()
+        (email,) = harness.take_jobs()
+        assert None is harness.claim(email)
+        await harness.commit()
+        deferred = [e for e in harness.published if e.kind == "deferred" and e.id == "m1"]
+        assert ["send_window", "send_window"] == [e.detail for e in deferred]
+        record = harness.state.records["acme:m1"]
+        assert NOON_UTC + 27 * 3600.0 == record.step_due
