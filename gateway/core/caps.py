@@ -207,7 +207,7 @@ def check(
         return None
     entries = list(_ENTRY.iter_unpack(history.packed))
     digest: int | None = None  # the message's digest, computed once a rule is full enough
-    full: list[tuple[CapRule, list[float]]] = []
+    full: list[_Full] = []
     for rule in rules:
         categories, channels, window = rule.categories, rule.channels, rule.window_seconds
         if (categories and category not in categories) or (channels and channel not in channels):
@@ -226,17 +226,18 @@ def check(
             continue
         if digest is None:
             digest = message_digest(message)
-        if digest in latest:
-            continue
-        full.append((rule, sorted(latest.values())))
+        own = latest.pop(digest, None)
+        if own is not None and len(latest) < rule.max_count:
+            continue  # a later step of a counted message, and room even once it leaves
+        full.append(_Full(rule, sorted(latest.values()), own))
     if not full:
         return None
-    deferring = [(rule, times) for rule, times in full if rule.action is CapAction.DEFER]
+    deferring = [entry for entry in full if entry.rule.action is CapAction.DEFER]
     at = _earliest(deferring, now)
     verdict: Capped | None = None
-    for rule, times in full:
-        if rule.action is CapAction.REJECT and not _fits(rule, times, at):
-            capped = Capped(rule, _earliest([(rule, times)], at))
+    for entry in full:
+        if entry.rule.action is CapAction.REJECT and not _fits(entry, at):
+            capped = Capped(entry.rule, _earliest([entry], at))
             if verdict is None or _worse(capped, verdict):
                 verdict = capped
     if verdict is not None:
@@ -244,25 +245,37 @@ def check(
     if at == now:
         return None
     # the deferring rule that frees up last on its own names the deferral (any would do)
-    binding = max(deferring, key=lambda pair: _earliest([pair], now))[0]
+    binding = max(deferring, key=lambda entry: _earliest([entry], now)).rule
     return Capped(binding, at)
 
 
-def _fits(rule: CapRule, times: list[float], at: float) -> bool:
-    """Whether a send at ``at`` keeps every window of ``rule`` that holds it within the count.
+class _Full(msgspec.Struct, frozen=True):
+    """A rule with as many messages in reach as its count: the times of the others, and the
+    time the message itself was counted, if it was (a later step passes while that lasts)."""
+
+    rule: CapRule
+    times: list[float]
+    own: float | None
+
+
+def _fits(full: _Full, at: float) -> bool:
+    """Whether a send at ``at`` keeps every window of the rule that holds it within the count.
 
     A window ``(x - W, x]`` holds ``at`` for ``x`` in ``[at, at + W)``; its count rises only at
     an entry's time, so ``at`` itself and the entries after it are every ``x`` worth asking.
     Comparisons keep the form ``t + W > x`` of the module docstring, so ``until`` is exact.
     """
+    rule, times = full.rule, full.times
     window, limit = rule.window_seconds, rule.max_count
+    if full.own is not None and full.own + window > at:
+        return True  # the message itself is still counted: this is one of its later steps
     for x in (at, *(t for t in times if at < t and at + window > t)):
         if sum(1 for t in times if t <= x and t + window > x) >= limit:
             return False
     return True
 
 
-def _earliest(rules: list[tuple[CapRule, list[float]]], now: float) -> float:
+def _earliest(rules: list[_Full], now: float) -> float:
     """The earliest instant ``>= now`` at which a send fits every one of ``rules``.
 
     A rule stops refusing only when an entry leaves a window, at ``t + W``; after the latest
@@ -271,14 +284,14 @@ def _earliest(rules: list[tuple[CapRule, list[float]]], now: float) -> float:
     candidates = sorted(
         {now}
         | {
-            t + rule.window_seconds
-            for rule, times in rules
-            for t in times
-            if t + rule.window_seconds > now
+            t + full.rule.window_seconds
+            for full in rules
+            for t in full.times
+            if t + full.rule.window_seconds > now
         }
     )
     for candidate in candidates[:-1]:
-        if all(_fits(rule, times, candidate) for rule, times in rules):
+        if all(_fits(full, candidate) for full in rules):
             return candidate
     return candidates[-1]
 

@@ -577,7 +577,7 @@ def reference_check(
     reference the packed history must agree with, verdict for verdict)."""
     if category is Category.SERVICE or not rules or not entries:
         return None
-    full: list[tuple[CapRule, list[float]]] = []
+    full: list[tuple[CapRule, list[float], float | None]] = []
     for rule in rules:
         categories, channels, window = rule.categories, rule.channels, rule.window_seconds
         if (categories and category not in categories) or (channels and channel not in channels):
@@ -591,35 +591,38 @@ def reference_check(
                 and (not channels or entry.channel in channels)
             ):
                 latest[entry.message] = entry.at
-        if message in latest or len(latest) < rule.max_count:
+        own = latest.pop(message, None)
+        if own is not None and len(latest) < rule.max_count:
             continue
-        full.append((rule, sorted(latest.values())))
+        full.append((rule, sorted(latest.values()), own))
 
-    def fits(rule: CapRule, times: list[float], at: float) -> bool:
+    def fits(rule: CapRule, times: list[float], at: float, own: float | None) -> bool:
         window = rule.window_seconds
+        if own is not None and own + window > at:
+            return True
         ends = [at] + [t for t in times if at < t < at + window]
         return all(
             len([t for t in times if t <= x and t + window > x]) < rule.max_count for x in ends
         )
 
-    def earliest(pairs: list[tuple[CapRule, list[float]]], start: float) -> float:
-        leaves = [t + rule.window_seconds for rule, times in pairs for t in times]
+    def earliest(pairs: list[tuple[CapRule, list[float], float | None]], start: float) -> float:
+        leaves = [t + rule.window_seconds for rule, times, _ in pairs for t in times]
         for candidate in sorted({start, *(c for c in leaves if c > start)}):
-            if all(fits(rule, times, candidate) for rule, times in pairs):
+            if all(fits(rule, times, candidate, own) for rule, times, own in pairs):
                 return candidate
         raise AssertionError("no instant fits")
 
-    deferring = [pair for pair in full if pair[0].action is CapAction.DEFER]
+    deferring = [entry for entry in full if entry[0].action is CapAction.DEFER]
     at = earliest(deferring, now)
     verdict: Capped | None = None
-    for rule, times in full:
-        if rule.action is CapAction.REJECT and not fits(rule, times, at):
-            capped = Capped(rule, earliest([(rule, times)], at))
+    for rule, times, own in full:
+        if rule.action is CapAction.REJECT and not fits(rule, times, at, own):
+            capped = Capped(rule, earliest([(rule, times, own)], at))
             if verdict is None or caps._worse(capped, verdict):
                 verdict = capped
     if verdict is not None or at == now:
         return verdict
-    binding = max(deferring, key=lambda pair: earliest([pair], now))[0]
+    binding = max(deferring, key=lambda entry: earliest([entry], now))[0]
     return Capped(binding, at)
 
 
