@@ -157,3 +157,7 @@ class Envelope(msgspec.Struct, frozen=True, gc=False):
     """``"{experiment}/{variant}"`` when an experiment assigned the message a variant: the
     variant's send window (``PolicyRules.variant_windows``) then applies instead of the
     category's."""
+
+    def outside_experiments(self) -> Envelope:
+        """This envelope without its experiment variant (a held-out message has none)."""
+        return msgspec.structs.replace(self, variant=None)

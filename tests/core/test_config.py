@@ -299,6 +299,24 @@ IMPOSSIBLE: dict[str, tuple[bytes, str]] = {
         "messages on every channel, so none could ever be sent; move the windows or the "
         "quiet hours",
     ),
+    "experiment with one variant": (
+        TENANT + b"[[tenants.acme.experiments.x.variants]]\nname = 'a'",
+        "tenants.acme.experiments.x.variants: an experiment needs at least two variants",
+    ),
+    "experiment with twin variants": (
+        TENANT
+        + b"[[tenants.acme.experiments.x.variants]]\nname = 'a'\n"
+        + b"[[tenants.acme.experiments.x.variants]]\nname = 'a'",
+        "tenants.acme.experiments.x.variants: variant names must be unique",
+    ),
+    "experiment variant with a bad window": (
+        TENANT
+        + b"[[tenants.acme.experiments.x.variants]]\nname = 'a'\n"
+        + b"[[tenants.acme.experiments.x.variants]]\nname = 'b'\n"
+        + b"send_windows = [{ start = 09:00:00, end = 09:00:00 }]",
+        "tenants.acme.experiments.x.variants[1].send_windows: a window from 09:00:00 to "
+        "09:00:00 is empty: start and end must differ",
+    ),
     "duplicate cap names": (
         b"""
 [[policy.caps]]
