@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import trio
 import trio.testing
+from starlette.applications import Starlette
 
 from gateway.app import check_experiments
 from gateway.clock import Clock
 from gateway.config import GatewayConfig
 from gateway.core.errors import ConfigError
+from gateway.http.admin import admin_routes
 from gateway.store.memory import MemoryJournal, MemoryStore
 from tests.runtime.harness import Harness
 from tests.support import NOON_UTC, make_config, promo
@@ -153,3 +157,56 @@ class TestVariantChannels:
             ConfigError, match=r"variants\[1\]\.channels: a channel is listed twice"
         ):
             config_with(tmp_path, experiment=bad)
+
+
+class FakeRows:
+    """The admin API's port, answering only the report rows (nothing else is asked here)."""
+
+    def __init__(self, rows: tuple[list[Any], list[Any]]) -> None:
+        self.rows = rows
+
+    async def experiment_rows(self, tenant: str, experiment: str) -> tuple[list[Any], list[Any]]:
+        return self.rows
+
+
+class TestExperimentReportApi:
+    """GET /v1/reports/{tenant}/experiments/{experiment}."""
+
+    async def report(self, tmp_path: Path, path: str, rows: Any = ([], [])) -> httpx.Response:
+        app = Starlette(routes=admin_routes(config_with(tmp_path), FakeRows(rows)))  # type: ignore[arg-type]
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://admin"
+        ) as http:
+            return await http.get(path)
+
+    async def test_an_unknown_experiment_is_404(self, tmp_path: Path) -> None:
+        answer = await self.report(tmp_path, "/v1/reports/acme/experiments/nope")
+        assert 404 == answer.status_code
+
+    async def test_the_arms_side_by_side(self, tmp_path: Path) -> None:
+        rows = (
+            [("cascades/long", "read", 100), ("cascades/short", "delivered", 100)],
+            [
+                ("cascades/long", 0, "push", "sent", "push1", 100, 100),
+                ("cascades/long", 0, None, "converted", None, 30, 30),
+                ("cascades/short", 0, "sms", "sent", "sms1", 100, 100),
+                ("cascades/short", 0, None, "converted", None, 45, 45),
+            ],
+        )
+        answer = await self.report(tmp_path, "/v1/reports/acme/experiments/cascades", rows)
+        report = answer.json()
+        long, short = report["variants"]["long"], report["variants"]["short"]
+        assert ("long", 100, 30, None) == (
+            report["baseline"],
+            long["messages"],
+            long["converted"],
+            long["difference"],
+        )
+        # the hand-derived figures of tests/core/test_stats.py: 45/100 against 30/100
+        assert {"estimate": 0.15, "interval": [0.01743, 0.28257], "p_value": 0.02846} == {
+            "estimate": short["difference"]["estimate"],
+            "interval": [round(v, 5) for v in short["difference"]["interval"]],
+            "p_value": round(short["difference"]["p_value"], 5),
+        }
+        assert round(350.0 / 45, 6) == short["cost_per_conversion"]  # 100 SMS at 3.5
+        assert "Wilson" in report["method"]["interval"]
