@@ -11,10 +11,12 @@ import trio
 import trio.testing
 from starlette.applications import Starlette
 
+from gateway import reports
 from gateway.app import check_experiments
 from gateway.clock import Clock
 from gateway.config import GatewayConfig
 from gateway.core.errors import ConfigError
+from gateway.demo import render_experiment
 from gateway.http.admin import admin_routes
 from gateway.store.memory import MemoryJournal, MemoryStore
 from tests.runtime.harness import Harness
@@ -210,3 +212,40 @@ class TestExperimentReportApi:
         }
         assert round(350.0 / 45, 6) == short["cost_per_conversion"]  # 100 SMS at 3.5
         assert "Wilson" in report["method"]["interval"]
+
+
+class TestDemoTable:
+    """The demo's closing table names every variant and says when a comparison is rough."""
+
+    def test_render(self) -> None:
+        rows = (
+            [("cascades/long", "read", 40), ("cascades/short", "delivered", 40)],
+            [
+                ("cascades/long", 0, None, "converted", None, 12, 12),
+                ("cascades/short", 0, None, "converted", None, 3, 3),
+            ],
+        )
+        report = reports.build_experiment(
+            tenant="acme",
+            experiment="cascades",
+            variants=["long", "short"],
+            currency="RUB",
+            message_rows=rows[0],
+            event_rows=rows[1],
+            prices={},
+            sms_price=3.5,
+        )
+        campaign = reports.build(
+            tenant="acme",
+            campaign="c",
+            currency="RUB",
+            message_rows=[(None, "read", 80), (None, "holdout", 8)],
+            event_rows=[(None, 0, None, "converted", None, 15, 15)],
+            prices={},
+            sms_price=3.5,
+        )
+        table = render_experiment(report, campaign=campaign.total)
+        assert "(baseline)" in table
+        assert "short" in table
+        assert "rough" in table  # three conversions in the short arm, none held out
+        assert "treated (80) against the control group (8)" in table
