@@ -494,9 +494,10 @@ class TestDecideCaps:
     def test_a_chain_of_caps_is_followed_then_left_to_the_gate(
         self, rules_count: int, step_seconds: int
     ) -> None:
-        """Holds chain: each cap frees exactly when the next one fills. ``decide`` follows a
-        bounded number of them; past that it defers early, and the gate at that instant holds
-        on to the same opening, so the first step never goes out before every cap allows it.
+        """Holds chain: each cap frees exactly when the next one fills. ``caps.check`` asks
+        every deferring rule at once, so ``decide`` lands on the opening in one hold however
+        long the chain (a chain of holds it stops following is left to the gate, which holds
+        on to the same opening: the first step never goes out before every cap allows it).
 
         The message went out on push an hour ago and "other" ``step`` later. Rule ``i`` has one
         slot and looks back ``DAY + i * step``: the later step of the same message passes it
@@ -641,6 +642,18 @@ class TestSendWindows:
         assert Defer(DEFAULT_CASCADE, 0b1111, moscow(2024, 3, 14, 16), DeferReason.CAPPED) == (
             decision
         )
+
+    def test_a_window_wholly_in_quiet_hours_never_sends(self) -> None:
+        """The config refuses such windows; the core still never sends into quiet hours: its
+        holds alternate until ``decide`` stops following them and defers, and the gate at the
+        deferral holds again."""
+        rules = PolicyRules(
+            quiet_hours=(QuietRule(NIGHT),),
+            send_windows=(WindowRule(send_windows([(time(22), time(23))])),),
+        )
+        decision = run_decide(envelope(), rules=rules)
+        assert isinstance(decision, Defer)
+        assert isinstance(run_gate(envelope(), rules=rules, now=decision.until), Hold)
 
     def test_a_window_past_expiry_expires(self) -> None:
         decision = run_decide(envelope(expires_at=NOON + HOUR), rules=PROMO_WINDOWS)
