@@ -57,6 +57,10 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     )
     print(f"  tenants: {tenants}")
     print(f"  providers: {providers or 'none'}")
+    for name, tenant in sorted(config.tenants.items()):
+        for experiment_name, experiment in sorted(tenant.experiments.items()):
+            variants = ", ".join(f"{v.name} ({v.weight:g})" for v in experiment.variants)
+            print(f"  experiment {name}/{experiment_name}: {variants}")
     return 0
 
 
