@@ -30,6 +30,7 @@ from gateway.clock import Clock
 from gateway.config import GatewayConfig, bind_error, bind_holder
 from gateway.core.caps import horizon_seconds
 from gateway.core.consent import ConsentRecord
+from gateway.core.errors import ConfigError
 from gateway.core.model import RecipientKey
 from gateway.http.admin import admin_routes
 from gateway.http.limits import bounded
@@ -41,6 +42,7 @@ from gateway.runtime import edge as edge_link
 from gateway.runtime.committer import Committer
 from gateway.runtime.cpu import CpuAccounting
 from gateway.runtime.dispatch import Dispatcher, Executor, InProcessExecutor
+from gateway.runtime.experiments import fingerprints as experiment_fingerprints
 from gateway.runtime.inbox import Inbox, serve_events
 from gateway.runtime.ingest import Ingest
 from gateway.runtime.keyfile import link_secrets
@@ -49,6 +51,7 @@ from gateway.runtime.publisher import Publisher
 from gateway.runtime.queues import DispatchQueues
 from gateway.runtime.router import Router
 from gateway.runtime.timers import TimerAlarm, TimerService
+from gateway.store.base import Journal
 from gateway.store.sqlite import SqliteJournal
 from gateway.store.state import State
 from gateway.tracking import LinkSigner
@@ -123,6 +126,33 @@ class _AdminPort:
     ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
         return await self.gateway.journal.campaign_rows(tenant, campaign)
 
+    async def experiment_rows(
+        self, tenant: str, experiment: str
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        return await self.gateway.journal.experiment_rows(tenant, experiment)
+
+
+async def check_experiments(journal: Journal, config: GatewayConfig) -> None:
+    """Pin each experiment's definition in the journal; refuse a changed one under its name.
+
+    An experiment runs from the first start of a gateway whose config has it: its
+    assignments are comparable only under one definition (variants, weights, salt).
+
+    Raises:
+        ConfigError: an experiment's definition differs from the one the journal first ran.
+    """
+    now = experiment_fingerprints(config)
+    changed = await journal.pin_experiments(now)
+    if changed:
+        key = min(changed)
+        tenant, _, name = key.removeprefix("experiment:").partition("/")
+        raise ConfigError(
+            f"tenants.{tenant}.experiments.{name}: its variants or weights changed since this "
+            f"journal first ran it (definition {changed[key]}, now {now[key]}); assignments "
+            "would no longer be comparable: restore the definition or give the changed "
+            "experiment a new name"
+        )
+
 
 @dataclass(frozen=True)
 class EdgeLink:
@@ -179,6 +209,11 @@ async def open_gateway(
     metrics = Metrics(registry, {name: p.channel for name, p in config.providers.items()})
     journal = SqliteJournal(config.store.path, synchronous=config.store.synchronous.value)
     await journal.open(create=config.store.create)
+    try:
+        await check_experiments(journal, config)
+    except BaseException:
+        await journal.aclose()
+        raise
     cpu = None
     if config.diagnostics.cpu_breakdown:
         cpu = CpuAccounting(lambda: journal.thread_cpu_seconds)

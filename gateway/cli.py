@@ -57,6 +57,10 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     )
     print(f"  tenants: {tenants}")
     print(f"  providers: {providers or 'none'}")
+    for name, tenant in sorted(config.tenants.items()):
+        for experiment_name, experiment in sorted(tenant.experiments.items()):
+            variants = ", ".join(f"{v.name} ({v.weight:g})" for v in experiment.variants)
+            print(f"  experiment {name}/{experiment_name}: {variants}")
     return 0
 
 
@@ -128,6 +132,16 @@ def _cmd_journal_check(args: argparse.Namespace) -> int:
     return 0 if args.quarantine else 1
 
 
+def _admin_url(config: GatewayConfig) -> str:
+    """Where the configured gateway's admin HTTP server answers, from this machine."""
+    host, _, port = config.http.bind.rpartition(":")
+    if host in ("0.0.0.0", "", "*"):  # noqa: S104 - reaching a wildcard bind, not binding
+        host = "127.0.0.1"
+    elif host in ("::", "[::]"):
+        host = "[::1]"
+    return f"http://{host}:{port}"
+
+
 def _cmd_healthcheck(args: argparse.Namespace) -> int:
     """Exit 0 when the gateway configured here answers /healthz (a container's HEALTHCHECK)."""
     import urllib.request
@@ -137,19 +151,43 @@ def _cmd_healthcheck(args: argparse.Namespace) -> int:
     except ConfigError as exc:  # a healthcheck answers 0 or 1: Docker reserves 2
         print(f"cascadegw: {exc}", file=sys.stderr)
         return 1
-    host, _, port = config.http.bind.rpartition(":")
-    if host in ("0.0.0.0", "", "*"):  # noqa: S104 - reaching a wildcard bind, not binding
-        host = "127.0.0.1"
-    elif host in ("::", "[::]"):
-        host = "[::1]"
-    url = f"http://{host}:{port}/{'readyz' if args.ready else 'healthz'}"
+    url = f"{_admin_url(config)}/{'readyz' if args.ready else 'healthz'}"
     try:
-        with urllib.request.urlopen(url, timeout=args.timeout_seconds) as answer:
+        with urllib.request.urlopen(url, timeout=args.timeout_seconds) as answer:  # noqa: S310 - http:// built by _admin_url
             healthy = answer.status == 200
     except OSError as exc:
         print(f"cascadegw: {url}: {exc}", file=sys.stderr)
         return 1
     return 0 if healthy else 1
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    """Print a campaign or experiment report of the running gateway (its admin API), as JSON."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    config = _load(args.config, serving=False)
+    section = "experiments" if args.kind == "experiment" else "campaigns"
+    quoted = [urllib.parse.quote(part, safe="") for part in (args.tenant, args.name)]
+    url = f"{args.url or _admin_url(config)}/v1/reports/{quoted[0]}/{section}/{quoted[1]}"
+    request = urllib.request.Request(url)  # noqa: S310 - --url or http:// from _admin_url
+    token = config.http.admin_token
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token.reveal()}")
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout_seconds) as answer:  # noqa: S310 - as above
+            report = json.load(answer)
+    except urllib.error.HTTPError as exc:
+        print(
+            f"cascadegw: {url}: {exc.code} {exc.read().decode(errors='replace')}", file=sys.stderr
+        )
+        return 1
+    except OSError as exc:
+        print(f"cascadegw: {url}: {exc}; is the gateway running (--url)?", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    return 0
 
 
 def _cmd_schema(_: argparse.Namespace) -> int:
@@ -373,6 +411,16 @@ def build_parser() -> argparse.ArgumentParser:
     check_config.set_defaults(func=_cmd_check_config)
     schema = commands.add_parser("schema", help="print the wire protocol's JSON Schema")
     schema.set_defaults(func=_cmd_schema)
+
+    report = commands.add_parser(
+        "report", help="print a campaign or experiment report of the running gateway (JSON)"
+    )
+    report.add_argument("kind", choices=["campaign", "experiment"])
+    report.add_argument("tenant")
+    report.add_argument("name", help="the campaign's or the experiment's name")
+    report.add_argument("--url", help="the admin API's base URL (default: from http.bind)")
+    report.add_argument("--timeout-seconds", type=float, default=10.0)
+    report.set_defaults(func=_cmd_report)
 
     init = commands.add_parser("init", help="create a new, empty journal (store.path)")
     init.set_defaults(func=_cmd_init)

@@ -39,10 +39,12 @@ from gateway.core.caps import CapAction, CapRule
 from gateway.core.consent import ConsentDefaults
 from gateway.core.control_group import ControlGroup
 from gateway.core.errors import ConfigError
+from gateway.core.experiments import Experiment, Variant
 from gateway.core.model import DEFAULT_CASCADE, Category, Channel, Lane
-from gateway.core.policy import PolicyRules, QuietAction, QuietRule
+from gateway.core.policy import PolicyRules, QuietAction, QuietRule, WindowRule
 from gateway.core.quiet_hours import QuietWindow
 from gateway.core.retry import RetryPolicy
+from gateway.core.send_windows import SendWindows, send_windows
 from gateway.settings import Positive, PositiveInt
 from gateway.settings import Secret as Secret
 from gateway.settings import SenderConfig as SenderConfig
@@ -202,6 +204,22 @@ class QuietHoursConfig(_Config, frozen=True):
     categories: frozenset[Category] = frozenset()
 
 
+class WindowConfig(_Config, frozen=True):
+    """One local-time window ``[start, end)``; wraps midnight when ``start > end``."""
+
+    start: LocalTime
+    end: LocalTime
+
+
+class SendWindowsConfig(_Config, frozen=True):
+    """Preferred send windows for some marketing categories (empty: all of them). Outside
+    them a message waits for the next window start in the recipient's zone (never into quiet
+    hours); service messages ignore windows."""
+
+    windows: tuple[WindowConfig, ...]
+    categories: frozenset[Category] = frozenset()
+
+
 class CapConfig(_Config, frozen=True):
     name: Name
     max_count: PositiveInt
@@ -226,6 +244,8 @@ class PolicyConfig(_Config, frozen=True):
     """Policy rules; the top-level ones are the defaults every tenant may override."""
 
     quiet_hours: tuple[QuietHoursConfig, ...] = ()
+    send_windows: tuple[SendWindowsConfig, ...] = ()
+    """The first entry whose categories cover a message's category applies."""
     caps: tuple[CapConfig, ...] = ()
     control_group: ControlGroupConfig = ControlGroupConfig()
     consent: ConsentConfig = ConsentConfig()
@@ -248,6 +268,33 @@ SECRET_KEYS: Final = frozenset(
 )
 
 
+class VariantConfig(_Config, frozen=True):
+    """One arm of an experiment; what it leaves unset, the request and the tenant decide."""
+
+    name: Name
+    weight: Positive = 1.0
+    """Relative to the other variants' weights."""
+    channels: tuple[Channel, ...] | None = None
+    """The cascade order for this arm (replaces the request's ``channels``)."""
+    step_timeout_seconds: dict[Channel, Positive] = {}
+    """Unread timeouts per channel (replace the request's and the configured ones)."""
+    send_windows: tuple[WindowConfig, ...] = ()
+    """Send windows for this arm (replace the category's); empty: the category's."""
+
+
+class ExperimentConfig(_Config, frozen=True):
+    """Variants tried on shares of the tenant's recipients, chosen per request by name.
+
+    Assignment is sticky per recipient (a salted hash), independent of the control group,
+    which stays outside every experiment. Changing the variants or weights of an experiment
+    the journal has run is refused at start: give the changed one a new name.
+    """
+
+    variants: tuple[VariantConfig, ...]
+    salt: str = ""
+    """Mixed into the hash: two experiments with the same variants still split differently."""
+
+
 class TenantConfig(_Config, frozen=True):
     brand: str
     """Advertiser name; every advertising message must name it (38-FZ)."""
@@ -262,6 +309,8 @@ class TenantConfig(_Config, frozen=True):
     ``ingest.curve_secret_key`` set). A key may be listed by several tenants."""
     admin_token: Secret | None = None
     """Bearer token that reads and writes only this tenant under ``/v1/``."""
+    experiments: dict[Name, ExperimentConfig] = {}
+    """Experiments a ``send`` may name in its ``experiment`` field."""
 
 
 class TrackingConfig(_Config, frozen=True):
@@ -305,7 +354,23 @@ class GatewayConfig(_Config, frozen=True):
         return self.tenants[tenant].policy or self.policy
 
     def policy_rules(self, tenant: str) -> PolicyRules:
-        return policy_rules(self.tenant_policy(tenant))
+        rules = policy_rules(self.tenant_policy(tenant))
+        variant_windows = tuple(
+            (experiment.key(variant), variant.windows)
+            for experiment in self.experiments(tenant).values()
+            for variant in experiment.variants
+            if variant.windows is not None
+        )
+        if variant_windows:
+            rules = msgspec.structs.replace(rules, variant_windows=variant_windows)
+        return rules
+
+    def experiments(self, tenant: str) -> dict[str, Experiment]:
+        """The tenant's experiments, as the core needs them."""
+        return {
+            name: experiment_of(name, experiment)
+            for name, experiment in self.tenants[tenant].experiments.items()
+        }
 
     def step_timeouts(self) -> dict[Channel, float]:
         return {channel: c.unread_timeout_seconds for channel, c in self.channels.items()}
@@ -351,7 +416,53 @@ def policy_rules(policy: PolicyConfig) -> PolicyRules:
             for q in policy.quiet_hours
         ),
         critical_service_bypasses_quiet_hours=policy.critical_service_bypasses_quiet_hours,
+        send_windows=tuple(
+            WindowRule(windows=windows_of(w.windows), categories=w.categories)
+            for w in policy.send_windows
+        ),
     )
+
+
+def _closed_category(
+    policy: PolicyConfig, spans: tuple[QuietWindow, ...], categories: frozenset[Category]
+) -> Category | None:
+    """A category whose every window minute is quiet on every channel (a message of it would
+    wait forever), or None. Minutes of the local day suffice: windows are set in minutes."""
+    rules = policy_rules(policy)
+    minutes = [time(m // 60, m % 60) for m in range(24 * 60)]
+    open_minutes = [m for m in minutes if any(span.contains(m) for span in spans)]
+    for category in sorted(categories or {c for c in Category if c.is_marketing}):
+        if not any(
+            rule is None or rule.action is QuietAction.BYPASS or not rule.window.contains(m)
+            for channel in Channel
+            for rule in [rules.quiet_rule(channel, category)]
+            for m in open_minutes
+        ):
+            return category
+    return None
+
+
+def experiment_of(name: str, experiment: ExperimentConfig) -> Experiment:
+    """The core's experiment for a configured one (``ValueError`` names what is wrong)."""
+    return Experiment(
+        name=name,
+        salt=experiment.salt,
+        variants=tuple(
+            Variant(
+                name=variant.name,
+                weight=variant.weight,
+                channels=variant.channels,
+                step_timeout_seconds=tuple(sorted(variant.step_timeout_seconds.items())),
+                windows=windows_of(variant.send_windows) if variant.send_windows else None,
+            )
+            for variant in experiment.variants
+        ),
+    )
+
+
+def windows_of(windows: tuple[WindowConfig, ...]) -> SendWindows:
+    """The core's send windows for configured ones (``ValueError`` names what is wrong)."""
+    return send_windows((w.start, w.end) for w in windows)
 
 
 # ---------------------------------------------------------------- loading
@@ -752,6 +863,24 @@ def _validate(config: GatewayConfig, *, serving: bool) -> None:
         for index, quiet in enumerate(policy.quiet_hours):
             if quiet.start == quiet.end:
                 raise ConfigError(f"{where}.quiet_hours[{index}]: start and end must differ")
+        for index, windows in enumerate(policy.send_windows):
+            if Category.SERVICE in windows.categories:
+                raise ConfigError(
+                    f"{where}.send_windows[{index}].categories: service messages ignore send "
+                    "windows (a receipt or a code goes when it is due); leave service out"
+                )
+            try:
+                windows_of(windows.windows)
+            except ValueError as exc:
+                raise ConfigError(f"{where}.send_windows[{index}].windows: {exc}") from exc
+        for index, windows in enumerate(policy.send_windows):
+            closed = _closed_category(policy, windows_of(windows.windows).spans, windows.categories)
+            if closed is not None:
+                raise ConfigError(
+                    f"{where}.send_windows[{index}].windows: every window lies in the quiet "
+                    f"hours of {closed} messages on every channel, so none could ever be sent; "
+                    "move the windows or the quiet hours"
+                )
         cap_names = [cap.name for cap in policy.caps]
         if len(set(cap_names)) != len(cap_names):
             raise ConfigError(f"{where}.caps: cap names must be unique")
@@ -785,6 +914,48 @@ def _validate(config: GatewayConfig, *, serving: bool) -> None:
                 raise ConfigError(
                     f"{where}.providers.{channel}: the cascade uses {channel} but no provider serves it"
                 )
+        for name, experiment in tenant.experiments.items():
+            _validate_experiment(
+                f"{where}.experiments.{name}",
+                name,
+                experiment,
+                tenant,
+                config.tenant_policy(tenant_name),
+            )
+
+
+def _validate_experiment(
+    where: str, name: str, experiment: ExperimentConfig, tenant: TenantConfig, policy: PolicyConfig
+) -> None:
+    if len(experiment.variants) < 2:
+        raise ConfigError(f"{where}.variants: an experiment needs at least two variants")
+    names = [variant.name for variant in experiment.variants]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}.variants: variant names must be unique")
+    for index, variant in enumerate(experiment.variants):
+        at = f"{where}.variants[{index}]"
+        if variant.channels is not None:
+            if not variant.channels:
+                raise ConfigError(f"{at}.channels: needs at least one channel (or leave it out)")
+            if len(set(variant.channels)) != len(variant.channels):
+                raise ConfigError(f"{at}.channels: a channel is listed twice")
+            for channel in variant.channels:
+                if not tenant.providers.get(channel):
+                    raise ConfigError(
+                        f"{at}.channels: uses {channel} but no provider of the tenant serves it"
+                    )
+        if variant.send_windows:
+            try:
+                spans = windows_of(variant.send_windows).spans
+            except ValueError as exc:
+                raise ConfigError(f"{at}.send_windows: {exc}") from exc
+            closed = _closed_category(policy, spans, frozenset())
+            if closed is not None:
+                raise ConfigError(
+                    f"{at}.send_windows: every window lies in the quiet hours of {closed} "
+                    "messages on every channel; move the windows or the quiet hours"
+                )
+    experiment_of(name, experiment)  # the core's own checks
 
 
 def _previous_secrets(tracking: TrackingConfig) -> list[Secret]:

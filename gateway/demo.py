@@ -7,6 +7,13 @@ ZeroMQ, and the funnel built from the status events published on the PUB socket.
 Step timeouts are shortened per message (the ``step_timeout_seconds`` field of ``send``) so the
 cascade plays out in seconds; everything else is the default configuration, including quiet
 hours (recipients where it is night are deferred to their morning), caps and the control group.
+
+The promo takes part in the default config's experiment ``cascade_order`` (push -> email -> SMS
+against push -> SMS). The demo plays the CRM too: customers who read the message buy with
+probability 0.4, the others (and the control group) with 0.03, and the CRM reports purchases
+with the ``event`` op; at the end the experiment report shows each variant's conversion, cost
+and the difference with its confidence interval, and the campaign report the control group's
+lift. A couple of hundred messages make wide intervals: that is the honest answer.
 """
 
 from __future__ import annotations
@@ -23,9 +30,12 @@ from zoneinfo import ZoneInfo
 import msgspec
 import trio
 
+from gateway import reports
+from gateway.app import Gateway
 from gateway.client import (
     AsyncClient,
     consent_request,
+    event_request,
     open_client,
     open_subscription,
     send_request,
@@ -48,6 +58,9 @@ _ZONES = (
     "Australia/Sydney",
 )
 _DEMO_TIMEOUTS = {"push": 4.0, "email": 6.0, "viber": 5.0, "sms": 8.0}
+_EXPERIMENT = "cascade_order"
+_BUY_AFTER_READ = 0.4
+_BUY_ANYWAY = 0.03
 _CHANNELS = [channel.value for channel in Channel]
 
 
@@ -98,7 +111,7 @@ def campaign(
                 recipient=recipient,
                 category="promo",
                 campaign="winter-sale",
-                variant="A" if index % 2 else "B",
+                experiment=_EXPERIMENT,
                 step_timeout_seconds=_DEMO_TIMEOUTS,
                 content={
                     "push": {"title": "Winter sale", "body": "Up to 50% off today {link}"},
@@ -144,6 +157,7 @@ class Funnel:
         self.outcomes: Counter[str] = Counter()
         self.admissions: Counter[str] = Counter()
         self.accepted: set[str] = set()
+        self.read: set[str] = set()
         self.cost = 0.0
 
     def event(self, event: dict[str, Any]) -> None:
@@ -156,6 +170,8 @@ class Funnel:
                 self.cost += self.prices.get(event.get("provider", ""), 0.0)
         if event.get("final") and kind != "holdout":  # held-out messages were never sent
             self.outcomes[kind] += 1
+            if kind in ("read", "clicked"):
+                self.read.add(event["id"])
 
     @property
     def finished(self) -> int:
@@ -252,6 +268,8 @@ async def run_demo(
                         else:
                             funnel.progress(out, elapsed=elapsed)
                 funnel.render(out, elapsed=trio.current_time() - started, clear=False)
+                await _purchases(client, sends, funnel, seed=2026)
+            await _experiment_result(embedded.gateway, config, out)
             out.write(
                 "\nDeferred messages wait for 09:00 in their recipients' time zones (quiet hours); "
                 "`cascadegw run` keeps a gateway running.\n"
@@ -270,6 +288,111 @@ async def _push(
                 funnel.admissions["deferred" if "deferred_until" in result else "admitted"] += 1
             else:
                 funnel.admissions[result.get("reason", result["status"])] += 1
+
+
+async def _purchases(
+    client: AsyncClient, sends: list[dict[str, Any]], funnel: Funnel, *, seed: int
+) -> None:
+    """The CRM's part: report the purchases (more likely after a read), held-out customers'
+    included, so the reports can compare conversion."""
+    rng = random.Random(seed)
+    events = [
+        event_request(send["id"], "demo", kind="converted")
+        for send in sends
+        if send.get("experiment") == _EXPERIMENT
+        and rng.random() < (_BUY_AFTER_READ if send["id"] in funnel.read else _BUY_ANYWAY)
+    ]
+    for start in range(0, len(events), 100):
+        await client.send_batch(events[start : start + 100])
+
+
+async def _experiment_result(gateway: Gateway, config: GatewayConfig, out: TextIO) -> None:
+    """The per-variant result of the experiment, and the control group's lift."""
+    tenant = config.tenants["demo"]
+    experiment = tenant.experiments.get(_EXPERIMENT)
+    if experiment is None:  # a config without the demo's experiment
+        return
+    prices = {name: provider.price for name, provider in config.providers.items()}
+    message_rows, event_rows = await gateway.journal.experiment_rows("demo", _EXPERIMENT)
+    report = reports.build_experiment(
+        tenant="demo",
+        experiment=_EXPERIMENT,
+        variants=[variant.name for variant in experiment.variants],
+        currency=config.currency,
+        message_rows=message_rows,
+        event_rows=event_rows,
+        prices=prices,
+        sms_price=config.sms_price("demo"),
+    )
+    campaign_rows = await gateway.journal.campaign_rows("demo", "winter-sale")
+    campaign = reports.build(
+        tenant="demo",
+        campaign="winter-sale",
+        currency=config.currency,
+        message_rows=campaign_rows[0],
+        event_rows=campaign_rows[1],
+        prices=prices,
+        sms_price=config.sms_price("demo"),
+    )
+    out.write("\n" + render_experiment(report, campaign=campaign.total) + "\n")
+    out.flush()
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.1f}%"
+
+
+def _rough(*groups: tuple[int, int]) -> str:
+    """A warning when the normal approximation is rough: under 5 conversions or non-conversions
+    in an arm (the Wald interval of an arm with none collapses to its point)."""
+    if any(min(converted, size - converted) < 5 for converted, size in groups):
+        return " (rough: under 5 conversions or non-conversions in an arm)"
+    return ""
+
+
+def render_experiment(report: reports.ExperimentReport, *, campaign: reports.VariantReport) -> str:
+    """The experiment report as a small table (conversion = converted / messages assigned)."""
+    lines = [
+        f"experiment {report.experiment}: conversion with 95% Wilson interval; difference to "
+        f"{report.baseline} with its 95% interval and p (two-proportion z-test)",
+        f"{'variant':16} {'messages':>8} {'sent p/e/s':>11} {'converted':>9} {'rate':>6} "
+        f"{'95% interval':>15} {'cost':>8} {'per conv.':>9}  difference",
+    ]
+    for name, arm in report.variants.items():
+        sent = "/".join(
+            str(arm.channels[c].sent if c in arm.channels else 0) for c in ("push", "email", "sms")
+        )
+        interval = arm.conversion_interval
+        shown = "-" if interval is None else f"{_percent(interval[0])}-{_percent(interval[1])}"
+        per = "-" if arm.cost_per_conversion is None else f"{arm.cost_per_conversion:.2f}"
+        difference = "(baseline)"
+        if arm.difference is not None:
+            low, high = arm.difference.interval
+            baseline = report.variants[report.baseline]
+            difference = (
+                f"{arm.difference.estimate * 100:+.1f} pp [{low * 100:+.1f}, {high * 100:+.1f}] "
+                f"p={arm.difference.p_value:.3f}"
+                + _rough((arm.converted, arm.messages), (baseline.converted, baseline.messages))
+            )
+        lines.append(
+            f"{name:16} {arm.messages:>8} {sent:>11} {arm.converted:>9} "
+            f"{_percent(arm.conversion_rate):>6} {shown:>15} {arm.cost:>8.2f} {per:>9}  {difference}"
+        )
+    control = campaign.lift
+    if control is not None:
+        low, high = control.interval
+        treated, held = campaign.treated, campaign.control
+        lines.append(
+            f"treated ({treated.size}) against the control group ({held.size}): "
+            f"{control.estimate * 100:+.1f} pp [{low * 100:+.1f}, {high * 100:+.1f}] "
+            f"p={control.p_value:.3f}"
+            + _rough((treated.converted, treated.size), (held.converted, held.size))
+        )
+    lines.append(
+        "A difference whose interval spans 0 is not shown to be real; decide the sample size "
+        "before looking, and look once (docs/experiments.md)."
+    )
+    return "\n".join(lines)
 
 
 def _delivered(channel: str, count: int) -> str:

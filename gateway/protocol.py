@@ -212,6 +212,9 @@ class SendRequest(_Struct, frozen=True, tag_field="op", tag="send"):
     expires_at: Timestamp | None = None
     campaign: Label | None = None
     variant: Label | None = None
+    experiment: Label | None = None
+    """An experiment of the tenant's config: the gateway assigns the recipient a variant
+    (recorded as ``variant`` = ``"{experiment}/{name}"``); ``variant`` must then be absent."""
     metadata: Annotated[
         dict[Annotated[str, msgspec.Meta(min_length=1, max_length=128)], ShortText],
         msgspec.Meta(max_length=32),

@@ -10,6 +10,13 @@ which is also what totals over several channels use. Counts are distinct message
 treated recipients with that of the control group, whose messages were never sent but whose
 purchases the CRM reports like anyone else's (``event`` op, ``converted``).
 
+The experiment report (``build_experiment``) puts an experiment's variants side by side: per
+variant the funnel, cost, cost per conversion and the conversion rate (converted messages /
+messages assigned) with its Wilson 95 % interval, and the difference to the first variant with
+its 95 % interval and p-value (two-proportion z-test: pooled error for the p-value, unpooled for
+the interval; ``gateway.core.stats``). The campaign report gives the same ``lift`` for treated
+against control.
+
 Pure: rows in, report out; the journal supplies the rows.
 """
 
@@ -20,6 +27,7 @@ from typing import Any
 
 import msgspec
 
+from gateway.core import stats
 from gateway.core.model import Channel
 
 _NO_VARIANT = "-"
@@ -64,6 +72,28 @@ class Group(msgspec.Struct):
     conversion_rate: float | None = None
 
 
+class Lift(msgspec.Struct):
+    """A difference of conversion rates (an arm minus its baseline), as fractions."""
+
+    estimate: float
+    interval: list[float]
+    """95 % interval ``[low, high]``: unpooled (Wald) two-proportion interval."""
+    p_value: float
+    """Two-sided, two-proportion z-test with the pooled standard error."""
+
+
+def lift(successes: int, trials: int, base_successes: int, base_trials: int) -> Lift | None:
+    found = stats.difference(successes, trials, base_successes, base_trials)
+    if found is None:
+        return None
+    interval = found.interval
+    return Lift(
+        round(found.estimate, 6),
+        [round(interval.low, 6), round(interval.high, 6)],
+        round(found.p_value, 6),
+    )
+
+
 class VariantReport(msgspec.Struct):
     channels: dict[str, ChannelFigures]
     total: ChannelFigures
@@ -71,6 +101,8 @@ class VariantReport(msgspec.Struct):
     control: Group
     incremental_conversion: float | None
     """Treated minus control conversion rate (a difference of fractions)."""
+    lift: Lift | None
+    """``incremental_conversion`` with its 95 % interval and p-value (None without both)."""
     cost: float
     sms_equivalent_cost: float
     """What the treated messages would have cost as SMS to everyone."""
@@ -166,6 +198,7 @@ def _variant(
         treated=treated,
         control=control,
         incremental_conversion=incremental,
+        lift=lift(treated.converted, treated.size, control.converted, control.size),
         cost=cost,
         sms_equivalent_cost=baseline,
         savings=round(baseline - cost, 6),
@@ -223,3 +256,93 @@ def _reports_delivery(channel: str) -> bool:
 
 def _ratio(numerator: int, denominator: int) -> float | None:
     return None if denominator == 0 else round(numerator / denominator, 6)
+
+
+# ---------------------------------------------------------------- experiments
+class Method(msgspec.Struct):
+    """The statistics used, in words (a report read months later must say how it was made)."""
+
+    conversion_rate: str = "converted messages / messages assigned to the variant"
+    interval: str = "Wilson score interval, 95 %"
+    difference: str = (
+        "variant minus the first variant; two-proportion z-test: pooled standard error for the "
+        "two-sided p-value, unpooled (Wald) standard error for the 95 % interval"
+    )
+    caveats: str = (
+        "valid for a sample size fixed in advance and read once: stopping when p dips below "
+        "0.05 (peeking) inflates false positives; normal approximation, rough below ~5 "
+        "conversions or non-conversions per variant"
+    )
+
+
+class Arm(msgspec.Struct):
+    messages: int
+    """Messages assigned to the variant (held-out recipients are in no variant)."""
+    channels: dict[str, ChannelFigures]
+    """The funnel per channel: sent, delivered, opened, clicked, converted, unsubscribed."""
+    total: ChannelFigures
+    converted: int
+    conversion_rate: float | None
+    conversion_interval: list[float] | None
+    cost: float
+    cost_per_conversion: float | None
+    difference: Lift | None
+    """Conversion rate minus the first variant's (None for the first variant itself)."""
+
+
+class ExperimentReport(msgspec.Struct):
+    tenant: str
+    experiment: str
+    currency: str
+    baseline: str
+    """The first variant in the config: every difference is against it."""
+    method: Method
+    variants: dict[str, Arm]
+
+
+def build_experiment(
+    *,
+    tenant: str,
+    experiment: str,
+    variants: list[str],
+    currency: str,
+    message_rows: Iterable[tuple[Any, ...]],
+    event_rows: Iterable[tuple[Any, ...]],
+    prices: Mapping[str, float],
+    sms_price: float,
+) -> ExperimentReport:
+    """Assemble the experiment report from ``experiment_rows``; ``variants`` in config order."""
+    campaign = build(
+        tenant=tenant,
+        campaign=experiment,
+        currency=currency,
+        message_rows=message_rows,
+        event_rows=event_rows,
+        prices=prices,
+        sms_price=sms_price,
+    )
+    empty = _variant({}, Group(), Group(), sms_price)
+    reports = {name: campaign.variants.get(f"{experiment}/{name}", empty) for name in variants}
+    first = reports[variants[0]].treated
+    arms = {}
+    for index, (name, report) in enumerate(reports.items()):
+        treated = report.treated
+        interval = stats.wilson(treated.converted, treated.size)
+        arms[name] = Arm(
+            messages=treated.size,
+            channels=report.channels,
+            total=report.total,
+            converted=treated.converted,
+            conversion_rate=treated.conversion_rate,
+            conversion_interval=None
+            if interval is None
+            else [round(interval.low, 6), round(interval.high, 6)],
+            cost=report.cost,
+            cost_per_conversion=None
+            if not treated.converted
+            else round(report.cost / treated.converted, 6),
+            difference=None
+            if index == 0
+            else lift(treated.converted, treated.size, first.converted, first.size),
+        )
+    return ExperimentReport(tenant, experiment, currency, variants[0], Method(), arms)

@@ -100,6 +100,9 @@ class SimulatorConfig(Settings, frozen=True):
     rate_limit_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
     deliver_probability: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.95
     read_probability: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.3
+    read_probability_by_channel: dict[Channel, Annotated[float, msgspec.Meta(ge=0, le=1)]] = {}
+    """``read_probability`` per channel where it differs (people open an email more often
+    than a push): cascades with different channels then read, and convert, differently."""
     click_probability: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.1
     bounce_probability: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.01
     unsubscribe_probability: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.005
@@ -112,3 +115,6 @@ class SimulatorConfig(Settings, frozen=True):
     one POST per message."""
     sendgrid_batch_max_events: PositiveInt = 1000
     seed: int | None = None
+    """Set: each simulator's draws are reproducible; whether a message is delivered, read,
+    clicked is drawn from a generator of its own per (seed, channel, address), so it does not
+    depend on the order requests arrive in (experiments' e2e tests compare runs with it)."""

@@ -54,6 +54,7 @@ import trio
 
 from adapters._transport import ConnectionPool, HttpRequest, TransportError
 from gateway.clock import wall_time
+from gateway.core.model import Channel
 from gateway.core.timers import Deadlines
 from gateway.httpserver import Limits, Request, Response, Route, Router, Server, json_response
 from gateway.settings import SimulatorConfig
@@ -118,6 +119,14 @@ class Recorded(msgspec.Struct):
     headers: dict[str, str]
     body: bytes
     at: float
+
+
+_CHANNEL_OF_KIND = {
+    "fcm": Channel.PUSH,
+    "sendgrid": Channel.EMAIL,
+    "viber": Channel.VIBER,
+    "twilio": Channel.SMS,
+}
 
 
 class Simulator:
@@ -198,7 +207,17 @@ class Simulator:
         """(delivered, read, clicked, bounced, unsubscribed) for an accepted message."""
         fate = self.fate(address)
         b = self.behaviour
-        r = self.random.random
+        channel = _CHANNEL_OF_KIND.get(self.kind)
+        read_probability = (
+            b.read_probability
+            if channel is None
+            else b.read_probability_by_channel.get(channel, b.read_probability)
+        )
+        if b.seed is None:
+            r = self.random.random
+        else:
+            # one generator per address: the fates do not depend on the order of requests
+            r = random.Random(f"{b.seed}:{self.kind}:{address}").random
         match fate:
             case Fate.READ:
                 return True, True, False, False, False
@@ -214,7 +233,7 @@ class Simulator:
                 if r() < b.bounce_probability:
                     return False, False, False, True, False
                 delivered = r() < b.deliver_probability
-                read = delivered and r() < b.read_probability
+                read = delivered and r() < read_probability
                 clicked = read and r() < b.click_probability
                 unsubscribed = delivered and not read and r() < b.unsubscribe_probability
                 return delivered, read, clicked, False, unsubscribed

@@ -112,6 +112,20 @@ class CapHistory(msgspec.Struct, frozen=True, gc=False):
             for _, entry_digest, code in _ENTRY.iter_unpack(self.packed)
         )
 
+    def with_planned(self, planned: Iterable[SendEntry]) -> CapHistory:
+        """This history followed by sends that are planned but not made: the recipient's
+        deferred messages at the instant each waits for.
+
+        ``check`` then sees them as a cap sees them later, so a burst of deferred messages does
+        not all land on the one instant a slot frees up (issue #15). Planned sends go after the
+        sends made (time order), so a message counted once and planned again keeps the later
+        time; they are never journalled, the router rebuilds them from its waiting messages.
+        """
+        ordered = sorted(planned, key=_planned_at)
+        if not ordered:
+            return self
+        return CapHistory(self.packed + b"".join(_pack(entry) for entry in ordered))
+
     def with_entry(self, entry: SendEntry, *, horizon_seconds: float) -> CapHistory:
         """Append ``entry`` and drop what no rule can see any more (older than the horizon)."""
         cutoff = entry.at - horizon_seconds
@@ -148,6 +162,10 @@ def _entry_at(entry: bytes) -> float:
     return _at(entry, 0)
 
 
+def _planned_at(entry: SendEntry) -> float:
+    return entry.at
+
+
 class Capped(msgspec.Struct, frozen=True):
     """The verdict when a rule is full: which rule, and when a slot frees up."""
 
@@ -168,28 +186,37 @@ def check(
     channel: Channel,
     now: float,
 ) -> Capped | None:
-    """Whether one more send of ``message`` on ``channel`` fits every rule at ``now``.
+    """Whether one more send of ``message`` on ``channel`` fits every rule at ``now``, and if
+    not, what happens to it (issue #15, "cap semantics").
 
     A message already counted by a rule inside its window passes that rule: the later steps of
-    one cascade are the same message. When several rules are full, a rejecting rule wins over a
-    deferring one, a message-wide rejecting rule over one narrowed to channels, and otherwise
-    the one that frees up last decides.
+    one cascade are the same message. The history may hold *planned* sends after ``now`` (the
+    recipient's deferred messages, ``CapHistory.with_planned``): a send fits a rule when no
+    window of the rule that holds it, before or after, would count more than ``max_count``.
+
+    When rules are full, the deferring ones decide *when*: the earliest instant at or after
+    ``now`` that every deferring rule allows. The rejecting ones then decide *whether*: a
+    rejecting rule still full at that instant refuses the message at once (a message-wide
+    rule over one narrowed to channels), instead of deferring it to a time it cannot go.
 
     Returns:
-        ``None`` when the send fits, else the rule that is full and when it frees up.
+        ``None`` when the send fits now; a rejecting rule that is full when the send could go;
+        else the deferring rule that holds it and the instant every deferring rule allows.
     """
     if category is Category.SERVICE or not rules or not history.packed:
         return None
     entries = list(_ENTRY.iter_unpack(history.packed))
     digest: int | None = None  # the message's digest, computed once a rule is full enough
-    verdict: Capped | None = None
+    full: list[_Full] = []
     for rule in rules:
         categories, channels, window = rule.categories, rule.channels, rule.window_seconds
         if (categories and category not in categories) or (channels and channel not in channels):
             continue
         counted = _counted_codes(categories, channels)
         # the entries this rule counts, spelled out in place: this runs for every admission.
-        # Entries are oldest first, so each message keeps its latest time
+        # Entries are oldest first, so each message keeps its latest time. Every entry a
+        # window holding `now` or a later instant can see has `at + window > now`, so a rule
+        # with fewer such messages than its count fits now and at any later instant.
         latest = {
             entry_digest: at
             for at, entry_digest, code in entries
@@ -199,14 +226,74 @@ def check(
             continue
         if digest is None:
             digest = message_digest(message)
-        if digest in latest:
-            continue
-        times = sorted(latest.values())
-        until = times[len(times) - rule.max_count] + rule.window_seconds
-        capped = Capped(rule, until)
-        if verdict is None or _worse(capped, verdict):
-            verdict = capped
-    return verdict
+        own = latest.pop(digest, None)
+        if own is not None and len(latest) < rule.max_count:
+            continue  # a later step of a counted message, and room even once it leaves
+        full.append(_Full(rule, sorted(latest.values()), own))
+    if not full:
+        return None
+    deferring = [entry for entry in full if entry.rule.action is CapAction.DEFER]
+    at = _earliest(deferring, now)
+    verdict: Capped | None = None
+    for entry in full:
+        if entry.rule.action is CapAction.REJECT and not _fits(entry, at):
+            capped = Capped(entry.rule, _earliest([entry], at))
+            if verdict is None or _worse(capped, verdict):
+                verdict = capped
+    if verdict is not None:
+        return verdict
+    if at == now:
+        return None
+    # the deferring rule that frees up last on its own names the deferral (any would do)
+    binding = max(deferring, key=lambda entry: _earliest([entry], now)).rule
+    return Capped(binding, at)
+
+
+class _Full(msgspec.Struct, frozen=True):
+    """A rule with as many messages in reach as its count: the times of the others, and the
+    time the message itself was counted, if it was (a later step passes while that lasts)."""
+
+    rule: CapRule
+    times: list[float]
+    own: float | None
+
+
+def _fits(full: _Full, at: float) -> bool:
+    """Whether a send at ``at`` keeps every window of the rule that holds it within the count.
+
+    A window ``(x - W, x]`` holds ``at`` for ``x`` in ``[at, at + W)``; its count rises only at
+    an entry's time, so ``at`` itself and the entries after it are every ``x`` worth asking.
+    Comparisons keep the form ``t + W > x`` of the module docstring, so ``until`` is exact.
+    """
+    rule, times = full.rule, full.times
+    window, limit = rule.window_seconds, rule.max_count
+    if full.own is not None and full.own + window > at:
+        return True  # the message itself is still counted: this is one of its later steps
+    for x in (at, *(t for t in times if at < t and at + window > t)):
+        if sum(1 for t in times if t <= x and t + window > x) >= limit:
+            return False
+    return True
+
+
+def _earliest(rules: list[_Full], now: float) -> float:
+    """The earliest instant ``>= now`` at which a send fits every one of ``rules``.
+
+    A rule stops refusing only when an entry leaves a window, at ``t + W``; after the latest
+    such instant no window holds any entry, so the search always ends.
+    """
+    candidates = sorted(
+        {now}
+        | {
+            t + full.rule.window_seconds
+            for full in rules
+            for t in full.times
+            if t + full.rule.window_seconds > now
+        }
+    )
+    for candidate in candidates[:-1]:
+        if all(_fits(full, candidate) for full in rules):
+            return candidate
+    return candidates[-1]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -223,11 +310,8 @@ def _counted_codes(categories: frozenset[Category], channels: frozenset[Channel]
 
 
 def _worse(candidate: Capped, current: Capped) -> bool:
-    if candidate.action is not current.action:
-        return candidate.action is CapAction.REJECT
-    if candidate.action is CapAction.REJECT and bool(candidate.rule.channels) != bool(
-        current.rule.channels
-    ):
+    """Between two full rejecting rules, the one that decides."""
+    if bool(candidate.rule.channels) != bool(current.rule.channels):
         # a full message-wide rule refuses the message; a per-channel one only this channel
         return not candidate.rule.channels
     return candidate.until > current.until

@@ -128,6 +128,7 @@ class DeferReason(enum.StrEnum):
     SEND_AT = "send_at"
     QUIET_HOURS = "quiet_hours"
     CAPPED = "capped"
+    SEND_WINDOW = "send_window"  # outside the message's send windows: waits for the next one
 
 
 class TimerKind(enum.StrEnum):
@@ -152,3 +153,11 @@ class Envelope(msgspec.Struct, frozen=True, gc=False):
     channels: tuple[Channel, ...]
     send_at: float | None = None
     expires_at: float | None = None
+    variant: str | None = None
+    """``"{experiment}/{variant}"`` when an experiment assigned the message a variant: the
+    variant's send window (``PolicyRules.variant_windows``) then applies instead of the
+    category's."""
+
+    def outside_experiments(self) -> Envelope:
+        """This envelope without its experiment variant (a held-out message has none)."""
+        return msgspec.structs.replace(self, variant=None)

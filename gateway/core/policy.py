@@ -10,8 +10,9 @@ The same inputs always give the same decision.
 
 Order of checks in ``decide`` (cheapest and most final first): expired, no address, no
 personal-data consent, control group (marketing only), no channel with advertising consent,
-then the first step's timing through ``gate``: message-wide caps, quiet hours, ``send_at``.
-A deferral that would pass the message's TTL expires it instead.
+then the first step's timing through ``gate``: caps, quiet hours, ``send_at``. A channel the
+timing rules out (``Skip``) passes the question to the next one, as the cascade would; a
+deferral that would pass the message's TTL expires it instead.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import assert_never
 
 import msgspec
 
-from gateway.core import caps, quiet_hours
+from gateway.core import caps, quiet_hours, send_windows
 from gateway.core.caps import CapAction, CapHistory, CapRule
 from gateway.core.consent import ConsentDefaults, ConsentState, advertising_mask
 from gateway.core.control_group import ControlGroup
@@ -36,10 +37,12 @@ from gateway.core.model import (
     RejectReason,
 )
 from gateway.core.quiet_hours import QuietWindow
+from gateway.core.send_windows import SendWindows
 
 # Holds can chain (quiet hours end, then a cap is still full, then quiet hours begin again);
-# a handful of rounds settles every realistic configuration, and the edge re-checks anyway.
-_MAX_HOLD_ROUNDS = 8
+# a handful of rounds settles every realistic configuration (send windows add a few: a window
+# start in quiet hours, a cap freeing up after the window), and the edge re-checks anyway.
+_MAX_HOLD_ROUNDS = 16
 
 
 class QuietAction(enum.StrEnum):
@@ -62,6 +65,13 @@ class QuietRule(msgspec.Struct, frozen=True):
         )
 
 
+class WindowRule(msgspec.Struct, frozen=True):
+    """Send windows for some marketing categories (empty: every marketing category)."""
+
+    windows: SendWindows
+    categories: frozenset[Category] = frozenset()
+
+
 class PolicyRules(msgspec.Struct, frozen=True):
     """One tenant's rules, as the core needs them (built from the config at start)."""
 
@@ -70,6 +80,25 @@ class PolicyRules(msgspec.Struct, frozen=True):
     caps: tuple[CapRule, ...] = ()
     quiet_hours: tuple[QuietRule, ...] = ()
     critical_service_bypasses_quiet_hours: bool = True
+    send_windows: tuple[WindowRule, ...] = ()
+    variant_windows: tuple[tuple[str, SendWindows], ...] = ()
+    """``("{experiment}/{variant}", windows)`` for the experiment variants that set a window."""
+
+    def window(self, envelope: Envelope) -> SendWindows | None:
+        """The send windows of a message: its variant's, else its category's first rule's;
+        service messages have none (a receipt or a code goes when it is due)."""
+        category = envelope.category
+        if category is Category.SERVICE:
+            return None
+        variant = envelope.variant
+        if variant is not None:
+            for name, windows in self.variant_windows:
+                if name == variant:
+                    return windows
+        for rule in self.send_windows:
+            if not rule.categories or category in rule.categories:
+                return rule.windows
+        return None
 
     def quiet_rule(self, channel: Channel, category: Category) -> QuietRule | None:
         """The first rule that covers this channel and category; order in the config matters."""
@@ -118,23 +147,39 @@ Decision = Admit | Defer | Reject
 
 
 # ---------------------------------------------------------------- pre-send gate verdicts
+# What the router does with each verdict (gateway/runtime/feedback.py runs ``gate`` just before
+# a step goes to a provider; ``decide`` asks the same question of the first steps on arrival):
 class Go(msgspec.Struct, frozen=True):
-    pass
+    """Send the step now; the router counts it against the caps."""
 
 
 class Hold(msgspec.Struct, frozen=True):
+    """Not before ``until``: the router publishes ``deferred`` (``why``) and the cascade waits
+    (``StepDeferred``) on the same channel. On arrival: ``Defer`` to ``until``."""
+
     until: float
     why: DeferReason
 
 
 class Skip(msgspec.Struct, frozen=True):
-    """Not on this channel; the cascade may try the next one."""
+    """Not on this channel; the cascade may try the next one.
+
+    The router publishes ``skipped`` (``reason``) and the cascade moves on to the next allowed
+    channel (``StepSkipped``), or ends ``exhausted`` when none is left. On arrival ``decide``
+    does the same: the message is admitted on the rest of the plan and refused only when every
+    channel is skipped.
+    """
 
     reason: RejectReason
 
 
 class Stop(msgspec.Struct, frozen=True):
-    """Not at all; the cascade ends."""
+    """Not at all; the cascade ends.
+
+    The router ends it ``expired`` (``EXPIRED``), ``unsubscribed`` (``NO_CONSENT``: a consent
+    went while the step waited) or ``dropped`` (anything else: a full message-wide rejecting
+    cap). On arrival: ``Reject`` with ``reason``.
+    """
 
     reason: RejectReason
 
@@ -185,12 +230,8 @@ def decide(
         if rules.control_group.holds_out(envelope.tenant, envelope.recipient_id, now=now):
             return Reject(RejectReason.HOLDOUT, "the recipient is in this period's control group")
         allowed = advertising_mask(consents, topic=envelope.topic, defaults=defaults)
-    first = None
-    for channel in plan:
-        if allowed & channel.bit:
-            first = channel
-            break
-    if first is None:
+    candidates = [channel for channel in plan if allowed & channel.bit]
+    if not candidates:
         names = ", ".join(plan)
         return Reject(
             RejectReason.NO_CONSENT,
@@ -199,28 +240,41 @@ def decide(
 
     at = now if envelope.send_at is None else max(now, envelope.send_at)
     why = DeferReason.SEND_AT
-    for _ in range(_MAX_HOLD_ROUNDS):
-        # consent for `first` was just established: only caps and quiet hours remain
-        verdict = _timing(envelope, recipient, rules, message=message, channel=first, now=at, tz=tz)
+    index = holds = 0
+    while holds < _MAX_HOLD_ROUNDS:
+        # consent for the candidate was just established: only caps and quiet hours remain
+        channel = candidates[index]
+        verdict = _timing(
+            envelope, recipient, rules, message=message, channel=channel, now=at, tz=tz
+        )
         match verdict:
-            case Go() | Skip(reason=RejectReason.CAPPED):
-                # a per-channel cap skips only this channel: the edge's gate will move the
-                # cascade to the next one, so the message itself is admitted
+            case Go():
                 break
             case Hold(until=until, why=hold_why):
-                at, why = until, hold_why
-            case Skip(reason=RejectReason.QUIET_HOURS):
-                return Reject(
-                    RejectReason.QUIET_HOURS,
-                    f"quiet hours on {first} drop {envelope.category} messages",
-                )
-            case Skip(reason=reason) | Stop(reason=reason):
+                # a later instant may open the channels skipped so far: start over from the
+                # first one there, as the cascade will
+                at, why, index, holds = until, hold_why, 0, holds + 1
+            case Skip(reason=reason):
+                # not this channel now (a per-channel cap, a dropping quiet rule): the cascade
+                # starts with it and the pre-send check skips it, so the message goes on the
+                # rest of the plan; only when no channel is left is it refused (issue #15)
+                index += 1
+                if index == len(candidates):
+                    return Reject(reason, _skip_detail(reason, envelope, candidates))
+            case Stop(reason=reason):
                 return Reject(reason, _STOP_DETAILS.get(reason, str(reason)))
             case _:
                 assert_never(verdict)
     if at > now:
         return Defer(plan, allowed, at, why)
     return Admit(plan, allowed)
+
+
+def _skip_detail(reason: RejectReason, envelope: Envelope, channels: list[Channel]) -> str:
+    names = ", ".join(channels)
+    if reason is RejectReason.QUIET_HOURS:
+        return f"quiet hours drop {envelope.category} messages on {names}"
+    return f"a frequency cap for this recipient is full on {names}"
 
 
 _STOP_DETAILS = {
@@ -275,7 +329,7 @@ def _timing(
     now: float,
     tz: tzinfo,
 ) -> Verdict:
-    """Caps and quiet hours for a step whose consent is already established."""
+    """Caps, quiet hours and send windows for a step whose consent is already established."""
     expires_at = envelope.expires_at
     if expires_at is not None and now >= expires_at:
         return Stop(RejectReason.EXPIRED)
@@ -294,6 +348,15 @@ def _timing(
     quiet = _quiet_verdict(envelope, rules, channel=channel, now=now, tz=tz)
     if isinstance(quiet, Hold):
         return _within_ttl(quiet, expires_at)
+    if not isinstance(quiet, Go) or not (rules.send_windows or rules.variant_windows):
+        return quiet
+    windows = rules.window(envelope)
+    if windows is not None:
+        # outside the windows: the next window start. ``decide`` re-checks caps and quiet
+        # hours there, so a window start in quiet hours or over a cap moves on again
+        opening = send_windows.next_start(windows, now, tz)
+        if opening is not None:
+            return _within_ttl(Hold(opening, DeferReason.SEND_WINDOW), expires_at)
     return quiet
 
 

@@ -4,6 +4,7 @@
 ``PUT  /v1/recipients/{tenant}/{recipient}/consents``  record consents (JSON list or object)
 ``GET  /v1/recipients/{tenant}/{recipient}/consents``  effective consents and full history
 ``GET  /v1/reports/{tenant}/campaigns/{campaign}``     the campaign's funnel and control group
+``GET  /v1/reports/{tenant}/experiments/{experiment}`` an experiment's variants side by side
 
 Authorization is by bearer token (``Authorization: Bearer <token>``): ``http.admin_token`` is
 the operator's and reaches every tenant; ``tenants.<name>.admin_token`` reaches only that
@@ -64,6 +65,10 @@ class AdminPort(Protocol):
 
     async def campaign_rows(
         self, tenant: str, campaign: str
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]: ...
+
+    async def experiment_rows(
+        self, tenant: str, experiment: str
     ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]: ...
 
 
@@ -234,9 +239,32 @@ def admin_routes(config: GatewayConfig, gateway: AdminPort) -> list[BaseRoute]:
         )
         return _respond(report)
 
+    async def experiment_report(request: Request) -> Response:
+        tenant, name = request.path_params["tenant"], request.path_params["experiment"]
+        experiment = config.tenants[tenant].experiments.get(name)
+        if experiment is None:
+            return _problem(404, "not_found", "the tenant has no experiment of this name")
+        message_rows, event_rows = await gateway.experiment_rows(tenant, name)
+        report = reports.build_experiment(
+            tenant=tenant,
+            experiment=name,
+            variants=[variant.name for variant in experiment.variants],
+            currency=config.currency,
+            message_rows=message_rows,
+            event_rows=event_rows,
+            prices={name: provider.price for name, provider in config.providers.items()},
+            sms_price=config.sms_price(tenant),
+        )
+        return _respond(report)
+
     return [
         Route(
             "/v1/reports/{tenant}/campaigns/{campaign}", guarded(campaign_report), methods=["GET"]
+        ),
+        Route(
+            "/v1/reports/{tenant}/experiments/{experiment}",
+            guarded(experiment_report),
+            methods=["GET"],
         ),
         Route("/v1/messages/{tenant}/{id}", guarded(message), methods=["GET"]),
         Route(

@@ -43,6 +43,7 @@ from gateway.protocol import (
 )
 from gateway.runtime.committer import Committer
 from gateway.runtime.engine import DispatchPort, Engine
+from gateway.runtime.experiments import Assignment, Experiments
 from gateway.runtime.labels import Op, OptOutSource
 from gateway.runtime.metrics import Metrics
 from gateway.runtime.queries import DuplicateQuery, JournalQuery, Queries, StatusQuery
@@ -88,6 +89,7 @@ class Admission:
             for name, t in config.tenants.items()
         }
         self._timeouts = config.step_timeouts()
+        self.experiments = Experiments(config, metrics)
         self._lane_limits = {lane: config.dispatch.max_queued.limit(lane) for lane in Lane}
         self._frame_depths: dict[Lane, int] = {}
         """Each lane's queued and deferred sends, as of this frame's first send in it plus
@@ -212,9 +214,20 @@ class Admission:
             metrics.refused(RejectReason.OVERLOADED)
             return rejected(RejectReason.OVERLOADED, overload, request.id)
 
+        assignment: Assignment | None = None
+        if request.experiment is not None:
+            chosen = self.experiments.assign(request, request.experiment)
+            if isinstance(chosen, str):
+                metrics.refused(RejectReason.INVALID)
+                return rejected(RejectReason.INVALID, chosen, request.id)
+            assignment = chosen
         recipient = request.recipient
         content = request.content
-        order = request.channels or self._tenant_cascade[request.tenant]
+        order = (
+            (assignment is not None and assignment.channels)
+            or request.channels
+            or self._tenant_cascade[request.tenant]
+        )
         providers = self.config.tenants[request.tenant].providers
         share = state.share
         plan = share(
@@ -233,6 +246,7 @@ class Admission:
             channels=plan,
             send_at=send_at,
             expires_at=expires_at,
+            variant=None if assignment is None else share(assignment.key),
         )
         engine = self.engine
         decision = decide(
@@ -246,10 +260,15 @@ class Admission:
         if isinstance(decision, Reject):
             metrics.refused(decision.reason)
             if decision.reason is RejectReason.HOLDOUT:
-                self._hold_out(key, envelope, request, raw, now)
+                # the control group stays outside every experiment
+                outside = envelope if assignment is None else envelope.outside_experiments()
+                self._hold_out(key, outside, request, raw, now)
             return rejected(decision.reason, decision.detail, request.id)
 
         overrides = request.step_timeout_seconds
+        if assignment is not None:
+            # the variant's timeouts win: an experiment on timeouts must not be overridden
+            overrides = {**overrides, **assignment.step_timeout_seconds}
         timeouts = share(tuple(overrides.get(c) or self._timeouts[c] for c in plan))
         defer_until = decision.until if isinstance(decision, Defer) else None
         cascade, commands = Cascade.start(
@@ -260,15 +279,21 @@ class Admission:
             expires_at=envelope.expires_at,
             defer_until=defer_until,
         )
+        variant = request.variant if assignment is None else envelope.variant
         record = MessageRecord(
-            key, envelope, share(recipient.tz), cascade, now, request.campaign, request.variant
+            key, envelope, share(recipient.tz), cascade, now, request.campaign, variant
         )
         state.add(record)
         depths = self._frame_depths
         if lane in depths:
             depths[lane] += 1
         engine.batch.insert(record, raw)
-        engine.opening(record, StatusKind.ACCEPTED, now)
+        if assignment is None:
+            engine.opening(record, StatusKind.ACCEPTED, now)
+        else:
+            # the assignment on the message's timeline: `variant <experiment>/<name>`
+            engine.opening(record, StatusKind.ACCEPTED, now, detail=f"variant {variant}")
+            self.experiments.counted(assignment)
         if isinstance(decision, Defer):
             metrics.deferred(decision.why)
             engine.opening(record, StatusKind.DEFERRED, now, detail=decision.why.value)

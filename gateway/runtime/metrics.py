@@ -135,6 +135,12 @@ class Metrics:
             "Finished cascades by outcome, final channel and depth (channels sent).",
             ["outcome", "final_channel", "depth"],
         )
+        self.experiment_assignments = counter(
+            "gateway_experiment_assignments_total",
+            "Messages admitted into an experiment, by tenant, experiment and variant (only the "
+            "configured ones: a CRM's own variant labels are never metric labels).",
+            ["tenant", "experiment", "variant"],
+        )
         self.unsubscribes = counter(
             "gateway_unsubscribes_total",
             "Advertising-consent withdrawals by channel and source.",
@@ -350,6 +356,14 @@ class Metrics:
 
     def duplicate(self) -> None:
         self._count(self._admissions["duplicate", _NONE])
+
+    def experiment_arms(self, arms: list[tuple[str, str, str]]) -> dict[tuple[str, str, str], Any]:
+        """Pre-initialise ``(tenant, experiment, variant)`` series; returns their children, for
+        ``assigned``. Only configured arms get a series: the label set stays bounded."""
+        return {arm: self.experiment_assignments.labels(*arm) for arm in arms}
+
+    def assigned(self, child: Any) -> None:
+        self._count(child)
 
     # ------------------------------------------------------------ cascades
     def gate(self, verdict: Gate, reason: RejectReason | DeferReason | None = None) -> None:

@@ -237,6 +237,19 @@ class Journal(Protocol):
 
     async def consent_history(self, recipient: RecipientKey) -> list[ConsentRecord]: ...
 
+    async def pin_experiments(self, fingerprints: dict[str, str]) -> dict[str, str]:
+        """Keep each experiment's definition fingerprint the first time it is seen; answer
+        the stored fingerprint of every one whose definition has changed since (none: ``{}``).
+        Nothing is written when one has changed."""
+        ...
+
+    async def experiment_rows(
+        self, tenant: str, experiment: str
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """``campaign_rows`` for the messages assigned to one experiment's variants (their
+        ``variant`` is ``"{experiment}/{name}"``), whatever their campaign."""
+        ...
+
     async def campaign_rows(
         self, tenant: str, campaign: str
     ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import secrets
 from bisect import bisect_right
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -124,6 +125,8 @@ class MemoryStore:
         self._receipts: dict[int, float] = {}
         self.address_key = secrets.token_bytes(32)
         """The journal's secret for keyed address hashes (SQLite keeps it in ``meta``)."""
+        self.experiments: dict[str, str] = {}
+        """Experiment definition fingerprints (SQLite keeps them in ``meta``)."""
 
     def plant(self, table: Literal["messages", "consents", "sends"], row: str, blob: bytes) -> None:
         """Test hook: store ``blob`` as the value of one row, as a damaged file would hold it.
@@ -379,6 +382,28 @@ class MemoryJournal:
         receipts = self._store()._receipts
         return {digest for digest in digests if digest in receipts}
 
+    async def pin_experiments(self, fingerprints: dict[str, str]) -> dict[str, str]:
+        await trio.lowlevel.checkpoint()
+        stored = self._store().experiments
+        changed = {
+            key: stored[key]
+            for key, value in fingerprints.items()
+            if key in stored and stored[key] != value
+        }
+        if not changed:
+            for key, value in fingerprints.items():
+                stored.setdefault(key, value)
+        return changed
+
+    async def experiment_rows(
+        self, tenant: str, experiment: str
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """The rows of ``SqliteJournal.experiment_rows`` (see ``campaign_rows``)."""
+        prefix = f"{experiment}/"
+        return await self._rows(
+            tenant, lambda m: m.variant is not None and m.variant.startswith(prefix)
+        )
+
     async def consent_history(self, recipient: RecipientKey) -> list[ConsentRecord]:
         await trio.lowlevel.checkpoint()
         return [
@@ -413,11 +438,16 @@ class MemoryJournal:
             ``outcome IS 'holdout'``), and only the events table counts, not the openings.
             Rows come in SQLite's GROUP BY order: ascending, NULL first.
         """
+        return await self._rows(tenant, lambda m: m.campaign == campaign)
+
+    async def _rows(
+        self, tenant: str, chosen: Callable[[_Message], bool]
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
         await trio.lowlevel.checkpoint()
         store = self._store()
         # the same prefix range as SQLite's: keys are "tenant:id", ';' follows ':'
         low, high = f"{tenant}:", f"{tenant};"
-        members = [m for m in store._order if m.campaign == campaign and low <= m.key < high]
+        members = [m for m in store._order if chosen(m) and low <= m.key < high]
         sizes = Counter((m.variant, m.outcome) for m in members)
         counts: Counter[tuple[Any, ...]] = Counter()
         keys: dict[tuple[Any, ...], set[str]] = {}

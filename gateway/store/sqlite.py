@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_finished ON messages (accepted_at) WHERE outcome IS NOT NULL;
 CREATE INDEX IF NOT EXISTS messages_campaign ON messages (campaign) WHERE campaign IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_variant ON messages (variant) WHERE variant IS NOT NULL;
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
     key TEXT NOT NULL,
@@ -468,6 +469,47 @@ class SqliteJournal:
     async def known_receipts(self, digests: list[int]) -> set[int]:
         rows = await self._read_in("SELECT digest FROM receipts WHERE digest IN ({})", digests)
         return {digest for (digest,) in rows}
+
+    async def pin_experiments(self, fingerprints: dict[str, str]) -> dict[str, str]:
+        def run() -> dict[str, str]:
+            db = self._connection(self._writer)
+            stored = dict(
+                db.execute("SELECT key, value FROM meta WHERE key LIKE 'experiment:%'").fetchall()
+            )
+            changed = {
+                key: stored[key]
+                for key, value in fingerprints.items()
+                if key in stored and stored[key] != value
+            }
+            if not changed:
+                db.executemany(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
+                    list(fingerprints.items()),
+                )
+            return changed
+
+        return await self._call(run, limiter=self._write_lock)
+
+    async def experiment_rows(
+        self, tenant: str, experiment: str
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        # keys are "tenant:id" and variants "experiment/name": '0' follows '/', ';' follows ':'
+        low, high = f"{tenant}:", f"{tenant};"
+        first, last = f"{experiment}/", f"{experiment}0"
+        messages = await self._read(
+            "SELECT variant, outcome, count(*) FROM messages"
+            " WHERE variant >= ? AND variant < ? AND key >= ? AND key < ?"
+            " GROUP BY variant, outcome",
+            (first, last, low, high),
+        )
+        events = await self._read(
+            "SELECT m.variant, m.outcome IS 'holdout', e.channel, e.kind, e.provider, count(*), count(DISTINCT e.key)"
+            " FROM events e JOIN messages m ON m.key = e.key"
+            " WHERE m.variant >= ? AND m.variant < ? AND m.key >= ? AND m.key < ?"
+            " GROUP BY 1, 2, 3, 4, 5",
+            (first, last, low, high),
+        )
+        return messages, events
 
     async def consent_history(self, recipient: RecipientKey) -> list[ConsentRecord]:
         rows = await self._read(

@@ -196,10 +196,37 @@ class State:
 
     # ------------------------------------------------------------ recipients
     def recipient(self, rkey: str) -> RecipientState:
+        """The recipient's consents and sends, with the sends their deferred messages plan:
+        caps count those too (``CapHistory.with_planned``), so a burst of deferrals spreads
+        over the slots that free up instead of landing on one instant."""
         value = self._recipients.get(rkey)
+        waiting = self.by_recipient.get(rkey)
+        if waiting:
+            consents, history = (
+                packed.both(value) if value else (packed.EMPTY_CONSENTS, packed.EMPTY_HISTORY)
+            )
+            planned = self._planned(waiting)
+            if planned:
+                return RecipientState(consents, history.with_planned(planned))
+            return RecipientState(consents, history)
         if not value:
             return _NOBODY
         return RecipientState(*packed.both(value))
+
+    def _planned(self, keys: list[str]) -> list[SendEntry]:
+        """The step each deferred marketing message will send, at the instant it waits for."""
+        planned: list[SendEntry] = []
+        for key in keys:
+            record = self.records[key]
+            cascade = record.cascade
+            due = record.step_due
+            if (
+                cascade.status is Status.DEFERRED
+                and due is not None
+                and record.envelope.category.is_marketing
+            ):
+                planned.append(SendEntry(due, key, record.envelope.category, cascade.channel))
+        return planned
 
     def consents_of(self, rkey: str) -> ConsentState | None:
         """The recipient's effective consent records; ``None`` if none was ever applied."""

@@ -203,12 +203,20 @@ class TestCheck:
         assert Capped(two, 120.0) == capped
         assert None is check(hist, (two,), now=120.0)
 
-    def test_reject_wins_over_defer(self) -> None:
+    def test_a_rejecting_rule_that_frees_up_before_the_deferral_lets_it_through(self) -> None:
+        # the deferring rule holds the send until 1000; the rejecting one is free by then
         hist = history((0.0, "a", PROMO, EMAIL))
         defer = CapRule("defer", 1, 1000.0, action=CapAction.DEFER)
         reject = CapRule("reject", 1, 10.0)
-        assert Capped(reject, 10.0) == check(hist, (defer, reject), now=1.0)
-        assert Capped(reject, 10.0) == check(hist, (reject, defer), now=1.0)
+        assert Capped(defer, 1000.0) == check(hist, (defer, reject), now=1.0)
+        assert Capped(defer, 1000.0) == check(hist, (reject, defer), now=1.0)
+
+    def test_a_rejecting_rule_still_full_at_the_deferral_rejects_at_once(self) -> None:
+        hist = history((0.0, "a", PROMO, EMAIL))
+        defer = CapRule("defer", 1, 10.0, action=CapAction.DEFER)
+        reject = CapRule("reject", 1, 1000.0)
+        assert Capped(reject, 1000.0) == check(hist, (defer, reject), now=1.0)
+        assert Capped(reject, 1000.0) == check(hist, (reject, defer), now=1.0)
 
     def test_among_deferring_rules_the_latest_decides(self) -> None:
         hist = history((0.0, "a", PROMO, EMAIL))
@@ -216,6 +224,45 @@ class TestCheck:
         long = CapRule("long", 1, 1000.0, action=CapAction.DEFER)
         assert Capped(long, 1000.0) == check(hist, (short, long), now=1.0)
         assert Capped(long, 1000.0) == check(hist, (long, short), now=1.0)
+
+    def test_a_planned_send_takes_its_slot(self) -> None:
+        # two per day, two sent: the first deferred message is planned for when the oldest
+        # leaves (86400); the next one waits for the second slot, not for the same instant
+        daily = CapRule("daily", 2, DAY, action=CapAction.DEFER)
+        made = history((0.0, "a", PROMO, EMAIL), (10.0, "b", PROMO, EMAIL))
+        assert Capped(daily, DAY) == check(made, (daily,), now=20.0)
+        planned = made.with_planned([SendEntry(DAY, "c", PROMO, EMAIL)])
+        assert Capped(daily, DAY + 10.0) == check(planned, (daily,), now=20.0)
+
+    def test_a_planned_send_is_rechecked_against_the_later_ones(self) -> None:
+        # "c" waits for 86400, "d" was planned for 86410 around it: "c" still fits its slot
+        daily = CapRule("daily", 2, DAY, action=CapAction.DEFER)
+        made = history((0.0, "a", PROMO, EMAIL), (10.0, "b", PROMO, EMAIL))
+        planned = made.with_planned([SendEntry(DAY + 10.0, "d", PROMO, EMAIL)])
+        assert None is check(planned, (daily,), message="c", now=DAY)
+
+    def test_a_send_planned_far_ahead_takes_no_slot_now(self) -> None:
+        # a send_at thirty days ahead does not fill today's window
+        daily = CapRule("daily", 1, DAY)
+        planned = CapHistory().with_planned([SendEntry(30 * DAY, "later", PROMO, EMAIL)])
+        assert None is check(planned, (daily,), now=0.0)
+        assert Capped(daily, 31 * DAY) == check(planned, (daily,), now=29.5 * DAY)
+
+    def test_the_rejecting_cap_counts_the_planned_sends(self) -> None:
+        # issue #15: five promos in a day, two per day (defer) and three per week (reject):
+        # the third is deferred a day, the fourth and fifth are capped at once
+        daily = CapRule("daily", 2, DAY, action=CapAction.DEFER)
+        weekly = CapRule("weekly", 3, 7 * DAY)
+        made = history((0.0, "m1", PROMO, EMAIL), (10.0, "m2", PROMO, EMAIL))
+        assert Capped(daily, DAY) == check(made, (daily, weekly), message="m3", now=20.0)
+        planned = made.with_planned([SendEntry(DAY, "m3", PROMO, EMAIL)])
+        capped = check(planned, (daily, weekly), message="m4", now=30.0)
+        assert capped is not None
+        assert weekly == capped.rule
+
+    def test_with_planned_of_nothing_is_the_history(self) -> None:
+        made = history((0.0, "a", PROMO, EMAIL))
+        assert made is made.with_planned([])
 
     def test_among_rejecting_rules_a_message_wide_one_wins(self) -> None:
         # the policy gate skips one channel for a per-channel rule but stops the message for
@@ -414,11 +461,13 @@ class TestCapProperties:
         now: float,
         narrowed_twin: bool,
     ) -> None:
-        """Any history, even one over its caps: the verdict is the worst single-rule verdict.
+        """Any history, even one over its caps: deferring rules decide when, rejecting ones
+        whether (issue #15).
 
-        A rejecting rule beats a deferring one, a message-wide rejecting rule beats one narrowed
-        to channels, and among deferring rules the one that frees up last decides. Each rule's
-        own ``until`` is exact: it passes then and not one ulp before.
+        The verdict is None iff every rule fits now. A deferral lands where every rule fits
+        (deferring and rejecting alike), and not one ulp earlier for the deferring ones. A
+        rejecting verdict names a rule that is still full where the deferring rules would
+        let the send go, message-wide rules first.
         """
         hist = CapHistory.of(sorted(entries, key=lambda entry: entry.at))
         if narrowed_twin:
@@ -457,21 +506,26 @@ class TestCapProperties:
             assert None is verdict
             return
         assert verdict is not None
-        assert verdict in full
-        for capped in full:
-            assert None is probe(hist, (capped.rule,), attempt, capped.until)
-            assert None is not probe(
-                hist, (capped.rule,), attempt, math.nextafter(capped.until, 0.0)
-            )
-        rejecting = [capped for capped in full if capped.action is CapAction.REJECT]
-        if rejecting:
-            assert CapAction.REJECT is verdict.action
-            if any(not capped.rule.channels for capped in rejecting):
-                assert not verdict.rule.channels
-                event("a message-wide rejecting rule is full")
-        else:
-            assert max(capped.until for capped in full) == verdict.until
+        deferring = tuple(rule for rule in ruleset if rule.action is CapAction.DEFER)
+        if verdict.action is CapAction.DEFER:
+            assert verdict.until > now
+            assert None is probe(hist, ruleset, attempt, verdict.until)
+            before = math.nextafter(verdict.until, 0.0)
+            assert None is not probe(hist, deferring, attempt, before)
             event("deferred")
+            return
+        # rejected: the deferring rules alone would have let it go at `at`, where it is full
+        alone = probe(hist, deferring, attempt, now)
+        at = now if alone is None else alone.until
+        assert None is not probe(hist, (verdict.rule,), attempt, at)
+        still_full = [
+            rule
+            for rule in ruleset
+            if rule.action is CapAction.REJECT and probe(hist, (rule,), attempt, at) is not None
+        ]
+        if any(not rule.channels for rule in still_full):
+            assert not verdict.rule.channels
+            event("a message-wide rejecting rule is full")
 
     @settings(max_examples=300, deadline=None)
     @given(
@@ -519,11 +573,11 @@ def reference_check(
     channel: Channel,
     now: float,
 ) -> Capped | None:
-    """``check`` as it was over a tuple of ``SendEntry`` with full message keys (the reference
-    the packed history must agree with, verdict for verdict)."""
+    """``check`` over a tuple of ``SendEntry`` with full message keys, spelled out plainly (the
+    reference the packed history must agree with, verdict for verdict)."""
     if category is Category.SERVICE or not rules or not entries:
         return None
-    verdict: Capped | None = None
+    full: list[tuple[CapRule, list[float], float | None]] = []
     for rule in rules:
         categories, channels, window = rule.categories, rule.channels, rule.window_seconds
         if (categories and category not in categories) or (channels and channel not in channels):
@@ -537,14 +591,39 @@ def reference_check(
                 and (not channels or entry.channel in channels)
             ):
                 latest[entry.message] = entry.at
-        if message in latest or len(latest) < rule.max_count:
+        own = latest.pop(message, None)
+        if own is not None and len(latest) < rule.max_count:
             continue
-        times = sorted(latest.values())
-        until = times[len(times) - rule.max_count] + rule.window_seconds
-        capped = Capped(rule, until)
-        if verdict is None or caps._worse(capped, verdict):
-            verdict = capped
-    return verdict
+        full.append((rule, sorted(latest.values()), own))
+
+    def fits(rule: CapRule, times: list[float], at: float, own: float | None) -> bool:
+        window = rule.window_seconds
+        if own is not None and own + window > at:
+            return True
+        ends = [at] + [t for t in times if at < t < at + window]
+        return all(
+            len([t for t in times if t <= x and t + window > x]) < rule.max_count for x in ends
+        )
+
+    def earliest(pairs: list[tuple[CapRule, list[float], float | None]], start: float) -> float:
+        leaves = [t + rule.window_seconds for rule, times, _ in pairs for t in times]
+        for candidate in sorted({start, *(c for c in leaves if c > start)}):
+            if all(fits(rule, times, candidate, own) for rule, times, own in pairs):
+                return candidate
+        raise AssertionError("no instant fits")
+
+    deferring = [entry for entry in full if entry[0].action is CapAction.DEFER]
+    at = earliest(deferring, now)
+    verdict: Capped | None = None
+    for rule, times, own in full:
+        if rule.action is CapAction.REJECT and not fits(rule, times, at, own):
+            capped = Capped(rule, earliest([(rule, times, own)], at))
+            if verdict is None or caps._worse(capped, verdict):
+                verdict = capped
+    if verdict is not None or at == now:
+        return verdict
+    binding = max(deferring, key=lambda entry: earliest([entry], now))[0]
+    return Capped(binding, at)
 
 
 def reference_with_entry(

@@ -276,6 +276,47 @@ IMPOSSIBLE: dict[str, tuple[bytes, str]] = {
         b"[[policy.quiet_hours]]\nstart = '21:00:00+03:00'\nend = 09:00:00",
         "config: policy.quiet_hours[0].start: Expected `time` with no timezone component",
     ),
+    "empty send window": (
+        b"[[policy.send_windows]]\nwindows = [{ start = 09:00:00, end = 09:00:00 }]",
+        "policy.send_windows[0].windows: a window from 09:00:00 to 09:00:00 is empty: start "
+        "and end must differ",
+    ),
+    "no send window": (
+        b"[[policy.send_windows]]\nwindows = []",
+        "policy.send_windows[0].windows: a send window set needs at least one window",
+    ),
+    "send window for service": (
+        b"[[policy.send_windows]]\ncategories = ['service']\n"
+        b"windows = [{ start = 09:00:00, end = 11:00:00 }]",
+        "policy.send_windows[0].categories: service messages ignore send windows (a receipt "
+        "or a code goes when it is due); leave service out",
+    ),
+    "send window inside quiet hours": (
+        b"[[policy.quiet_hours]]\nstart = 21:00:00\nend = 09:00:00\n"
+        b"[[policy.send_windows]]\ncategories = ['promo']\n"
+        b"windows = [{ start = 22:00:00, end = 23:00:00 }]",
+        "policy.send_windows[0].windows: every window lies in the quiet hours of promo "
+        "messages on every channel, so none could ever be sent; move the windows or the "
+        "quiet hours",
+    ),
+    "experiment with one variant": (
+        TENANT + b"[[tenants.acme.experiments.x.variants]]\nname = 'a'",
+        "tenants.acme.experiments.x.variants: an experiment needs at least two variants",
+    ),
+    "experiment with twin variants": (
+        TENANT
+        + b"[[tenants.acme.experiments.x.variants]]\nname = 'a'\n"
+        + b"[[tenants.acme.experiments.x.variants]]\nname = 'a'",
+        "tenants.acme.experiments.x.variants: variant names must be unique",
+    ),
+    "experiment variant with a bad window": (
+        TENANT
+        + b"[[tenants.acme.experiments.x.variants]]\nname = 'a'\n"
+        + b"[[tenants.acme.experiments.x.variants]]\nname = 'b'\n"
+        + b"send_windows = [{ start = 09:00:00, end = 09:00:00 }]",
+        "tenants.acme.experiments.x.variants[1].send_windows: a window from 09:00:00 to "
+        "09:00:00 is empty: start and end must differ",
+    ),
     "duplicate cap names": (
         b"""
 [[policy.caps]]

@@ -684,6 +684,42 @@ class TestJournal:
             await journal.campaign_rows("acme2", spring)
         )
 
+    async def test_experiment_rows_take_the_experiments_variants_only(
+        self, backend: Backend
+    ) -> None:
+        journal = await backend.opened()
+        batch = batch_with(
+            record("e1", campaign="spring", variant="cascades/long"),
+            record("e2", campaign="autumn", variant="cascades/short", outcome=Outcome.READ),
+            record("e3", variant="cascades_2/long"),  # another experiment, a longer name
+            record("e4", variant="cascades"),  # a CRM's own label
+            record("e9", variant="cascades/long", tenant="acme2"),
+        )
+        batch.events = [event("e2", StatusKind.CONVERTED), event("e3", StatusKind.CONVERTED)]
+        await journal.commit(batch)
+        message_rows, event_rows = await journal.experiment_rows("acme", "cascades")
+        assert [("cascades/long", None, 1), ("cascades/short", "read", 1)] == sorted(
+            message_rows, key=_null_first
+        )
+        assert [("cascades/short", 0, None, "converted", None, 1, 1)] == event_rows
+
+    async def test_experiment_definitions_are_pinned_at_first_sight(self, backend: Backend) -> None:
+        journal = await backend.opened()
+        assert {} == await journal.pin_experiments({"experiment:acme/x": "aaaa"})
+        # the same again, and a new one beside it: pinned too
+        assert {} == await journal.pin_experiments(
+            {"experiment:acme/x": "aaaa", "experiment:acme/y": "bbbb"}
+        )
+        # a changed definition is answered with the one pinned, and nothing is written
+        changed = {"experiment:acme/x": "cccc", "experiment:acme/z": "dddd"}
+        assert {"experiment:acme/x": "aaaa"} == await journal.pin_experiments(changed)
+        assert {} == await journal.pin_experiments({"experiment:acme/z": "eeee"})
+        # an experiment left out of the config is no change; it stays pinned
+        assert {} == await journal.pin_experiments({})
+        assert {"experiment:acme/y": "bbbb"} == await journal.pin_experiments(
+            {"experiment:acme/y": "ffff"}
+        )
+
     @pytest.mark.parametrize(
         "blob",
         [b"\xc1", msgspec.msgpack.encode({"not": "a record"})],

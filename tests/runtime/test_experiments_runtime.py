@@ -1,0 +1,251 @@
+"""Experiments at admission: assignment, what a variant changes, the timeline, the metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import trio.testing
+from starlette.applications import Starlette
+
+from gateway import reports
+from gateway.app import check_experiments
+from gateway.clock import Clock
+from gateway.config import GatewayConfig
+from gateway.core.errors import ConfigError
+from gateway.demo import render_experiment
+from gateway.http.admin import admin_routes
+from gateway.store.memory import MemoryJournal, MemoryStore
+from tests.runtime.harness import Harness
+from tests.support import NOON_UTC, make_config, promo
+
+EXPERIMENT = """
+[tenants.acme.experiments.cascades]
+salt = "t1"
+[[tenants.acme.experiments.cascades.variants]]
+name = "long"
+channels = ["push", "email", "sms"]
+[[tenants.acme.experiments.cascades.variants]]
+name = "short"
+channels = ["push", "sms"]
+step_timeout_seconds = { push = 60 }
+send_windows = [{ start = 00:00:00, end = 23:59:00 }]
+"""
+
+
+def config_with(tmp_path: Path, extra: str = "", experiment: str = EXPERIMENT) -> GatewayConfig:
+    return make_config(tmp_path, extra=extra, tenant_extra=experiment)
+
+
+@pytest.fixture
+async def harness(tmp_path: Path, mock_clock: trio.testing.MockClock) -> Harness:
+    return await Harness.start(config_with(tmp_path), MemoryStore(), Clock(NOON_UTC))
+
+
+class TestAssignmentAtAdmission:
+    """A send naming an experiment gets its recipient's variant, on the record and timeline."""
+
+    async def test_the_variant_sets_the_plan_and_the_timeouts(self, harness: Harness) -> None:
+        results = harness.requests(
+            [promo(f"m{i}", recipient_id=f"r{i}", experiment="cascades") for i in range(40)]
+        )
+        await harness.commit()
+        plans = {}
+        for index, result in enumerate(results):
+            assert "accepted" == result.status
+            record = harness.state.records[f"acme:m{index}"]
+            plans[record.variant] = (tuple(result.channels or ()), record.cascade.timeouts[0])
+            assert record.envelope.variant == record.variant
+        assert {
+            "cascades/long": (("push", "email", "sms"), 300.0),
+            "cascades/short": (("push", "sms"), 60.0),
+        } == plans
+        accepted = [e for e in harness.published if e.kind == "accepted"]
+        assert {"variant cascades/long", "variant cascades/short"} == {e.detail for e in accepted}
+        registry = harness.registry
+        counted = [
+            registry.get_sample_value(
+                "gateway_experiment_assignments_total",
+                {"tenant": "acme", "experiment": "cascades", "variant": name},
+            )
+            for name in ("long", "short")
+        ]
+        assert 40.0 == sum(c or 0.0 for c in counted)
+
+    async def test_sticky_per_recipient(self, harness: Harness) -> None:
+        harness.requests(
+            [promo(f"m{i}", recipient_id="same", experiment="cascades") for i in range(2)]
+        )
+        first, second = (harness.state.records[f"acme:m{i}"].variant for i in range(2))
+        assert first == second
+
+    @pytest.mark.parametrize(
+        ("fields", "detail"),
+        [
+            (
+                {"experiment": "nope"},
+                "tenant 'acme' has no experiment 'nope' - at `$.experiment`",
+            ),
+            (
+                {"experiment": "cascades", "variant": "B"},
+                "variant is assigned by the experiment; leave it out when naming one - at "
+                "`$.variant`",
+            ),
+        ],
+    )
+    async def test_bad_requests_are_invalid(
+        self, harness: Harness, fields: dict[str, str], detail: str
+    ) -> None:
+        (result,) = harness.requests([promo("m1", **fields)])
+        assert ("rejected", "invalid", detail) == (result.status, result.reason, result.detail)
+
+    async def test_the_control_group_stays_outside(
+        self, tmp_path: Path, mock_clock: trio.testing.MockClock
+    ) -> None:
+        config = config_with(tmp_path, extra="[policy.control_group]\npercent = 100.0")
+        harness = await Harness.start(config, MemoryStore(), Clock(NOON_UTC))
+        (result,) = harness.requests([promo("m1", experiment="cascades")])
+        assert "holdout" == result.reason
+        await harness.commit()
+        (row,) = harness.store._messages.values()
+        assert None is row.variant
+        samples = [
+            s.value
+            for metric in harness.registry.collect()
+            if metric.name == "gateway_experiment_assignments"
+            for s in metric.samples
+            if s.name.endswith("_total")
+        ]
+        assert [0.0, 0.0] == samples
+
+    async def test_a_crm_variant_label_is_never_a_metric_label(self, harness: Harness) -> None:
+        harness.requests([promo("m1", variant="crm-label-42")])
+        await harness.commit()
+        labels = {
+            value
+            for metric in harness.registry.collect()
+            for sample in metric.samples
+            for value in sample.labels.values()
+        }
+        assert "crm-label-42" not in labels
+
+
+class TestChangedDefinitions:
+    """A changed experiment under its old name is refused at start; a new name is fine."""
+
+    async def test_refused_with_the_key_named(self, tmp_path: Path) -> None:
+        store = MemoryStore()
+        journal = MemoryJournal(store)
+        await journal.open(create=True)
+        await check_experiments(journal, config_with(tmp_path))
+        await check_experiments(journal, config_with(tmp_path))  # unchanged: fine
+        heavier = EXPERIMENT.replace('name = "long"', 'name = "long"\nweight = 3')
+        with pytest.raises(
+            ConfigError,
+            match=r"^tenants\.acme\.experiments\.cascades: its variants or weights changed",
+        ):
+            await check_experiments(journal, config_with(tmp_path, experiment=heavier))
+        renamed = heavier.replace("experiments.cascades", "experiments.cascades_2")
+        await check_experiments(journal, config_with(tmp_path, experiment=renamed))
+
+
+class TestVariantChannels:
+    async def test_a_variant_channel_without_provider_is_refused(self, tmp_path: Path) -> None:
+        bad = EXPERIMENT.replace('["push", "sms"]', '["push", "sms", "sms"]')
+        with pytest.raises(
+            ConfigError, match=r"variants\[1\]\.channels: a channel is listed twice"
+        ):
+            config_with(tmp_path, experiment=bad)
+
+
+class FakeRows:
+    """The admin API's port, answering only the report rows (nothing else is asked here)."""
+
+    def __init__(self, rows: tuple[list[Any], list[Any]]) -> None:
+        self.rows = rows
+
+    async def experiment_rows(self, tenant: str, experiment: str) -> tuple[list[Any], list[Any]]:
+        return self.rows
+
+
+class TestExperimentReportApi:
+    """GET /v1/reports/{tenant}/experiments/{experiment}."""
+
+    async def report(self, tmp_path: Path, path: str, rows: Any = ([], [])) -> httpx.Response:
+        app = Starlette(routes=admin_routes(config_with(tmp_path), FakeRows(rows)))  # type: ignore[arg-type]
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://admin"
+        ) as http:
+            return await http.get(path)
+
+    async def test_an_unknown_experiment_is_404(self, tmp_path: Path) -> None:
+        answer = await self.report(tmp_path, "/v1/reports/acme/experiments/nope")
+        assert 404 == answer.status_code
+
+    async def test_the_arms_side_by_side(self, tmp_path: Path) -> None:
+        rows = (
+            [("cascades/long", "read", 100), ("cascades/short", "delivered", 100)],
+            [
+                ("cascades/long", 0, "push", "sent", "push1", 100, 100),
+                ("cascades/long", 0, None, "converted", None, 30, 30),
+                ("cascades/short", 0, "sms", "sent", "sms1", 100, 100),
+                ("cascades/short", 0, None, "converted", None, 45, 45),
+            ],
+        )
+        answer = await self.report(tmp_path, "/v1/reports/acme/experiments/cascades", rows)
+        report = answer.json()
+        long, short = report["variants"]["long"], report["variants"]["short"]
+        assert ("long", 100, 30, None) == (
+            report["baseline"],
+            long["messages"],
+            long["converted"],
+            long["difference"],
+        )
+        # the hand-derived figures of tests/core/test_stats.py: 45/100 against 30/100
+        assert {"estimate": 0.15, "interval": [0.01743, 0.28257], "p_value": 0.02846} == {
+            "estimate": short["difference"]["estimate"],
+            "interval": [round(v, 5) for v in short["difference"]["interval"]],
+            "p_value": round(short["difference"]["p_value"], 5),
+        }
+        assert round(350.0 / 45, 6) == short["cost_per_conversion"]  # 100 SMS at 3.5
+        assert "Wilson" in report["method"]["interval"]
+
+
+class TestDemoTable:
+    """The demo's closing table names every variant and says when a comparison is rough."""
+
+    def test_render(self) -> None:
+        rows = (
+            [("cascades/long", "read", 40), ("cascades/short", "delivered", 40)],
+            [
+                ("cascades/long", 0, None, "converted", None, 12, 12),
+                ("cascades/short", 0, None, "converted", None, 3, 3),
+            ],
+        )
+        report = reports.build_experiment(
+            tenant="acme",
+            experiment="cascades",
+            variants=["long", "short"],
+            currency="RUB",
+            message_rows=rows[0],
+            event_rows=rows[1],
+            prices={},
+            sms_price=3.5,
+        )
+        campaign = reports.build(
+            tenant="acme",
+            campaign="c",
+            currency="RUB",
+            message_rows=[(None, "read", 80), (None, "holdout", 8)],
+            event_rows=[(None, 0, None, "converted", None, 15, 15)],
+            prices={},
+            sms_price=3.5,
+        )
+        table = render_experiment(report, campaign=campaign.total)
+        assert "(baseline)" in table
+        assert "short" in table
+        assert "rough" in table  # three conversions in the short arm, none held out
+        assert "treated (80) against the control group (8)" in table
