@@ -47,12 +47,19 @@ class QuietWindow(msgspec.Struct, frozen=True):
 
 def quiet_until(window: QuietWindow, now: float, tz: tzinfo) -> float | None:
     """None when ``now`` is not quiet, else ``next_open(window, now, tz)``."""
-    uniform, opening = _minute_verdict(window, tz, int(now // 60))
-    if uniform:
-        return opening
+    minute = int(now // 60)
+    # the wall clock has microseconds and rounds to the nearest: an instant within half a
+    # microsecond of the next minute reads as that minute, so it is asked exactly
+    if now - minute * 60 < _LAST_WHOLE_MICROSECOND:
+        uniform, opening = _minute_verdict(window, tz, minute)
+        if uniform:
+            return opening
     if not is_quiet(window, now, tz):
         return None
     return next_open(window, now, tz)
+
+
+_LAST_WHOLE_MICROSECOND = 59.999999
 
 
 @functools.lru_cache(maxsize=8192)

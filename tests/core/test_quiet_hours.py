@@ -469,6 +469,9 @@ class TestQuietUntil:
             ),
             # New York's spring-forward minute (02:00 local does not happen): exact answers
             (window("01:30", "02:30"), NEW_YORK, utc(2026, 3, 8, 6, 59, 30), utc(2026, 3, 8, 7)),
+            # 0.2 µs before 01:00: the wall clock (whole microseconds) already reads 01:00,
+            # quiet, though the instant's UTC minute is 00:59 (a memo of 00:59 said "open")
+            (window("01:00", "00:15"), UTC, utc(2025, 1, 1, 1) - 2e-7, utc(2025, 1, 2, 0, 15)),
         ],
     )
     def test_examples(
