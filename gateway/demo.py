@@ -343,8 +343,8 @@ def _percent(value: float | None) -> str:
 
 
 def _rough(*groups: tuple[int, int]) -> str:
-    """A warning when the normal approximation is rough: under 5 conversions or non-conversions
-    in an arm (the Wald interval of an arm with none collapses to its point)."""
+    """A warning when the p-value's normal approximation is rough: under 5 conversions or
+    non-conversions in an arm."""
     if any(min(converted, size - converted) < 5 for converted, size in groups):
         return " (rough: under 5 conversions or non-conversions in an arm)"
     return ""

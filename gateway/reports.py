@@ -13,8 +13,8 @@ purchases the CRM reports like anyone else's (``event`` op, ``converted``).
 The experiment report (``build_experiment``) puts an experiment's variants side by side: per
 variant the funnel, cost, cost per conversion and the conversion rate (converted messages /
 messages assigned) with its Wilson 95 % interval, and the difference to the first variant with
-its 95 % interval and p-value (two-proportion z-test: pooled error for the p-value, unpooled for
-the interval; ``gateway.core.stats``). The campaign report gives the same ``lift`` for treated
+its 95 % interval (Newcombe's hybrid score interval) and p-value (two-proportion z-test, pooled
+error; ``gateway.core.stats``). The campaign report gives the same ``lift`` for treated
 against control.
 
 Pure: rows in, report out; the journal supplies the rows.
@@ -77,7 +77,7 @@ class Lift(msgspec.Struct):
 
     estimate: float
     interval: list[float]
-    """95 % interval ``[low, high]``: unpooled (Wald) two-proportion interval."""
+    """95 % interval ``[low, high]``: Newcombe's hybrid score interval."""
     p_value: float
     """Two-sided, two-proportion z-test with the pooled standard error."""
 
@@ -265,8 +265,9 @@ class Method(msgspec.Struct):
     conversion_rate: str = "converted messages / messages assigned to the variant"
     interval: str = "Wilson score interval, 95 %"
     difference: str = (
-        "variant minus the first variant; two-proportion z-test: pooled standard error for the "
-        "two-sided p-value, unpooled (Wald) standard error for the 95 % interval"
+        "variant minus the first variant; 95 % interval: Newcombe's hybrid score interval "
+        "(from the two Wilson intervals); two-sided p-value: two-proportion z-test, pooled "
+        "standard error"
     )
     caveats: str = (
         "valid for a sample size fixed in advance and read once: stopping when p dips below "

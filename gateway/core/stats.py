@@ -9,14 +9,17 @@ The methods, and why:
 * a rate's interval is the **Wilson score interval**: unlike the plain Wald interval it stays
   inside [0, 1] and keeps its coverage for small counts and rates near 0 or 1, which is where
   conversion rates live;
-* a difference between two rates (variant minus baseline, treated minus control) is tested
-  with the **two-proportion z-test**: the p-value uses the *pooled* standard error (under the
+* a difference between two rates (variant minus baseline, treated minus control) gets
+  **Newcombe's hybrid score interval** (his method 10, 1998), built from the two arms' Wilson
+  intervals: the plain Wald interval of a difference collapses to a point when an arm has no
+  conversions (a control group of ten with none would "prove" any lift), Newcombe's does not
+  and keeps its coverage for small arms;
+* its p-value is the **two-proportion z-test** with the *pooled* standard error (under the
   null hypothesis both arms share one rate; this z squared is Pearson's chi-square without
-  continuity correction, R's ``prop.test(correct = FALSE)``), the interval the *unpooled*
-  (Wald) one, which does not assume the rates equal.
+  continuity correction, R's ``prop.test(correct = FALSE)``), two-sided.
 
-Both rest on the normal approximation: with fewer than about 5 successes or 5 failures in an
-arm they are rough, and every report says how many there were. A p-value is valid once, for a
+The p-value rests on the normal approximation: with fewer than about 5 successes or 5 failures
+in an arm it is rough, and every report says how many there were. A p-value is valid once, for a
 sample size fixed in advance: looking at it repeatedly and stopping when it dips below 0.05
 ("peeking") makes false positives far likelier than 5 %.
 """
@@ -95,15 +98,20 @@ def difference(
     *,
     confidence: float = CONFIDENCE,
 ) -> Difference | None:
-    """The arm's rate minus the baseline's: unpooled (Wald) interval, pooled z-test p-value
-    (two-sided). None when either arm has no trials."""
+    """The arm's rate minus the baseline's: Newcombe's hybrid score interval, pooled z-test
+    p-value (two-sided). None when either arm has no trials."""
     if trials <= 0 or baseline_trials <= 0:
         return None
     rate = successes / trials
     base = baseline_successes / baseline_trials
     estimate = rate - base
-    z = _z(confidence)
-    spread = math.sqrt(rate * (1 - rate) / trials + base * (1 - base) / baseline_trials)
+    arm = wilson(successes, trials, confidence=confidence)
+    baseline = wilson(baseline_successes, baseline_trials, confidence=confidence)
+    assert arm is not None  # both arms have trials
+    assert baseline is not None
+    # each bound moves by the two arms' own Wilson margins on the side that widens it
+    low = estimate - math.hypot(rate - arm.low, baseline.high - base)
+    high = estimate + math.hypot(arm.high - rate, base - baseline.low)
     pooled = (successes + baseline_successes) / (trials + baseline_trials)
     pooled_error = math.sqrt(pooled * (1 - pooled) * (1 / trials + 1 / baseline_trials))
     if pooled_error == 0.0:
@@ -111,5 +119,4 @@ def difference(
         p_value = 1.0
     else:
         p_value = math.erfc(abs(estimate) / pooled_error / math.sqrt(2.0))
-    interval = Interval(estimate - z * spread, estimate + z * spread)
-    return Difference(estimate, interval, min(1.0, p_value))
+    return Difference(estimate, Interval(max(-1.0, low), min(1.0, high)), min(1.0, p_value))

@@ -10,8 +10,13 @@ The references, so they can be checked without this code or scipy:
 * 30/100 against 45/100: difference 0.15; pooled rate 0.375, pooled standard error
   sqrt(0.375 * 0.625 * 0.02) = 0.0684653, z = 2.1908902, two-sided p = erfc(z / sqrt 2) =
   0.0284597 (R: prop.test(c(45, 30), c(100, 100), correct = FALSE) gives X-squared = 4.8 =
-  z^2, p-value = 0.02846); unpooled error sqrt(0.21 + 0.2475) / 10 = 0.0676387, interval
-  0.15 -/+ 1.959964 * 0.0676387 = [0.0174302, 0.2825698].
+  z^2, p-value = 0.02846);
+* Newcombe's hybrid score interval of a difference (his method 10): his own worked examples
+  (Newcombe 1998, Statistics in Medicine 17:873, table II) are 56/70 - 48/80 = 0.2000,
+  [0.0524, 0.3339], and 5/56 - 0/29 = 0.0893, [-0.0381, 0.1926]; for 45/100 - 30/100 the
+  Wilson intervals [0.3561454, 0.5475540] and [0.2189489, 0.3958485] give
+  0.15 - sqrt(0.0938546^2 + 0.0958485^2) = 0.0158522 and
+  0.15 + sqrt(0.0975540^2 + 0.0810511^2) = 0.2768309.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.core.stats import Interval, difference, normal_cdf, normal_quantile, wilson
+from gateway.core.stats import difference, normal_cdf, normal_quantile, wilson
 
 
 class TestNormal:
@@ -70,15 +75,33 @@ class TestWilson:
 
 
 class TestDifference:
-    """Two-proportion z-test: pooled for the p-value, unpooled for the interval."""
+    """Pooled two-proportion z-test for the p-value, Newcombe's hybrid score interval."""
 
     def test_thirty_against_forty_five_of_a_hundred(self) -> None:
         found = difference(45, 100, 30, 100)
         assert found is not None
         assert math.isclose(0.15, found.estimate, abs_tol=1e-12)
         assert math.isclose(0.0284597, found.p_value, abs_tol=1e-6)
-        assert math.isclose(0.0174302, found.interval.low, abs_tol=1e-6)
-        assert math.isclose(0.2825698, found.interval.high, abs_tol=1e-6)
+        assert math.isclose(0.0158522, found.interval.low, abs_tol=1e-6)
+        assert math.isclose(0.2768309, found.interval.high, abs_tol=1e-6)
+
+    @pytest.mark.parametrize(
+        ("counts", "published"),
+        [((56, 70, 48, 80), (0.0524, 0.3339)), ((5, 56, 0, 29), (-0.0381, 0.1926))],
+    )
+    def test_newcombes_own_examples(
+        self, counts: tuple[int, int, int, int], published: tuple[float, float]
+    ) -> None:
+        found = difference(*counts)
+        assert found is not None
+        assert published == (round(found.interval.low, 4), round(found.interval.high, 4))
+
+    def test_an_arm_without_conversions_still_has_a_wide_interval(self) -> None:
+        """The Wald interval of 3/10 against 0/10 is [0.016, 0.584]: it rules out no lift
+        on ten people; the score interval does not pretend to know that much."""
+        found = difference(3, 10, 0, 10)
+        assert found is not None
+        assert found.interval.low < 0.0 < 0.3 < found.interval.high
 
     def test_it_is_antisymmetric(self) -> None:
         ahead, behind = difference(45, 100, 30, 100), difference(30, 100, 45, 100)
@@ -91,7 +114,10 @@ class TestDifference:
         assert difference(0, 50, 0, 70) == difference(0, 50, 0, 70)
         same = difference(0, 50, 0, 70)
         assert same is not None
-        assert (0.0, Interval(0.0, 0.0), 1.0) == (same.estimate, same.interval, same.p_value)
+        assert (0.0, 1.0) == (same.estimate, same.p_value)
+        # no conversion in 50 or in 70 does not show the rates equal: each may be up to ~7 %
+        assert math.isclose(-0.0520231, same.interval.low, abs_tol=1e-6)
+        assert math.isclose(0.0713476, same.interval.high, abs_tol=1e-6)
 
     @pytest.mark.parametrize(("trials", "baseline"), [(0, 10), (10, 0)])
     def test_an_empty_arm_has_no_difference(self, trials: int, baseline: int) -> None:
