@@ -241,6 +241,7 @@ def decide(
     at = now if envelope.send_at is None else max(now, envelope.send_at)
     why = DeferReason.SEND_AT
     index = holds = 0
+    reopens: float | None = None  # when the first channel a quiet rule dropped opens again
     while holds < _MAX_HOLD_ROUNDS:
         # consent for the candidate was just established: only caps and quiet hours remain
         channel = candidates[index]
@@ -252,12 +253,20 @@ def decide(
                 break
             case Hold(until=until, why=hold_why):
                 # a later instant may open the channels skipped so far: start over from the
-                # first one there, as the cascade will
-                at, why, index, holds = until, hold_why, 0, holds + 1
+                # first one there, as the cascade will. A channel a quiet rule dropped may open
+                # before this one: then the message waits only for that (email after its
+                # night-time drop, not push after its longer deferral)
+                if reopens is not None and reopens < until:
+                    until, hold_why = reopens, DeferReason.QUIET_HOURS
+                at, why, index, holds, reopens = until, hold_why, 0, holds + 1, None
             case Skip(reason=reason):
                 # not this channel now (a per-channel cap, a dropping quiet rule): the cascade
                 # starts with it and the pre-send check skips it, so the message goes on the
                 # rest of the plan; only when no channel is left is it refused (issue #15)
+                if reason is RejectReason.QUIET_HOURS:
+                    opening = _quiet_opening(envelope, rules, channel=channel, now=at, tz=tz)
+                    if reopens is None or opening < reopens:
+                        reopens = opening
                 index += 1
                 if index == len(candidates):
                     return Reject(reason, _skip_detail(reason, envelope, candidates))
@@ -365,6 +374,15 @@ def _within_ttl(hold: Hold, expires_at: float | None) -> Hold | Stop:
     if expires_at is not None and hold.until >= expires_at:
         return Stop(RejectReason.EXPIRED)
     return hold
+
+
+def _quiet_opening(
+    envelope: Envelope, rules: PolicyRules, *, channel: Channel, now: float, tz: tzinfo
+) -> float:
+    """When the quiet rule that dropped ``channel`` at ``now`` lets it through again."""
+    rule = rules.quiet_rule(channel, envelope.category)
+    assert rule is not None  # it just dropped the channel
+    return quiet_hours.next_open(rule.window, now, tz)
 
 
 def _quiet_verdict(

@@ -569,6 +569,24 @@ class TestDecideSkips:
             env, rules=rules, now=LATE
         )
 
+    def test_a_dropped_channel_that_opens_first_ends_the_wait(self) -> None:
+        """Email dropped until 00:30, push deferred to 09:00: at 00:30 email may go, so the
+        message waits for 00:30, not for push's morning (the earliest instant the cascade's
+        first step can go; Hypothesis found the longer wait)."""
+        half_past_midnight = moscow(2024, 3, 15, 0, 30)
+        rules = PolicyRules(
+            quiet_hours=(
+                QuietRule(NIGHT, channels=frozenset({PUSH})),
+                QuietRule(QuietWindow(time(23), time(0, 30)), QuietAction.DROP),
+            )
+        )
+        env = envelope(channels=(EMAIL, PUSH))
+        decision = run_decide(env, rules=rules, now=moscow(2024, 3, 14, 23, 30))
+        assert Defer((EMAIL, PUSH), 0b1111, half_past_midnight, DeferReason.QUIET_HOURS) == (
+            decision
+        )
+        assert Go() == run_gate(env, rules=rules, channel=EMAIL, now=half_past_midnight)
+
     def test_every_channel_capped_is_refused_capped(self) -> None:
         recipient = RecipientState(OPTED_IN.consents, sent((NOON - HOUR, "old", EMAIL)))
         rules = PolicyRules(caps=(EMAIL_REJECT_CAP,))
@@ -1358,12 +1376,19 @@ class TestPolicyProperties:
             assert not capped(decision.until)
             assert capped(just_before)
         else:
-            # only a deferring rule defers, and the send lands where its window opens
-            assert quiet is not None
-            assert QuietAction.DEFER is quiet.action
+            # quiet hours held it, and the send lands where a quiet window of one of its
+            # channels opens: a deferring rule's, or a dropping one's (that channel goes then)
             assert not bypass
-            assert not quiet_hours.is_quiet(quiet.window, decision.until, tz)
-            assert quiet_hours.is_quiet(quiet.window, decision.until - 2e-6, tz)
+            opening = [
+                rule
+                for channel in decision.channels
+                if (rule := rules.quiet_rule(channel, env.category)) is not None
+                and rule.action is not QuietAction.BYPASS
+                and not quiet_hours.is_quiet(rule.window, decision.until, tz)
+                and quiet_hours.is_quiet(rule.window, decision.until - 2e-6, tz)
+            ]
+            assert opening, decision
+            assert any(QuietAction.DEFER is rule.action for rule in rules.quiet_hours)
 
     @settings(max_examples=200, deadline=None)
     @given(situation=situations(focused=True))
