@@ -354,7 +354,7 @@ def render_experiment(report: reports.ExperimentReport, *, campaign: reports.Var
     """The experiment report as a small table (conversion = converted / messages assigned)."""
     lines = [
         f"experiment {report.experiment}: conversion with 95% Wilson interval; difference to "
-        f"{report.baseline} with its 95% interval and p (two-proportion z-test)",
+        f"{report.baseline} with its 95% interval (Newcombe) and p (two-proportion z-test)",
         f"{'variant':16} {'messages':>8} {'sent p/e/s':>11} {'converted':>9} {'rate':>6} "
         f"{'95% interval':>15} {'cost':>8} {'per conv.':>9}  difference",
     ]

@@ -221,6 +221,11 @@ class Admission:
                 metrics.refused(RejectReason.INVALID)
                 return rejected(RejectReason.INVALID, chosen, request.id)
             assignment = chosen
+        elif request.variant is not None:
+            foreign = self.experiments.foreign_label(request)
+            if foreign is not None:
+                metrics.refused(RejectReason.INVALID)
+                return rejected(RejectReason.INVALID, foreign, request.id)
         recipient = request.recipient
         content = request.content
         order = (
@@ -259,11 +264,15 @@ class Admission:
         )
         if isinstance(decision, Reject):
             metrics.refused(decision.reason)
+            detail = decision.detail
             if decision.reason is RejectReason.HOLDOUT:
                 # the control group stays outside every experiment
                 outside = envelope if assignment is None else envelope.outside_experiments()
                 self._hold_out(key, outside, request, raw, now)
-            return rejected(decision.reason, decision.detail, request.id)
+            elif assignment is not None:
+                self.experiments.refused(assignment, decision.reason)
+                detail = f"{detail} (in variant {assignment.key})"
+            return rejected(decision.reason, detail, request.id)
 
         overrides = request.step_timeout_seconds
         if assignment is not None:

@@ -14,7 +14,7 @@ import msgspec
 
 from gateway.config import GatewayConfig
 from gateway.core.experiments import Experiment
-from gateway.core.model import Channel
+from gateway.core.model import Category, Channel, RejectReason
 from gateway.protocol import SendRequest
 from gateway.runtime.metrics import Metrics
 
@@ -22,6 +22,8 @@ from gateway.runtime.metrics import Metrics
 class Assignment(msgspec.Struct, frozen=True):
     key: str
     """``"{experiment}/{variant}"``, recorded as the message's ``variant``."""
+    arm: tuple[str, str, str]
+    """``(tenant, experiment, variant)``: the metric labels."""
     channels: tuple[Channel, ...] | None
     step_timeout_seconds: dict[Channel, float]
     counter: Any
@@ -44,6 +46,13 @@ class Experiments:
 
     def assign(self, request: SendRequest, experiment_name: str) -> Assignment | str:
         """The recipient's variant, or why the request is invalid."""
+        if request.category is Category.SERVICE:
+            # the control group holds out marketing only: a service message in an experiment
+            # would bring held-out recipients into it
+            return (
+                "experiments are for marketing messages (service messages are never held out, "
+                "so the control group could not stay outside) - at `$.experiment`"
+            )
         if request.variant is not None:
             return (
                 "variant is assigned by the experiment; leave it out when naming one - at "
@@ -58,6 +67,7 @@ class Experiments:
         variant = experiment.assign(request.tenant, request.recipient.id)
         return Assignment(
             key=experiment.key(variant),
+            arm=(request.tenant, experiment.name, variant.name),
             channels=variant.channels,
             step_timeout_seconds=dict(variant.step_timeout_seconds),
             counter=self._counters[request.tenant, experiment.name, variant.name],
@@ -67,11 +77,44 @@ class Experiments:
         """The message was accepted into its variant."""
         self.metrics.assigned(assignment.counter)
 
+    def refused(self, assignment: Assignment, reason: RejectReason) -> None:
+        """The message was assigned a variant and then refused (no consent or address on the
+        variant's channels, a cap, quiet hours): the report, which counts accepted messages,
+        does not see it, so the metric must."""
+        self.metrics.experiment_refused(assignment.arm, reason)
+
+    def foreign_label(self, request: SendRequest) -> str | None:
+        """Why a CRM's own ``variant`` label may not be used: ``"{experiment}/..."`` names an
+        arm of a configured experiment, whose report would count a message never assigned."""
+        label = request.variant
+        if label is None or "/" not in label:
+            return None
+        prefix = label.partition("/")[0]
+        if prefix not in self._experiments.get(request.tenant, {}):
+            return None
+        return (
+            f"variant labels starting {prefix + '/'!r} belong to the tenant's experiment "
+            f"{prefix!r}: name it in `experiment` and the gateway assigns the variant - at "
+            "`$.variant`"
+        )
+
 
 def fingerprints(config: GatewayConfig) -> dict[str, str]:
-    """``"experiment:{tenant}/{name}"`` -> the definition's fingerprint, for the journal."""
-    return {
-        f"experiment:{tenant}/{name}": experiment.fingerprint()
-        for tenant in config.tenants
-        for name, experiment in config.experiments(tenant).items()
-    }
+    """``"experiment:{tenant}/{name}"`` -> the definition's fingerprint, for the journal.
+
+    A variant without its own channel order runs on the tenant's cascade, so that order is
+    part of its definition: changing the cascade changes the arm as surely as its weights.
+    """
+    found = {}
+    for tenant, settings in config.tenants.items():
+        cascade = tuple(settings.cascade)
+        for name, experiment in config.experiments(tenant).items():
+            resolved = msgspec.structs.replace(
+                experiment,
+                variants=tuple(
+                    v if v.channels is not None else msgspec.structs.replace(v, channels=cascade)
+                    for v in experiment.variants
+                ),
+            )
+            found[f"experiment:{tenant}/{name}"] = resolved.fingerprint()
+    return found

@@ -141,6 +141,13 @@ class Metrics:
             "configured ones: a CRM's own variant labels are never metric labels).",
             ["tenant", "experiment", "variant"],
         )
+        self.experiment_refusals = counter(
+            "gateway_experiment_refusals_total",
+            "Messages assigned a variant and then refused at admission (its channels had no "
+            "consent or address, a cap, quiet hours), by tenant, experiment, variant and reason: "
+            "the experiment report counts accepted messages only.",
+            ["tenant", "experiment", "variant", "reason"],
+        )
         self.unsubscribes = counter(
             "gateway_unsubscribes_total",
             "Advertising-consent withdrawals by channel and source.",
@@ -364,6 +371,9 @@ class Metrics:
 
     def assigned(self, child: Any) -> None:
         self._count(child)
+
+    def experiment_refused(self, arm: tuple[str, str, str], reason: RejectReason) -> None:
+        self.experiment_refusals.labels(*arm, reason).inc()
 
     # ------------------------------------------------------------ cascades
     def gate(self, verdict: Gate, reason: RejectReason | DeferReason | None = None) -> None:

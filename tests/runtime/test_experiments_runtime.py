@@ -132,6 +132,60 @@ class TestAssignmentAtAdmission:
         }
         assert "crm-label-42" not in labels
 
+    async def test_a_crm_label_in_an_experiments_name_space_is_invalid(
+        self, harness: Harness
+    ) -> None:
+        """A label ``cascades/...`` would be counted in the experiment's report (its rows are
+        found by that prefix) though the gateway never assigned it; other labels with a slash
+        are the CRM's own."""
+        spoofed, own = harness.requests(
+            [promo("m1", variant="cascades/short"), promo("m2", variant="spring/A")]
+        )
+        assert ("rejected", "invalid") == (spoofed.status, spoofed.reason)
+        assert spoofed.detail == (
+            "variant labels starting 'cascades/' belong to the tenant's experiment 'cascades': "
+            "name it in `experiment` and the gateway assigns the variant - at `$.variant`"
+        )
+        assert "accepted" == own.status
+
+    async def test_service_messages_stay_out_of_experiments(self, harness: Harness) -> None:
+        """The control group holds out marketing only: a service message in an experiment
+        would bring held-out recipients into it."""
+        (result,) = harness.requests([promo("m1", category="service", experiment="cascades")])
+        assert ("rejected", "invalid") == (result.status, result.reason)
+        assert "experiments are for marketing messages" in (result.detail or "")
+
+    async def test_a_send_its_variant_cannot_make_is_refused_and_counted(
+        self, tmp_path: Path, mock_clock: trio.testing.MockClock
+    ) -> None:
+        """An arm whose channels reach fewer recipients loses those sends at admission: the
+        report counts accepted messages, so the refusals are counted by arm and reason, and
+        the refusal names the variant."""
+        sms_only = """
+[tenants.acme.experiments.sms_only]
+[[tenants.acme.experiments.sms_only.variants]]
+name = "a"
+channels = ["sms"]
+[[tenants.acme.experiments.sms_only.variants]]
+name = "b"
+channels = ["sms"]
+"""
+        config = config_with(tmp_path, experiment=sms_only)
+        harness = await Harness.start(config, MemoryStore(), Clock(NOON_UTC))
+        (result,) = harness.requests(
+            [promo("m1", experiment="sms_only", recipient={"phone": None})]
+        )
+        assert ("rejected", "no_channel") == (result.status, result.reason)
+        variant = (result.detail or "").rpartition("(in variant sms_only/")[2].rstrip(")")
+        assert variant in ("a", "b"), result.detail
+        labels = {"tenant": "acme", "experiment": "sms_only", "variant": variant}
+        assert 1.0 == harness.registry.get_sample_value(
+            "gateway_experiment_refusals_total", {**labels, "reason": "no_channel"}
+        )
+        assert 0.0 == harness.registry.get_sample_value(
+            "gateway_experiment_assignments_total", labels
+        )
+
 
 class TestChangedDefinitions:
     """A changed experiment under its old name is refused at start; a new name is fine."""
@@ -150,6 +204,19 @@ class TestChangedDefinitions:
             await check_experiments(journal, config_with(tmp_path, experiment=heavier))
         renamed = heavier.replace("experiments.cascades", "experiments.cascades_2")
         await check_experiments(journal, config_with(tmp_path, experiment=renamed))
+
+    async def test_a_variant_on_the_tenants_cascade_changes_with_it(self, tmp_path: Path) -> None:
+        """A variant without channels of its own runs on the tenant's cascade: changing the
+        cascade changes the arm, so it is refused like a changed weight."""
+        on_cascade = EXPERIMENT.replace('channels = ["push", "email", "sms"]\n', "")
+        journal = MemoryJournal(MemoryStore())
+        await journal.open(create=True)
+        await check_experiments(journal, config_with(tmp_path, experiment=on_cascade))
+        reordered = make_config(
+            tmp_path, tenant_extra=on_cascade, cascade=("email", "push", "viber", "sms")
+        )
+        with pytest.raises(ConfigError, match=r"^tenants\.acme\.experiments\.cascades: "):
+            await check_experiments(journal, reordered)
 
 
 class TestVariantChannels:
