@@ -268,12 +268,18 @@ SECRET_KEYS: Final = frozenset(
 )
 
 
+MAX_WEIGHT: Final = 1_000_000.0
+"""The largest weight a variant may have: the weights' total stays finite (a weight of 1e308
+twice would overflow to inf and send everyone to the last variant)."""
+Weight = Annotated[float, msgspec.Meta(gt=0, le=MAX_WEIGHT)]
+
+
 class VariantConfig(_Config, frozen=True):
     """One arm of an experiment; what it leaves unset, the request and the tenant decide."""
 
     name: Name
-    weight: Positive = 1.0
-    """Relative to the other variants' weights."""
+    weight: Weight = 1.0
+    """Relative to the other variants' weights: finite, above 0 and at most 1,000,000."""
     channels: tuple[Channel, ...] | None = None
     """The cascade order for this arm (replaces the request's ``channels``)."""
     step_timeout_seconds: dict[Channel, Positive] = {}
@@ -955,7 +961,10 @@ def _validate_experiment(
                     f"{at}.send_windows: every window lies in the quiet hours of {closed} "
                     "messages on every channel; move the windows or the quiet hours"
                 )
-    experiment_of(name, experiment)  # the core's own checks
+    try:
+        experiment_of(name, experiment)  # the core's own checks
+    except ValueError as exc:  # what the checks above missed is still one line naming the key
+        raise ConfigError(f"{where}: {exc}") from exc
 
 
 def _previous_secrets(tracking: TrackingConfig) -> list[Secret]:

@@ -239,6 +239,14 @@ class TestUnknownKeys:
         assert expected == error_of(toml)
 
 
+def two_variants(first: bytes, second: bytes) -> bytes:
+    """Experiment ``x`` of tenant acme with variants ``a`` and ``b`` of these weights."""
+    return (
+        b"[[tenants.acme.experiments.x.variants]]\nname = 'a'\nweight = " + first + b"\n"
+        b"[[tenants.acme.experiments.x.variants]]\nname = 'b'\nweight = " + second + b"\n"
+    )
+
+
 IMPOSSIBLE: dict[str, tuple[bytes, str]] = {
     "negative unread timeout": (
         b"[channels.email]\nunread_timeout_seconds = -1",
@@ -308,6 +316,31 @@ IMPOSSIBLE: dict[str, tuple[bytes, str]] = {
         + b"[[tenants.acme.experiments.x.variants]]\nname = 'a'\n"
         + b"[[tenants.acme.experiments.x.variants]]\nname = 'a'",
         "tenants.acme.experiments.x.variants: variant names must be unique",
+    ),
+    "experiment with no variants": (
+        TENANT + b"[tenants.acme.experiments.x]\nvariants = []",
+        "tenants.acme.experiments.x.variants: an experiment needs at least two variants",
+    ),
+    "experiment without variants": (
+        TENANT + b"[tenants.acme.experiments.x]\nsalt = 's'",
+        "config: tenants.acme.experiments.x: Object missing required field `variants`",
+    ),
+    "experiment weight of inf": (
+        TENANT + two_variants(b"inf", b"1"),
+        "config: tenants.acme.experiments.x.variants[0].weight: Expected `float` <= 1000000.0",
+    ),
+    "experiment weight of nan": (
+        TENANT + two_variants(b"1", b"nan"),
+        "config: tenants.acme.experiments.x.variants[1].weight: Expected `float` > 0.0",
+    ),
+    "experiment weight of 0": (
+        TENANT + two_variants(b"1", b"0"),
+        "config: tenants.acme.experiments.x.variants[1].weight: Expected `float` > 0.0",
+    ),
+    # two of them would overflow the total to inf: everyone in the last variant
+    "experiment weight of 1e308": (
+        TENANT + two_variants(b"1e308", b"1e308"),
+        "config: tenants.acme.experiments.x.variants[0].weight: Expected `float` <= 1000000.0",
     ),
     "experiment variant with a bad window": (
         TENANT
@@ -405,6 +438,27 @@ class TestImpossibleValues:
     @pytest.mark.parametrize(("toml", "expected"), IMPOSSIBLE.values(), ids=IMPOSSIBLE.keys())
     def test_impossible(self, toml: bytes, expected: str) -> None:
         assert expected == error_of(toml)
+
+    def test_the_largest_weights_keep_the_total_finite(self) -> None:
+        experiment = load(TENANT + two_variants(b"1e6", b"1e6")).experiments("acme")["x"]
+        assert 2e6 == experiment.total_weight
+        names = {experiment.assign("acme", f"r{i}").name for i in range(100)}
+        assert {"a", "b"} == names
+
+    def test_the_cores_refusal_of_an_experiment_names_the_key(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Whatever the core refuses that the config's own checks let through is a
+        ConfigError naming the experiment, never a bare ValueError (a traceback)."""
+
+        def refuse(name: str, experiment: object) -> None:
+            raise ValueError("variant 'a': weight must be positive and finite")
+
+        monkeypatch.setattr("gateway.config.experiment_of", refuse)
+        assert (
+            "tenants.acme.experiments.x: variant 'a': weight must be positive and finite"
+            == error_of(TENANT + two_variants(b"1", b"1"))
+        )
 
     def test_the_error_names_the_right_entry_among_several(self) -> None:
         toml = b"""
