@@ -432,17 +432,25 @@ def policy_rules(policy: PolicyConfig) -> PolicyRules:
 def _closed_category(
     policy: PolicyConfig, spans: tuple[QuietWindow, ...], categories: frozenset[Category]
 ) -> Category | None:
-    """A category whose every window minute is quiet on every channel (a message of it would
-    wait forever), or None. Minutes of the local day suffice: windows are set in minutes."""
+    """A category whose every window instant is quiet on every channel (a message of it would
+    wait forever), or None.
+
+    Exact to the microsecond, whatever the windows' resolution (a window may be seconds
+    long): every window, send or quiet, is ``[start, end)`` of the local day, so between two
+    consecutive bounds (and midnight) nothing changes, and each such piece is asked at its
+    first instant.
+    """
     rules = policy_rules(policy)
-    minutes = [time(m // 60, m % 60) for m in range(24 * 60)]
-    open_minutes = [m for m in minutes if any(span.contains(m) for span in spans)]
+    bounds = {time(0)}
+    for window in (*spans, *(rule.window for rule in rules.quiet_hours)):
+        bounds |= {window.start, window.end}
+    open_instants = [t for t in sorted(bounds) if any(span.contains(t) for span in spans)]
     for category in sorted(categories or {c for c in Category if c.is_marketing}):
         if not any(
-            rule is None or rule.action is QuietAction.BYPASS or not rule.window.contains(m)
+            rule is None or rule.action is QuietAction.BYPASS or not rule.window.contains(t)
             for channel in Channel
             for rule in [rules.quiet_rule(channel, category)]
-            for m in open_minutes
+            for t in open_instants
         ):
             return category
     return None

@@ -506,6 +506,71 @@ simulated = true
         assert error_of(toml).startswith("config is not valid TOML: ")
 
 
+def windows_and_quiet_hours(window: tuple[str, str], quiet: tuple[str, str]) -> bytes:
+    """Tenant acme with promo quiet hours on every channel, a promo send window, and an
+    experiment variant with the same window."""
+    return (
+        TENANT
+        + b"[tenants.acme.policy]\n"
+        + f"quiet_hours = [{{ start = {quiet[0]}, end = {quiet[1]}, categories = ['promo'] }}]\n"
+        f"send_windows = [{{ categories = ['promo'], windows = "
+        f"[{{ start = {window[0]}, end = {window[1]} }}] }}]\n".encode()
+        + b"[[tenants.acme.experiments.x.variants]]\nname = 'a'\n"
+        + b"[[tenants.acme.experiments.x.variants]]\nname = 'b'\n"
+        + f"send_windows = [{{ start = {window[0]}, end = {window[1]} }}]\n".encode()
+    )
+
+
+class TestSendWindowsAgainstQuietHours:
+    """A window is refused only when every instant of it is quiet, to the second: windows and
+    quiet hours may be set in seconds, and a window shorter than a minute is not "in the quiet
+    hours" unless it is."""
+
+    @pytest.mark.parametrize(
+        ("window", "quiet"),
+        [
+            (("20:00:30", "20:00:45"), ("21:00:00", "09:00:00")),  # under a minute, not quiet
+            (("20:59:30", "21:00:00"), ("21:00:00", "09:00:00")),  # the last half minute before
+            (("08:59:59", "09:00:01"), ("21:00:00", "09:00:00")),  # one second after the end
+            (("20:00:00", "20:00:45"), ("20:00:30", "09:00:00")),  # quiet from the 30th second
+            (("23:59:50", "00:00:10"), ("00:00:00", "00:00:05")),  # across midnight
+        ],
+    )
+    def test_a_window_with_a_moment_outside_quiet_hours_is_accepted(
+        self, window: tuple[str, str], quiet: tuple[str, str]
+    ) -> None:
+        config = load(windows_and_quiet_hours(window, quiet))
+        assert config.experiments("acme")["x"].variants[1].windows is not None
+
+    @pytest.mark.parametrize(
+        ("window", "quiet"),
+        [
+            (("22:00:30", "22:00:45"), ("21:00:00", "09:00:00")),
+            (("20:00:30", "20:00:45"), ("20:00:30", "20:00:45")),  # exactly the quiet hours
+            (("20:59:59", "21:00:00"), ("20:59:59", "09:00:00")),  # one quiet second
+            (("23:59:50", "00:00:10"), ("23:59:50", "00:00:10")),
+        ],
+    )
+    def test_a_window_wholly_in_quiet_hours_is_refused(
+        self, window: tuple[str, str], quiet: tuple[str, str]
+    ) -> None:
+        assert (
+            "tenants.acme.policy.send_windows[0].windows: every window lies in the quiet hours "
+            "of promo messages on every channel, so none could ever be sent; move the windows "
+            "or the quiet hours"
+        ) == error_of(windows_and_quiet_hours(window, quiet))
+
+    def test_a_variants_window_wholly_in_quiet_hours_is_refused(self) -> None:
+        toml = windows_and_quiet_hours(("22:00:30", "22:00:45"), ("21:00:00", "09:00:00"))
+        toml = toml.replace(b"categories = ['promo'], windows", b"windows", 1).replace(
+            b"22:00:30, end = 22:00:45 }] }]", b"10:00:00, end = 11:00:00 }] }]", 1
+        )
+        assert error_of(toml).startswith(
+            "tenants.acme.experiments.x.variants[1].send_windows: every window lies in the "
+            "quiet hours of promo messages on every channel"
+        )
+
+
 FOREIGN_KEYS: dict[str, tuple[bytes, dict[str, str], str]] = {
     "an fcm key on twilio": (
         TENANT.replace(b'kind = "twilio"', b'kind = "twilio"\nproject_id = "acme-app"'),
