@@ -292,8 +292,9 @@ class ExperimentConfig(_Config, frozen=True):
     """Variants tried on shares of the tenant's recipients, chosen per request by name.
 
     Assignment is sticky per recipient (a salted hash), independent of the control group,
-    which stays outside every experiment. Changing the variants or weights of an experiment
-    the journal has run is refused at start: give the changed one a new name.
+    which stays outside every experiment. Changing the definition (variants, weights,
+    channels, unread timeouts, send windows, salt) of an experiment the journal has run is
+    refused at start: give the changed one a new name.
     """
 
     variants: tuple[VariantConfig, ...]
