@@ -136,7 +136,9 @@ async def check_experiments(journal: Journal, config: GatewayConfig) -> None:
     """Pin each experiment's definition in the journal; refuse a changed one under its name.
 
     An experiment runs from the first start of a gateway whose config has it: its
-    assignments are comparable only under one definition (variants, weights, salt).
+    assignments are comparable only under one definition (variants, weights, channels, unread
+    timeouts, send windows, salt). The journal keeps only the definition's fingerprint, so
+    the refusal cannot say which part changed, and does not guess.
 
     Raises:
         ConfigError: an experiment's definition differs from the one the journal first ran.
@@ -147,8 +149,9 @@ async def check_experiments(journal: Journal, config: GatewayConfig) -> None:
         key = min(changed)
         tenant, _, name = key.removeprefix("experiment:").partition("/")
         raise ConfigError(
-            f"tenants.{tenant}.experiments.{name}: its variants or weights changed since this "
-            f"journal first ran it (definition {changed[key]}, now {now[key]}); assignments "
+            f"tenants.{tenant}.experiments.{name}: its definition (variants, weights, "
+            "channels, unread timeouts, send windows, salt) differs from the one this journal "
+            f"first ran it with (fingerprint {changed[key]}, now {now[key]}); assignments "
             "would no longer be comparable: restore the definition or give the changed "
             "experiment a new name"
         )

@@ -2,13 +2,15 @@
 
 Failures an operator can fix (a port in use, a bad config value, a missing journal, an
 unwritable data directory) end in one line naming the cause and the key or flag to change, and
-exit code 2; ``--debug`` shows the traceback instead. Ctrl-C stops any command quietly.
+exit code 2; ``--debug`` shows the traceback instead. Ctrl-C stops any command quietly, and
+so does a reader that closes standard output early (``cascadegw report ... | head``: exit 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import io
 import json
 import os
 import shlex
@@ -172,9 +174,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     quoted = [urllib.parse.quote(part, safe="") for part in (args.tenant, args.name)]
     url = f"{args.url or _admin_url(config)}/v1/reports/{quoted[0]}/{section}/{quoted[1]}"
     request = urllib.request.Request(url)  # noqa: S310 - --url or http:// from _admin_url
-    token = config.http.admin_token
-    if token is not None:
-        request.add_header("Authorization", f"Bearer {token.reveal()}")
+    token = _report_token(args.token, config)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=args.timeout_seconds) as answer:  # noqa: S310 - as above
             report = json.load(answer)
@@ -188,6 +190,20 @@ def _cmd_report(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(report, indent=2, ensure_ascii=False))
     return 0
+
+
+def _report_token(given: str | None, config: GatewayConfig) -> str | None:
+    """``--token`` (``-``: the first line of standard input, kept out of ``ps`` and shell
+    history), else the configured ``http.admin_token``, else none."""
+    if given == "-":
+        token = sys.stdin.readline().strip()
+        if not token:
+            raise ConfigError("--token -: standard input gave no token")
+        return token
+    if given is not None:
+        return given
+    configured = config.http.admin_token
+    return None if configured is None else configured.reveal()
 
 
 def _cmd_schema(_: argparse.Namespace) -> int:
@@ -259,9 +275,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 print("\n".join(lines), flush=True)
                 async for _ in signals:
                     break
-                print(
-                    "cascadegw: shutting down (finishing in-flight requests and journal writes)",
-                    flush=True,
+                _announce(
+                    "cascadegw: shutting down (finishing in-flight requests and journal writes)"
                 )
                 await embedded.shutdown(grace_seconds=args.grace_seconds)
 
@@ -419,6 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("tenant")
     report.add_argument("name", help="the campaign's or the experiment's name")
     report.add_argument("--url", help="the admin API's base URL (default: from http.bind)")
+    report.add_argument(
+        "--token",
+        help="the bearer token to send: the operator's or a tenant's own admin_token (which "
+        "reads only that tenant's reports); `-` reads it from standard input, out of `ps` and "
+        "shell history (default: http.admin_token of the config)",
+    )
     report.add_argument("--timeout-seconds", type=float, default=10.0)
     report.set_defaults(func=_cmd_report)
 
@@ -539,6 +560,47 @@ def _interrupted(exc: BaseException) -> bool:
     return isinstance(exc, KeyboardInterrupt)
 
 
+def _broken_pipe(exc: BaseException) -> bool:
+    """Standard output was closed by its reader (``cascadegw report ... | head``), however deep
+    in a nursery the write was."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_broken_pipe(inner) for inner in exc.exceptions)
+    return isinstance(exc, BrokenPipeError)
+
+
+class _Discard(io.TextIOBase):
+    """Standard output once its reader is gone: every later write goes nowhere."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+def _stdout_closed() -> None:
+    """Send what is still buffered for standard output, and anything later, nowhere: Python
+    flushes ``sys.stdout`` at exit, which would raise the ``BrokenPipeError`` again (as the
+    Python docs' note on SIGPIPE says, in the ``signal`` module)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, io.UnsupportedOperation):  # no file descriptor behind it
+        sys.stdout = _Discard()
+
+
+def _announce(line: str) -> None:
+    """Print a line a long-running command shows along the way: a reader that went away
+    (``cascadegw run | head -3``) must not stop what the command does next (draining)."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        _stdout_closed()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -547,10 +609,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.umask(0o077)
     try:
         result: int = args.func(args)
+        sys.stdout.flush()  # here, not at exit: a reader that went away is answered below
     except BaseException as exc:
         if _interrupted(exc):
             print("cascadegw: interrupted", file=sys.stderr)
             return 130
+        if _broken_pipe(exc) and not args.debug:
+            # the reader has all it wanted (`| head`): exit quietly, as Python's docs advise
+            # for SIGPIPE, with 1 (what Python itself exits with on EPIPE)
+            _stdout_closed()
+            return 1
         line = _operator_error(exc)
         if line is None or args.debug:
             raise

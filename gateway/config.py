@@ -268,12 +268,18 @@ SECRET_KEYS: Final = frozenset(
 )
 
 
+MAX_WEIGHT: Final = 1_000_000.0
+"""The largest weight a variant may have: the weights' total stays finite (a weight of 1e308
+twice would overflow to inf and send everyone to the last variant)."""
+Weight = Annotated[float, msgspec.Meta(gt=0, le=MAX_WEIGHT)]
+
+
 class VariantConfig(_Config, frozen=True):
     """One arm of an experiment; what it leaves unset, the request and the tenant decide."""
 
     name: Name
-    weight: Positive = 1.0
-    """Relative to the other variants' weights."""
+    weight: Weight = 1.0
+    """Relative to the other variants' weights: finite, above 0 and at most 1,000,000."""
     channels: tuple[Channel, ...] | None = None
     """The cascade order for this arm (replaces the request's ``channels``)."""
     step_timeout_seconds: dict[Channel, Positive] = {}
@@ -286,8 +292,9 @@ class ExperimentConfig(_Config, frozen=True):
     """Variants tried on shares of the tenant's recipients, chosen per request by name.
 
     Assignment is sticky per recipient (a salted hash), independent of the control group,
-    which stays outside every experiment. Changing the variants or weights of an experiment
-    the journal has run is refused at start: give the changed one a new name.
+    which stays outside every experiment. Changing the definition (variants, weights,
+    channels, unread timeouts, send windows, salt) of an experiment the journal has run is
+    refused at start: give the changed one a new name.
     """
 
     variants: tuple[VariantConfig, ...]
@@ -426,17 +433,25 @@ def policy_rules(policy: PolicyConfig) -> PolicyRules:
 def _closed_category(
     policy: PolicyConfig, spans: tuple[QuietWindow, ...], categories: frozenset[Category]
 ) -> Category | None:
-    """A category whose every window minute is quiet on every channel (a message of it would
-    wait forever), or None. Minutes of the local day suffice: windows are set in minutes."""
+    """A category whose every window instant is quiet on every channel (a message of it would
+    wait forever), or None.
+
+    Exact to the microsecond, whatever the windows' resolution (a window may be seconds
+    long): every window, send or quiet, is ``[start, end)`` of the local day, so between two
+    consecutive bounds (and midnight) nothing changes, and each such piece is asked at its
+    first instant.
+    """
     rules = policy_rules(policy)
-    minutes = [time(m // 60, m % 60) for m in range(24 * 60)]
-    open_minutes = [m for m in minutes if any(span.contains(m) for span in spans)]
+    bounds = {time(0)}
+    for window in (*spans, *(rule.window for rule in rules.quiet_hours)):
+        bounds |= {window.start, window.end}
+    open_instants = [t for t in sorted(bounds) if any(span.contains(t) for span in spans)]
     for category in sorted(categories or {c for c in Category if c.is_marketing}):
         if not any(
-            rule is None or rule.action is QuietAction.BYPASS or not rule.window.contains(m)
+            rule is None or rule.action is QuietAction.BYPASS or not rule.window.contains(t)
             for channel in Channel
             for rule in [rules.quiet_rule(channel, category)]
-            for m in open_minutes
+            for t in open_instants
         ):
             return category
     return None
@@ -955,7 +970,10 @@ def _validate_experiment(
                     f"{at}.send_windows: every window lies in the quiet hours of {closed} "
                     "messages on every channel; move the windows or the quiet hours"
                 )
-    experiment_of(name, experiment)  # the core's own checks
+    try:
+        experiment_of(name, experiment)  # the core's own checks
+    except ValueError as exc:  # what the checks above missed is still one line naming the key
+        raise ConfigError(f"{where}: {exc}") from exc
 
 
 def _previous_secrets(tracking: TrackingConfig) -> list[Secret]:

@@ -239,6 +239,14 @@ class TestUnknownKeys:
         assert expected == error_of(toml)
 
 
+def two_variants(first: bytes, second: bytes) -> bytes:
+    """Experiment ``x`` of tenant acme with variants ``a`` and ``b`` of these weights."""
+    return (
+        b"[[tenants.acme.experiments.x.variants]]\nname = 'a'\nweight = " + first + b"\n"
+        b"[[tenants.acme.experiments.x.variants]]\nname = 'b'\nweight = " + second + b"\n"
+    )
+
+
 IMPOSSIBLE: dict[str, tuple[bytes, str]] = {
     "negative unread timeout": (
         b"[channels.email]\nunread_timeout_seconds = -1",
@@ -308,6 +316,31 @@ IMPOSSIBLE: dict[str, tuple[bytes, str]] = {
         + b"[[tenants.acme.experiments.x.variants]]\nname = 'a'\n"
         + b"[[tenants.acme.experiments.x.variants]]\nname = 'a'",
         "tenants.acme.experiments.x.variants: variant names must be unique",
+    ),
+    "experiment with no variants": (
+        TENANT + b"[tenants.acme.experiments.x]\nvariants = []",
+        "tenants.acme.experiments.x.variants: an experiment needs at least two variants",
+    ),
+    "experiment without variants": (
+        TENANT + b"[tenants.acme.experiments.x]\nsalt = 's'",
+        "config: tenants.acme.experiments.x: Object missing required field `variants`",
+    ),
+    "experiment weight of inf": (
+        TENANT + two_variants(b"inf", b"1"),
+        "config: tenants.acme.experiments.x.variants[0].weight: Expected `float` <= 1000000.0",
+    ),
+    "experiment weight of nan": (
+        TENANT + two_variants(b"1", b"nan"),
+        "config: tenants.acme.experiments.x.variants[1].weight: Expected `float` > 0.0",
+    ),
+    "experiment weight of 0": (
+        TENANT + two_variants(b"1", b"0"),
+        "config: tenants.acme.experiments.x.variants[1].weight: Expected `float` > 0.0",
+    ),
+    # two of them would overflow the total to inf: everyone in the last variant
+    "experiment weight of 1e308": (
+        TENANT + two_variants(b"1e308", b"1e308"),
+        "config: tenants.acme.experiments.x.variants[0].weight: Expected `float` <= 1000000.0",
     ),
     "experiment variant with a bad window": (
         TENANT
@@ -406,6 +439,27 @@ class TestImpossibleValues:
     def test_impossible(self, toml: bytes, expected: str) -> None:
         assert expected == error_of(toml)
 
+    def test_the_largest_weights_keep_the_total_finite(self) -> None:
+        experiment = load(TENANT + two_variants(b"1e6", b"1e6")).experiments("acme")["x"]
+        assert 2e6 == experiment.total_weight
+        names = {experiment.assign("acme", f"r{i}").name for i in range(100)}
+        assert {"a", "b"} == names
+
+    def test_the_cores_refusal_of_an_experiment_names_the_key(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Whatever the core refuses that the config's own checks let through is a
+        ConfigError naming the experiment, never a bare ValueError (a traceback)."""
+
+        def refuse(name: str, experiment: object) -> None:
+            raise ValueError("variant 'a': weight must be positive and finite")
+
+        monkeypatch.setattr("gateway.config.experiment_of", refuse)
+        assert (
+            "tenants.acme.experiments.x: variant 'a': weight must be positive and finite"
+            == error_of(TENANT + two_variants(b"1", b"1"))
+        )
+
     def test_the_error_names_the_right_entry_among_several(self) -> None:
         toml = b"""
 [providers.a]
@@ -450,6 +504,71 @@ simulated = true
     )
     def test_not_toml(self, toml: bytes) -> None:
         assert error_of(toml).startswith("config is not valid TOML: ")
+
+
+def windows_and_quiet_hours(window: tuple[str, str], quiet: tuple[str, str]) -> bytes:
+    """Tenant acme with promo quiet hours on every channel, a promo send window, and an
+    experiment variant with the same window."""
+    return (
+        TENANT
+        + b"[tenants.acme.policy]\n"
+        + f"quiet_hours = [{{ start = {quiet[0]}, end = {quiet[1]}, categories = ['promo'] }}]\n"
+        f"send_windows = [{{ categories = ['promo'], windows = "
+        f"[{{ start = {window[0]}, end = {window[1]} }}] }}]\n".encode()
+        + b"[[tenants.acme.experiments.x.variants]]\nname = 'a'\n"
+        + b"[[tenants.acme.experiments.x.variants]]\nname = 'b'\n"
+        + f"send_windows = [{{ start = {window[0]}, end = {window[1]} }}]\n".encode()
+    )
+
+
+class TestSendWindowsAgainstQuietHours:
+    """A window is refused only when every instant of it is quiet, to the second: windows and
+    quiet hours may be set in seconds, and a window shorter than a minute is not "in the quiet
+    hours" unless it is."""
+
+    @pytest.mark.parametrize(
+        ("window", "quiet"),
+        [
+            (("20:00:30", "20:00:45"), ("21:00:00", "09:00:00")),  # under a minute, not quiet
+            (("20:59:30", "21:00:00"), ("21:00:00", "09:00:00")),  # the last half minute before
+            (("08:59:59", "09:00:01"), ("21:00:00", "09:00:00")),  # one second after the end
+            (("20:00:00", "20:00:45"), ("20:00:30", "09:00:00")),  # quiet from the 30th second
+            (("23:59:50", "00:00:10"), ("00:00:00", "00:00:05")),  # across midnight
+        ],
+    )
+    def test_a_window_with_a_moment_outside_quiet_hours_is_accepted(
+        self, window: tuple[str, str], quiet: tuple[str, str]
+    ) -> None:
+        config = load(windows_and_quiet_hours(window, quiet))
+        assert config.experiments("acme")["x"].variants[1].windows is not None
+
+    @pytest.mark.parametrize(
+        ("window", "quiet"),
+        [
+            (("22:00:30", "22:00:45"), ("21:00:00", "09:00:00")),
+            (("20:00:30", "20:00:45"), ("20:00:30", "20:00:45")),  # exactly the quiet hours
+            (("20:59:59", "21:00:00"), ("20:59:59", "09:00:00")),  # one quiet second
+            (("23:59:50", "00:00:10"), ("23:59:50", "00:00:10")),
+        ],
+    )
+    def test_a_window_wholly_in_quiet_hours_is_refused(
+        self, window: tuple[str, str], quiet: tuple[str, str]
+    ) -> None:
+        assert (
+            "tenants.acme.policy.send_windows[0].windows: every window lies in the quiet hours "
+            "of promo messages on every channel, so none could ever be sent; move the windows "
+            "or the quiet hours"
+        ) == error_of(windows_and_quiet_hours(window, quiet))
+
+    def test_a_variants_window_wholly_in_quiet_hours_is_refused(self) -> None:
+        toml = windows_and_quiet_hours(("22:00:30", "22:00:45"), ("21:00:00", "09:00:00"))
+        toml = toml.replace(b"categories = ['promo'], windows", b"windows", 1).replace(
+            b"22:00:30, end = 22:00:45 }] }]", b"10:00:00, end = 11:00:00 }] }]", 1
+        )
+        assert error_of(toml).startswith(
+            "tenants.acme.experiments.x.variants[1].send_windows: every window lies in the "
+            "quiet hours of promo messages on every channel"
+        )
 
 
 FOREIGN_KEYS: dict[str, tuple[bytes, dict[str, str], str]] = {

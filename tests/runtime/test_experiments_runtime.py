@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -190,19 +191,40 @@ channels = ["sms"]
 class TestChangedDefinitions:
     """A changed experiment under its old name is refused at start; a new name is fine."""
 
-    async def test_refused_with_the_key_named(self, tmp_path: Path) -> None:
+    @pytest.mark.parametrize(
+        ("before", "after"),
+        [
+            ('name = "long"', 'name = "long"\nweight = 3'),
+            ('salt = "t1"', 'salt = "t2"'),
+            ("end = 23:59:00", "end = 23:58:00"),
+            ("push = 60", "push = 61"),
+            ('channels = ["push", "sms"]', 'channels = ["sms"]'),
+        ],
+        ids=["weight", "salt", "window", "timeout", "channels"],
+    )
+    async def test_refused_with_the_key_named(
+        self, before: str, after: str, tmp_path: Path
+    ) -> None:
+        """Whatever part changed, the refusal names the key and what a definition covers,
+        without claiming which part it was (the journal keeps only a fingerprint)."""
         store = MemoryStore()
         journal = MemoryJournal(store)
         await journal.open(create=True)
         await check_experiments(journal, config_with(tmp_path))
         await check_experiments(journal, config_with(tmp_path))  # unchanged: fine
-        heavier = EXPERIMENT.replace('name = "long"', 'name = "long"\nweight = 3')
-        with pytest.raises(
-            ConfigError,
-            match=r"^tenants\.acme\.experiments\.cascades: its variants or weights changed",
-        ):
-            await check_experiments(journal, config_with(tmp_path, experiment=heavier))
-        renamed = heavier.replace("experiments.cascades", "experiments.cascades_2")
+        assert before in EXPERIMENT
+        changed = EXPERIMENT.replace(before, after, 1)
+        with pytest.raises(ConfigError) as refused:
+            await check_experiments(journal, config_with(tmp_path, experiment=changed))
+        assert re.fullmatch(
+            r"tenants\.acme\.experiments\.cascades: its definition \(variants, weights, "
+            r"channels, unread timeouts, send windows, salt\) differs from the one this journal "
+            r"first ran it with \(fingerprint [0-9a-f]{16}, now [0-9a-f]{16}\); assignments "
+            r"would no longer be comparable: restore the definition or give the changed "
+            r"experiment a new name",
+            str(refused.value),
+        ), refused.value
+        renamed = changed.replace("experiments.cascades", "experiments.cascades_2")
         await check_experiments(journal, config_with(tmp_path, experiment=renamed))
 
     async def test_a_variant_on_the_tenants_cascade_changes_with_it(self, tmp_path: Path) -> None:
