@@ -150,7 +150,8 @@ async def check_experiments(journal: Journal, config: GatewayConfig) -> None:
         tenant, _, name = key.removeprefix("experiment:").partition("/")
         raise ConfigError(
             f"tenants.{tenant}.experiments.{name}: its definition (variants, weights, "
-            "channels, unread timeouts, send windows, salt) differs from the one this journal "
+            "channels or the tenant cascade they run on, unread timeouts, send windows, salt) "
+            "differs from the one this journal "
             f"first ran it with (fingerprint {changed[key]}, now {now[key]}); assignments "
             "would no longer be comparable: restore the definition or give the changed "
             "experiment a new name"

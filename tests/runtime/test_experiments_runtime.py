@@ -218,7 +218,8 @@ class TestChangedDefinitions:
             await check_experiments(journal, config_with(tmp_path, experiment=changed))
         assert re.fullmatch(
             r"tenants\.acme\.experiments\.cascades: its definition \(variants, weights, "
-            r"channels, unread timeouts, send windows, salt\) differs from the one this journal "
+            r"channels or the tenant cascade they run on, unread timeouts, send windows, salt\) "
+            r"differs from the one this journal "
             r"first ran it with \(fingerprint [0-9a-f]{16}, now [0-9a-f]{16}\); assignments "
             r"would no longer be comparable: restore the definition or give the changed "
             r"experiment a new name",
