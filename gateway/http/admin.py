@@ -223,6 +223,8 @@ def admin_routes(config: GatewayConfig, gateway: AdminPort) -> list[BaseRoute]:
             {"effective": [_view(r) for r in effective], "history": [_view(r) for r in history]}
         )
 
+    prices = {name: provider.price for name, provider in config.providers.items()}
+
     async def campaign_report(request: Request) -> Response:
         tenant, campaign = request.path_params["tenant"], request.path_params["campaign"]
         message_rows, event_rows = await gateway.campaign_rows(tenant, campaign)
@@ -234,7 +236,7 @@ def admin_routes(config: GatewayConfig, gateway: AdminPort) -> list[BaseRoute]:
             currency=config.currency,
             message_rows=message_rows,
             event_rows=event_rows,
-            prices={name: provider.price for name, provider in config.providers.items()},
+            prices=prices,
             sms_price=config.sms_price(tenant),
         )
         return _respond(report)
@@ -252,7 +254,7 @@ def admin_routes(config: GatewayConfig, gateway: AdminPort) -> list[BaseRoute]:
             currency=config.currency,
             message_rows=message_rows,
             event_rows=event_rows,
-            prices={name: provider.price for name, provider in config.providers.items()},
+            prices=prices,
             sms_price=config.sms_price(tenant),
         )
         return _respond(report)
