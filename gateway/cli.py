@@ -196,14 +196,23 @@ def _report_token(given: str | None, config: GatewayConfig) -> str | None:
     """``--token`` (``-``: the first line of standard input, kept out of ``ps`` and shell
     history), else the configured ``http.admin_token``, else none."""
     if given == "-":
-        token = sys.stdin.readline().strip()
+        # a token file saved by a Windows editor may start with a byte-order mark
+        token = sys.stdin.readline().strip().removeprefix("\ufeff").strip()
         if not token:
             raise ConfigError("--token -: standard input gave no token")
-        return token
+        return _header_safe(token, "--token -")
     if given is not None:
-        return given
+        return _header_safe(given, "--token")
     configured = config.http.admin_token
     return None if configured is None else configured.reveal()
+
+
+def _header_safe(token: str, source: str) -> str:
+    """A bearer token goes in an HTTP header: visible ASCII only (no spaces, no CR or LF that
+    would end the header); the token itself is never quoted."""
+    if not (token.isascii() and token.isprintable() and " " not in token):
+        raise ConfigError(f"{source}: a token is visible ASCII characters without spaces")
+    return token
 
 
 def _cmd_schema(_: argparse.Namespace) -> int:

@@ -271,7 +271,10 @@ SECRET_KEYS: Final = frozenset(
 MAX_WEIGHT: Final = 1_000_000.0
 """The largest weight a variant may have: the weights' total stays finite (a weight of 1e308
 twice would overflow to inf and send everyone to the last variant)."""
-Weight = Annotated[float, msgspec.Meta(gt=0, le=MAX_WEIGHT)]
+MIN_WEIGHT: Final = 1e-6
+"""The smallest: weights near the smallest float round in the hash cut (5e-324 twice split
+25/75, not 50/50); a millionth is far above that and below any share anyone means."""
+Weight = Annotated[float, msgspec.Meta(ge=MIN_WEIGHT, le=MAX_WEIGHT)]
 
 
 class VariantConfig(_Config, frozen=True):
@@ -279,7 +282,7 @@ class VariantConfig(_Config, frozen=True):
 
     name: Name
     weight: Weight = 1.0
-    """Relative to the other variants' weights: finite, above 0 and at most 1,000,000."""
+    """Relative to the other variants' weights: from 0.000001 to 1,000,000."""
     channels: tuple[Channel, ...] | None = None
     """The cascade order for this arm (replaces the request's ``channels``)."""
     step_timeout_seconds: dict[Channel, Positive] = {}

@@ -188,3 +188,31 @@ class TestReportToken:
         assert 2 == done.returncode
         assert "cascadegw: --token -: standard input gave no token" in done.stderr
         assert [] == _Reports.tokens
+
+    def test_a_token_file_with_a_byte_order_mark(self, admin_api: str, tmp_path: Path) -> None:
+        """Windows editors start a saved file with U+FEFF; it is not part of the token."""
+        done = self.report(admin_api, tmp_path, "--token", "-", stdin="\ufefffrom-a-file-9\r\n")
+        assert 0 == done.returncode, done.stderr
+        assert ["Bearer from-a-file-9"] == _Reports.tokens
+
+    @pytest.mark.parametrize(
+        ("options", "stdin"),
+        [
+            (("--token", "t\u043eken-with-cyrillic-o"), ""),
+            (("--token", "abc\r\nX-Evil: 1"), ""),
+            (("--token", "two words"), ""),
+            (("--token", "-"), "\u00e9t\u00e9\n"),
+        ],
+        ids=["non-ASCII", "CR LF", "a space", "non-ASCII on stdin"],
+    )
+    def test_a_token_that_cannot_be_a_header_is_one_line(
+        self, admin_api: str, tmp_path: Path, options: tuple[str, ...], stdin: str
+    ) -> None:
+        done = self.report(admin_api, tmp_path, *options, stdin=stdin)
+        assert 2 == done.returncode
+        (line,) = done.stderr.splitlines()
+        assert line.startswith(
+            f"cascadegw: {'--token -' if stdin else '--token'}: a token is visible ASCII "
+            "characters without spaces"
+        ), line
+        assert [] == _Reports.tokens

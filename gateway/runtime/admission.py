@@ -269,7 +269,12 @@ class Admission:
                 # the control group stays outside every experiment
                 outside = envelope if assignment is None else envelope.outside_experiments()
                 self._hold_out(key, outside, request, raw, now)
-            elif assignment is not None:
+            elif assignment is not None and not engine.rules[
+                request.tenant
+            ].control_group.holds_out(request.tenant, recipient.id, now=now):
+                # refused for a reason decide checks before the control group (no channel, no
+                # personal-data consent, expired): a held-out recipient is in no arm, so the
+                # refusal is neither counted for one nor named after one
                 self.experiments.refused(assignment, decision.reason)
                 detail = f"{detail} (in variant {assignment.key})"
             return rejected(decision.reason, detail, request.id)

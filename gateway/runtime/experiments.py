@@ -8,6 +8,7 @@ assignment under the configured, bounded labels.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import msgspec
@@ -102,19 +103,36 @@ class Experiments:
 def fingerprints(config: GatewayConfig) -> dict[str, str]:
     """``"experiment:{tenant}/{name}"`` -> the definition's fingerprint, for the journal.
 
-    A variant without its own channel order runs on the tenant's cascade, so that order is
-    part of its definition: changing the cascade changes the arm as surely as its weights.
+    What a variant leaves unset it inherits, and what it inherits is part of its definition:
+    changing it changes the arm as surely as its weights. So the fingerprint covers each
+    variant as it runs: its channel order or the tenant's cascade, its unread timeouts or the
+    configured ones of those channels, and, for a variant without windows of its own, the
+    tenant's send-window rules. (A request's own ``step_timeout_seconds`` still applies to
+    steps a variant leaves unset: per message, not pinned.)
     """
+    configured = config.step_timeouts()
     found = {}
     for tenant, settings in config.tenants.items():
         cascade = tuple(settings.cascade)
+        rules = config.policy_rules(tenant).send_windows
         for name, experiment in config.experiments(tenant).items():
-            resolved = msgspec.structs.replace(
-                experiment,
-                variants=tuple(
-                    v if v.channels is not None else msgspec.structs.replace(v, channels=cascade)
-                    for v in experiment.variants
-                ),
+            variants = []
+            for variant in experiment.variants:
+                channels = variant.channels if variant.channels is not None else cascade
+                own = dict(variant.step_timeout_seconds)
+                timeouts = tuple((c, own.get(c, configured[c])) for c in channels)
+                variants.append(
+                    msgspec.structs.replace(
+                        variant, channels=channels, step_timeout_seconds=timeouts
+                    )
+                )
+            resolved = msgspec.structs.replace(experiment, variants=tuple(variants))
+            inherited = (
+                # categories sorted: a frozenset's order changes with the process's hash seed
+                [(sorted(rule.categories), rule.windows) for rule in rules]
+                if any(v.windows is None for v in variants)
+                else []
             )
-            found[f"experiment:{tenant}/{name}"] = resolved.fingerprint()
+            material = msgspec.json.encode((resolved.fingerprint(), inherited))
+            found[f"experiment:{tenant}/{name}"] = hashlib.sha256(material).hexdigest()[:16]
     return found

@@ -74,6 +74,8 @@ class _Message:
     campaign: str | None
     variant: str | None
     opening: bytes | None
+    experiment: str | None = None
+    """The arm the gateway assigned (``Envelope.variant``), never a CRM's label."""
 
 
 @dataclass(slots=True)
@@ -256,6 +258,7 @@ class MemoryJournal:
                         campaign=record.campaign,
                         variant=record.variant,
                         opening=None if opening is None else _encoder.encode(opening),
+                        experiment=record.envelope.variant,
                     )
                 )
             else:
@@ -401,7 +404,9 @@ class MemoryJournal:
         """The rows of ``SqliteJournal.experiment_rows`` (see ``campaign_rows``)."""
         prefix = f"{experiment}/"
         return await self._rows(
-            tenant, lambda m: m.variant is not None and m.variant.startswith(prefix)
+            tenant,
+            lambda m: m.experiment is not None and m.experiment.startswith(prefix),
+            arm=lambda m: m.experiment,
         )
 
     async def consent_history(self, recipient: RecipientKey) -> list[ConsentRecord]:
@@ -441,20 +446,23 @@ class MemoryJournal:
         return await self._rows(tenant, lambda m: m.campaign == campaign)
 
     async def _rows(
-        self, tenant: str, chosen: Callable[[_Message], bool]
+        self,
+        tenant: str,
+        chosen: Callable[[_Message], bool],
+        arm: Callable[[_Message], str | None] = lambda m: m.variant,
     ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
         await trio.lowlevel.checkpoint()
         store = self._store()
         # the same prefix range as SQLite's: keys are "tenant:id", ';' follows ':'
         low, high = f"{tenant}:", f"{tenant};"
         members = [m for m in store._order if chosen(m) and low <= m.key < high]
-        sizes = Counter((m.variant, m.outcome) for m in members)
+        sizes = Counter((arm(m), m.outcome) for m in members)
         counts: Counter[tuple[Any, ...]] = Counter()
         keys: dict[tuple[Any, ...], set[str]] = {}
         for m in members:
             held_out = int(m.outcome == "holdout")
             for event in store._events.get(m.key, ()):
-                group = (m.variant, held_out, event.channel, event.kind, event.provider)
+                group = (arm(m), held_out, event.channel, event.kind, event.provider)
                 counts[group] += 1
                 keys.setdefault(group, set()).add(m.key)
         message_rows = [(*group, n) for group, n in sorted(sizes.items(), key=_group_order)]

@@ -51,11 +51,13 @@ CREATE TABLE IF NOT EXISTS messages (
     outcome TEXT,
     campaign TEXT,
     variant TEXT,
-    opening BLOB
+    opening BLOB,
+    experiment TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_finished ON messages (accepted_at) WHERE outcome IS NOT NULL;
 CREATE INDEX IF NOT EXISTS messages_campaign ON messages (campaign) WHERE campaign IS NOT NULL;
-CREATE INDEX IF NOT EXISTS messages_variant ON messages (variant) WHERE variant IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_experiment ON messages (experiment)
+    WHERE experiment IS NOT NULL;
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
     key TEXT NOT NULL,
@@ -104,6 +106,11 @@ CREATE TABLE IF NOT EXISTS quarantine (
 _OPENINGS_IN = "SELECT key, opening FROM messages WHERE key IN ({})"
 _EVENTS_IN = "SELECT key, body FROM events WHERE key IN ({}) ORDER BY id"
 _T = TypeVar("_T")
+_Insert = tuple[
+    str, float, bytes, bytes, str | None, str | None, str | None, bytes | None, str | None
+]
+"""A ``messages`` row: key, accepted_at, request, record, outcome, campaign, variant, opening,
+experiment."""
 _IN_CHUNK = 500  # keys per IN (...) query; well under SQLite's bound-parameter limit
 _encoder = msgspec.msgpack.Encoder()
 _record_decoder = msgspec.msgpack.Decoder(MessageRecord)
@@ -234,9 +241,7 @@ class SqliteJournal:
     async def commit(self, batch: Batch) -> None:
         # encode on the trio thread: msgspec holds the GIL either way, and the thread then
         # spends its time in SQLite, which releases it
-        inserts: list[
-            tuple[str, float, bytes, bytes, str | None, str | None, str | None, bytes | None]
-        ] = []
+        inserts: list[_Insert] = []
         updates: list[tuple[bytes, str | None, str]] = []
         for key, record in batch.dirty.items():
             body = _encoder.encode(record)
@@ -256,6 +261,8 @@ class SqliteJournal:
                         None
                         if (opening := batch.opening.get(key)) is None
                         else _encoder.encode(opening),
+                        # set by the gateway's assignment only, never from a CRM's label
+                        record.envelope.variant,
                     )
                 )
             else:
@@ -286,9 +293,7 @@ class SqliteJournal:
 
     def _commit_sync(
         self,
-        inserts: list[
-            tuple[str, float, bytes, bytes, str | None, str | None, str | None, bytes | None]
-        ],
+        inserts: list[_Insert],
         updates: list[tuple[bytes, str | None, str]],
         events: list[tuple[str, bytes, str, str | None, str | None]],
         consents: list[tuple[RecipientKey, bytes]],
@@ -307,9 +312,7 @@ class SqliteJournal:
     @staticmethod
     def _write(
         db: sqlite3.Connection,
-        inserts: list[
-            tuple[str, float, bytes, bytes, str | None, str | None, str | None, bytes | None]
-        ],
+        inserts: list[_Insert],
         updates: list[tuple[bytes, str | None, str]],
         events: list[tuple[str, bytes, str, str | None, str | None]],
         consents: list[tuple[RecipientKey, bytes]],
@@ -321,8 +324,8 @@ class SqliteJournal:
         try:
             if inserts:
                 db.executemany(
-                    "INSERT INTO messages (key, accepted_at, request, record, outcome, campaign, variant, opening)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO messages (key, accepted_at, request, record, outcome, campaign, variant, opening, experiment)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     inserts,
                 )
             if updates:
@@ -493,19 +496,21 @@ class SqliteJournal:
     async def experiment_rows(
         self, tenant: str, experiment: str
     ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-        # keys are "tenant:id" and variants "experiment/name": '0' follows '/', ';' follows ':'
+        # keys are "tenant:id" and arms "experiment/name": '0' follows '/', ';' follows ':'.
+        # The experiment column holds only what the gateway assigned: a CRM's own variant label
+        # of that shape (sent before the experiment existed, say) is never counted
         low, high = f"{tenant}:", f"{tenant};"
         first, last = f"{experiment}/", f"{experiment}0"
         messages = await self._read(
-            "SELECT variant, outcome, count(*) FROM messages"
-            " WHERE variant >= ? AND variant < ? AND key >= ? AND key < ?"
-            " GROUP BY variant, outcome",
+            "SELECT experiment, outcome, count(*) FROM messages"
+            " WHERE experiment >= ? AND experiment < ? AND key >= ? AND key < ?"
+            " GROUP BY experiment, outcome",
             (first, last, low, high),
         )
         events = await self._read(
-            "SELECT m.variant, m.outcome IS 'holdout', e.channel, e.kind, e.provider, count(*), count(DISTINCT e.key)"
+            "SELECT m.experiment, m.outcome IS 'holdout', e.channel, e.kind, e.provider, count(*), count(DISTINCT e.key)"
             " FROM events e JOIN messages m ON m.key = e.key"
-            " WHERE m.variant >= ? AND m.variant < ? AND m.key >= ? AND m.key < ?"
+            " WHERE m.experiment >= ? AND m.experiment < ? AND m.key >= ? AND m.key < ?"
             " GROUP BY 1, 2, 3, 4, 5",
             (first, last, low, high),
         )
@@ -787,7 +792,7 @@ def _check_identity(db: sqlite3.Connection, marker: Path) -> None:
 def _migrate(db: sqlite3.Connection) -> None:
     """Bring a journal written by an earlier version up to the current columns."""
     wanted = {
-        "messages": ("campaign TEXT", "variant TEXT", "opening BLOB"),
+        "messages": ("campaign TEXT", "variant TEXT", "opening BLOB", "experiment TEXT"),
         "events": ("kind TEXT", "channel TEXT", "provider TEXT"),
     }
     for table, columns in wanted.items():

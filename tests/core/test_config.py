@@ -331,11 +331,16 @@ IMPOSSIBLE: dict[str, tuple[bytes, str]] = {
     ),
     "experiment weight of nan": (
         TENANT + two_variants(b"1", b"nan"),
-        "config: tenants.acme.experiments.x.variants[1].weight: Expected `float` > 0.0",
+        "config: tenants.acme.experiments.x.variants[1].weight: Expected `float` >= 1e-06",
     ),
     "experiment weight of 0": (
         TENANT + two_variants(b"1", b"0"),
-        "config: tenants.acme.experiments.x.variants[1].weight: Expected `float` > 0.0",
+        "config: tenants.acme.experiments.x.variants[1].weight: Expected `float` >= 1e-06",
+    ),
+    # the smallest float: two of them split 25/75 in the hash cut
+    "experiment weight of 5e-324": (
+        TENANT + two_variants(b"5e-324", b"5e-324"),
+        "config: tenants.acme.experiments.x.variants[0].weight: Expected `float` >= 1e-06",
     ),
     # two of them would overflow the total to inf: everyone in the last variant
     "experiment weight of 1e308": (

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +190,31 @@ channels = ["sms"]
             "gateway_experiment_assignments_total", labels
         )
 
+    async def test_a_held_out_recipient_refused_earlier_is_in_no_arm(
+        self, tmp_path: Path, mock_clock: trio.testing.MockClock
+    ) -> None:
+        """decide checks addresses and personal-data consent before the control group: a
+        held-out recipient refused for those is neither counted for an arm nor told one."""
+        config = config_with(tmp_path, extra="[policy.control_group]\npercent = 100.0")
+        harness = await Harness.start(config, MemoryStore(), Clock(NOON_UTC))
+        no_address: dict[str, object] = {
+            "push_tokens": [],
+            "email": None,
+            "viber_id": None,
+            "phone": None,
+        }
+        (result,) = harness.requests([promo("m1", experiment="cascades", recipient=no_address)])
+        assert ("rejected", "no_channel") == (result.status, result.reason)
+        assert "variant" not in (result.detail or "")
+        refusals = [
+            sample
+            for metric in harness.registry.collect()
+            if metric.name == "gateway_experiment_refusals"
+            for sample in metric.samples
+            if sample.name.endswith("_total")
+        ]
+        assert [] == refusals
+
 
 class TestChangedDefinitions:
     """A changed experiment under its old name is refused at start; a new name is fine."""
@@ -240,6 +268,57 @@ class TestChangedDefinitions:
         )
         with pytest.raises(ConfigError, match=r"^tenants\.acme\.experiments\.cascades: "):
             await check_experiments(journal, reordered)
+
+    @pytest.mark.parametrize(
+        "inherited",
+        [
+            "[channels.push]\nunread_timeout_seconds = 300\n"
+            "[channels.email]\nunread_timeout_seconds = 900\n"
+            "[channels.viber]\nunread_timeout_seconds = 1800\n"
+            "[channels.sms]\nunread_timeout_seconds = 86400",
+            '[[policy.send_windows]]\ncategories = ["promo"]\n'
+            "windows = [{ start = 09:00:00, end = 11:00:00 }]",
+        ],
+        ids=["a configured unread timeout", "the tenant's send windows"],
+    )
+    async def test_what_a_variant_inherits_is_pinned(self, tmp_path: Path, inherited: str) -> None:
+        """The long variant sets no email timeout and no windows: it runs on the configured
+        ones, so changing them changes the arm."""
+        journal = MemoryJournal(MemoryStore())
+        await journal.open(create=True)
+        await check_experiments(journal, config_with(tmp_path))
+        with pytest.raises(ConfigError, match=r"^tenants\.acme\.experiments\.cascades: "):
+            await check_experiments(journal, config_with(tmp_path, extra=inherited))
+
+    def test_the_fingerprint_is_the_same_in_every_process(self, tmp_path: Path) -> None:
+        """Pinned in one process, checked in the next: nothing in it may depend on the hash
+        seed (a frozenset's order does)."""
+        config = tmp_path / "gateway.toml"
+        make_config(
+            tmp_path,
+            extra='[[policy.send_windows]]\ncategories = ["promo", "informational", "content"]\n'
+            "windows = [{ start = 09:00:00, end = 11:00:00 }]",
+            tenant_extra=EXPERIMENT.replace(
+                "send_windows = [{ start = 00:00:00, end = 23:59:00 }]\n", ""
+            ),
+            write_to=config,
+        )
+        script = (
+            "import sys; from gateway.config import load_config; "
+            "from gateway.runtime.experiments import fingerprints; "
+            "print(fingerprints(load_config(open(sys.argv[1], 'rb').read(), {})))"
+        )
+        printed = {
+            subprocess.run(
+                [sys.executable, "-c", script, str(config)],
+                env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                capture_output=True,
+                check=True,
+                text=True,
+            ).stdout
+            for seed in range(6)
+        }
+        assert 1 == len(printed), printed
 
 
 class TestVariantChannels:

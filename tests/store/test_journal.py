@@ -54,14 +54,22 @@ def record(
     tenant: str = "acme",
     campaign: str | None = None,
     variant: str | None = None,
+    assigned: bool = False,
 ) -> MessageRecord:
+    """``assigned``: ``variant`` is an experiment arm the gateway gave, not a CRM's label."""
     cascade, _ = Cascade.start(
         plan=(Channel.PUSH, Channel.SMS), timeouts=(300.0, 86400.0), allowed=0b1111, now=accepted_at
     )
     if outcome is not None:
         cascade, _ = cascade._finish(outcome)
     envelope = Envelope(
-        tenant, f"r-{key}", Category.PROMO, "promo", Lane.NORMAL, (Channel.PUSH, Channel.SMS)
+        tenant,
+        f"r-{key}",
+        Category.PROMO,
+        "promo",
+        Lane.NORMAL,
+        (Channel.PUSH, Channel.SMS),
+        variant=variant if assigned else None,
     )
     return MessageRecord(
         f"{tenant}:{key}",
@@ -689,13 +697,26 @@ class TestJournal:
     ) -> None:
         journal = await backend.opened()
         batch = batch_with(
-            record("e1", campaign="spring", variant="cascades/long"),
-            record("e2", campaign="autumn", variant="cascades/short", outcome=Outcome.READ),
-            record("e3", variant="cascades_2/long"),  # another experiment, a longer name
+            record("e1", campaign="spring", variant="cascades/long", assigned=True),
+            record(
+                "e2",
+                campaign="autumn",
+                variant="cascades/short",
+                outcome=Outcome.READ,
+                assigned=True,
+            ),
+            # another experiment, a longer name
+            record("e3", variant="cascades_2/long", assigned=True),
             record("e4", variant="cascades"),  # a CRM's own label
-            record("e9", variant="cascades/long", tenant="acme2"),
+            # a CRM's own label in the experiment's shape (sent before it existed): not an arm
+            record("e5", variant="cascades/long"),
+            record("e9", variant="cascades/long", tenant="acme2", assigned=True),
         )
-        batch.events = [event("e2", StatusKind.CONVERTED), event("e3", StatusKind.CONVERTED)]
+        batch.events = [
+            event("e2", StatusKind.CONVERTED),
+            event("e3", StatusKind.CONVERTED),
+            event("e5", StatusKind.CONVERTED),
+        ]
         await journal.commit(batch)
         message_rows, event_rows = await journal.experiment_rows("acme", "cascades")
         assert [("cascades/long", None, 1), ("cascades/short", "read", 1)] == sorted(
