@@ -22,7 +22,13 @@ from pathlib import Path
 import msgspec
 
 from gateway import __version__
-from gateway.config import DEFAULT_CONFIG, GatewayConfig, default_config_bytes, load_config
+from gateway.config import (
+    DEFAULT_CONFIG,
+    GatewayConfig,
+    default_config_bytes,
+    header_safe,
+    load_config,
+)
 from gateway.core.errors import ConfigError
 from gateway.store.base import JournalError
 
@@ -204,13 +210,13 @@ def _report_token(given: str | None, config: GatewayConfig) -> str | None:
     if given is not None:
         return _header_safe(given, "--token")
     configured = config.http.admin_token
-    return None if configured is None else configured.reveal()
+    return None if configured is None else _header_safe(configured.reveal(), "http.admin_token")
 
 
 def _header_safe(token: str, source: str) -> str:
-    """A bearer token goes in an HTTP header: visible ASCII only (no spaces, no CR or LF that
-    would end the header); the token itself is never quoted."""
-    if not (token.isascii() and token.isprintable() and " " not in token):
+    """A bearer token goes in an HTTP header (``gateway.config.header_safe``); the token itself
+    is never quoted."""
+    if not header_safe(token):
         raise ConfigError(f"{source}: a token is visible ASCII characters without spaces")
     return token
 

@@ -834,6 +834,9 @@ def _validate_exposure(config: GatewayConfig) -> None:
                 f"{key}: at least {_MIN_TOKEN_CHARS} characters (a bearer token is guessed "
                 "otherwise); e.g. `python3 -c 'import secrets; print(secrets.token_urlsafe())'`"
             )
+        if token is not None and not header_safe(token.reveal()):
+            # no HTTP client can send it: the admin API would be closed to everybody
+            raise ConfigError(f"{key}: a token is visible ASCII characters without spaces")
     tokens = any(token is not None for _, token in named_tokens)
     if not tokens and not is_loopback(config.http.bind):
         raise ConfigError(
@@ -852,6 +855,12 @@ def _validate_exposure(config: GatewayConfig) -> None:
 
 _MIN_TOKEN_CHARS: Final = 16
 _Z85_KEY: Final = re.compile(r"[0-9a-zA-Z.:+=^!/*?&<>()\[\]{}@%$#-]{40}")
+
+
+def header_safe(token: str) -> bool:
+    """Whether a bearer token can go in an HTTP header: visible ASCII, no spaces (a CR or LF
+    would end the header)."""
+    return token.isascii() and token.isprintable() and " " not in token and token != ""
 
 
 def _validate(config: GatewayConfig, *, serving: bool) -> None:

@@ -201,9 +201,10 @@ class TestReportToken:
             (("--token", "t\u043eken-with-cyrillic-o"), ""),
             (("--token", "abc\r\nX-Evil: 1"), ""),
             (("--token", "two words"), ""),
+            (("--token", ""), ""),
             (("--token", "-"), "\u00e9t\u00e9\n"),
         ],
-        ids=["non-ASCII", "CR LF", "a space", "non-ASCII on stdin"],
+        ids=["non-ASCII", "CR LF", "a space", "empty", "non-ASCII on stdin"],
     )
     def test_a_token_that_cannot_be_a_header_is_one_line(
         self, admin_api: str, tmp_path: Path, options: tuple[str, ...], stdin: str

@@ -804,6 +804,8 @@ def _migrate(db: sqlite3.Connection) -> None:
                 db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
     # recovery scans for active rows once at start; an index on them cost every insert
     db.execute("DROP INDEX IF EXISTS messages_active")
+    # the experiment report reads the experiment column; an index on every CRM label cost inserts
+    db.execute("DROP INDEX IF EXISTS messages_variant")
     # the address index was one recipient per address; an address (a family phone, a Viber
     # user of two brands) may belong to several, and an opt-out must reach every one of them
     if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'addresses'").fetchone():

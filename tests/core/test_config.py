@@ -910,12 +910,15 @@ class TestSecrets:
         ids=["plain", "digits", "bool-like", "quoted", "array-like", "spaces"],
     )
     def test_from_the_environment(self, value: str) -> None:
+        # a bearer token must fit an HTTP header (no spaces): those values are refused for it
+        # (test_an_admin_token_no_client_can_send), so the token gets a header-safe spelling
+        token = value.replace(" ", "_")
         config = load(
             GATEWAY_TOML,
             CASCADEGW__PROVIDERS__SENDGRID_SIM__API_KEY=value,
             CASCADEGW__PROVIDERS__TWILIO_SIM__AUTH_TOKEN=value,
             CASCADEGW__PROVIDERS__FCM_SIM__SERVICE_ACCOUNT_JSON=value,
-            CASCADEGW__HTTP__ADMIN_TOKEN=value,
+            CASCADEGW__HTTP__ADMIN_TOKEN=token,
             CASCADEGW__TRACKING__SECRET=value,
         )
         sendgrid, twilio, fcm = (config.providers[f"{kind}_sim"] for kind in SECRET_PROVIDERS)
@@ -930,9 +933,28 @@ class TestSecrets:
             config.tracking.secret,
         ]
 
-        assert [value] * 5 == [s.reveal() if isinstance(s, Secret) else s for s in secrets]
+        assert [value, value, value, token, value] == [
+            s.reveal() if isinstance(s, Secret) else s for s in secrets
+        ]
         for secret in secrets:
             assert value not in f"{secret!r} {secret!s} {secret}"
+            assert token not in f"{secret!r} {secret!s} {secret}"
+
+    @pytest.mark.parametrize(
+        "token",
+        [
+            "two words and more than 16",
+            "t\u043eken-with-a-cyrillic-letter",
+            "abc\r\nX-Evil: 1-long",
+        ],
+        ids=["a space", "non-ASCII", "CR LF"],
+    )
+    @pytest.mark.parametrize("key", ["HTTP__ADMIN_TOKEN", "TENANTS__DEMO__ADMIN_TOKEN"])
+    def test_an_admin_token_no_client_can_send(self, token: str, key: str) -> None:
+        """It cannot go in an HTTP header: the admin API would be closed to everybody."""
+        name = key.lower().replace("__", ".")
+        with pytest.raises(ConfigError, match=f"^{name}: a token is visible ASCII"):
+            load(GATEWAY_TOML, **{f"CASCADEGW__{key}": token})
 
     def test_config_repr_hides_secrets(self) -> None:
         environ = {
