@@ -918,3 +918,7 @@ class TestSqliteJournal:
         finally:
             db.close()
         assert "addresses" not in tables  # the old table is gone, not left to drift
+        # the experiment column came too: a new arm's message is reported, the old row is not
+        await journal.commit(batch_with(record("m2", variant="exp/a", assigned=True)))
+        messages, _ = await journal.experiment_rows("acme", "exp")
+        assert [("exp/a", None, 1)] == messages
