@@ -385,6 +385,10 @@ class GatewayConfig(_Config, frozen=True):
     def step_timeouts(self) -> dict[Channel, float]:
         return {channel: c.unread_timeout_seconds for channel, c in self.channels.items()}
 
+    def provider_prices(self) -> dict[str, float]:
+        """What one request costs, per provider name (the reports' and the demo's costs)."""
+        return {name: provider.price for name, provider in self.providers.items()}
+
     def sms_price(self, tenant: str) -> float:
         """What one SMS costs the tenant (its first SMS provider's price; 0 without one): the
         baseline of "SMS to everyone" that savings are measured against."""

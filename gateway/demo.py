@@ -236,10 +236,7 @@ async def run_demo(
             config.http, bind="127.0.0.1:0", public_bind="127.0.0.1:0", public_url=""
         )
         config = msgspec.structs.replace(config, store=store, ingest=ingest, http=http)
-        tenant = config.tenants["demo"]
-        prices = {name: provider.price for name, provider in config.providers.items()}
-        sms_names = tenant.providers.get(Channel.SMS, ())
-        funnel = Funnel(prices, prices[sms_names[0]] if sms_names else 0.0)
+        funnel = Funnel(config.provider_prices(), config.sms_price("demo"))
         async with open_embedded(config) as embedded:
             gateway = embedded.gateway
             out.write(
@@ -312,7 +309,7 @@ async def _experiment_result(gateway: Gateway, config: GatewayConfig, out: TextI
     experiment = tenant.experiments.get(_EXPERIMENT)
     if experiment is None:  # a config without the demo's experiment
         return
-    prices = {name: provider.price for name, provider in config.providers.items()}
+    prices = config.provider_prices()
     message_rows, event_rows = await gateway.journal.experiment_rows("demo", _EXPERIMENT)
     report = reports.build_experiment(
         tenant="demo",

@@ -223,7 +223,7 @@ def admin_routes(config: GatewayConfig, gateway: AdminPort) -> list[BaseRoute]:
             {"effective": [_view(r) for r in effective], "history": [_view(r) for r in history]}
         )
 
-    prices = {name: provider.price for name, provider in config.providers.items()}
+    prices = config.provider_prices()
 
     async def campaign_report(request: Request) -> Response:
         tenant, campaign = request.path_params["tenant"], request.path_params["campaign"]
